@@ -1,0 +1,3 @@
+"""bpfkeep: TCP keepalive enforced in the kernel for whole cgroups."""
+
+__version__ = "0.1.0"

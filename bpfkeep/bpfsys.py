@@ -1,0 +1,206 @@
+"""Thin ctypes layer over libbpf's low-level API (libbpf.so.1).
+
+bcc is only needed to compile and load the programs (bpfkeep.loader, in a
+short-lived process).  Everything after that -- attaching, updating a
+policy, reading counters, detaching -- works on pinned objects through
+these calls, which cost a few MB instead of bcc's ~190 MB.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+import struct
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_SETSOCKOPT = 22
+# enum bpf_link_type
+BPF_LINK_TYPE_CGROUP = 3
+BPF_ANY = 0
+BPF_EXIST = 2
+BPF_F_ALLOW_MULTI = 1 << 1
+
+
+class BpfError(OSError):
+    """A failed bpf() call; ``errno`` is set, ``str()`` names the call."""
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    c_int, c_uint, c_void_p, c_char_p = (
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+    )
+    u32p = ctypes.POINTER(ctypes.c_uint32)
+    sigs = {
+        "bpf_obj_pin": (c_int, [c_int, c_char_p]),
+        "bpf_obj_get": (c_int, [c_char_p]),
+        "bpf_link_create": (c_int, [c_int, c_int, c_uint, c_void_p]),
+        "bpf_link_detach": (c_int, [c_int]),
+        "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
+        "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
+        "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+        "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_prog_query": (c_int, [c_int, c_uint, ctypes.c_uint32, u32p, u32p, u32p]),
+        "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, u32p]),
+        "bpf_prog_get_fd_by_id": (c_int, [ctypes.c_uint32]),
+        "bpf_link_get_fd_by_id": (c_int, [ctypes.c_uint32]),
+        "bpf_prog_attach": (c_int, [c_int, c_int, c_uint, c_uint]),
+        "bpf_prog_detach2": (c_int, [c_int, c_int, c_uint]),
+    }
+    for fname, (res, args) in sigs.items():
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        # libbpf >= 1.0 returns -errno and also sets errno.
+        err = -ret if ret != -1 else (ctypes.get_errno() or errno.EPERM)
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib().bpf_obj_get(os.fsencode(path)), f"open pinned {path}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return _check(
+        _lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link_create"
+    )
+
+
+def link_detach(link_fd: int) -> None:
+    _check(_lib().bpf_link_detach(link_fd), "link_detach")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    _check(_lib().bpf_link_update(link_fd, prog_fd, None), "link_update")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
+    """Legacy BPF_PROG_ATTACH (used by tests to play "another tool")."""
+    _check(_lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(_lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    _check(_lib().bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    buf = ctypes.create_string_buffer(value_size)
+    ret = _lib().bpf_map_lookup_elem(fd, key, buf)
+    if ret == -errno.ENOENT or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
+        return None
+    _check(ret, "map lookup")
+    return buf.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    ret = _lib().bpf_map_delete_elem(fd, key)
+    if ret == -errno.ENOENT or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    keys: list[bytes] = []
+    prev = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while _lib().bpf_map_get_next_key(fd, prev, nxt) == 0:
+        keys.append(nxt.raw)
+        prev = ctypes.create_string_buffer(nxt.raw, key_size)
+    return keys
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """Program ids attached to a cgroup for one hook, as the kernel lists them."""
+    attach_flags = ctypes.c_uint32(0)
+    cnt = ctypes.c_uint32(64)
+    ids = (ctypes.c_uint32 * 64)()
+    _check(
+        _lib().bpf_prog_query(
+            target_fd, attach_type, 0, ctypes.byref(attach_flags), ids, ctypes.byref(cnt)
+        ),
+        "prog_query",
+    )
+    return list(ids[: cnt.value])
+
+
+def _info(fd: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    ln = ctypes.c_uint32(size)
+    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(ln)), "get_info")
+    return buf.raw
+
+
+def prog_id(fd: int) -> int:
+    # struct bpf_prog_info: __u32 type; __u32 id; ...
+    return struct.unpack_from("=II", _info(fd, 256))[1]
+
+
+def map_info(fd: int) -> tuple[int, int, int, int]:
+    """(type, id, key_size, value_size) of a map."""
+    t, i, k, v = struct.unpack_from("=IIII", _info(fd, 128))
+    return t, i, k, v
+
+
+def link_info(fd: int) -> tuple[int, int, int, int, int]:
+    """(link type, link id, prog id, cgroup id, attach type) of a link.
+
+    struct bpf_link_info: type, id, prog_id, then a union aligned to 8:
+    for cgroup links {__u64 cgroup_id; __u32 attach_type;}.  A link whose
+    cgroup was removed reports cgroup id 0.
+    """
+    raw = _info(fd, 128)
+    ltype, lid, pid = struct.unpack_from("=III", raw)
+    cg_id, atype = struct.unpack_from("=QI", raw, 16)
+    return ltype, lid, pid, cg_id, atype
+
+
+def prog_fd_by_id(pid: int) -> int:
+    return _check(_lib().bpf_prog_get_fd_by_id(pid), f"open program id {pid}")
+
+
+class Fd:
+    """An owned file descriptor, closed on exit or ``close()``."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Fd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __int__(self) -> int:
+        return self.fd

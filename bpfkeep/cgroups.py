@@ -1,0 +1,180 @@
+"""cgroup v2: finding the mount, resolving user paths, ids and scratch groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import time
+from collections.abc import Iterable
+
+from bpfkeep.errors import EnvironmentProblem, UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Mounts:
+    cgroup2: str | None
+    v1: tuple[str, ...]
+
+
+def read_mounts(proc_mounts: str = "/proc/mounts") -> Mounts:
+    """The cgroup2 mount point and the cgroup v1 mount points."""
+    cg2 = None
+    v1: list[str] = []
+    with open(proc_mounts) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            where = fields[1].replace("\\040", " ")
+            if fields[2] == "cgroup2" and cg2 is None:
+                cg2 = where
+            elif fields[2] == "cgroup":
+                v1.append(where)
+    return Mounts(cg2, tuple(v1))
+
+
+def cgroup2_mount(mounts: Mounts | None = None) -> str:
+    mounts = mounts or read_mounts()
+    if not mounts.cgroup2:
+        raise EnvironmentProblem(
+            "no cgroup2 filesystem is mounted: mount it "
+            "(mount -t cgroup2 none /sys/fs/cgroup) or boot with "
+            "systemd.unified_cgroup_hierarchy=1"
+        )
+    return mounts.cgroup2
+
+
+@dataclasses.dataclass(frozen=True)
+class Cgroup:
+    path: str  # absolute filesystem path
+    rel: str  # path relative to the cgroup2 mount ("" for the root)
+    id: int  # kernel cgroup id (the directory's inode number on cgroup2)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rel == ""
+
+    @property
+    def display(self) -> str:
+        return "/" + self.rel
+
+
+def _under(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False) -> Cgroup:
+    """Turn a user's cgroup path into a Cgroup, or raise a one-line error.
+
+    Accepted: a path under the cgroup2 mount, or a path relative to it
+    (``system.slice/nginx.service``, ``/system.slice/nginx.service`` as
+    /proc/PID/cgroup shows it).
+    """
+    mounts = mounts or read_mounts()
+    mount = cgroup2_mount(mounts)
+    if not spec or "\0" in spec:
+        raise UsageError("--cgroup: empty path; give a path under " + mount)
+    raw = spec
+    if os.path.isabs(spec):
+        path = os.path.normpath(spec)
+        for v1 in mounts.v1:
+            if _under(path, v1) and not _under(path, mount):
+                raise UsageError(
+                    f"{raw}: cgroup v1 path: use a path under the cgroup2 "
+                    f"mount at {mount}"
+                )
+        if not _under(path, mount):
+            path = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
+    else:
+        path = os.path.normpath(os.path.join(mount, spec))
+    if not _under(path, mount):
+        raise UsageError(f"{raw}: outside the cgroup2 mount at {mount}")
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"{raw}: no such cgroup ({path} does not exist); create it "
+            f"(mkdir {path}) or check the name with systemd-cgls"
+        )
+    if not os.path.exists(os.path.join(path, "cgroup.procs")):
+        raise UsageError(f"{raw}: {path} is not a cgroup v2 directory")
+    rel = os.path.relpath(path, mount)
+    rel = "" if rel == "." else rel
+    if rel == "" and not force_root:
+        raise UsageError(
+            f"{raw}: that is the root cgroup (every process on the host); "
+            "pass --force if you mean it"
+        )
+    return Cgroup(path, rel, os.stat(path).st_ino)
+
+
+def by_ids(ids: Iterable[int], mount: str | None = None) -> dict[int, Cgroup]:
+    """Find the cgroups with these ids by walking the cgroup2 tree."""
+    wanted = set(ids)
+    mount = mount or cgroup2_mount()
+    found: dict[int, Cgroup] = {}
+    if not wanted:
+        return found
+    for dirpath, dirnames, _ in os.walk(mount):
+        try:
+            ino = os.stat(dirpath).st_ino
+        except OSError:
+            continue
+        if ino in wanted:
+            rel = os.path.relpath(dirpath, mount)
+            found[ino] = Cgroup(dirpath, "" if rel == "." else rel, ino)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def own_cgroup(mount: str | None = None, pid: str = "self") -> str:
+    """Absolute path of a process's cgroup v2."""
+    mount = mount or cgroup2_mount()
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            hier, _, rest = line.rstrip("\n").partition(":")
+            ctrl, _, path = rest.partition(":")
+            if hier == "0" and ctrl == "":
+                return os.path.normpath(os.path.join(mount, path.lstrip("/")))
+    raise EnvironmentProblem("this process is in no cgroup v2 (no 0:: line)")
+
+
+def make_child(parent: str, prefix: str) -> str:
+    path = os.path.join(parent, f"{prefix}-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    os.mkdir(path)
+    return path
+
+
+def procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def move(pid: int, path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+def remove(path: str, *, evacuate_to: str | None = None, timeout: float = 2.0) -> None:
+    """Remove a (leaf) cgroup, moving leftover processes out first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if evacuate_to:
+            for pid in procs(path):
+                try:
+                    move(pid, evacuate_to)
+                except OSError:
+                    pass
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EBUSY: processes still leaving (zombies are reaped lazily).
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -1,0 +1,370 @@
+"""Attachments: policies on cgroups, kept in bpffs so they outlive us.
+
+Layout under the pin directory (default /sys/fs/bpf/bpfkeep; bpffs refuses
+"." in names):
+
+    obj/prog_sockops, obj/prog_setsockopt     the programs, loaded once
+    obj/map_policy, obj/map_counters          cgroup storage (per attachment)
+    obj/map_policies                          hash: cgroup id -> policy
+    links/<cgroup id>_sockops                 bpf_links, one pair per cgroup
+    links/<cgroup id>_setsockopt
+
+Everything ``status`` shows is read back from these objects, so it is right
+after any restart of any bpfkeep process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+from collections.abc import Iterator
+
+from bpfkeep import bpfmaps, bpfsys, loader
+from bpfkeep.cgroups import Cgroup, by_ids, cgroup2_mount
+from bpfkeep.errors import EnvironmentProblem, PermissionProblem
+from bpfkeep.options import Policy
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
+BPF_FS_MAGIC = 0xCAFE4A11
+HOOKS = (("sockops", bpfsys.BPF_CGROUP_SOCK_OPS, loader.PROG_SOCKOPS),
+         ("setsockopt", bpfsys.BPF_CGROUP_SETSOCKOPT, loader.PROG_SETSOCKOPT))
+
+# Capability bits (include/uapi/linux/capability.h)
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def pin_dir_default() -> str:
+    return os.environ.get("BPFKEEP_PIN_DIR") or DEFAULT_PIN_DIR
+
+
+def has_bpf_privileges(status_path: str = "/proc/self/status") -> bool:
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                break
+        else:
+            return False
+    if caps >> CAP_SYS_ADMIN & 1:
+        return True
+    return bool(caps >> CAP_BPF & 1 and caps >> CAP_NET_ADMIN & 1)
+
+
+def require_privileges() -> None:
+    if not has_bpf_privileges():
+        raise PermissionProblem(
+            "loading BPF needs root (or CAP_BPF and CAP_NET_ADMIN); without "
+            "them use the LD_PRELOAD fallback: bpfkeep exec -- COMMAND"
+        )
+
+
+def _is_bpffs(path: str) -> bool:
+    # os.statvfs has no f_type; ask stat(1)-free via /proc/mounts instead.
+    path = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            where = fields[1]
+            if (path == where or path.startswith(where.rstrip("/") + "/")) and len(
+                where
+            ) > len(best[0]):
+                best = (where, fields[2])
+    return best[1] == "bpf"
+
+
+def ensure_bpffs(pin_dir: str) -> None:
+    """Make sure pin_dir's parent is on a bpf filesystem; mount it if the
+    conventional /sys/fs/bpf is simply not mounted yet."""
+    parent = os.path.dirname(os.path.abspath(pin_dir))
+    if _is_bpffs(parent):
+        return
+    if parent == "/sys/fs/bpf" and os.path.isdir(parent):
+        proc = subprocess.run(
+            ["mount", "-t", "bpf", "bpf", parent],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode == 0 and _is_bpffs(parent):
+            return
+        raise EnvironmentProblem(
+            f"bpffs is not mounted at {parent} and mounting it failed "
+            f"({proc.stderr.strip() or proc.returncode}): run "
+            f"mount -t bpf bpf {parent}"
+        )
+    raise EnvironmentProblem(
+        f"{parent} is not on a bpf filesystem: mount one (mount -t bpf bpf "
+        f"{parent}) or choose a pin directory under /sys/fs/bpf"
+    )
+
+
+@dataclasses.dataclass
+class Attachment:
+    cgroup_id: int
+    cgroup: Cgroup | None  # None: the cgroup was removed
+    policy: Policy | None
+    counters: bpfmaps.Counters | None
+    link_ids: dict[str, int]
+    prog_ids: dict[str, int]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cgroup": self.cgroup.display if self.cgroup else None,
+            "cgroup_id": self.cgroup_id,
+            "policy": self.policy.as_dict() if self.policy else None,
+            "counters": self.counters.as_dict() if self.counters else None,
+            "links": self.link_ids,
+            "programs": self.prog_ids,
+        }
+
+
+class Enforcer:
+    """bpfkeep's attachments under one pin directory."""
+
+    def __init__(self, pin_dir: str | None = None):
+        self.pin_dir = os.path.abspath(pin_dir or pin_dir_default())
+        self.obj_dir = os.path.join(self.pin_dir, "obj")
+        self.link_dir = os.path.join(self.pin_dir, "links")
+
+    # -- setup -----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Privileges, bpffs, directories and loaded programs."""
+        require_privileges()
+        ensure_bpffs(self.pin_dir)
+        os.makedirs(self.link_dir, exist_ok=True)
+        with self._lock():
+            loader.load(self.obj_dir)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _objects(self) -> Iterator[dict[str, int]]:
+        fds: dict[str, int] = {}
+        try:
+            for name in loader.OBJECTS:
+                fds[name] = bpfsys.obj_get(os.path.join(self.obj_dir, name))
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _link_path(self, cgroup_id: int, hook: str) -> str:
+        return os.path.join(self.link_dir, f"{cgroup_id}_{hook}")
+
+    def _link_alive(self, cgroup_id: int, hook: str) -> bool:
+        path = self._link_path(cgroup_id, hook)
+        try:
+            fd = bpfsys.obj_get(path)
+        except OSError:
+            return False
+        try:
+            return bpfsys.link_info(fd)[3] == cgroup_id
+        finally:
+            os.close(fd)
+
+    # -- attach / detach -------------------------------------------------
+
+    def attach(self, cg: Cgroup, policy: Policy) -> str:
+        """Attach or update; returns "attached" or "updated".
+
+        Update is two map writes, no re-attach: new sockets get the new
+        values with no gap.  A first attach either completes or leaves
+        nothing behind.
+        """
+        self.prepare()
+        key = struct.pack("=Q", cg.id)
+        value = bpfmaps.encode_policy(cg.id, policy)
+        with self._lock(), self._objects() as objs:
+            self._prune(objs)
+            if all(self._link_alive(cg.id, h) for h, _, _ in HOOKS):
+                bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
+                bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
+                return "updated"
+            created: list[tuple[int, str]] = []
+            cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for hook, atype, prog in HOOKS:
+                    if self._link_alive(cg.id, hook):
+                        continue
+                    path = self._link_path(cg.id, hook)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    lfd = bpfsys.link_create(objs[prog], cgfd, atype)
+                    created.append((lfd, path))
+                    bpfsys.obj_pin(lfd, path)
+                # The new storage starts zeroed (inactive): until this write
+                # an ancestor's policy, if any, still covers the cgroup.
+                bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
+                bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
+            except OSError as e:
+                for lfd, path in created:
+                    with contextlib.suppress(OSError):
+                        bpfsys.link_detach(lfd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                with contextlib.suppress(OSError):
+                    bpfsys.map_delete(objs[loader.MAP_POLICIES], key)
+                raise self._explain(e, cg) from None
+            finally:
+                os.close(cgfd)
+                for lfd, _ in created:
+                    os.close(lfd)
+            return "attached"
+
+    def _explain(self, e: OSError, cg: Cgroup) -> Exception:
+        if e.errno == errno.EPERM:
+            return PermissionProblem(
+                f"{cg.display}: the kernel refused the attachment ({e}); another "
+                "tool may hold an exclusive (non-multi) program on this cgroup "
+                "-- check with bpftool cgroup show " + cg.path
+            )
+        if e.errno == errno.E2BIG:
+            return EnvironmentProblem(f"{cg.display}: 64 programs already attached")
+        return EnvironmentProblem(f"{cg.display}: attaching failed: {e}")
+
+    def detach(self, cg: Cgroup) -> bool:
+        """Remove bpfkeep's programs from a cgroup; others' stay."""
+        require_privileges()
+        if not os.path.isdir(self.link_dir):
+            return False
+        with self._lock():
+            return self._detach_id(cg.id)
+
+    def _detach_id(self, cgroup_id: int) -> bool:
+        key = struct.pack("=Q", cgroup_id)
+        found = False
+        have_objs = os.path.isdir(self.obj_dir)
+        if have_objs:
+            with self._objects() as objs:
+                # Reverse of attach: an ancestor's policy takes over first.
+                found |= bpfsys.map_delete(objs[loader.MAP_POLICIES], key)
+                with contextlib.suppress(OSError):
+                    old = bpfsys.map_lookup(objs[loader.MAP_POLICY], key, bpfmaps.POLICY_SIZE)
+                    if old is not None:
+                        inactive = old[:8] + b"\0\0\0\0" + old[12:]
+                        bpfsys.map_update(
+                            objs[loader.MAP_POLICY], key, inactive, bpfsys.BPF_EXIST
+                        )
+        for hook, _, _ in HOOKS:
+            path = self._link_path(cgroup_id, hook)
+            try:
+                fd = bpfsys.obj_get(path)
+            except OSError:
+                continue
+            found = True
+            try:
+                with contextlib.suppress(OSError):
+                    bpfsys.link_detach(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return found
+
+    def _pinned_ids(self) -> set[int]:
+        ids = set()
+        try:
+            names = os.listdir(self.link_dir)
+        except FileNotFoundError:
+            return ids
+        for name in names:
+            stem, _, hook = name.partition("_")
+            if stem.isdigit() and hook in {h for h, _, _ in HOOKS}:
+                ids.add(int(stem))
+        return ids
+
+    def _prune(self, objs: dict[str, int]) -> None:
+        """Forget attachments whose cgroup was removed (the kernel already
+        detached them) and policies left without links."""
+        for cg_id in self._pinned_ids():
+            if not any(self._link_alive(cg_id, h) for h, _, _ in HOOKS):
+                self._detach_id(cg_id)
+        pinned = self._pinned_ids()
+        for key in bpfsys.map_keys(objs[loader.MAP_POLICIES], 8):
+            if struct.unpack("=Q", key)[0] not in pinned:
+                bpfsys.map_delete(objs[loader.MAP_POLICIES], key)
+
+    # -- reading -----------------------------------------------------------
+
+    def attachments(self) -> list[Attachment]:
+        """Every cgroup with a bpfkeep policy, read from bpffs and the kernel."""
+        ids = sorted(self._pinned_ids())
+        if not ids or not os.path.isdir(self.obj_dir):
+            return []
+        cgs = by_ids(ids, cgroup2_mount())
+        out = []
+        with self._objects() as objs:
+            for cg_id in ids:
+                key = struct.pack("=Q", cg_id)
+                links, progs = {}, {}
+                for hook, _, _ in HOOKS:
+                    try:
+                        fd = bpfsys.obj_get(self._link_path(cg_id, hook))
+                    except OSError:
+                        continue
+                    try:
+                        _, lid, pid, link_cg, _ = bpfsys.link_info(fd)
+                    finally:
+                        os.close(fd)
+                    if link_cg == cg_id:
+                        links[hook], progs[hook] = lid, pid
+                policy = counters = None
+                raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+                if raw is not None:
+                    policy = bpfmaps.decode_policy(raw)[2]
+                with contextlib.suppress(OSError):
+                    craw = bpfsys.map_lookup(
+                        objs[loader.MAP_COUNTERS],
+                        key,
+                        bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE),
+                    )
+                    if craw is not None:
+                        counters = bpfmaps.decode_counters(craw)
+                out.append(Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs))
+        return out
+
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of bpfkeep's loaded programs (to tell ours from others')."""
+        ids = {}
+        for hook, _, prog in HOOKS:
+            try:
+                fd = bpfsys.obj_get(os.path.join(self.obj_dir, prog))
+            except OSError:
+                continue
+            try:
+                ids[hook] = bpfsys.prog_id(fd)
+            finally:
+                os.close(fd)
+        return ids
+
+    def destroy(self) -> None:
+        """Detach everything and remove the pin directory (tests, uninstall)."""
+        if not os.path.isdir(self.pin_dir):
+            return
+        with self._lock():
+            for cg_id in self._pinned_ids():
+                self._detach_id(cg_id)
+        for sub in (self.link_dir, self.obj_dir):
+            if os.path.isdir(sub):
+                for name in os.listdir(sub):
+                    os.unlink(os.path.join(sub, name))
+                os.rmdir(sub)
+        for name in os.listdir(self.pin_dir):  # leftovers of a killed loader
+            path = os.path.join(self.pin_dir, name)
+            if os.path.isdir(path):
+                for n in os.listdir(path):
+                    os.unlink(os.path.join(path, n))
+                os.rmdir(path)
+        os.rmdir(self.pin_dir)

@@ -1,0 +1,133 @@
+"""Compile bpfkeep's BPF programs with bcc and pin them in bpffs.
+
+Run as its own short-lived process (``python -m bpfkeep.loader PIN_DIR``)
+so that bcc's LLVM (~190 MB, KERNEL-NOTES.md) never lives in the CLI or the
+daemon: they open the pinned objects through libbpf instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bpfkeep import bpfsys
+from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem
+
+SOURCE = "keepalive.bpf.c"
+# Pinned object names in PIN_DIR/obj (programs and maps).
+PROG_SOCKOPS = "prog_sockops"
+PROG_SETSOCKOPT = "prog_setsockopt"
+MAP_POLICY = "map_policy"  # cgroup storage: the attachment's own policy
+MAP_COUNTERS = "map_counters"  # per-CPU cgroup storage
+MAP_POLICIES = "map_policies"  # hash cgroup id -> policy
+OBJECTS = (PROG_SOCKOPS, PROG_SETSOCKOPT, MAP_POLICY, MAP_COUNTERS, MAP_POLICIES)
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
+
+
+def bpf_dir() -> Path:
+    """Where the BPF C sources are: inside the installed package, or the
+    source tree's bpf/ when running from a checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_bpf", here.parent / "bpf"):
+        if (cand / SOURCE).is_file():
+            return cand
+    raise EnvironmentProblem(
+        f"{SOURCE} not found next to the bpfkeep package: reinstall bpfkeep"
+    )
+
+
+def _compile_and_pin(obj_dir: str) -> None:
+    try:
+        from bcc import BPF, BPFAttachType
+        from bcc.libbcc import lib as libbcc
+    except ImportError:
+        raise EnvironmentProblem(
+            "bcc is not importable: apt-get install python3-bpfcc, and use a "
+            "venv made with /usr/bin/python3 -m venv --system-site-packages"
+        ) from None
+    src = bpf_dir()
+    try:
+        b = BPF(
+            src_file=str(src / SOURCE).encode(),
+            cflags=[f"-I{src}", "-Wno-unused-function"],
+        )
+        sockops = b.load_func(b"bk_sockops", BPF.SOCK_OPS)
+        setsockopt = b.load_func(
+            b"bk_setsockopt",
+            BPF_PROG_TYPE_CGROUP_SOCKOPT,
+            attach_type=BPFAttachType.CGROUP_SETSOCKOPT,
+        )
+    except Exception as e:  # bcc raises bare Exception
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if "Operation not permitted" in msg or "Permission denied" in msg and os.geteuid():
+            raise PermissionProblem(
+                f"loading the BPF programs was refused ({msg}): it needs root "
+                "or CAP_BPF+CAP_NET_ADMIN; without them use the LD_PRELOAD "
+                "fallback (bpfkeep exec)"
+            ) from None
+        raise EnvironmentProblem(f"loading the BPF programs failed: {msg}") from None
+    fds = {PROG_SOCKOPS: sockops.fd, PROG_SETSOCKOPT: setsockopt.fd}
+    for pinned, name in (
+        (MAP_POLICY, b"bk_policy"),
+        (MAP_COUNTERS, b"bk_counters"),
+        (MAP_POLICIES, b"bk_policies"),
+    ):
+        fd = libbcc.bpf_table_fd(b.module, name)
+        if fd < 0:
+            raise EnvironmentProblem(f"bcc lost map {name.decode()}")
+        fds[pinned] = fd
+    # bpffs cannot rename, so pin in place; the caller holds the pin
+    # directory's lock and load() treats a partial set as absent.
+    os.makedirs(obj_dir, exist_ok=True)
+    for name in OBJECTS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(obj_dir, name))
+    for name in OBJECTS:
+        bpfsys.obj_pin(fds[name], os.path.join(obj_dir, name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bpfkeep.loader OBJ_DIR", file=sys.stderr)
+        return 2
+    try:
+        _compile_and_pin(argv[0])
+    except BpfkeepError as e:
+        print(f"bpfkeep: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"bpfkeep: pinning the BPF objects failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load(obj_dir: str) -> None:
+    """Make sure the programs are loaded and pinned at ``obj_dir``."""
+    if all(os.path.exists(os.path.join(obj_dir, n)) for n in OBJECTS):
+        return
+    from bpfkeep.kheaders import bcc_environment
+
+    env = bcc_environment()
+    # The loader must import bcc, which only the system Python has.
+    proc = subprocess.run(
+        [sys.executable, "-m", "bpfkeep.loader", obj_dir],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bpfkeep: ")]
+        msg = lines[-1][len("bpfkeep: ") :] if lines else proc.stderr.strip()[-400:]
+        if proc.returncode == PermissionProblem.exit_code:
+            raise PermissionProblem(msg)
+        raise EnvironmentProblem(msg or f"the BPF loader exited with {proc.returncode}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
