@@ -120,13 +120,13 @@ def parse_value(opt: Option, raw: object) -> int:
             ) from None
     else:
         raise UsageError(f"{opt.key}: expected a whole number, got {raw!r}")
-    if value == 0 and opt.key not in ("keepidle", "keepintvl", "keepcnt"):
+    if value == 0:
         return 0
     if not opt.minimum <= value <= opt.maximum:
-        zero = "" if opt.key in ("keepidle", "keepintvl", "keepcnt") else " or 0"
         raise UsageError(
             f"{opt.key}: {value} is out of range "
-            f"(use {opt.minimum}..{opt.maximum} {opt.unit}{zero})"
+            f"(use {opt.minimum}..{opt.maximum} {opt.unit}, "
+            "or 0 for the kernel default)"
         )
     return value
 
@@ -175,15 +175,12 @@ class Policy:
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
-    def dead_peer_bound_s(self) -> float:
-        """Worst-case seconds until an idle dead peer is noticed."""
-        keepalive = self.keepidle + self.keepintvl * self.keepcnt
-        if self.user_timeout:
-            return min(keepalive, max(self.user_timeout / 1000, self.keepidle))
-        return keepalive
-
 
 def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
+    """The time keepalive needs to drop a dead peer, in ms; 0 (kernel
+    default) when any of the three is left to the host's sysctls."""
+    if not (keepidle and keepintvl and keepcnt):
+        return 0
     # Parenthesised on purpose: libkeepalive once shipped
     # ``idle + intvl * cnt * 1000``.
     return (keepidle + keepintvl * keepcnt) * 1000

@@ -1,0 +1,3 @@
+from bpfkeep.cli import main
+
+raise SystemExit(main())

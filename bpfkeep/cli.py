@@ -1,0 +1,208 @@
+"""bpfkeep's command line: ``main(argv) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from bpfkeep import __version__
+from bpfkeep.errors import BpfkeepError, UsageError
+from bpfkeep.options import MODES, TUNABLE, Option, Policy, parse_value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _option_type(opt: Option) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            return parse_value(opt, raw)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = opt.key  # argparse names the type in some messages
+    return convert
+
+
+def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -> None:
+    g = p.add_argument_group("policy (0 = leave the kernel default)")
+    for opt in TUNABLE:
+        if bpf_only and not opt.bpf:
+            continue
+        default = (
+            "(keepidle + keepintvl * keepcnt) * 1000"
+            if opt.default is None
+            else str(opt.default)
+        )
+        g.add_argument(
+            opt.flag,
+            dest=opt.key,
+            type=_option_type(opt),
+            metavar=opt.unit.upper() if opt.unit != "bytes" else "BYTES",
+            help=f"{opt.help} [{opt.unit}, {opt.minimum}..{opt.maximum}; "
+            f"default {default}]",
+        )
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default="set",
+        help="set: applications may change the values afterwards; enforce: "
+        "they cannot turn keepalive off or raise the times above the policy",
+    )
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    values = {o.key: getattr(args, o.key, None) for o in TUNABLE}
+    values["mode"] = args.mode
+    return Policy.from_mapping(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="bpfkeep",
+        description="TCP keepalive for every socket of a cgroup, enforced in the kernel.",
+    )
+    p.add_argument("--version", action="version", version=f"bpfkeep {__version__}")
+    p.add_argument(
+        "--pin-dir",
+        default=None,
+        help="bpffs directory holding bpfkeep's objects "
+        "(default $BPFKEEP_PIN_DIR or /sys/fs/bpf/bpfkeep)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("attach", help="apply a policy to a cgroup (or update it)")
+    a.add_argument("--cgroup", required=True, metavar="PATH",
+                   help="cgroup v2 path, absolute or relative to the cgroup2 mount")
+    a.add_argument("--force", action="store_true", help="allow the root cgroup")
+    add_policy_arguments(a)
+
+    d = sub.add_parser("detach", help="remove bpfkeep's programs from a cgroup")
+    d.add_argument("--cgroup", required=True, metavar="PATH")
+    d.add_argument("--force", action="store_true", help="allow the root cgroup")
+
+    s = sub.add_parser("status", help="cgroups with a bpfkeep policy, with counters")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    r = sub.add_parser(
+        "run", help="run COMMAND in a fresh cgroup with the policy attached"
+    )
+    r.add_argument("--via", choices=("auto", "bpf", "preload"), default="auto",
+                   help="bpf, the LD_PRELOAD shim, or bpf when possible (default)")
+    add_policy_arguments(r, bpf_only=False)
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    e = sub.add_parser("exec", help="run COMMAND with the LD_PRELOAD shim (no privileges)")
+    e.add_argument("--hook", choices=("connect", "socket"), default="connect",
+                   help="wrap connect()/listen() (default) or socket()")
+    add_policy_arguments(e, bpf_only=False)
+    e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    sub.add_parser("preload-path", help="print the LD_PRELOAD shim's absolute path")
+    return p
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError(f"{args.command}: no COMMAND given (bpfkeep {args.command} -- COMMAND)")
+    return cmd
+
+
+def _fmt_policy(pol: Policy) -> str:
+    parts = []
+    for opt in TUNABLE:
+        v = getattr(pol, opt.key)
+        if v and opt.bpf:
+            parts.append(f"{opt.key}={v}{'' if opt.unit in ('probes', 'retransmits', 'bytes') else opt.unit}")
+    return " ".join(parts)
+
+
+def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
+    atts = enf.attachments()
+    if as_json:
+        json.dump([a.as_dict() for a in atts], out, indent=2)
+        out.write("\n")
+        return 0
+    if not atts:
+        print("no cgroup has a bpfkeep policy", file=out)
+        return 0
+    for a in atts:
+        name = a.cgroup.display if a.cgroup else f"(removed cgroup {a.cgroup_id})"
+        mode = a.policy.mode if a.policy else "?"
+        print(f"{name}  id={a.cgroup_id}  mode={mode}", file=out)
+        if a.policy:
+            print(f"  policy:    {_fmt_policy(a.policy)}", file=out)
+        c = a.counters
+        if c:
+            seen = " ".join(f"{k}={v}" for k, v in c.seen.items())
+            print(f"  sockets:   {seen} (accepted with keepalive inherited: {c.inherited})", file=out)
+            applied = " ".join(f"{k}={v}" for k, v in c.applied.items() if v)
+            print(f"  applied:   {applied or '-'}", file=out)
+            failed = " ".join(f"{o}/{e}={n}" for (o, e), n in c.failed.items())
+            print(f"  failed:    {failed or '-'}", file=out)
+            rewritten = " ".join(f"{k}={v}" for k, v in c.rewritten.items() if v)
+            print(f"  rewritten: {rewritten or '-'}", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except BpfkeepError as e:
+        print(f"bpfkeep: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from bpfkeep import cgroups
+    from bpfkeep.enforcer import Enforcer
+
+    if args.command == "preload-path":
+        from bpfkeep.preload import library_path
+
+        print(library_path())
+        return 0
+    if args.command == "exec":
+        from bpfkeep.runner import exec_preload
+
+        return exec_preload(policy_from_args(args), _command(args), hook=args.hook)
+    if args.command == "run":
+        from bpfkeep.runner import run
+
+        policy = policy_from_args(args)
+        return run(policy, _command(args), via=args.via, pin_dir=args.pin_dir)
+
+    enf = Enforcer(args.pin_dir)
+    if args.command == "status":
+        return cmd_status(enf, args.json)
+    cg = cgroups.resolve(args.cgroup, force_root=args.force)
+    if args.command == "attach":
+        policy = policy_from_args(args)
+        what = enf.attach(cg, policy)
+        print(f"{what} {cg.display}: {_fmt_policy(policy)} mode={policy.mode}")
+        return 0
+    if args.command == "detach":
+        if enf.detach(cg):
+            print(f"detached {cg.display}")
+        else:
+            print(f"{cg.display} had no bpfkeep policy")
+        return 0
+    raise UsageError(f"unknown command {args.command}")
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up a Debian/Ubuntu host for bpfkeep, idempotently: system packages,
+# bpffs, and a venv (.venv) with bpfkeep installed.  Run as root.
+#   scripts/setup.sh            everything the daemon and the tests need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (it installs packages and mounts bpffs)" >&2
+    exit 1
+fi
+
+arch=$(dpkg --print-architecture)
+pkgs=(
+    python3 python3-venv python3-pip python3-bpfcc   # bcc: Debian's, not PyPI's "bcc"
+    "linux-headers-$arch"                            # bcc compiles against any header set
+    iproute2 bpftool strace                          # ss/ip netns, kernel views, shim tests
+    gcc make libc6-dev                               # the preload shim, static test programs
+    ncat curl                                        # real client/server programs in tests
+    libkeepalive0                                    # the peer the shim is compared with
+)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bpffs: bpfkeep pins its programs and links there.
+if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {found=1} END {exit !found}' /proc/mounts; then
+    mount -t bpf bpf /sys/fs/bpf
+fi
+
+# The venv must come from the system interpreter: only it can import bcc.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q ".[dev]"
+# Reinstall our own package every time so the venv matches this checkout.
+.venv/bin/pip install -q --no-deps --force-reinstall .
+.venv/bin/python -c 'import bcc, pyroute2, prometheus_client, bpfkeep' 
+echo "setup.sh: ready (.venv/bin/bpfkeep)"

@@ -1,0 +1,206 @@
+/*
+ * sockprobe: a workload for bpfkeep's tests that sets no socket option of
+ * its own unless told to.  Build it dynamic and with -static.
+ *
+ *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold]
+ *   sockprobe listen ADDR PORT [set OPT=VAL]... [hold]
+ *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on stdin)
+ *   sockprobe wait ADDR PORT [send N]   (connect, wait for a line on stdin,
+ *                                        maybe send N bytes, then block in recv)
+ *
+ * Prints "ready PORT" once listening / connected, then one line per socket:
+ *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
+ *          syncnt=.. maxseg=.. window_clamp=..
+ * "set" lines report each setsockopt: "set OPT=VAL rc=0|errno".
+ * "hold" keeps the sockets open until stdin closes (for ss from outside).
+ * "wait" prints "recv rc=.. errno=NAME elapsed=SECONDS".
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+struct opt {
+	const char *name;
+	int level, optname;
+};
+
+static const struct opt opts[] = {
+	{"keepalive", SOL_SOCKET, SO_KEEPALIVE},
+	{"keepidle", IPPROTO_TCP, TCP_KEEPIDLE},
+	{"keepintvl", IPPROTO_TCP, TCP_KEEPINTVL},
+	{"keepcnt", IPPROTO_TCP, TCP_KEEPCNT},
+	{"user_timeout", IPPROTO_TCP, TCP_USER_TIMEOUT},
+	{"syncnt", IPPROTO_TCP, TCP_SYNCNT},
+	{"maxseg", IPPROTO_TCP, TCP_MAXSEG},
+	{"window_clamp", IPPROTO_TCP, TCP_WINDOW_CLAMP},
+	{"defer_accept", IPPROTO_TCP, TCP_DEFER_ACCEPT},
+};
+#define NOPTS (sizeof(opts) / sizeof(opts[0]))
+
+static void die(const char *what)
+{
+	fprintf(stderr, "sockprobe: %s: %s\n", what, strerror(errno));
+	exit(2);
+}
+
+static void report(const char *role, int fd)
+{
+	printf("%s", role);
+	for (size_t i = 0; i < NOPTS; i++) {
+		int v = -1;
+		socklen_t len = sizeof(v);
+		if (getsockopt(fd, opts[i].level, opts[i].optname, &v, &len))
+			v = -errno;
+		printf(" %s=%d", opts[i].name, v);
+	}
+	printf("\n");
+	fflush(stdout);
+}
+
+static void apply_sets(int fd, int argc, char **argv)
+{
+	for (int i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "set") || i + 1 >= argc)
+			continue;
+		char name[64];
+		int val;
+		if (sscanf(argv[i + 1], "%63[a-z_]=%d", name, &val) != 2)
+			continue;
+		for (size_t k = 0; k < NOPTS; k++) {
+			if (strcmp(opts[k].name, name))
+				continue;
+			int rc = setsockopt(fd, opts[k].level, opts[k].optname, &val,
+					    sizeof(val));
+			printf("set %s=%d rc=%d\n", name, val, rc ? errno : 0);
+		}
+	}
+	fflush(stdout);
+}
+
+static int has(int argc, char **argv, const char *word)
+{
+	for (int i = 0; i < argc; i++)
+		if (!strcmp(argv[i], word))
+			return 1;
+	return 0;
+}
+
+static int make_addr(const char *host, int port, struct sockaddr_storage *ss,
+		     socklen_t *len)
+{
+	struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+	struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+
+	memset(ss, 0, sizeof(*ss));
+	if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+		a4->sin_family = AF_INET;
+		a4->sin_port = htons(port);
+		*len = sizeof(*a4);
+		return AF_INET;
+	}
+	if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+		a6->sin6_family = AF_INET6;
+		a6->sin6_port = htons(port);
+		*len = sizeof(*a6);
+		return AF_INET6;
+	}
+	fprintf(stderr, "sockprobe: bad address %s\n", host);
+	exit(2);
+}
+
+static void hold(void)
+{
+	char buf[256];
+	while (fgets(buf, sizeof(buf), stdin))
+		;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	struct sockaddr_storage ss;
+	socklen_t len;
+	char line[64];
+
+	if (argc < 4) {
+		fprintf(stderr, "usage: sockprobe connect|listen|accept|wait ADDR PORT ...\n");
+		return 2;
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	int fam = make_addr(argv[2], atoi(argv[3]), &ss, &len);
+	int fd = socket(fam, SOCK_STREAM, 0);
+	if (fd < 0)
+		die("socket");
+
+	if (!strcmp(argv[1], "connect") || !strcmp(argv[1], "wait")) {
+		if (connect(fd, (struct sockaddr *)&ss, len))
+			die("connect");
+		printf("ready %s\n", argv[3]);
+		if (!strcmp(argv[1], "connect")) {
+			report("client", fd);
+			apply_sets(fd, argc - 4, argv + 4);
+			report("client-after", fd);
+			if (has(argc, argv, "hold"))
+				hold();
+			return 0;
+		}
+		report("client", fd);
+		if (!fgets(line, sizeof(line), stdin))
+			return 2;
+		double t0 = now();
+		for (int i = 4; i + 1 < argc; i++) {
+			if (!strcmp(argv[i], "send")) {
+				static char data[65536];
+				size_t n = (size_t)atoi(argv[i + 1]);
+				if (n > sizeof(data))
+					n = sizeof(data);
+				memset(data, 'x', n);
+				if (send(fd, data, n, 0) < 0)
+					die("send");
+			}
+		}
+		char buf[16];
+		ssize_t rc = recv(fd, buf, sizeof(buf), 0);
+		int err = rc < 0 ? errno : 0;
+		printf("recv rc=%zd errno=%s elapsed=%.3f\n", rc,
+		       err == ETIMEDOUT ? "ETIMEDOUT" : err ? strerror(err) : "0",
+		       now() - t0);
+		return 0;
+	}
+
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&ss, len))
+		die("bind");
+	apply_sets(fd, argc - 4, argv + 4);
+	if (listen(fd, 16))
+		die("listen");
+	struct sockaddr_storage me;
+	socklen_t melen = sizeof(me);
+	getsockname(fd, (struct sockaddr *)&me, &melen);
+	int port = ntohs(((struct sockaddr_in *)&me)->sin_port);
+	printf("ready %d\n", port);
+	report("listener", fd);
+	if (!strcmp(argv[1], "accept") && !fgets(line, sizeof(line), stdin))
+		return 2;
+	int c = accept(fd, NULL, NULL);
+	if (c < 0)
+		die("accept");
+	report("accepted", c);
+	if (has(argc, argv, "hold"))
+		hold();
+	return 0;
+}
