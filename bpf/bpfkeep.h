@@ -10,7 +10,7 @@
 #include "bpfkeep_options.h"
 
 /* bk_policy.flags */
-#define BK_F_ACTIVE 0x1  /* the policy is complete: apply it */
+#define BK_F_ACTIVE 0x1	 /* the policy is complete: apply it */
 #define BK_F_ENFORCE 0x2 /* cgroup/setsockopt caps the application's values */
 
 /* The policy of one attached cgroup.  val[] is indexed by option id; 0
@@ -24,7 +24,7 @@ struct bk_policy {
 
 /* Socket callbacks counted in bk_counters.seen[] */
 #define BK_CB_CONNECT 0 /* BPF_SOCK_OPS_TCP_CONNECT_CB: before the SYN */
-#define BK_CB_LISTEN 1  /* BPF_SOCK_OPS_TCP_LISTEN_CB */
+#define BK_CB_LISTEN 1	/* BPF_SOCK_OPS_TCP_LISTEN_CB */
 #define BK_CB_PASSIVE 2 /* BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB */
 #define BK_NCB 3
 
@@ -41,16 +41,17 @@ struct bk_policy {
 
 /* Per-CPU counters of one attached cgroup; userspace sums the CPUs. */
 struct bk_counters {
-	__u64 seen[BK_NCB];   /* sockets handled, by callback */
-	__u64 inherited;      /* accepted sockets that already had keepalive
-			       * from their listener: nothing to do */
+	__u64 seen[BK_NCB]; /* sockets handled, by callback */
+	__u64 inherited;    /* accepted sockets that already had keepalive
+			     * from their listener: nothing to do */
 	__u64 applied[BK_NOPT_BPF];
 	__u64 failed[BK_NOPT_BPF][BK_NERR];
 	__u64 rewritten[BK_NOPT_BPF]; /* enforce: application writes capped */
 };
 
-/* Written into bpf_sock_ops.reply (the only writable field there) by the first (most specific)
- * bpfkeep program that handles a socket callback; see keepalive.bpf.c. */
+/* Written into bpf_sock_ops.reply (the only writable field there) by the first
+ * (most specific) bpfkeep program that handles a socket callback; see
+ * keepalive.bpf.c. */
 #define BK_CLAIMED 0x6b656570 /* "keep" */
 
 /* Deepest cgroup level the setsockopt program looks at. */

@@ -18,16 +18,16 @@
 
 /* bcc's BPF_CGROUP_STORAGE keys by (cgroup id, attach type); a bare u64 key
  * makes one storage per cgroup shared by all attach types (Linux 5.9+). */
-#define BK_CGROUP_STORAGE(_name, _leaf_type, _kind)                           \
-	struct _name##_table_t {                                              \
-		__u64 key;                                                    \
-		_leaf_type leaf;                                              \
-		_leaf_type *(*lookup)(__u64 *);                               \
-		int (*update)(__u64 *, _leaf_type *);                         \
-		int (*get_local_storage)(u64);                                \
-	};                                                                    \
-	__attribute__((section("maps/" _kind))) struct _name##_table_t _name = \
-		{0};                                                          \
+#define BK_CGROUP_STORAGE(_name, _leaf_type, _kind)                            \
+	struct _name##_table_t {                                               \
+		__u64 key;                                                     \
+		_leaf_type leaf;                                               \
+		_leaf_type *(*lookup)(__u64 *);                                \
+		int (*update)(__u64 *, _leaf_type *);                          \
+		int (*get_local_storage)(u64);                                 \
+	};                                                                     \
+	__attribute__((                                                        \
+		section("maps/" _kind))) struct _name##_table_t _name = {0};   \
 	BPF_ANNOTATE_KV_PAIR(_name, __u64, _leaf_type)
 
 BK_CGROUP_STORAGE(bk_policy, struct bk_policy, "cgroup_storage");
@@ -71,7 +71,8 @@ static __always_inline int bk_err_bucket(int err)
 						  BK_##KEY##_OPTNAME, &v_,     \
 						  sizeof(v_));                 \
 			if (err_)                                              \
-				(c)->failed[BK_OPT_##KEY][bk_err_bucket(err_)]++; \
+				(c)->failed[BK_OPT_##KEY]                      \
+					   [bk_err_bucket(err_)]++;            \
 			else                                                   \
 				(c)->applied[BK_OPT_##KEY]++;                  \
 		}                                                              \

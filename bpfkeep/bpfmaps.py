@@ -14,7 +14,16 @@ F_ENFORCE = 0x2
 
 CALLBACKS = ("connect", "listen", "passive_established")
 # Index = BK_ERR_* bucket in bpfkeep.h
-ERRNO_BUCKETS = ("other", "EPERM", "EINVAL", "ENOPROTOOPT", "EOPNOTSUPP", "ENOTSUPP", "EFAULT", "EBUSY")
+ERRNO_BUCKETS = (
+    "other",
+    "EPERM",
+    "EINVAL",
+    "ENOPROTOOPT",
+    "EOPNOTSUPP",
+    "ENOTSUPP",
+    "EFAULT",
+    "EBUSY",
+)
 
 POLICY_FMT = f"=QI{NOPT}II"  # cgroup_id, flags, val[], pad
 POLICY_SIZE = struct.calcsize(POLICY_FMT)
@@ -33,7 +42,7 @@ def encode_policy(cgroup_id: int, policy: Policy, *, active: bool = True) -> byt
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
     """(cgroup id, flags, policy) from a bk_policy value."""
     cgroup_id, flags, *vals = struct.unpack_from(POLICY_FMT, raw)
-    values = {o.key: v for o, v in zip(BPF_OPTIONS, vals) if o.key != "keepalive"}
+    values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
     return cgroup_id, flags, Policy(**values, mode=mode)
 

@@ -83,9 +83,7 @@ def obj_get(path: str) -> int:
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    return _check(
-        _lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link_create"
-    )
+    return _check(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link_create")
 
 
 def link_detach(link_fd: int) -> None:

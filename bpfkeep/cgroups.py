@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -81,8 +82,7 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
         for v1 in mounts.v1:
             if _under(path, v1) and not _under(path, mount):
                 raise UsageError(
-                    f"{raw}: cgroup v1 path: use a path under the cgroup2 "
-                    f"mount at {mount}"
+                    f"{raw}: cgroup v1 path: use a path under the cgroup2 mount at {mount}"
                 )
         if not _under(path, mount):
             path = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
@@ -114,7 +114,7 @@ def by_ids(ids: Iterable[int], mount: str | None = None) -> dict[int, Cgroup]:
     found: dict[int, Cgroup] = {}
     if not wanted:
         return found
-    for dirpath, dirnames, _ in os.walk(mount):
+    for dirpath, _dirnames, _ in os.walk(mount):
         try:
             ino = os.stat(dirpath).st_ino
         except OSError:
@@ -164,10 +164,8 @@ def remove(path: str, *, evacuate_to: str | None = None, timeout: float = 2.0) -
     while True:
         if evacuate_to:
             for pid in procs(path):
-                try:
+                with contextlib.suppress(OSError):
                     move(pid, evacuate_to)
-                except OSError:
-                    pass
         try:
             os.rmdir(path)
             return

@@ -36,17 +36,14 @@ def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -
         if bpf_only and not opt.bpf:
             continue
         default = (
-            "(keepidle + keepintvl * keepcnt) * 1000"
-            if opt.default is None
-            else str(opt.default)
+            "(keepidle + keepintvl * keepcnt) * 1000" if opt.default is None else str(opt.default)
         )
         g.add_argument(
             opt.flag,
             dest=opt.key,
             type=_option_type(opt),
             metavar=opt.unit.upper() if opt.unit != "bytes" else "BYTES",
-            help=f"{opt.help} [{opt.unit}, {opt.minimum}..{opt.maximum}; "
-            f"default {default}]",
+            help=f"{opt.help} [{opt.unit}, {opt.minimum}..{opt.maximum}; default {default}]",
         )
     g.add_argument(
         "--mode",
@@ -78,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attach", help="apply a policy to a cgroup (or update it)")
-    a.add_argument("--cgroup", required=True, metavar="PATH",
-                   help="cgroup v2 path, absolute or relative to the cgroup2 mount")
+    a.add_argument(
+        "--cgroup",
+        required=True,
+        metavar="PATH",
+        help="cgroup v2 path, absolute or relative to the cgroup2 mount",
+    )
     a.add_argument("--force", action="store_true", help="allow the root cgroup")
     add_policy_arguments(a)
 
@@ -90,17 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="cgroups with a bpfkeep policy, with counters")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    r = sub.add_parser(
-        "run", help="run COMMAND in a fresh cgroup with the policy attached"
+    r = sub.add_parser("run", help="run COMMAND in a fresh cgroup with the policy attached")
+    r.add_argument(
+        "--via",
+        choices=("auto", "bpf", "preload"),
+        default="auto",
+        help="bpf, the LD_PRELOAD shim, or bpf when possible (default)",
     )
-    r.add_argument("--via", choices=("auto", "bpf", "preload"), default="auto",
-                   help="bpf, the LD_PRELOAD shim, or bpf when possible (default)")
     add_policy_arguments(r, bpf_only=False)
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     e = sub.add_parser("exec", help="run COMMAND with the LD_PRELOAD shim (no privileges)")
-    e.add_argument("--hook", choices=("connect", "socket"), default="connect",
-                   help="wrap connect()/listen() (default) or socket()")
+    e.add_argument(
+        "--hook",
+        choices=("connect", "socket"),
+        default="connect",
+        help="wrap connect()/listen() (default) or socket()",
+    )
     add_policy_arguments(e, bpf_only=False)
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
@@ -122,7 +129,9 @@ def _fmt_policy(pol: Policy) -> str:
     for opt in TUNABLE:
         v = getattr(pol, opt.key)
         if v and opt.bpf:
-            parts.append(f"{opt.key}={v}{'' if opt.unit in ('probes', 'retransmits', 'bytes') else opt.unit}")
+            parts.append(
+                f"{opt.key}={v}{'' if opt.unit in ('probes', 'retransmits', 'bytes') else opt.unit}"
+            )
     return " ".join(parts)
 
 
@@ -144,7 +153,9 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
         c = a.counters
         if c:
             seen = " ".join(f"{k}={v}" for k, v in c.seen.items())
-            print(f"  sockets:   {seen} (accepted with keepalive inherited: {c.inherited})", file=out)
+            print(
+                f"  sockets:   {seen} (accepted with keepalive inherited: {c.inherited})", file=out
+            )
             applied = " ".join(f"{k}={v}" for k, v in c.applied.items() if v)
             print(f"  applied:   {applied or '-'}", file=out)
             failed = " ".join(f"{o}/{e}={n}" for (o, e), n in c.failed.items())

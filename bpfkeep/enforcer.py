@@ -31,8 +31,10 @@ from bpfkeep.options import Policy
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
 BPF_FS_MAGIC = 0xCAFE4A11
-HOOKS = (("sockops", bpfsys.BPF_CGROUP_SOCK_OPS, loader.PROG_SOCKOPS),
-         ("setsockopt", bpfsys.BPF_CGROUP_SETSOCKOPT, loader.PROG_SETSOCKOPT))
+HOOKS = (
+    ("sockops", bpfsys.BPF_CGROUP_SOCK_OPS, loader.PROG_SOCKOPS),
+    ("setsockopt", bpfsys.BPF_CGROUP_SETSOCKOPT, loader.PROG_SETSOCKOPT),
+)
 
 # Capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -71,9 +73,9 @@ def _is_bpffs(path: str) -> bool:
         for line in f:
             fields = line.split()
             where = fields[1]
-            if (path == where or path.startswith(where.rstrip("/") + "/")) and len(
-                where
-            ) > len(best[0]):
+            if (path == where or path.startswith(where.rstrip("/") + "/")) and len(where) > len(
+                best[0]
+            ):
                 best = (where, fields[2])
     return best[1] == "bpf"
 
@@ -87,7 +89,9 @@ def ensure_bpffs(pin_dir: str) -> None:
     if parent == "/sys/fs/bpf" and os.path.isdir(parent):
         proc = subprocess.run(
             ["mount", "-t", "bpf", "bpf", parent],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode == 0 and _is_bpffs(parent):
             return
@@ -254,9 +258,7 @@ class Enforcer:
                     old = bpfsys.map_lookup(objs[loader.MAP_POLICY], key, bpfmaps.POLICY_SIZE)
                     if old is not None:
                         inactive = old[:8] + b"\0\0\0\0" + old[12:]
-                        bpfsys.map_update(
-                            objs[loader.MAP_POLICY], key, inactive, bpfsys.BPF_EXIST
-                        )
+                        bpfsys.map_update(objs[loader.MAP_POLICY], key, inactive, bpfsys.BPF_EXIST)
         for hook, _, _ in HOOKS:
             path = self._link_path(cgroup_id, hook)
             try:

@@ -51,9 +51,7 @@ def find_header_sets(src: str = "/usr/src") -> list[HeaderSet]:
         if not os.path.isdir(os.path.join(arch_dir, "include")):
             continue
         common = os.path.join(src, f"linux-headers-{m.group(1)}-common")
-        sets.append(
-            HeaderSet(m.group(1), arch_dir, common if os.path.isdir(common) else None)
-        )
+        sets.append(HeaderSet(m.group(1), arch_dir, common if os.path.isdir(common) else None))
     sets.sort(key=lambda s: _version_key(s.version), reverse=True)
     return sets
 
@@ -79,7 +77,7 @@ def running_kernel_tree(release: str | None = None) -> str | None:
 
 def _symlink_tree(src: str, dst: str) -> None:
     """``cp -rs --remove-destination src/. dst/``"""
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+    for dirpath, _dirnames, filenames in os.walk(src, followlinks=True):
         rel = os.path.relpath(dirpath, src)
         out = os.path.join(dst, rel) if rel != "." else dst
         os.makedirs(out, exist_ok=True)
@@ -128,8 +126,7 @@ def bcc_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     sets = find_header_sets()
     if not sets:
         raise EnvironmentProblem(
-            "no kernel headers for bcc (the running kernel ships none): "
-            + package_hint()
+            "no kernel headers for bcc (the running kernel ships none): " + package_hint()
         )
     env["BCC_KERNEL_SOURCE"] = merged_tree(sets[0])
     return env

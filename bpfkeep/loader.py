@@ -34,9 +34,7 @@ def bpf_dir() -> Path:
     for cand in (here / "_bpf", here.parent / "bpf"):
         if (cand / SOURCE).is_file():
             return cand
-    raise EnvironmentProblem(
-        f"{SOURCE} not found next to the bpfkeep package: reinstall bpfkeep"
-    )
+    raise EnvironmentProblem(f"{SOURCE} not found next to the bpfkeep package: reinstall bpfkeep")
 
 
 def _compile_and_pin(obj_dir: str) -> None:
@@ -62,7 +60,7 @@ def _compile_and_pin(obj_dir: str) -> None:
         )
     except Exception as e:  # bcc raises bare Exception
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        if "Operation not permitted" in msg or "Permission denied" in msg and os.geteuid():
+        if "Operation not permitted" in msg or ("Permission denied" in msg and os.geteuid()):
             raise PermissionProblem(
                 f"loading the BPF programs was refused ({msg}): it needs root "
                 "or CAP_BPF+CAP_NET_ADMIN; without them use the LD_PRELOAD "

@@ -47,8 +47,7 @@ def run(policy: Policy, cmd: list[str], *, via: str = "auto", pin_dir: str | Non
     if policy.defer_accept:
         if via == "bpf":
             raise UsageError(
-                "--defer-accept: the kernel refuses TCP_DEFER_ACCEPT from BPF; "
-                "use --via preload"
+                "--defer-accept: the kernel refuses TCP_DEFER_ACCEPT from BPF; use --via preload"
             )
         _notice("TCP_DEFER_ACCEPT cannot be set from BPF: ignored (use --via preload)")
     try:

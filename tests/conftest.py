@@ -7,6 +7,7 @@ when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -49,8 +50,17 @@ def probes(tmp_path_factory) -> dict[str, str]:
     for kind, flags in (("dynamic", []), ("static", ["-static"])):
         exe = out / f"sockprobe-{kind}"
         subprocess.run(
-            ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", *flags, "-o", str(exe),
-             str(PROGS / "sockprobe.c")],
+            [
+                "gcc",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                *flags,
+                "-o",
+                str(exe),
+                str(PROGS / "sockprobe.c"),
+            ],
             check=True,
         )
         built[kind] = str(exe)
@@ -150,14 +160,10 @@ class Cgroups:
         return os.path.relpath(path, self.mount)
 
     def cleanup(self) -> None:
-        for dirpath, _dirs, _files in sorted(
-            os.walk(self.base), key=lambda t: -t[0].count("/")
-        ):
+        for dirpath, _dirs, _files in sorted(os.walk(self.base), key=lambda t: -t[0].count("/")):
             for pid in _pids(dirpath):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + 5
             while True:
                 try:
@@ -206,8 +212,13 @@ class Probe:
                     f.write("0")
 
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, preexec_fn=pre, bufsize=1,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=pre,
+            bufsize=1,
         )
         self.lines: list[str] = []
         self._buf = b""
@@ -299,11 +310,25 @@ class NetnsPair:
             self._ip("-n", ns, "link", "set", "lo", "up")
         self._ip("-n", self.net, "link", "add", "br0", "type", "bridge")
         self._ip("-n", self.net, "link", "set", "br0", "up")
-        for ns, ifname, addr in ((self.client, self.client_if, self.client_ip),
-                                 (self.server, self.server_if, self.server_ip)):
+        for ns, ifname, addr in (
+            (self.client, self.client_if, self.client_ip),
+            (self.server, self.server_if, self.server_ip),
+        ):
             port = "p" + ifname
-            self._ip("-n", self.net, "link", "add", port, "type", "veth",
-                     "peer", "name", ifname, "netns", ns)
+            self._ip(
+                "-n",
+                self.net,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ifname,
+                "netns",
+                ns,
+            )
             self._ip("-n", self.net, "link", "set", port, "master", "br0", "up")
             self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
             self._ip("-n", ns, "link", "set", ifname, "up")
@@ -319,10 +344,8 @@ class NetnsPair:
         for ns in (self.client, self.server, self.net):
             out = subprocess.run([self.ip, "netns", "pids", ns], capture_output=True, text=True)
             for pid in out.stdout.split():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
             subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
 
 
@@ -362,6 +385,8 @@ def bpftool_prog_ids(cgroup_path: str, hook: str) -> list[int]:
 
     out = subprocess.run(
         ["bpftool", "-j", "cgroup", "show", cgroup_path],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [p["id"] for p in json.loads(out or "[]") if p.get("attach_type") == hook]

@@ -57,7 +57,7 @@ def assert_untouched(v: dict[str, int]):
 def test_static_client_gets_every_option_only_inside(bk, cgroups, spawn, probes, host):
     inside = cgroups.make("app")
     bk("attach", "--cgroup", cgroups.rel(inside), *policy_args(**ALL))
-    srv, port = server(spawn, probes, host)
+    _srv, port = server(spawn, probes, host)
 
     cli = client(spawn, probes, port, host, cgroup=inside)
     v = cli.values("client")
@@ -209,8 +209,14 @@ def _other_tool_sockops() -> int:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
     insns = (ctypes.c_uint64 * 2)(0x00000001000000B7, 0x0000000000000095)
     lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.bpf_prog_load.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    ]
     fd = lib.bpf_prog_load(13, b"other_tool", b"GPL", insns, 2, None)  # SOCK_OPS = 13
     assert fd >= 0, os.strerror(ctypes.get_errno())
     return fd
@@ -262,16 +268,28 @@ def test_dead_peer_detected_by_keepalive(bk, cgroups, spawn, probes, netns_pair)
     while the connection is idle.  keepidle 2 + keepintvl 1 x keepcnt 3 =
     5 s bound; the program itself sets no option."""
     cg = cgroups.make("client")
-    bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "2", "--keepintvl", "1",
-       "--keepcnt", "3", "--user-timeout", "0")
-    srv = spawn([probes["static"], "listen", netns_pair.server_ip, "0", "hold"],
-                netns=netns_pair.server)
+    bk(
+        "attach",
+        "--cgroup",
+        cgroups.rel(cg),
+        "--keepidle",
+        "2",
+        "--keepintvl",
+        "1",
+        "--keepcnt",
+        "3",
+        "--user-timeout",
+        "0",
+    )
+    srv = spawn(
+        [probes["static"], "listen", netns_pair.server_ip, "0", "hold"], netns=netns_pair.server
+    )
     port = srv.expect("ready").split()[1]
-    with_bk = spawn([probes["static"], "wait", netns_pair.server_ip, port], cgroup=cg,
-                    netns=netns_pair.client)
+    with_bk = spawn(
+        [probes["static"], "wait", netns_pair.server_ip, port], cgroup=cg, netns=netns_pair.client
+    )
     srv.expect("accepted")
-    without = spawn([probes["static"], "wait", netns_pair.server_ip, port],
-                    netns=netns_pair.client)
+    without = spawn([probes["static"], "wait", netns_pair.server_ip, port], netns=netns_pair.client)
     assert with_bk.values("client")["keepidle"] == 2
     assert without.values("client")["keepalive"] == 0
     netns_pair.cut_server()
@@ -289,11 +307,15 @@ def test_dead_peer_detected_by_keepalive(bk, cgroups, spawn, probes, netns_pair)
 def test_dead_peer_with_pending_data_and_user_timeout(bk, cgroups, spawn, probes, netns_pair):
     cg = cgroups.make("client")
     bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "600", "--user-timeout", "2000")
-    srv = spawn([probes["dynamic"], "listen", netns_pair.server_ip, "0", "hold"],
-                netns=netns_pair.server)
+    srv = spawn(
+        [probes["dynamic"], "listen", netns_pair.server_ip, "0", "hold"], netns=netns_pair.server
+    )
     port = srv.expect("ready").split()[1]
-    cli = spawn([probes["static"], "wait", netns_pair.server_ip, port, "send", "1000"],
-                cgroup=cg, netns=netns_pair.client)
+    cli = spawn(
+        [probes["static"], "wait", netns_pair.server_ip, port, "send", "1000"],
+        cgroup=cg,
+        netns=netns_pair.client,
+    )
     assert cli.values("client")["user_timeout"] == 2000
     srv.expect("accepted")
     netns_pair.cut_server()

@@ -4,9 +4,9 @@
  *
  *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold]
  *   sockprobe listen ADDR PORT [set OPT=VAL]... [hold]
- *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on stdin)
- *   sockprobe wait ADDR PORT [send N]   (connect, wait for a line on stdin,
- *                                        maybe send N bytes, then block in recv)
+ *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on
+ * stdin) sockprobe wait ADDR PORT [send N]   (connect, wait for a line on
+ * stdin, maybe send N bytes, then block in recv)
  *
  * Prints "ready PORT" once listening / connected, then one line per socket:
  *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
@@ -76,8 +76,8 @@ static void apply_sets(int fd, int argc, char **argv)
 		for (size_t k = 0; k < NOPTS; k++) {
 			if (strcmp(opts[k].name, name))
 				continue;
-			int rc = setsockopt(fd, opts[k].level, opts[k].optname, &val,
-					    sizeof(val));
+			int rc = setsockopt(fd, opts[k].level, opts[k].optname,
+					    &val, sizeof(val));
 			printf("set %s=%d rc=%d\n", name, val, rc ? errno : 0);
 		}
 	}
@@ -136,7 +136,8 @@ int main(int argc, char **argv)
 	char line[64];
 
 	if (argc < 4) {
-		fprintf(stderr, "usage: sockprobe connect|listen|accept|wait ADDR PORT ...\n");
+		fprintf(stderr, "usage: sockprobe connect|listen|accept|wait "
+				"ADDR PORT ...\n");
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -176,7 +177,9 @@ int main(int argc, char **argv)
 		ssize_t rc = recv(fd, buf, sizeof(buf), 0);
 		int err = rc < 0 ? errno : 0;
 		printf("recv rc=%zd errno=%s elapsed=%.3f\n", rc,
-		       err == ETIMEDOUT ? "ETIMEDOUT" : err ? strerror(err) : "0",
+		       err == ETIMEDOUT ? "ETIMEDOUT"
+		       : err		? strerror(err)
+					: "0",
 		       now() - t0);
 		return 0;
 	}

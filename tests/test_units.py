@@ -1,0 +1,232 @@
+"""Fast, root-free tests of pure logic: the option table, parsing, header
+lookup, path resolution and the map layouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bpfkeep import bpfmaps, kheaders, options
+from bpfkeep.cgroups import Mounts, read_mounts, resolve
+from bpfkeep.cli import build_parser, policy_from_args
+from bpfkeep.errors import EnvironmentProblem, UsageError
+from bpfkeep.options import BY_KEY, Policy, default_user_timeout, parse_value
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_libkeepalive():
+    p = Policy.from_mapping({})
+    assert (p.keepidle, p.keepintvl, p.keepcnt) == (15, 15, 9)
+    assert p.user_timeout == 150_000
+    assert (p.syncnt, p.maxseg, p.window_clamp, p.defer_accept) == (0, 0, 0, 0)
+    assert p.mode == "set"
+
+
+def test_user_timeout_derived_from_values_in_force():
+    assert Policy.from_mapping({"keepidle": 2, "keepintvl": 1, "keepcnt": 3}).user_timeout == 5000
+    # Operator order: libkeepalive once computed idle + intvl * cnt * 1000.
+    assert default_user_timeout(10, 2, 3) == 16_000
+    assert Policy.from_mapping({"keepidle": 2, "user_timeout": 0}).user_timeout == 0
+    assert Policy.from_mapping({"user_timeout": 777}).user_timeout == 777
+    # Times left to the host's sysctls: no derived timeout.
+    assert Policy.from_mapping({"keepidle": 0}).user_timeout == 0
+
+
+@pytest.mark.parametrize(
+    "key, raw, ok",
+    [
+        ("keepidle", "1", 1),
+        ("keepidle", "32767", 32767),
+        ("keepidle", "0", 0),
+        ("keepidle", "32768", None),
+        ("keepidle", "-1", None),
+        ("keepidle", "1.5", None),
+        ("keepidle", "", None),
+        ("keepidle", " 7 ", 7),
+        ("keepidle", "0x10", None),
+        ("keepcnt", "127", 127),
+        ("keepcnt", "128", None),
+        ("maxseg", "87", None),
+        ("maxseg", "88", 88),
+        ("user_timeout", str(2**31 - 1), 2**31 - 1),
+        ("user_timeout", str(2**31), None),
+        ("keepidle", True, None),
+        ("keepidle", 5, 5),
+    ],
+)
+def test_parse_value_strict(key, raw, ok):
+    if ok is None:
+        with pytest.raises(UsageError) as e:
+            parse_value(BY_KEY[key], raw)
+        assert key in str(e.value)
+    else:
+        assert parse_value(BY_KEY[key], raw) == ok
+
+
+def test_unknown_key_and_mode_rejected():
+    with pytest.raises(UsageError, match="unknown policy key 'keepidel'"):
+        Policy.from_mapping({"keepidel": 3})
+    with pytest.raises(UsageError, match="mode"):
+        Policy.from_mapping({"mode": "strict"})
+
+
+def test_cli_flags_follow_the_table():
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "attach",
+            "--cgroup",
+            "x",
+            "--keepidle",
+            "4",
+            "--window-clamp",
+            "9000",
+            "--mode",
+            "enforce",
+        ]
+    )
+    p = policy_from_args(args)
+    assert (p.keepidle, p.window_clamp, p.mode) == (4, 9000, "enforce")
+    assert p.user_timeout == (4 + 15 * 9) * 1000
+    help_text = parser._subparsers._group_actions[0].choices["attach"].format_help()
+    for opt in options.TUNABLE:
+        if opt.bpf:
+            assert opt.flag in help_text
+    assert "--defer-accept" not in help_text  # BPF cannot set it
+    run_help = parser._subparsers._group_actions[0].choices["exec"].format_help()
+    assert "--defer-accept" in run_help
+
+
+def test_generated_headers_are_current():
+    for rel, guard in options.GENERATED.items():
+        assert (REPO / rel).read_text() == options.c_header(guard), (
+            f"{rel} is stale: run python -m bpfkeep.options"
+        )
+
+
+def test_struct_layouts_match_the_bpf_header(tmp_path):
+    src = tmp_path / "sizes.c"
+    src.write_text(
+        '#include <stdio.h>\n#include <linux/types.h>\n#include "bpfkeep.h"\n'
+        'int main(void) { printf("%zu %zu\\n", sizeof(struct bk_policy), '
+        "sizeof(struct bk_counters)); return 0; }\n"
+    )
+    exe = tmp_path / "sizes"
+    subprocess.run(["gcc", f"-I{REPO / 'bpf'}", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(bpfmaps.POLICY_SIZE), str(bpfmaps.COUNTERS_SIZE)]
+
+
+def test_policy_round_trips_through_map_encoding():
+    p = Policy.from_mapping({"keepidle": 9, "maxseg": 1400, "mode": "enforce"})
+    cg, flags, back = bpfmaps.decode_policy(bpfmaps.encode_policy(1234, p))
+    assert cg == 1234 and flags == bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE
+    assert back == p
+
+
+def test_counters_summed_over_cpus():
+    one = [0] * bpfmaps.COUNTERS_WORDS
+    one[0] = 2  # seen connect
+    one[4 + 1] = 5  # applied keepidle
+    raw = b"".join(int.to_bytes(w, 8, "little") for _ in range(3) for w in one)
+    c = bpfmaps.decode_counters(raw)
+    assert c.seen["connect"] == 6 and c.applied["keepidle"] == 15
+
+
+# -- headers ---------------------------------------------------------------
+
+
+def _fake_headers(src: Path, version: str, flavour: str = "amd64") -> None:
+    (src / f"linux-headers-{version}-{flavour}" / "include" / "generated").mkdir(parents=True)
+    (src / f"linux-headers-{version}-{flavour}" / "arch" / "x86").mkdir(parents=True)
+    common = src / f"linux-headers-{version}-common"
+    (common / "include" / "linux").mkdir(parents=True)
+    (common / "include" / "linux" / "types.h").write_text("/* */")
+    (common / "arch" / "x86" / "include").mkdir(parents=True)
+
+
+def test_header_sets_newest_first_and_merged(tmp_path):
+    src = tmp_path / "src"
+    _fake_headers(src, "5.10.0-30")
+    _fake_headers(src, "6.1.0-56")
+    sets = kheaders.find_header_sets(str(src))
+    assert [s.version for s in sets] == ["6.1.0-56", "5.10.0-30"]
+    merged = kheaders.merged_tree(sets[0], cache_dir=str(tmp_path / "cache"))
+    assert os.path.islink(os.path.join(merged, "include", "linux", "types.h"))
+    assert os.path.isdir(os.path.join(merged, "include", "generated"))
+    # Built once, reused.
+    assert kheaders.merged_tree(sets[0], cache_dir=str(tmp_path / "cache")) == merged
+
+
+def test_no_headers_names_the_package(monkeypatch):
+    monkeypatch.setattr(kheaders, "running_kernel_tree", lambda: None)
+    monkeypatch.setattr(kheaders, "find_header_sets", lambda: [])
+    with pytest.raises(EnvironmentProblem, match="apt-get install linux-headers-"):
+        kheaders.bcc_environment({})
+
+
+def test_explicit_bcc_kernel_source_is_respected(monkeypatch):
+    monkeypatch.setattr(kheaders, "find_header_sets", lambda: [])
+    env = kheaders.bcc_environment({"BCC_KERNEL_SOURCE": "/x"})
+    assert env["BCC_KERNEL_SOURCE"] == "/x"
+
+
+# -- cgroup paths ------------------------------------------------------------
+
+
+@pytest.fixture()
+def fake_tree(tmp_path):
+    cg2 = tmp_path / "unified"
+    for d in ("", "system.slice", "system.slice/nginx.service"):
+        (cg2 / d).mkdir(exist_ok=True)
+        (cg2 / d / "cgroup.procs").write_text("")
+    v1 = tmp_path / "cpu"
+    (v1 / "x").mkdir(parents=True)
+    (cg2 / "plain").mkdir()
+    return Mounts(str(cg2), (str(v1),)), cg2, v1
+
+
+def test_resolve_relative_and_absolute(fake_tree):
+    mounts, cg2, _ = fake_tree
+    a = resolve("system.slice/nginx.service", mounts=mounts)
+    b = resolve("/system.slice/nginx.service", mounts=mounts)
+    c = resolve(str(cg2 / "system.slice/nginx.service"), mounts=mounts)
+    assert a == b == c and a.rel == "system.slice/nginx.service"
+    assert a.id == os.stat(cg2 / "system.slice/nginx.service").st_ino
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("nope", "no such cgroup"),
+        ("../etc", "outside the cgroup2 mount"),
+        ("plain", "not a cgroup v2 directory"),
+        ("", "empty path"),
+        ("/", "root cgroup"),
+    ],
+)
+def test_resolve_errors(fake_tree, spec, needle):
+    mounts, _, _ = fake_tree
+    with pytest.raises(UsageError, match=needle):
+        resolve(spec, mounts=mounts)
+
+
+def test_resolve_v1_and_forced_root(fake_tree):
+    mounts, _cg2, v1 = fake_tree
+    with pytest.raises(UsageError, match="cgroup v1 path: use a path under the cgroup2 mount"):
+        resolve(str(v1 / "x"), mounts=mounts)
+    assert resolve("/", mounts=mounts, force_root=True).is_root
+
+
+def test_read_mounts(tmp_path):
+    f = tmp_path / "mounts"
+    f.write_text(
+        "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    )
+    m = read_mounts(str(f))
+    assert m.cgroup2 == "/sys/fs/cgroup/unified" and m.v1 == ("/sys/fs/cgroup/cpu",)
