@@ -12,6 +12,7 @@
 /* bk_policy.flags */
 #define BK_F_ACTIVE 0x1	 /* the policy is complete: apply it */
 #define BK_F_ENFORCE 0x2 /* cgroup/setsockopt caps the application's values */
+#define BK_F_MANAGED 0x4 /* owned by bpfkeep daemon (userspace only) */
 
 /* The policy of one attached cgroup.  val[] is indexed by option id; 0
  * leaves the kernel default.  val[BK_OPT_KEEPALIVE] is always 1. */

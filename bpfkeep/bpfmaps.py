@@ -11,6 +11,7 @@ from bpfkeep.options import BPF_OPTIONS, Policy
 NOPT = len(BPF_OPTIONS)
 F_ACTIVE = 0x1
 F_ENFORCE = 0x2
+F_MANAGED = 0x4  # owned by the daemon; the BPF programs ignore it
 
 CALLBACKS = ("connect", "listen", "passive_established")
 # Index = BK_ERR_* bucket in bpfkeep.h
@@ -33,8 +34,11 @@ COUNTERS_WORDS = _NCB + 1 + NOPT + NOPT * _NERR + NOPT
 COUNTERS_SIZE = 8 * COUNTERS_WORDS
 
 
-def encode_policy(cgroup_id: int, policy: Policy, *, active: bool = True) -> bytes:
+def encode_policy(
+    cgroup_id: int, policy: Policy, *, active: bool = True, managed: bool = False
+) -> bytes:
     flags = (F_ACTIVE if active else 0) | (F_ENFORCE if policy.mode == "enforce" else 0)
+    flags |= F_MANAGED if managed else 0
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
     return struct.pack(POLICY_FMT, cgroup_id, flags, *vals, 0)
 

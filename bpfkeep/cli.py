@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     sub.add_parser("preload-path", help="print the LD_PRELOAD shim's absolute path")
+
+    dm = sub.add_parser(
+        "daemon", help="keep the config's policies attached; serve Prometheus metrics"
+    )
+    dm.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    dm.add_argument(
+        "--detach-on-exit",
+        action="store_true",
+        help="detach the daemon's policies on SIGTERM (default: they stay enforced)",
+    )
+    dm.add_argument("--check", action="store_true", help="validate the config and exit")
     return p
 
 
@@ -195,6 +206,15 @@ def dispatch(args: argparse.Namespace) -> int:
 
         policy = policy_from_args(args)
         return run(policy, _command(args), via=args.via, pin_dir=args.pin_dir)
+
+    if args.command == "daemon":
+        from bpfkeep import config, daemon
+
+        if args.check:
+            cfg = config.load(args.config)
+            print(f"{args.config}: ok, {len(cfg.rules)} policy rule(s)")
+            return 0
+        return daemon.main(args.config, args.pin_dir, args.detach_on_exit)
 
     enf = Enforcer(args.pin_dir)
     if args.command == "status":

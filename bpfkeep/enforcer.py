@@ -114,6 +114,7 @@ class Attachment:
     counters: bpfmaps.Counters | None
     link_ids: dict[str, int]
     prog_ids: dict[str, int]
+    managed: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -123,6 +124,7 @@ class Attachment:
             "counters": self.counters.as_dict() if self.counters else None,
             "links": self.link_ids,
             "programs": self.prog_ids,
+            "managed_by_daemon": self.managed,
         }
 
 
@@ -133,16 +135,20 @@ class Enforcer:
         self.pin_dir = os.path.abspath(pin_dir or pin_dir_default())
         self.obj_dir = os.path.join(self.pin_dir, "obj")
         self.link_dir = os.path.join(self.pin_dir, "links")
+        self._prepared = False
 
     # -- setup -----------------------------------------------------------
 
     def prepare(self) -> None:
         """Privileges, bpffs, directories and loaded programs."""
+        if self._prepared and os.path.isdir(self.obj_dir):
+            return
         require_privileges()
         ensure_bpffs(self.pin_dir)
         os.makedirs(self.link_dir, exist_ok=True)
         with self._lock():
             loader.load(self.obj_dir)
+        self._prepared = True
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -180,18 +186,21 @@ class Enforcer:
 
     # -- attach / detach -------------------------------------------------
 
-    def attach(self, cg: Cgroup, policy: Policy) -> str:
+    def attach(
+        self, cg: Cgroup, policy: Policy, *, managed: bool = False, prune: bool = True
+    ) -> str:
         """Attach or update; returns "attached" or "updated".
 
         Update is two map writes, no re-attach: new sockets get the new
         values with no gap.  A first attach either completes or leaves
-        nothing behind.
+        nothing behind.  ``managed`` marks the attachment as the daemon's.
         """
         self.prepare()
         key = struct.pack("=Q", cg.id)
-        value = bpfmaps.encode_policy(cg.id, policy)
+        value = bpfmaps.encode_policy(cg.id, policy, managed=managed)
         with self._lock(), self._objects() as objs:
-            self._prune(objs)
+            if prune:
+                self._prune(objs)
             if all(self._link_alive(cg.id, h) for h, _, _ in HOOKS):
                 bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
                 bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
@@ -246,6 +255,13 @@ class Enforcer:
         with self._lock():
             return self._detach_id(cg.id)
 
+    def detach_id(self, cgroup_id: int) -> bool:
+        """Detach by cgroup id (the cgroup may already be gone)."""
+        if not os.path.isdir(self.link_dir):
+            return False
+        with self._lock():
+            return self._detach_id(cgroup_id)
+
     def _detach_id(self, cgroup_id: int) -> bool:
         key = struct.pack("=Q", cgroup_id)
         found = False
@@ -287,6 +303,13 @@ class Enforcer:
                 ids.add(int(stem))
         return ids
 
+    def prune(self) -> None:
+        """Forget attachments of removed cgroups (see _prune)."""
+        if not os.path.isdir(self.obj_dir):
+            return
+        with self._lock(), self._objects() as objs:
+            self._prune(objs)
+
     def _prune(self, objs: dict[str, int]) -> None:
         """Forget attachments whose cgroup was removed (the kernel already
         detached them) and policies left without links."""
@@ -300,12 +323,22 @@ class Enforcer:
 
     # -- reading -----------------------------------------------------------
 
-    def attachments(self) -> list[Attachment]:
-        """Every cgroup with a bpfkeep policy, read from bpffs and the kernel."""
+    def pinned_ids(self) -> set[int]:
+        """Cgroup ids with bpfkeep links pinned (alive or not)."""
+        return self._pinned_ids()
+
+    def attachments(self, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
+        """Every cgroup with a bpfkeep policy, read from bpffs and the kernel.
+
+        ``paths`` saves the walk of the cgroup tree when the caller already
+        knows where the cgroups are (the daemon)."""
         ids = sorted(self._pinned_ids())
         if not ids or not os.path.isdir(self.obj_dir):
             return []
-        cgs = by_ids(ids, cgroup2_mount())
+        cgs = dict(paths or {})
+        missing = [i for i in ids if i not in cgs]
+        if missing:
+            cgs.update(by_ids(missing, cgroup2_mount()))
         out = []
         with self._objects() as objs:
             for cg_id in ids:
@@ -323,9 +356,11 @@ class Enforcer:
                     if link_cg == cg_id:
                         links[hook], progs[hook] = lid, pid
                 policy = counters = None
+                managed = False
                 raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
                 if raw is not None:
-                    policy = bpfmaps.decode_policy(raw)[2]
+                    _, flags, policy = bpfmaps.decode_policy(raw)
+                    managed = bool(flags & bpfmaps.F_MANAGED)
                 with contextlib.suppress(OSError):
                     craw = bpfsys.map_lookup(
                         objs[loader.MAP_COUNTERS],
@@ -334,7 +369,9 @@ class Enforcer:
                     )
                     if craw is not None:
                         counters = bpfmaps.decode_counters(craw)
-                out.append(Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs))
+                out.append(
+                    Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs, managed)
+                )
         return out
 
     def program_ids(self) -> dict[str, int]:

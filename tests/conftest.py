@@ -389,4 +389,4 @@ def bpftool_prog_ids(cgroup_path: str, hook: str) -> list[int]:
         text=True,
         check=True,
     ).stdout
-    return [p["id"] for p in json.loads(out or "[]") if p.get("attach_type") == hook]
+    return [p["id"] for p in json.loads(out.strip() or "[]") if p.get("attach_type") == hook]

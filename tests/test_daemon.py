@@ -1,0 +1,381 @@
+"""The daemon as a real process: real config files, signals, inotify on the
+real cgroup tree, a real HTTP scrape, and a real Prometheus server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.kernel
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProc:
+    def __init__(self, pin_dir: str, config: Path, tmp: Path, *extra: str):
+        self.pin_dir, self.config, self.tmp, self.extra = pin_dir, config, tmp, extra
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "daemon.log"
+        self.notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.messages: list[str] = []
+
+    def start(self) -> float:
+        """Start; return seconds until systemd's READY=1 arrived."""
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            bpfkeep_cmd(self.pin_dir, "daemon", "--config", str(self.config), *self.extra),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "a"),  # noqa: SIM115 - the child owns it
+            env=env,
+        )
+        self.wait_message("READY=1", timeout=60)
+        return time.monotonic() - t0
+
+    def wait_message(self, needle: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages:
+                if needle in m:
+                    self.messages.remove(m)
+                    return m
+            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                break
+            if self.proc and self.proc.poll() is not None:
+                break
+        raise AssertionError(f"no {needle!r} from the daemon; log:\n{self.log.read_text()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc
+        self.proc.send_signal(sig)
+
+    def wait_log(self, needle: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ln in self.log.read_text().splitlines():
+                if needle in ln:
+                    return ln
+            time.sleep(0.05)
+        raise AssertionError(f"no log line with {needle!r}:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=20)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
+
+
+@pytest.fixture()
+def daemon(pin_dir, tmp_path):
+    made: list[DaemonProc] = []
+
+    def make(config: Path, *extra: str) -> DaemonProc:
+        d = DaemonProc(pin_dir, config, tmp_path / f"d{len(made)}", *extra)
+        made.append(d)
+        return d
+
+    for i in range(4):
+        (tmp_path / f"d{i}").mkdir()
+    yield make
+    for d in made:
+        d.close()
+
+
+def write_config(path: Path, port: int, rules: str, audit: int = 0) -> Path:
+    path.write_text(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\naudit_interval = {audit}\n' + rules
+    )
+    return path
+
+
+def rule(pattern: str, **values) -> str:
+    body = "".join(
+        f"{k} = {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in values.items()
+    )
+    return f'[[policy]]\ncgroup = "{pattern}"\n{body}'
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(metrics, name, **labels) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+def keepidle_of_new_connection(spawn, probes, cgroup: str, port: int) -> int:
+    cli = spawn([probes["static"], "connect", "127.0.0.1", str(port), "hold"], cgroup=cgroup)
+    return cli.values("client")["keepidle"]
+
+
+@pytest.fixture()
+def listener(spawn, probes):
+    srv = spawn([probes["dynamic"], "listen", "127.0.0.1", "0", "hold"])
+    return int(srv.expect("ready").split()[1])
+
+
+def wait_until(pred, timeout: float, step: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+def test_daemon_reconciles_scrapes_and_reloads(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    a = cgroups.make("a.service")
+    cgroups.make("not-a-service")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "bpfkeep.toml", port, rule(f"{base}/*.service", mode="enforce", keepidle=61)
+    )
+    d = daemon(cfg)
+    d.start()
+
+    # Attached at start, enforced on a real static program.
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 61
+    assert keepidle_of_new_connection(spawn, probes, cgroups.make("not-a-service"), listener) == 7200
+    for _ in range(2):
+        keepidle_of_new_connection(spawn, probes, a, listener)
+    m = scrape(port)
+    label = "/" + cgroups.rel(a)
+    assert sample(m, "bpfkeep_sockets_total", cgroup=label, callback="connect") == 3
+    assert sample(m, "bpfkeep_options_applied_total", cgroup=label, option="keepidle") == 3
+    assert sample(m, "bpfkeep_policy_attached", cgroup=label, mode="enforce") == 1
+    assert sample(m, "bpfkeep_policy_expected", cgroup=label) == 1
+    assert sample(m, "bpfkeep_attached_policies") == 1
+
+    # A service that starts later is attached within a second (inotify).
+    t0 = time.monotonic()
+    b = cgroups.make("b.service")
+    assert wait_until(lambda: bpftool_prog_ids(b, "cgroup_sock_ops"), timeout=1.0), (
+        d.log.read_text()
+    )
+    elapsed = time.monotonic() - t0
+    print(f"new cgroup attached after {elapsed * 1000:.0f} ms")
+    assert keepidle_of_new_connection(spawn, probes, b, listener) == 61
+    progs_before = (bpftool_prog_ids(a, "cgroup_sock_ops"), bpftool_prog_ids(a, "cgroup_setsockopt"))
+
+    # SIGHUP with a broken config: one line naming file and key; nothing changes.
+    good = cfg.read_text()
+    cfg.write_text(good.replace("keepidle = 61", "keepidle = 99999"))
+    d.signal(signal.SIGHUP)
+    line = d.wait_log("reload rejected")
+    assert str(cfg) in line and "keepidle" in line and "out of range" in line
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 61
+    cfg.write_text(good.replace("keepidle = 61", "keepidel = 5"))
+    d.signal(signal.SIGHUP)
+    assert "keepidel" in d.wait_log("unknown key")
+
+    # SIGHUP with a changed policy: updated in place, same programs.
+    cfg.write_text(good.replace("keepidle = 61", "keepidle = 62"))
+    d.signal(signal.SIGHUP)
+    d.wait_log("updated /" + cgroups.rel(a))
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 62
+    assert (
+        bpftool_prog_ids(a, "cgroup_sock_ops"),
+        bpftool_prog_ids(a, "cgroup_setsockopt"),
+    ) == progs_before
+
+    # A cgroup that disappears is forgotten.
+    for pid in open(os.path.join(b, "cgroup.procs")).read().split():
+        os.kill(int(pid), signal.SIGKILL)
+    wait_until(lambda: not open(os.path.join(b, "cgroup.procs")).read(), 5)
+    wait_until(lambda: _try_rmdir(b), 5)
+    d.wait_log(f"/{cgroups.rel(b)} removed")
+    m = scrape(port)
+    assert sample(m, "bpfkeep_policy_attached", cgroup="/" + cgroups.rel(b), mode="enforce") is None
+
+    # SIGTERM: exits 0, enforcement stays.
+    assert d.stop() == 0
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 62
+
+
+def _try_rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def test_kill9_restart_adopts_without_gap_or_duplicates(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk
+):
+    a = cgroups.make("a.service")
+    base = cgroups.rel(cgroups.base)
+    cfg = write_config(tmp_path / "c.toml", free_port(), rule(f"{base}/*.service", keepidle=41))
+    d1 = daemon(cfg)
+    d1.start()
+    d1.proc.kill()
+    d1.proc.wait()
+    # While no daemon runs, a connection still gets keepalive.
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 41
+    d2 = daemon(cfg)
+    d2.start()
+    assert len(bpftool_prog_ids(a, "cgroup_sock_ops")) == 1
+    assert len(bpftool_prog_ids(a, "cgroup_setsockopt")) == 1
+    (att,) = json.loads(bk("status", "--json").stdout)
+    assert att["managed_by_daemon"] and att["policy"]["keepidle"] == 41
+    # The adopted attachment's counters kept counting across the restart.
+    assert att["counters"]["seen"]["connect"] == 1
+    assert "attached" not in d2.log.read_text()  # adopted, not re-attached
+    assert d2.stop() == 0
+
+
+def test_removed_rule_detached_and_detach_on_exit(daemon, cgroups, tmp_path, bk):
+    a, b = cgroups.make("a.service"), cgroups.make("b.worker")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    both = rule(f"{base}/*.service", keepidle=30) + rule(f"{base}/*.worker", keepidle=40)
+    cfg = write_config(tmp_path / "c.toml", port, both)
+    # A policy attached by hand is not the daemon's: it stays.
+    manual = cgroups.make("manual")
+    bk("attach", "--cgroup", manual, "--keepidle", "50")
+    d = daemon(cfg, "--detach-on-exit")
+    d.start()
+    assert bpftool_prog_ids(b, "cgroup_sock_ops")
+    cfg.write_text(cfg.read_text().split("[[policy]]")[0] + rule(f"{base}/*.service", keepidle=30))
+    d.signal(signal.SIGHUP)
+    d.wait_log("detached /" + cgroups.rel(b))
+    assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+    assert bpftool_prog_ids(a, "cgroup_sock_ops")
+    assert d.stop() == 0
+    assert bpftool_prog_ids(a, "cgroup_sock_ops") == []
+    assert len(bpftool_prog_ids(manual, "cgroup_sock_ops")) == 1
+
+
+def test_bad_config_at_start_is_one_line_and_exit_2(pin_dir, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[policy]]\ncgroup = "x/*.service"\nkeepcnt = 500\n')
+    proc = subprocess.run(
+        bpfkeep_cmd(pin_dir, "daemon", "--config", str(cfg)), capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert f"{cfg}:3: policy[0].keepcnt" in proc.stderr and "out of range" in proc.stderr
+
+
+def test_promtool_accepts_the_metrics_and_rules(daemon, cgroups, tmp_path):
+    if not shutil.which("promtool"):
+        pytest.fail("promtool missing: scripts/setup.sh installs Debian's prometheus")
+    cgroups.make("a.service")
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service"), audit=1
+    )
+    d = daemon(cfg)
+    d.start()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    rules = REPO / "deploy" / "prometheus"
+    for args in (["check", "rules", "rules.yml"], ["test", "rules", "rules_test.yml"]):
+        res = subprocess.run(["promtool", *args], cwd=rules, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_real_prometheus_sees_counters_move(daemon, cgroups, spawn, probes, listener, tmp_path):
+    prom = shutil.which("prometheus")
+    if not prom:
+        pytest.fail("prometheus missing: scripts/setup.sh installs Debian's prometheus")
+    a = cgroups.make("a.service")
+    port, prom_port = free_port(), free_port()
+    cfg = write_config(tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service"))
+    daemon(cfg).start()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: bpfkeep\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{port}']\n"
+    )
+    server = subprocess.Popen(
+        [prom, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        label = "/" + cgroups.rel(a)
+        query = f'bpfkeep_sockets_total{{callback="connect",cgroup="{label}"}}'
+
+        def value():
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode(
+                {"query": query}
+            )
+            try:
+                res = json.loads(urllib.request.urlopen(url, timeout=2).read())
+            except OSError:
+                return None
+            r = res["data"]["result"]
+            return float(r[0]["value"][1]) if r else None
+
+        assert wait_until(lambda: value() == 0.0, 30, 0.2), value()
+        for _ in range(5):
+            keepidle_of_new_connection(spawn, probes, a, listener)
+        assert wait_until(lambda: value() == 5.0, 30, 0.2), value()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_systemd_unit_verifies(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze missing")
+    unit = (REPO / "deploy" / "bpfkeep.service").read_text()
+    exe = shutil.which("bpfkeep") or str(Path(sys.executable).parent / "bpfkeep")
+    (tmp_path / "bpfkeep.service").write_text(unit.replace("/usr/local/bin/bpfkeep", exe))
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "bpfkeep.service")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Type=notify" in unit and "WatchdogSec=" in unit
+
+
+def test_shipped_config_is_valid(pin_dir):
+    cfg = REPO / "deploy" / "bpfkeep.toml"
+    res = subprocess.run(
+        bpfkeep_cmd(pin_dir, "daemon", "--config", str(cfg), "--check"),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0 and "1 policy rule" in res.stdout, res.stderr
