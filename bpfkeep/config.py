@@ -96,7 +96,8 @@ def _line_of(text: str, key: str, policy_index: int | None) -> int | None:
     for i in range(start, len(lines)):
         if i > start and policy_index is not None and re.match(r"\s*\[", lines[i]):
             break
-        if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+        k = re.escape(key)
+        if re.match(rf"\s*({k}\s*=|\[+\s*{k}\s*\]+)", lines[i]):
             return i + 1
     return start + 1 if policy_index is not None else None
 

@@ -18,6 +18,8 @@ pkgs=(
     gcc make libc6-dev                               # the preload shim, static test programs
     ncat curl                                        # real client/server programs in tests
     libkeepalive0                                    # the peer the shim is compared with
+    prometheus                                       # promtool + a real server for the tests
+    systemd                                          # systemd-analyze verify of the unit
 )
 missing=()
 for p in "${pkgs[@]}"; do
