@@ -37,7 +37,10 @@ class Option:
     bpf: bool  # settable from sock_ops (bpf_setsockopt)
     bpf_since: tuple[int, int]  # first kernel whose sock_ops accepts it
     enforce: bool  # enforce mode caps the application's value
-    env: tuple[str, ...]  # preload shim environment names (first = canonical)
+    # preload shim environment names: libkeepalive's (canonical), the
+    # nginx-upstream shim's alias, the original libkeepalive's (Debian's
+    # libkeepalive0); the first one set wins
+    env: tuple[str, ...]
     side: str  # "both", "connect" or "listen": where the shim applies it
     help: str
 
@@ -75,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
         True,
         (5, 10),
         True,
-        ("TCP_KEEPIDLE", "FORCE_KEEPALIVE_IDLE"),
+        ("TCP_KEEPIDLE", "FORCE_KEEPALIVE_IDLE", "KEEPIDLE"),
         "both",
         "idle time before the first keepalive probe",
     ),
@@ -91,7 +94,7 @@ OPTIONS: tuple[Option, ...] = (
         True,
         (5, 10),
         True,
-        ("TCP_KEEPINTVL", "FORCE_KEEPALIVE_INTVL"),
+        ("TCP_KEEPINTVL", "FORCE_KEEPALIVE_INTVL", "KEEPINTVL"),
         "both",
         "time between keepalive probes",
     ),
@@ -107,7 +110,7 @@ OPTIONS: tuple[Option, ...] = (
         True,
         (5, 10),
         True,
-        ("TCP_KEEPCNT", "FORCE_KEEPALIVE_CNT"),
+        ("TCP_KEEPCNT", "FORCE_KEEPALIVE_CNT", "KEEPCNT"),
         "both",
         "unanswered probes before the connection is dropped",
     ),
@@ -316,20 +319,21 @@ def c_header(guard: str) -> str:
         "#define BK_SIDE_CONNECT 1",
         "#define BK_SIDE_LISTEN 2",
         "",
-        "/* X(id, level, optname, min, max, default, side, env, env_alias)",
+        "/* X(id, level, optname, min, max, default, side, enforce, unit,",
+        " *   env, env_alias, env_legacy)",
         " * default -1: derived ((keepidle + keepintvl * keepcnt) * 1000);",
-        " * env_alias NULL: none. */",
+        " * enforce 1: enforce mode caps the application's value;",
+        " * env names NULL: none. */",
         "#define BK_OPTION_TABLE(X) \\",
     ]
     for opt in OPTIONS:
-        envs = [*list(opt.env), None, None]
-        env = f'"{envs[0]}"' if envs[0] else "NULL"
-        alias = f'"{envs[1]}"' if envs[1] else "NULL"
+        envs = [f'"{e}"' for e in opt.env] + ["NULL"] * (3 - len(opt.env))
         default = -1 if opt.default is None else opt.default
         lines.append(
             f"\tX(BK_OPT_{opt.key.upper()}, {opt.level}, {opt.optname}, "
             f"{opt.minimum}, {opt.maximum}, {default}, "
-            f"BK_SIDE_{opt.side.upper()}, {env}, {alias}) \\"
+            f'BK_SIDE_{opt.side.upper()}, {int(opt.enforce)}, "{opt.unit}", '
+            f"{', '.join(envs)}) \\"
         )
     lines[-1] = lines[-1][: -len(" \\")]
     lines += ["", f"#endif /* {guard} */", ""]

@@ -128,7 +128,7 @@ def is_static_executable(path_or_name: str) -> bool:
         with open(path, "rb") as f:
             return _elf_without_interp(f)
     except OSError as e:
-        raise UsageError(f"{path}: {e.strerror}") from None
+        raise UsageError(f"cannot run {path}: {e.strerror}") from None
 
 
 def _elf_without_interp(f: BinaryIO) -> bool:

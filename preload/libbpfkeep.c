@@ -44,8 +44,9 @@ static void *lookup(const char *name)
 	void *sym = dlsym(RTLD_NEXT, name);
 #endif
 	if (!sym)
-		bk_debug(&bk_policy, "dlsym(RTLD_NEXT, \"%s\") failed: making "
-				     "the system call directly",
+		bk_debug(&bk_policy,
+			 "dlsym(RTLD_NEXT, \"%s\") failed: making "
+			 "the system call directly",
 			 name);
 	return sym;
 }

@@ -32,51 +32,35 @@ struct bk_option {
 	int level;
 	int optname;
 	const char *name; /* "TCP_KEEPIDLE": for messages */
-	long min;	  /* smallest value other than 0 */
-	long max;
+	long min;	  /* smallest accepted value other than 0 */
+	long max;	  /* unit: bpfkeep_options.h, BK_OPT_* */
 	int dflt;	  /* 0: kernel default; BK_DERIVED */
 	int side;	  /* BK_SIDE_* */
-	/* canonical name, alias, legacy name: the first one set is used */
+	/* enforce mode caps the application's value (0 keepalive becomes 1;
+	 * times above the policy, and a user timeout of 0, are lowered) --
+	 * the same rules as bk_setsockopt in bpf/keepalive.bpf.c */
+	int enforce;
+	const char *unit; /* "s", "ms", "probes", "bytes", ... */
+	/* canonical name (libkeepalive), alias (nginx-upstream shim), legacy
+	 * name (original libkeepalive, Debian's libkeepalive0): the first
+	 * one set is used */
 	const char *env[BK_NENV];
 };
 
-/*
- * Legacy names of the original libkeepalive (libkeepalive.sourceforge.net,
- * Debian's libkeepalive0), read after the canonical names and their
- * aliases.  Not in bpfkeep/options.py's table (yet): indexed by id here.
- */
-static const char *const bk_legacy_env[BK_NOPT] = {
-	[BK_OPT_KEEPIDLE] = "KEEPIDLE",	  /* s */
-	[BK_OPT_KEEPINTVL] = "KEEPINTVL", /* s */
-	[BK_OPT_KEEPCNT] = "KEEPCNT",	  /* probes */
-};
-
-#define BK_OPTION(id, lvl, opt, lo, hi, def, sd, env0, env1)                  \
-	[id] = {.level = (lvl),                                               \
-		.optname = (opt),                                             \
-		.name = #opt,                                                 \
-		.min = (lo),                                                  \
-		.max = (hi),                                                  \
-		.dflt = (def),                                                \
-		.side = (sd),                                                 \
-		.env = {(env0), (env1), NULL}},
+#define BK_OPTION(id, lvl, opt, lo, hi, def, sd, enf, unt, env0, env1, env2)   \
+	[id] = {.level = (lvl),                                                \
+		.optname = (opt),                                              \
+		.name = #opt,                                                  \
+		.min = (lo),                                                   \
+		.max = (hi),                                                   \
+		.dflt = (def),                                                 \
+		.side = (sd),                                                  \
+		.enforce = (enf),                                              \
+		.unit = (unt),                                                 \
+		.env = {(env0), (env1), (env2)}},
 static const struct bk_option bk_options[BK_NOPT] = {
 	BK_OPTION_TABLE(BK_OPTION)};
 #undef BK_OPTION
-
-/*
- * Options whose application writes enforce mode caps: the ones that decide
- * how soon a dead peer is noticed (options.py's `enforce` flag, which the
- * generated header does not carry).  Same rules as bk_setsockopt in
- * bpf/keepalive.bpf.c.
- */
-static const unsigned char bk_enforced[BK_NOPT] = {
-	[BK_OPT_KEEPALIVE] = 1,	   /* 0 becomes 1 */
-	[BK_OPT_KEEPIDLE] = 1,	   /* s, capped */
-	[BK_OPT_KEEPINTVL] = 1,	   /* s, capped */
-	[BK_OPT_KEEPCNT] = 1,	   /* probes, capped */
-	[BK_OPT_USER_TIMEOUT] = 1, /* ms, capped; 0 ("never") too */
-};
 
 void bk_debug(const struct bk_policy *p, const char *fmt, ...)
 {
@@ -117,8 +101,7 @@ static int parse_long(const char *s, long *out)
 	return 1;
 }
 
-static void describe_default(const struct bk_option *o, char *buf,
-			     size_t len)
+static void describe_default(const struct bk_option *o, char *buf, size_t len)
 {
 	if (o->dflt == BK_DERIVED)
 		(void)snprintf(buf, len, "the derived value");
@@ -132,8 +115,8 @@ static void describe_default(const struct bk_option *o, char *buf,
 static int load_option(const struct bk_policy *p, int id)
 {
 	const struct bk_option *o = &bk_options[id];
-	const char *names[BK_NENV + 1] = {o->env[0], o->env[1],
-					  bk_legacy_env[id], NULL};
+	const char *names[BK_NENV + 1] = {o->env[0], o->env[1], o->env[2],
+					  NULL};
 	const char *name = NULL, *raw = NULL;
 	char dflt[32];
 	long v;
@@ -148,7 +131,8 @@ static int load_option(const struct bk_policy *p, int id)
 
 	describe_default(o, dflt, sizeof(dflt));
 	if (!parse_long(raw, &v)) {
-		bk_debug(p, "%s=\"%s\" is not a whole number: ignored, using %s",
+		bk_debug(p,
+			 "%s=\"%s\" is not a whole number: ignored, using %s",
 			 name, raw, dflt);
 		return o->dflt;
 	}
@@ -195,7 +179,8 @@ static int env_truthy(const struct bk_policy *p, const char *name)
 }
 
 /* BPFKEEP_HOOK: a list of connect, listen, socket separated by commas,
- * colons or blanks.  Unset, empty or nothing valid: connect,listen. */
+ * colons or blanks.  Unset, empty or nothing valid: connect,listen.  One
+ * debug line at most. */
 static unsigned parse_hooks(const struct bk_policy *p)
 {
 	static const struct {
@@ -204,40 +189,38 @@ static unsigned parse_hooks(const struct bk_policy *p)
 	} known[] = {{"connect", BK_HOOK_CONNECT},
 		     {"listen", BK_HOOK_LISTEN},
 		     {"socket", BK_HOOK_SOCKET}};
-	const char *raw = getenv("BPFKEEP_HOOK"), *s;
+	const size_t nknown = sizeof(known) / sizeof(known[0]);
+	const char *raw = getenv("BPFKEEP_HOOK"), *s, *bad = NULL;
+	size_t badlen = 0;
 	unsigned hooks = 0;
 
 	if (!raw)
 		return BK_HOOK_DEFAULT;
-	for (s = raw; *s;) {
-		size_t len = strcspn(s, ",: \t");
-		size_t i;
+	for (s = raw; *s; s += strcspn(s, ",: \t")) {
+		size_t len, i;
 
-		if (len == 0) {
-			s++;
-			continue;
-		}
-		for (i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+		s += strspn(s, ",: \t");
+		len = strcspn(s, ",: \t");
+		if (!len)
+			break;
+		for (i = 0; i < nknown; i++)
 			if (strlen(known[i].name) == len &&
 			    !strncasecmp(s, known[i].name, len))
 				break;
-		if (i < sizeof(known) / sizeof(known[0]))
+		if (i < nknown) {
 			hooks |= known[i].bit;
-		else
-			bk_debug(p,
-				 "BPFKEEP_HOOK=\"%s\": unknown hook \"%.*s\" "
-				 "ignored (use connect, listen, socket)",
-				 raw, (int)len, s);
-		s += len;
+		} else if (!bad) {
+			bad = s;
+			badlen = len;
+		}
 	}
-	if (!hooks) {
-		if (*raw)
-			bk_debug(p, "BPFKEEP_HOOK=\"%s\": no valid hook, using "
-				    "connect,listen",
-				 raw);
-		return BK_HOOK_DEFAULT;
-	}
-	return hooks;
+	if (bad)
+		bk_debug(p,
+			 "BPFKEEP_HOOK=\"%s\": unknown hook \"%.*s\" ignored "
+			 "(use connect, listen, socket)%s",
+			 raw, (int)badlen, bad,
+			 hooks ? "" : "; using connect,listen");
+	return hooks ? hooks : BK_HOOK_DEFAULT;
 }
 
 void bk_policy_load(struct bk_policy *p)
@@ -349,7 +332,7 @@ bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
 	int id, v, cap;
 
 	for (id = 0; id < BK_NOPT; id++) {
-		if (bk_enforced[id] && bk_options[id].level == level &&
+		if (bk_options[id].enforce && bk_options[id].level == level &&
 		    bk_options[id].optname == optname) {
 			o = &bk_options[id];
 			break;

@@ -28,14 +28,13 @@
 /* The environment, parsed once at load time.  Nothing is allocated. */
 struct bk_policy {
 	/* Per option id, in the option's unit (see bpfkeep_options.h).
-	 * 0: leave the kernel default (the option is not set at all). */
+	 * 0: leave the kernel default (the option is not set at all).
+	 * -1 (value[BK_OPT_USER_TIMEOUT] only): derive it for each socket,
+	 * because keepidle, keepintvl or keepcnt is 0 and only the kernel
+	 * knows its value for that socket's network namespace. */
 	int value[BK_NOPT];
-	/* TCP_USER_TIMEOUT is derived from keepidle/keepintvl/keepcnt, and
-	 * one of those is 0 (kernel default): derive it per socket from the
-	 * values the kernel reports for that socket. */
-	bool derive_per_socket;
-	bool enforce; /* BPFKEEP_ENFORCE: the setsockopt wrapper caps */
-	bool debug;   /* LIBKEEPALIVE_DEBUG / BPFKEEP_DEBUG set */
+	bool enforce;	/* BPFKEEP_ENFORCE: the setsockopt wrapper caps */
+	bool debug;	/* LIBKEEPALIVE_DEBUG / BPFKEEP_DEBUG set */
 	unsigned hooks; /* BK_HOOK_* */
 };
 

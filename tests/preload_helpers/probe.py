@@ -1,0 +1,163 @@
+"""Workloads for tests/test_preload.py, run by /usr/bin/python3 under the shim.
+
+Each mode prints one JSON line per result on stdout: what the kernel says
+about the program's own sockets (getsockopt), so that the test can compare
+it with what strace saw the shim ask for.
+
+    probe.py client HOST PORT [--hold]   connect; --hold: wait for stdin EOF
+    probe.py server HOST                 listen; print port; accept one
+    probe.py others DIR                  UDP and AF_UNIX sockets only
+    probe.py errno HOST CLOSED OPEN      refused and non-blocking connects
+    probe.py enforce HOST PORT           try to weaken keepalive after connect
+    probe.py threads HOST PORT N         N threads connect at once
+    probe.py forkexec HOST PORT          fork; the child execs `client`
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+
+TCP_OPTS = {
+    "keepidle": socket.TCP_KEEPIDLE,
+    "keepintvl": socket.TCP_KEEPINTVL,
+    "keepcnt": socket.TCP_KEEPCNT,
+    "user_timeout": socket.TCP_USER_TIMEOUT,
+    "syncnt": socket.TCP_SYNCNT,
+    "defer_accept": socket.TCP_DEFER_ACCEPT,
+}
+
+
+def emit(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def opts(s: socket.socket) -> dict[str, int]:
+    out = {"keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
+    for name, num in TCP_OPTS.items():
+        out[name] = s.getsockopt(socket.IPPROTO_TCP, num)
+    return out
+
+
+def family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def client(host: str, port: str, *rest: str) -> None:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.connect((host, int(port)))
+    emit(pid=os.getpid(), local_port=s.getsockname()[1], **opts(s))
+    if "--hold" in rest:
+        sys.stdin.read()
+    s.close()
+
+
+def server(host: str) -> None:
+    ls = socket.socket(family(host), socket.SOCK_STREAM)
+    ls.bind((host, 0))
+    ls.listen(4)
+    emit(port=ls.getsockname()[1])
+    ls.settimeout(10)
+    conn, _ = ls.accept()
+    emit(listener=opts(ls), accepted=opts(conn))
+    conn.close()
+    ls.close()
+
+
+def others(tmpdir: str) -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.connect(udp.getsockname())
+    udp.send(b"x")
+    try:
+        udp.listen(1)
+    except OSError as e:
+        listen_errno = e.errno
+    path = os.path.join(tmpdir, "unix.sock")
+    us = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    us.bind(path)
+    us.listen(1)
+    uc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    uc.connect(path)
+    ud = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ud.bind(path + "-dgram")
+    ud.connect(path + "-dgram")
+    ud.send(b"x")
+    emit(
+        udp_keepalive=udp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        unix_keepalive=uc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        udp_listen_errno=listen_errno,
+    )
+
+
+def errnos(host: str, closed_port: str, open_port: str) -> None:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    refused = s.connect_ex((host, int(closed_port)))
+    s.close()
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.setblocking(False)
+    nonblocking = s.connect_ex((host, int(open_port)))
+    s.close()
+    emit(refused=errno.errorcode.get(refused), nonblocking=errno.errorcode.get(nonblocking))
+
+
+def enforce(host: str, port: str) -> None:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.connect((host, int(port)))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10000)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+    udp_keepalive = udp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    emit(udp_keepalive=udp_keepalive, **opts(s))
+
+
+def threads(host: str, port: str, n: str) -> None:
+    results: list[dict[str, int]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(int(n))
+
+    def one() -> None:
+        start.wait()
+        s = socket.socket(family(host), socket.SOCK_STREAM)
+        s.connect((host, int(port)))
+        got = opts(s)
+        s.close()
+        with lock:
+            results.append(got)
+
+    workers = [threading.Thread(target=one) for _ in range(int(n))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    emit(results=results)
+
+
+def forkexec(host: str, port: str) -> None:
+    pid = os.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, __file__, "client", host, port])
+    _, status = os.waitpid(pid, 0)
+    emit(parent=os.getpid(), child_status=os.waitstatus_to_exitcode(status))
+
+
+MODES = {
+    "client": client,
+    "server": server,
+    "others": others,
+    "errno": errnos,
+    "enforce": enforce,
+    "threads": threads,
+    "forkexec": forkexec,
+}
+
+if __name__ == "__main__":
+    MODES[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,772 @@
+"""The LD_PRELOAD shim (preload/) and bpfkeep.preload, with real programs.
+
+Programs run under ``strace -f -e trace=network``, as libkeepalive tests
+itself: the setsockopt calls the shim makes are matched line by line.  The
+result is then read back from the kernel: getsockopt inside the workload
+(tests/preload_helpers/probe.py, sockprobe.c) and ``ss`` from outside.
+Loopback only; no root needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from bpfkeep import preload
+from bpfkeep.errors import EnvironmentProblem, UsageError
+from bpfkeep.options import Policy
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HELPERS = ROOT / "tests" / "preload_helpers"
+PROBE = str(HELPERS / "probe.py")
+PYTHON = "/usr/bin/python3"  # dynamically linked: the shim applies
+INT_MAX = 2**31 - 1
+
+DEFAULTS = {
+    "TCP_KEEPIDLE": 15,
+    "TCP_KEEPINTVL": 15,
+    "TCP_KEEPCNT": 9,
+    "TCP_USER_TIMEOUT": 150_000,
+    "SO_KEEPALIVE": 1,
+}
+
+LINE = re.compile(r"^(?:(?P<pid>\d+) +)?(?P<call>\w+)\((?P<args>.*)\) += (?P<ret>-?\d+)")
+SETSOCKOPT = re.compile(r"^(?P<fd>\d+), (?:SOL_SOCKET|SOL_TCP), (?P<opt>\w+), \[(?P<v>-?\d+)\], 4$")
+
+
+# --- running programs -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Call:
+    pid: str
+    name: str
+    args: str
+    ret: int
+
+    @property
+    def fd(self) -> int | None:
+        head = self.args.split(",", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    trace: str
+
+    def records(self) -> list[dict]:
+        return [json.loads(x) for x in self.stdout.splitlines() if x.startswith("{")]
+
+    def calls(self) -> list[Call]:
+        out = []
+        for line in self.trace.splitlines():
+            m = LINE.match(line)
+            if m:
+                out.append(Call(m["pid"] or "", m["call"], m["args"], int(m["ret"])))
+        return out
+
+    def tcp_sockets(self) -> list[list[Call]]:
+        """The calls on each TCP socket, from its socket() to the next
+        socket()/accept() that reuses its fd (close is not traced)."""
+        calls = self.calls()
+        out = []
+        for i, c in enumerate(calls):
+            if not (
+                c.name == "socket" and re.match(r"AF_INET6?, SOCK_STREAM", c.args) and c.ret >= 0
+            ):
+                continue
+            life = []
+            for later in calls[i + 1 :]:
+                if later.pid != c.pid:
+                    continue
+                if later.name in ("socket", "accept", "accept4") and later.ret == c.ret:
+                    break
+                if later.fd == c.ret:
+                    life.append(later)
+            out.append(life)
+        return out
+
+    def sets(self, n: int = 0) -> dict[str, int]:
+        """Successful setsockopt, option -> value, on the n-th TCP socket;
+        each option at most once."""
+        out: dict[str, int] = {}
+        for c in self.tcp_sockets()[n]:
+            if c.name != "setsockopt":
+                continue
+            m = SETSOCKOPT.match(c.args)
+            assert m and c.ret == 0, f"unexpected setsockopt: {c}"
+            assert m["opt"] not in out, f"{m['opt']} set twice:\n{self.trace}"
+            out[m["opt"]] = int(m["v"])
+        return out
+
+    def assert_set_before(self, call: str, n: int = 0) -> None:
+        """On the n-th TCP socket the shim's setsockopt calls precede `call`,
+        and SO_KEEPALIVE comes after the TCP_* options."""
+        life = self.tcp_sockets()[n]
+        first = next(i for i, c in enumerate(life) if c.name == call)
+        opts = [i for i, c in enumerate(life) if c.name == "setsockopt"]
+        assert opts and max(opts) < first, self.trace
+        assert "SO_KEEPALIVE" in life[max(opts)].args, self.trace
+
+
+class Shim:
+    """Runs programs with libbpfkeep preloaded, under strace."""
+
+    def __init__(self, lib: pathlib.Path, tmp: pathlib.Path) -> None:
+        self.lib = lib
+        self.tmp = tmp
+        self.n = 0
+
+    def command(
+        self,
+        argv: list[str],
+        extra: Mapping[str, str] | None = None,
+        *,
+        strace: bool = True,
+        preload_lib: bool = True,
+    ) -> tuple[list[str], dict[str, str], pathlib.Path]:
+        """argv (under strace), its environment, the trace file."""
+        # A clean environment: no TCP_* variables inherited from the host.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if preload_lib:
+            env["LD_PRELOAD"] = str(self.lib)
+        env.update(extra or {})
+        self.n += 1
+        trace = self.tmp / f"trace{self.n}"
+        if strace:
+            # -E: the shim goes into the traced program, not into strace.
+            pre = ["-E", "LD_PRELOAD=" + env.pop("LD_PRELOAD")] if "LD_PRELOAD" in env else []
+            argv = ["strace", "-f", "-qq", "-e", "trace=network", "-o", str(trace), *pre, *argv]
+        return argv, env, trace
+
+    def run(
+        self,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        strace: bool = True,
+        preload_lib: bool = True,
+        check: bool = True,
+    ) -> Result:
+        cmd, full_env, trace = self.command(argv, env, strace=strace, preload_lib=preload_lib)
+        p = subprocess.run(
+            cmd, env=full_env, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+        )
+        res = Result(p.returncode, p.stdout, p.stderr, trace.read_text() if strace else "")
+        if check:
+            assert p.returncode == 0, f"{cmd} failed:\n{p.stdout}\n{p.stderr}"
+        return res
+
+    def probe(self, *args: str, env: Mapping[str, str] | None = None, **kw) -> Result:
+        return self.run([PYTHON, PROBE, *args], env, **kw)
+
+
+class Server:
+    """A loopback listener in the test process; keeps what it accepts, or
+    closes it at once (hold=False: for clients that wait for the peer)."""
+
+    def __init__(self, host: str, hold: bool = True) -> None:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.hold = hold
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.hold:
+                self.conns.append(conn)
+            else:
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture(scope="session")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("preload")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "preload"), f"O={out}"], check=True)
+    return out / "libbpfkeep.so"
+
+
+@pytest.fixture(scope="session")
+def strace_works() -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace not installed")
+    p = subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {p.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def shim(lib: pathlib.Path, tmp_path: pathlib.Path, strace_works: None) -> Shim:
+    return Shim(lib, tmp_path)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server("127.0.0.1")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A bound, non-listening port: connecting to it is refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def cc(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    out = tmp_path_factory.mktemp("cprogs")
+
+    def build(name: str, src: pathlib.Path, *flags: str) -> pathlib.Path:
+        exe = out / name
+        if not exe.exists():
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src), *flags], check=True)
+        return exe
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def sockprobe(cc) -> pathlib.Path:
+    return cc("sockprobe", HELPERS / "sockprobe.c")
+
+
+def kernel_default(name: str) -> int:
+    return int(pathlib.Path(f"/proc/sys/net/ipv4/{name}").read_text())
+
+
+# --- the library itself -------------------------------------------------------
+
+
+def test_exports_only_the_wrappers(lib: pathlib.Path) -> None:
+    if shutil.which("nm") is None:
+        pytest.skip("nm not installed")
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
+    assert {line.split()[-1] for line in out.splitlines()} == {
+        "connect",
+        "listen",
+        "socket",
+        "setsockopt",
+    }
+
+
+# --- client side (connect) ---------------------------------------------------
+
+
+def test_client_defaults_strace_getsockopt_and_ss(shim: Shim, server: Server) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) not installed")
+    cmd, env, trace = shim.command(
+        [PYTHON, PROBE, "client", "127.0.0.1", str(server.port), "--hold"]
+    )
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        got = json.loads(p.stdout.readline())
+        # From outside: the kernel has the keepalive timer armed.
+        ss = subprocess.run(
+            ["ss", "-tnoH", "state", "established", "sport", "=", f":{got['local_port']}"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        p.communicate("", timeout=10)
+    assert p.returncode == 0
+    assert "timer:(keepalive," in ss, ss
+    # Inside: what getsockopt reads back.
+    assert got["keepalive"] == 1
+    assert (got["keepidle"], got["keepintvl"], got["keepcnt"]) == (15, 15, 9)
+    assert got["user_timeout"] == 150_000
+    # What the shim asked for, and in what order.
+    res = Result(0, "", "", trace.read_text())
+    assert res.sets() == DEFAULTS
+    res.assert_set_before("connect")
+
+
+KEEPALIVE_TIME = "tcp_keepalive_time"
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        pytest.param(
+            {
+                "TCP_KEEPIDLE": "7",
+                "TCP_KEEPINTVL": "3",
+                "TCP_KEEPCNT": "4",
+                "TCP_SYNCNT": "2",
+                "TCP_MAXSEG": "1200",
+                "TCP_WINDOW_CLAMP": "40000",
+                "TCP_DEFER_ACCEPT": "5",  # listen side only
+            },
+            {
+                "TCP_KEEPIDLE": 7,
+                "TCP_KEEPINTVL": 3,
+                "TCP_KEEPCNT": 4,
+                "TCP_USER_TIMEOUT": (7 + 3 * 4) * 1000,
+                "TCP_SYNCNT": 2,
+                "TCP_MAXSEG": 1200,
+                "TCP_WINDOW_CLAMP": 40000,
+                "SO_KEEPALIVE": 1,
+            },
+            id="all-options",
+        ),
+        pytest.param(
+            {"TCP_USER_TIMEOUT": "4000"}, {**DEFAULTS, "TCP_USER_TIMEOUT": 4000}, id="user-timeout"
+        ),
+        pytest.param(
+            {"TCP_USER_TIMEOUT": "0"},
+            {k: v for k, v in DEFAULTS.items() if k != "TCP_USER_TIMEOUT"},
+            id="zero-is-kernel-default",
+        ),
+        pytest.param({"TCP_USER_TIMEOUT": "-1"}, DEFAULTS, id="minus-one-derives"),
+        pytest.param(
+            {"TCP_KEEPIDLE": "0"},
+            {
+                "TCP_KEEPINTVL": 15,
+                "TCP_KEEPCNT": 9,
+                "TCP_USER_TIMEOUT": KEEPALIVE_TIME,  # derived from the kernel's
+                "SO_KEEPALIVE": 1,
+            },
+            id="derived-from-kernel-value",
+        ),
+        pytest.param(
+            {"TCP_KEEPIDLE": "32767", "TCP_KEEPINTVL": "32767", "TCP_KEEPCNT": "127"},
+            {
+                "TCP_KEEPIDLE": 32767,
+                "TCP_KEEPINTVL": 32767,
+                "TCP_KEEPCNT": 127,
+                "TCP_USER_TIMEOUT": INT_MAX,
+                "SO_KEEPALIVE": 1,
+            },
+            id="derived-clamped",
+        ),
+        pytest.param(
+            {
+                "FORCE_KEEPALIVE_IDLE": "20",
+                "FORCE_KEEPALIVE_INTVL": "4",
+                "FORCE_KEEPALIVE_CNT": "3",
+            },
+            {
+                "TCP_KEEPIDLE": 20,
+                "TCP_KEEPINTVL": 4,
+                "TCP_KEEPCNT": 3,
+                "TCP_USER_TIMEOUT": 32000,
+                "SO_KEEPALIVE": 1,
+            },
+            id="force-keepalive-aliases",
+        ),
+        pytest.param(
+            {"TCP_KEEPIDLE": "30", "FORCE_KEEPALIVE_IDLE": "20", "KEEPIDLE": "10"},
+            {**DEFAULTS, "TCP_KEEPIDLE": 30, "TCP_USER_TIMEOUT": 165_000},
+            id="canonical-wins",
+        ),
+        pytest.param(
+            {"KEEPIDLE": "25", "KEEPCNT": "2"},
+            {**DEFAULTS, "TCP_KEEPIDLE": 25, "TCP_KEEPCNT": 2, "TCP_USER_TIMEOUT": 55_000},
+            id="original-libkeepalive-names",
+        ),
+    ],
+)
+def test_client_env(shim: Shim, server: Server, env: dict, want: dict) -> None:
+    if want.get("TCP_USER_TIMEOUT") == KEEPALIVE_TIME:
+        want = {**want, "TCP_USER_TIMEOUT": (kernel_default(KEEPALIVE_TIME) + 15 * 9) * 1000}
+    res = shim.probe("client", "127.0.0.1", str(server.port), env=env)
+    assert res.sets() == want
+    res.assert_set_before("connect")
+    got = res.records()[0]
+    assert got["keepalive"] == 1
+    for opt in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT", "TCP_SYNCNT"):
+        if opt in want:
+            assert got[opt[4:].lower()] == want[opt], opt
+
+
+def test_nc_client_nonblocking_connect(shim: Shim) -> None:
+    if shutil.which("nc") is None:
+        pytest.skip("nc not installed")
+    server = Server("127.0.0.1", hold=False)
+    try:
+        res = shim.run(["nc", "127.0.0.1", str(server.port)], {"TCP_KEEPIDLE": "42"})
+    finally:
+        server.close()
+    assert res.sets() == {**DEFAULTS, "TCP_KEEPIDLE": 42, "TCP_USER_TIMEOUT": 177_000}
+    res.assert_set_before("connect")
+    # ncat connects without blocking: the caller still sees EINPROGRESS.
+    assert re.search(r"connect\(.*= -1 EINPROGRESS", res.trace), res.trace
+
+
+def test_ipv6_client(shim: Shim) -> None:
+    srv = Server("::1")
+    try:
+        res = shim.probe("client", "::1", str(srv.port))
+    finally:
+        srv.close()
+    assert res.sets() == DEFAULTS
+    assert res.records()[0]["keepalive"] == 1
+
+
+def test_threaded_client(shim: Shim, server: Server) -> None:
+    res = shim.probe("threads", "127.0.0.1", str(server.port), "16", strace=False)
+    results = res.records()[0]["results"]
+    assert len(results) == 16
+    assert all(r["keepalive"] == 1 and r["keepidle"] == 15 for r in results)
+
+
+def test_fork_and_exec_child_gets_it(shim: Shim, server: Server) -> None:
+    res = shim.probe("forkexec", "127.0.0.1", str(server.port), env={"TCP_KEEPIDLE": "33"})
+    child, parent = res.records()
+    assert parent["child_status"] == 0 and child["pid"] != parent["parent"]
+    assert child["keepalive"] == 1 and child["keepidle"] == 33
+
+
+# --- server side (listen) ---------------------------------------------------------
+
+
+def _connect_when_listening(port: int, payload: bytes) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(payload)  # TCP_DEFER_ACCEPT waits for data
+                return
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def test_python_listener(shim: Shim) -> None:
+    env = {"TCP_DEFER_ACCEPT": "5", "TCP_SYNCNT": "3", "TCP_KEEPIDLE": "20"}
+    cmd, env, trace = shim.command([PYTHON, PROBE, "server", "127.0.0.1"], env)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(p.stdout.readline())["port"]
+        _connect_when_listening(port, b"x")
+        got = json.loads(p.stdout.readline())
+    finally:
+        p.communicate(timeout=10)
+    res = Result(p.returncode, "", "", trace.read_text())
+    assert res.sets() == {
+        **DEFAULTS,
+        "TCP_KEEPIDLE": 20,
+        "TCP_USER_TIMEOUT": 155_000,
+        "TCP_DEFER_ACCEPT": 5,  # no TCP_SYNCNT: connect side only
+    }
+    res.assert_set_before("listen")
+    # The accepted socket inherited the listener's options.
+    acc = got["accepted"]
+    assert (acc["keepalive"], acc["keepidle"], acc["user_timeout"]) == (1, 20, 155_000)
+    assert got["listener"]["defer_accept"] > 0
+
+
+def test_nc_listener(shim: Shim) -> None:
+    if shutil.which("nc") is None:
+        pytest.skip("nc not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd, env, trace = shim.command(["nc", "-l", "127.0.0.1", str(port)], {"TCP_DEFER_ACCEPT": "3"})
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        _connect_when_listening(port, b"hello\n")
+        out, _ = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert out == b"hello\n"
+    res = Result(p.returncode, "", "", trace.read_text())
+    assert res.sets() == {**DEFAULTS, "TCP_DEFER_ACCEPT": 3, "SO_REUSEADDR": 1}  # nc's own
+    res.assert_set_before("listen")
+
+
+# --- what must stay untouched ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"BPFKEEP_HOOK": "socket"}, {"BPFKEEP_ENFORCE": "1"}],
+    ids=["connect-listen", "socket-hook", "enforce"],
+)
+def test_udp_and_unix_untouched(shim: Shim, tmp_path: pathlib.Path, env: dict) -> None:
+    res = shim.probe("others", str(tmp_path), env=env)
+    assert "setsockopt(" not in res.trace, res.trace
+    got = res.records()[0]
+    assert got == {"udp_keepalive": 0, "unix_keepalive": 0, "udp_listen_errno": 95}
+
+
+def test_keepalive_off_disables_the_shim(shim: Shim, server: Server) -> None:
+    """The original libkeepalive's KEEPALIVE=off switch."""
+    res = shim.probe(
+        "client", "127.0.0.1", str(server.port), env={"KEEPALIVE": "Off", "BPFKEEP_ENFORCE": "1"}
+    )
+    assert res.sets() == {}
+    assert res.records()[0]["keepalive"] == 0
+
+
+def test_static_program_not_affected(shim: Shim, cc, server: Server) -> None:
+    try:
+        static = cc("sockprobe-static", HELPERS / "sockprobe.c", "-static")
+    except subprocess.CalledProcessError:
+        pytest.skip("no static libc")
+    assert preload.is_static_executable(str(static))
+    res = shim.run([str(static), "client", str(server.port)])
+    # A documented limitation: no dynamic loader, no LD_PRELOAD.
+    assert "setsockopt(" not in res.trace
+    assert json.loads(res.stdout) == {"keepalive": 0, "keepidle": kernel_default(KEEPALIVE_TIME)}
+
+
+# --- invisibility: errno, return values, failures -------------------------------
+
+
+def test_errno_untouched_c(
+    shim: Shim, sockprobe: pathlib.Path, server: Server, closed_port: int
+) -> None:
+    argv = [str(sockprobe), "errno", str(server.port), str(closed_port)]
+    bare = shim.run(argv, preload_lib=False, strace=False)  # the checks hold without it
+    res = shim.run(argv, strace=False)
+    for r in (bare, res):
+        assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 10, r.stdout
+    assert "keepalive 1" in res.stdout and "keepalive 0" in bare.stdout
+
+
+def test_errno_untouched_python(shim: Shim, server: Server, closed_port: int) -> None:
+    res = shim.probe("errno", "127.0.0.1", str(closed_port), str(server.port))
+    assert res.records()[0] == {"refused": "ECONNREFUSED", "nonblocking": "EINPROGRESS"}
+
+
+def test_without_dlsym_uses_system_calls(
+    shim: Shim, sockprobe: pathlib.Path, server: Server, closed_port: int, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "nodlsym"
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT / "preload"), f"O={out}", "CPPFLAGS=-DBK_TEST_NO_DLSYM"],
+        check=True,
+    )
+    shim.lib = out / "libbpfkeep.so"
+    res = shim.run(
+        [str(sockprobe), "errno", str(server.port), str(closed_port)],
+        {"LIBKEEPALIVE_DEBUG": "1", "BPFKEEP_ENFORCE": "1"},
+        strace=False,
+    )
+    assert "FAIL" not in res.stdout and "keepalive 1" in res.stdout, res.stdout
+    assert 'dlsym(RTLD_NEXT, "connect") failed' in res.stderr
+
+
+def test_bad_values_fall_back_to_defaults(shim: Shim, server: Server) -> None:
+    bad = {
+        "TCP_KEEPIDLE": "abc",
+        "TCP_KEEPINTVL": "-5",
+        "TCP_KEEPCNT": "1000",
+        "TCP_USER_TIMEOUT": "12x",
+        "TCP_MAXSEG": "10",
+        "TCP_SYNCNT": " 3",
+        "BPFKEEP_HOOK": "bogus",
+    }
+    quiet = shim.probe("client", "127.0.0.1", str(server.port), env=bad)
+    assert quiet.stderr == ""
+    loud = shim.probe(
+        "client", "127.0.0.1", str(server.port), env={**bad, "LIBKEEPALIVE_DEBUG": ""}
+    )
+    for res in (quiet, loud):
+        assert res.sets() == DEFAULTS
+        assert res.records()[0]["keepidle"] == 15
+    lines = loud.stderr.splitlines()
+    assert len(lines) == len(bad)
+    for name, value in bad.items():
+        assert any(f'{name}="{value}"' in line for line in lines), (name, lines)
+
+
+# --- enforce mode --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["enforce", "set"])
+def test_enforce(shim: Shim, server: Server, mode: str) -> None:
+    env = {"BPFKEEP_ENFORCE": "yes"} if mode == "enforce" else {}
+    res = shim.probe("enforce", "127.0.0.1", str(server.port), env=env)
+    got = res.records()[0]
+    assert got["udp_keepalive"] == 0  # never touched: not TCP
+    assert got["keepintvl"] == 5  # below the policy: passes
+    asked = [c.args for c in res.tcp_sockets()[0] if c.name == "setsockopt"]
+    if mode == "enforce":
+        assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (1, 15, 150_000)
+        # The kernel never saw the application's values.
+        assert not any("[0]" in a or "[10000]" in a for a in asked), asked
+    else:
+        assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (0, 10000, 0)
+
+
+# --- BPFKEEP_HOOK=socket ----------------------------------------------------------
+
+
+def test_socket_hook(shim: Shim, server: Server) -> None:
+    res = shim.probe(
+        "client",
+        "127.0.0.1",
+        str(server.port),
+        env={"BPFKEEP_HOOK": "socket", "TCP_SYNCNT": "3", "TCP_DEFER_ACCEPT": "2"},
+    )
+    # At socket() the role is unknown: every option, straight after it.
+    assert res.sets() == {**DEFAULTS, "TCP_SYNCNT": 3, "TCP_DEFER_ACCEPT": 2}
+    res.assert_set_before("connect")
+    assert "SO_TYPE" not in res.trace  # socket()'s arguments suffice
+    assert res.records()[0]["keepalive"] == 1
+
+
+def test_socket_hook_under_another_connect_wrapper(
+    shim: Shim, cc, server: Server, tmp_path: pathlib.Path
+) -> None:
+    """A preload that wraps connect() without calling the next one hides it
+    from the default hook; BPFKEEP_HOOK=socket still works."""
+    src = tmp_path / "other.c"
+    src.write_text(
+        "#include <sys/socket.h>\n#include <sys/syscall.h>\n#include <unistd.h>\n"
+        "int connect(int fd, const struct sockaddr *a, socklen_t l)\n"
+        "{ return (int)syscall(SYS_connect, fd, a, l); }\n"
+    )
+    other = cc("other.so", src, "-shared", "-fPIC")
+    both = f"{other}:{shim.lib}"
+    args = ("client", "127.0.0.1", str(server.port))
+    hidden = shim.probe(*args, env={"LD_PRELOAD": both}, strace=False)
+    assert hidden.records()[0]["keepalive"] == 0
+    seen = shim.probe(*args, env={"LD_PRELOAD": both, "BPFKEEP_HOOK": "socket"}, strace=False)
+    assert seen.records()[0]["keepalive"] == 1
+
+
+# --- bpfkeep.preload ----------------------------------------------------------------
+
+
+def fake_lib(tmp_path: pathlib.Path) -> dict[str, str]:
+    lib = tmp_path / "libbpfkeep.so"
+    lib.write_bytes(b"")
+    return {"BPFKEEP_PRELOAD_LIB": str(lib)}
+
+
+def test_preload_env_defaults(tmp_path: pathlib.Path) -> None:
+    environ = {**fake_lib(tmp_path), "HOME": "/root"}
+    env = preload.preload_env(Policy(), environ)
+    assert env["LD_PRELOAD"] == str(tmp_path / "libbpfkeep.so")
+    assert env["HOME"] == "/root"
+    assert {k: env[k] for k in DEFAULTS if k != "SO_KEEPALIVE"} == {
+        k: str(v) for k, v in DEFAULTS.items() if k != "SO_KEEPALIVE"
+    }
+    for name in ("TCP_SYNCNT", "TCP_MAXSEG", "TCP_WINDOW_CLAMP", "TCP_DEFER_ACCEPT"):
+        assert env[name] == "0"  # kernel default
+    assert "BPFKEEP_ENFORCE" not in env and "BPFKEEP_HOOK" not in env
+    assert "LD_PRELOAD" not in environ  # the input is not changed
+
+
+def test_preload_env_keeps_existing_preloads_once(tmp_path: pathlib.Path) -> None:
+    environ = {**fake_lib(tmp_path), "LD_PRELOAD": "/a/x.so /b/y.so:libz.so"}
+    env = preload.preload_env(Policy(), environ)
+    lib = str(tmp_path / "libbpfkeep.so")
+    assert env["LD_PRELOAD"].split(":") == ["/a/x.so", "/b/y.so", "libz.so", lib]
+    again = preload.preload_env(Policy(), env)
+    assert again["LD_PRELOAD"] == env["LD_PRELOAD"]
+
+
+def test_preload_env_modes_and_hooks(tmp_path: pathlib.Path) -> None:
+    inherited = {
+        **fake_lib(tmp_path),
+        "BPFKEEP_ENFORCE": "1",
+        "BPFKEEP_HOOK": "socket",
+        "KEEPALIVE": "off",
+    }
+    env = preload.preload_env(Policy(), inherited)
+    assert not {"BPFKEEP_ENFORCE", "BPFKEEP_HOOK", "KEEPALIVE"} & set(env)
+    env = preload.preload_env(Policy(mode="enforce"), fake_lib(tmp_path), hook="socket")
+    assert env["BPFKEEP_ENFORCE"] == "1" and env["BPFKEEP_HOOK"] == "socket"
+    with pytest.raises(UsageError):
+        preload.preload_env(Policy(), fake_lib(tmp_path), hook="accept")
+
+
+def test_preload_env_values(tmp_path: pathlib.Path) -> None:
+    policy = Policy.from_mapping({"keepidle": 60, "user_timeout": 0, "defer_accept": 4})
+    env = preload.preload_env(policy, fake_lib(tmp_path))
+    assert env["TCP_KEEPIDLE"] == "60"
+    assert env["TCP_USER_TIMEOUT"] == "0"
+    assert env["TCP_DEFER_ACCEPT"] == "4"
+
+
+def test_preload_env_runs_the_policy(shim: Shim, server: Server) -> None:
+    """The helper's environment and the shim agree."""
+    policy = Policy.from_mapping({"keepidle": 42, "keepintvl": 5, "keepcnt": 2, "mode": "enforce"})
+    env = preload.preload_env(
+        policy, {"PATH": os.environ.get("PATH", "/usr/bin"), "BPFKEEP_PRELOAD_LIB": str(shim.lib)}
+    )
+    res = shim.run([PYTHON, PROBE, "client", "127.0.0.1", str(server.port)], env, preload_lib=False)
+    assert res.sets() == {
+        "TCP_KEEPIDLE": 42,
+        "TCP_KEEPINTVL": 5,
+        "TCP_KEEPCNT": 2,
+        "TCP_USER_TIMEOUT": 52_000,
+        "SO_KEEPALIVE": 1,
+    }
+    got = res.records()[0]
+    assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (1, 42, 52_000)
+
+
+def test_library_path(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = fake_lib(tmp_path)
+    assert preload.library_path(env) == tmp_path / "libbpfkeep.so"
+    monkeypatch.setattr(preload, "__file__", str(tmp_path / "pkg" / "bpfkeep" / "preload.py"))
+    with pytest.raises(EnvironmentProblem, match="make -C"):
+        preload.library_path({"BPFKEEP_PRELOAD_LIB": str(tmp_path / "missing.so")})
+    installed = tmp_path / "pkg" / "bpfkeep" / "_lib" / "libbpfkeep.so"
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(b"")
+    assert preload.library_path({}) == installed
+
+
+def test_is_static_executable(tmp_path: pathlib.Path) -> None:
+    assert not preload.is_static_executable("true")
+    assert not preload.is_static_executable("/bin/true")
+    assert not preload.is_static_executable(PYTHON)
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    assert not preload.is_static_executable(str(script))
+    text = tmp_path / "text"
+    text.write_text("hello")
+    assert not preload.is_static_executable(str(text))
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(pathlib.Path("/bin/true").read_bytes()[:40])
+    assert not preload.is_static_executable(str(truncated))
+    with pytest.raises(UsageError):
+        preload.is_static_executable("no-such-command-bpfkeep")
