@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from bpfkeep import __version__
+from bpfkeep import __version__, audit, doctor
 from bpfkeep.errors import BpfkeepError, UsageError
 from bpfkeep.options import MODES, TUNABLE, Option, Policy, parse_value
 
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     sub.add_parser("preload-path", help="print the LD_PRELOAD shim's absolute path")
+    audit.add_parser(sub)
+    doctor.add_parser(sub)
 
     dm = sub.add_parser(
         "daemon", help="keep the config's policies attached; serve Prometheus metrics"
@@ -186,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bpfkeep status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -215,6 +221,11 @@ def dispatch(args: argparse.Namespace) -> int:
             print(f"{args.config}: ok, {len(cfg.rules)} policy rule(s)")
             return 0
         return daemon.main(args.config, args.pin_dir, args.detach_on_exit)
+
+    if args.command == "audit":
+        return audit.run(args)
+    if args.command == "doctor":
+        return doctor.run(args)
 
     enf = Enforcer(args.pin_dir)
     if args.command == "status":

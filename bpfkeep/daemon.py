@@ -12,7 +12,8 @@ cgroups, export metrics, and never leave a gap in enforcement.
   WATCHDOG=1 when WatchdogSec= is set.
 
 bcc never enters this process (the loader runs apart), so the daemon stays
-small: ctypes + libbpf, prometheus_client, and pyroute2 for the audit.
+small: ctypes + libbpf, prometheus_client, and a raw inet_diag socket for
+the audit.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import typing
 
 from bpfkeep import bpfmaps, bpfsys, cgroups, config, loader
 from bpfkeep.enforcer import Enforcer
@@ -80,7 +82,12 @@ class JournalFormatter(logging.Formatter):
     """``<N>message`` lines that journald turns into priorities; plain
     timestamps when not under systemd."""
 
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+    PRIORITY: typing.ClassVar[dict[int, int]] = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+    }
 
     def __init__(self, journal: bool):
         super().__init__()
@@ -181,6 +188,7 @@ class Daemon:
         self.reconciles = 0
         self.audit_errors = 0
         self.coverage: dict[str, tuple[int, int]] | None = None
+        self._rel_cache: dict[int, str] = {}  # socket cgroup id -> path (ids are not reused)
         self._lock = threading.Lock()  # guards what the scrape thread reads
         self._stop = False
         self._reload = False
@@ -204,7 +212,9 @@ class Daemon:
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         log.info(
             "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
-            len(self.known), time.monotonic() - t0, *self.cfg.listen,
+            len(self.known),
+            time.monotonic() - t0,
+            *self.cfg.listen,
         )
         wd_every = watchdog_interval()
         next_wd = time.monotonic()
@@ -431,18 +441,35 @@ class Daemon:
         return out
 
     def _audit(self) -> None:
+        """Coverage per attached cgroup, counting the sockets of descendant
+        cgroups that its policy covers (no more specific one of ours)."""
         try:
             from bpfkeep import audit
 
-            cov = audit.coverage(audit.scan())
+            cov = audit.coverage(audit.scan(with_owners=False))
+            missing = [i for i in cov if i not in self._rel_cache]
+            if missing:
+                for cg_id, cg in cgroups.by_ids(missing, self.mount).items():
+                    self._rel_cache[cg_id] = cg.rel
         except Exception as e:  # the audit must never take enforcement down
             self.audit_errors += 1
             log.warning("socket audit failed: %s", e)
             return
         with self._lock:
-            self.coverage = {
-                k.cgroup.display: cov.get(cg_id, (0, 0)) for cg_id, k in self.known.items()
-            }
+            known = dict(self.known)
+        by_rel = {k.cgroup.rel: cg_id for cg_id, k in known.items()}
+        totals = {cg_id: [0, 0] for cg_id in known}
+        for cg_id, (armed, total) in cov.items():
+            owner = cg_id if cg_id in known else None
+            rel = self._rel_cache.get(cg_id)
+            while owner is None and rel:
+                rel = rel.rpartition("/")[0]
+                owner = by_rel.get(rel)
+            if owner is not None:
+                totals[owner][0] += armed
+                totals[owner][1] += total
+        with self._lock:
+            self.coverage = {known[i].cgroup.display: (a, t) for i, (a, t) in totals.items()}
 
 
 def main(config_path: str, pin_dir: str | None, detach_on_exit: bool) -> int:

@@ -52,7 +52,7 @@ def test_errors_name_file_line_and_key(text, expect):
 
 
 def test_missing_file():
-    with pytest.raises(ConfigError, match="/no/such.toml: cannot read"):
+    with pytest.raises(ConfigError, match=r"/no/such\.toml: cannot read"):
         config.load("/no/such.toml")
 
 

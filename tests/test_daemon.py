@@ -157,9 +157,7 @@ def wait_until(pred, timeout: float, step: float = 0.01):
     return pred()
 
 
-def test_daemon_reconciles_scrapes_and_reloads(
-    daemon, cgroups, spawn, probes, listener, tmp_path
-):
+def test_daemon_reconciles_scrapes_and_reloads(daemon, cgroups, spawn, probes, listener, tmp_path):
     a = cgroups.make("a.service")
     cgroups.make("not-a-service")
     base = cgroups.rel(cgroups.base)
@@ -172,7 +170,9 @@ def test_daemon_reconciles_scrapes_and_reloads(
 
     # Attached at start, enforced on a real static program.
     assert keepidle_of_new_connection(spawn, probes, a, listener) == 61
-    assert keepidle_of_new_connection(spawn, probes, cgroups.make("not-a-service"), listener) == 7200
+    assert (
+        keepidle_of_new_connection(spawn, probes, cgroups.make("not-a-service"), listener) == 7200
+    )
     for _ in range(2):
         keepidle_of_new_connection(spawn, probes, a, listener)
     m = scrape(port)
@@ -192,7 +192,10 @@ def test_daemon_reconciles_scrapes_and_reloads(
     elapsed = time.monotonic() - t0
     print(f"new cgroup attached after {elapsed * 1000:.0f} ms")
     assert keepidle_of_new_connection(spawn, probes, b, listener) == 61
-    progs_before = (bpftool_prog_ids(a, "cgroup_sock_ops"), bpftool_prog_ids(a, "cgroup_setsockopt"))
+    progs_before = (
+        bpftool_prog_ids(a, "cgroup_sock_ops"),
+        bpftool_prog_ids(a, "cgroup_setsockopt"),
+    )
 
     # SIGHUP with a broken config: one line naming file and key; nothing changes.
     good = cfg.read_text()
@@ -216,9 +219,10 @@ def test_daemon_reconciles_scrapes_and_reloads(
     ) == progs_before
 
     # A cgroup that disappears is forgotten.
-    for pid in open(os.path.join(b, "cgroup.procs")).read().split():
+    procs = Path(b) / "cgroup.procs"
+    for pid in procs.read_text().split():
         os.kill(int(pid), signal.SIGKILL)
-    wait_until(lambda: not open(os.path.join(b, "cgroup.procs")).read(), 5)
+    wait_until(lambda: not procs.read_text(), 5)
     wait_until(lambda: _try_rmdir(b), 5)
     d.wait_log(f"/{cgroups.rel(b)} removed")
     m = scrape(port)

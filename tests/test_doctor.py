@@ -1,0 +1,307 @@
+"""``bpfkeep doctor``: on this host (checked against what the test reads
+itself), unprivileged, and its pure helpers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+from conftest import bpfkeep_cmd
+
+from bpfkeep import doctor
+from bpfkeep.doctor import FAIL, OK, WARN, Check
+
+CHECKS = (
+    "kernel",
+    "kernel config",
+    "cgroup2",
+    "bpffs",
+    "privileges",
+    "bcc",
+    "kernel headers",
+    "preload shim",
+    "audit",
+    "keepalive sysctls",
+)
+
+
+def doctor_cmd(*args: str, pin_dir: str = "/sys/fs/bpf/bpfkeep") -> list[str]:
+    """The real CLI once doctor is wired into cli.py; until then the same
+    subparser around doctor.run."""
+    from bpfkeep.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["doctor"])
+        return bpfkeep_cmd(pin_dir, "doctor", *args)
+    except SystemExit:
+        shim = (
+            "import argparse, sys\n"
+            "from bpfkeep import doctor\n"
+            "p = argparse.ArgumentParser(prog='bpfkeep')\n"
+            "p.add_argument('--pin-dir')\n"
+            "doctor.add_parser(p.add_subparsers(dest='command'))\n"
+            "sys.exit(doctor.run(p.parse_args(sys.argv[1:])))\n"
+        )
+        return [sys.executable, "-c", shim, "--pin-dir", pin_dir, "doctor", *args]
+
+
+def parse_lines(text: str) -> dict[str, tuple[str, str]]:
+    """check name -> (status, rest of the line)."""
+    found = {}
+    for ln in text.splitlines():
+        status = ln[:4].strip()
+        if status not in (OK, WARN, FAIL):
+            continue
+        rest = ln[6:]
+        for name in sorted(CHECKS, key=len, reverse=True):
+            if rest.startswith(name + " "):
+                found[name] = (status, rest[len(name) :].strip())
+                break
+    return found
+
+
+def host_sysctls() -> tuple[int, int, int]:
+    vals = []
+    for name in ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes"):
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            vals.append(int(f.read()))
+    return tuple(vals)
+
+
+# -- on this host --------------------------------------------------------------
+
+
+def test_doctor_on_this_host():
+    proc = subprocess.run(doctor_cmd(), capture_output=True, text=True, timeout=120)
+    lines = parse_lines(proc.stdout)
+    assert set(lines) == set(CHECKS), proc.stdout
+    statuses = {s for s, _ in lines.values()}
+    assert proc.returncode == (1 if FAIL in statuses else 0), proc.stdout
+    # Every problem comes with what to do.
+    out = proc.stdout.splitlines()
+    for i, ln in enumerate(out):
+        if ln.startswith((WARN, FAIL)):
+            assert out[i + 1].strip().startswith("fix: "), ln
+
+    t, i, p = host_sysctls()
+    total = t + i * p
+    status, text = lines["keepalive sysctls"]
+    assert status == OK
+    assert f"tcp_keepalive_time={t} intvl={i} probes={p}" in text
+    assert f"{t} + {p} × {i} s = {doctor.format_duration(total)}" in text
+
+    status, text = lines["kernel"]
+    assert platform.release() in text
+    assert "TCP_DEFER_ACCEPT: preload shim only" in text
+    if doctor.parse_kernel_version(platform.release()) >= (6, 1):
+        assert status == OK and "TCP_MAXSEG" in text and "not " not in text
+
+    if os.geteuid() == 0:
+        assert lines["privileges"][0] == OK
+    with open("/proc/mounts") as f:
+        cg2 = next((ln.split()[1] for ln in f if ln.split()[2] == "cgroup2"), None)
+    status, text = lines["cgroup2"]
+    if cg2 is None:
+        assert status == FAIL
+    else:
+        assert status in (OK, WARN) and f"cgroup2 at {cg2}" in text
+
+    # --json says the same.
+    proc_json = subprocess.run(doctor_cmd("--json"), capture_output=True, text=True, timeout=120)
+    doc = json.loads(proc_json.stdout)
+    assert proc_json.returncode == proc.returncode
+    assert {c["name"]: c["status"] for c in doc["checks"]} == {n: s for n, (s, _) in lines.items()}
+    assert doc["bpf_usable"] is (proc.returncode == 0)
+    (sysctl,) = (c for c in doc["checks"] if c["name"] == "keepalive sysctls")
+    assert sysctl["details"] == {
+        "tcp_keepalive_time": t,
+        "tcp_keepalive_intvl": i,
+        "tcp_keepalive_probes": p,
+        "worst_case_seconds": total,
+    }
+
+
+@pytest.mark.kernel
+def test_doctor_unprivileged_says_bpf_is_unusable_and_why():
+    """As nobody, with no capabilities: FAIL on privileges, exit status 1."""
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            *doctor_cmd(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
+    lines = parse_lines(proc.stdout)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status, text = lines["privileges"]
+    assert status == FAIL and "uid 65534" in text
+    assert "bpfkeep exec -- COMMAND" in proc.stdout
+    assert "bpfkeep cannot attach policies on this host" in proc.stdout
+
+
+# -- checks with a stand-in host ---------------------------------------------------
+
+
+def test_kernel_check_by_version():
+    old = doctor.check_kernel("5.4.0-150-generic")
+    assert old.status == FAIL and "5.10" in old.message and "bpfkeep exec" in old.fix
+    mid = doctor.check_kernel("5.10.0-28-amd64")
+    assert mid.status == OK
+    assert "not TCP_MAXSEG (Linux 6.1), TCP_WINDOW_CLAMP (Linux 6.1)" in mid.message
+    new = doctor.check_kernel("6.18.2")
+    assert new.status == OK and new.details["bpf_refused"] == []
+    assert new.details["preload_only"] == ["TCP_DEFER_ACCEPT"]
+
+
+def test_privileges_from_capabilities(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000000000\n")
+    c = doctor.check_privileges(str(status))
+    assert c.status == FAIL and "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN" in c.fix
+    status.write_text(f"CapEff:\t{(1 << 39 | 1 << 12):016x}\n")  # CAP_BPF + CAP_NET_ADMIN
+    c = doctor.check_privileges(str(status))
+    assert c.status == OK and c.details["capabilities"] == ["CAP_BPF", "CAP_NET_ADMIN"]
+    status.write_text(f"CapEff:\t{1 << 39:016x}\n")  # CAP_BPF alone cannot attach
+    assert doctor.check_privileges(str(status)).status == FAIL
+
+
+def test_bpffs_not_mounted_is_a_failure_elsewhere(tmp_path):
+    c = doctor.check_bpffs(str(tmp_path / "pins"))
+    assert c.status == FAIL and "mount -t bpf bpf" in c.fix
+
+
+def _fake_python(tmp_path, code: int, stderr: str) -> str:
+    exe = tmp_path / "python"
+    exe.write_text(f"#!/bin/sh\necho '{stderr}' >&2\nexit {code}\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_bcc_missing_or_impostor(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        doctor.sys, "executable", _fake_python(tmp_path, 1, "ModuleNotFoundError: bcc")
+    )
+    c = doctor.check_bcc(loaded=False)
+    assert c.status == FAIL and "ModuleNotFoundError: bcc" in c.message
+    assert "python3-bpfcc" in c.fix and "--system-site-packages" in c.fix
+    assert doctor.check_bcc(loaded=True).status == WARN  # programs already pinned
+    monkeypatch.setattr(doctor.sys, "executable", _fake_python(tmp_path, 3, ""))
+    c = doctor.check_bcc(loaded=False)
+    assert c.status == FAIL and "unrelated" in c.message and c.fix.startswith("pip uninstall bcc")
+
+
+def test_headers_missing(monkeypatch):
+    from bpfkeep import kheaders
+
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.setattr(kheaders, "running_kernel_tree", lambda: None)
+    monkeypatch.setattr(kheaders, "find_header_sets", lambda: [])
+    c = doctor.check_headers(loaded=False)
+    assert c.status == FAIL and c.fix == kheaders.package_hint()
+    assert doctor.check_headers(loaded=True).status == WARN
+
+
+def test_preload_missing_is_a_warning(monkeypatch):
+    from bpfkeep import preload
+    from bpfkeep.errors import EnvironmentProblem
+
+    def missing():
+        raise EnvironmentProblem("libbpfkeep.so not found: build it with `make -C preload`")
+
+    monkeypatch.setattr(preload, "library_path", missing)
+    c = doctor.check_preload()
+    assert c.status == WARN and "make -C preload" in c.fix
+
+
+def test_sysctls_from_a_directory(tmp_path):
+    for name, v in (("tcp_keepalive_time", 100), ("tcp_keepalive_intvl", 10)):
+        (tmp_path / name).write_text(f"{v}\n")
+    assert doctor.check_sysctls(str(tmp_path)).status == WARN  # probes missing
+    (tmp_path / "tcp_keepalive_probes").write_text("3\n")
+    c = doctor.check_sysctls(str(tmp_path))
+    assert c.status == OK and "100 + 3 × 10 s = 2 min 10 s" in c.message
+    assert c.details["worst_case_seconds"] == 130
+
+
+@pytest.mark.parametrize("statuses, code", [((OK, OK), 0), ((OK, WARN), 0), ((WARN, FAIL), 1)])
+def test_exit_status_and_json(monkeypatch, statuses, code):
+    fake = [Check(f"c{i}", s, f"m{i}", None if s == OK else "do x") for i, s in enumerate(statuses)]
+    monkeypatch.setattr(doctor, "checks", lambda pin_dir: fake)
+    out = io.StringIO()
+    assert doctor.run(argparse.Namespace(json=False, pin_dir=None), out) == code
+    assert out.getvalue().count("fix: do x") == sum(s != OK for s in statuses)
+    out = io.StringIO()
+    assert doctor.run(argparse.Namespace(json=True, pin_dir=None), out) == code
+    doc = json.loads(out.getvalue())
+    assert doc["bpf_usable"] is (code == 0)
+    assert [c["status"] for c in doc["checks"]] == list(statuses)
+
+
+# -- pure helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (7875, "2 h 11 min 15 s"),
+        (0, "0 s"),
+        (59, "59 s"),
+        (60, "1 min"),
+        (7200, "2 h"),
+        (3601, "1 h 1 s"),
+        (32767 + 127 * 32767, "48 d 13 h 2 min 56 s"),
+    ],
+)
+def test_format_duration(seconds, text):
+    assert doctor.format_duration(seconds) == text
+
+
+def test_worst_case_and_summary():
+    assert doctor.worst_case(7200, 75, 9) == 7875
+    assert doctor.keepalive_summary(7200, 75, 9) == "7200 + 9 × 75 s = 2 h 11 min 15 s"
+    assert doctor.worst_case(2, 1, 3) == 5  # the measured dead-peer case
+
+
+def test_bpf_options_for_kernel():
+    core = [
+        "SO_KEEPALIVE",
+        "TCP_KEEPIDLE",
+        "TCP_KEEPINTVL",
+        "TCP_KEEPCNT",
+        "TCP_USER_TIMEOUT",
+        "TCP_SYNCNT",
+    ]
+    assert doctor.bpf_options_for_kernel((4, 19)) == []
+    assert doctor.bpf_options_for_kernel((5, 10)) == core
+    assert doctor.bpf_options_for_kernel((5, 15)) == core
+    assert doctor.bpf_options_for_kernel((6, 1)) == [*core, "TCP_MAXSEG", "TCP_WINDOW_CLAMP"]
+    assert "TCP_DEFER_ACCEPT" not in doctor.bpf_options_for_kernel((99, 0))
+
+
+def test_parsers():
+    assert doctor.parse_kernel_version("6.18.44-fc-v595") == (6, 18)
+    assert doctor.parse_kernel_version("garbage") == (0, 0)
+    assert doctor.capabilities("CapEff:\t000001ffffffffff\n") == {
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+    }
+    assert doctor.capabilities("no caps line") == set()
+    assert doctor.kernel_config_values(
+        "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n", ["CONFIG_A", "CONFIG_B", "CONFIG_C"]
+    ) == {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": "m"}
