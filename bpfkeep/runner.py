@@ -8,7 +8,7 @@ import signal
 import sys
 
 from bpfkeep import cgroups
-from bpfkeep.errors import BpfkeepError, UsageError
+from bpfkeep.errors import BpfkeepError, PermissionProblem, UsageError
 from bpfkeep.options import Policy
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -55,7 +55,13 @@ def run(policy: Policy, cmd: list[str], *, via: str = "auto", pin_dir: str | Non
     except BpfkeepError as e:
         if via == "bpf" or isinstance(e, UsageError):
             raise
-        _notice(f"BPF unavailable ({e}); falling back to the LD_PRELOAD shim")
+        if isinstance(e, PermissionProblem):
+            _notice(
+                "no BPF privileges (root or CAP_BPF+CAP_NET_ADMIN): falling back to the "
+                "LD_PRELOAD shim"
+            )
+        else:
+            _notice(f"BPF unavailable ({e}): falling back to the LD_PRELOAD shim")
         return exec_preload(policy, cmd)
 
 
