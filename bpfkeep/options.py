@@ -340,10 +340,8 @@ def c_header(guard: str) -> str:
     return "\n".join(lines)
 
 
-GENERATED = {
-    "bpf/bpfkeep_options.h": "BPFKEEP_OPTIONS_H",
-    "preload/bpfkeep_options.h": "BPFKEEP_PRELOAD_OPTIONS_H",
-}
+# One header for the BPF programs and the preload shim (-I../bpf).
+GENERATED = {"bpf/bpfkeep_options.h": "BPFKEEP_OPTIONS_H"}
 
 
 def main(argv: list[str] | None = None) -> int:

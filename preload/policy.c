@@ -3,7 +3,7 @@
  * libbpfkeep's option logic: read the environment once, set the options
  * on a TCP socket, cap an application's setsockopt in enforce mode.
  *
- * Driven by BK_OPTION_TABLE from bpfkeep_options.h, generated from
+ * Driven by BK_OPTION_TABLE from ../bpf/bpfkeep_options.h, generated from
  * bpfkeep/options.py: ranges, defaults, sides and environment names are
  * defined there, once, and every loop below walks that table.
  */
