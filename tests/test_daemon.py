@@ -38,9 +38,9 @@ class DaemonProc:
         self.notify.bind(self.notify_path)
         self.messages: list[str] = []
 
-    def start(self) -> float:
+    def start(self, **extra_env: str) -> float:
         """Start; return seconds until systemd's READY=1 arrived."""
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **extra_env}
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             bpfkeep_cmd(self.pin_dir, "daemon", "--config", str(self.config), *self.extra),
@@ -58,12 +58,12 @@ class DaemonProc:
                 if needle in m:
                     self.messages.remove(m)
                     return m
-            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
+            exited = self.proc is not None and self.proc.poll() is not None
+            # Once the daemon is gone, only drain what it already sent.
+            self.notify.settimeout(0.05 if exited else max(0.01, deadline - time.monotonic()))
             try:
                 self.messages.append(self.notify.recv(4096).decode())
             except TimeoutError:
-                break
-            if self.proc and self.proc.poll() is not None:
                 break
         raise AssertionError(f"no {needle!r} from the daemon; log:\n{self.log.read_text()}")
 
@@ -287,6 +287,23 @@ def test_removed_rule_detached_and_detach_on_exit(daemon, cgroups, tmp_path, bk)
     assert d.stop() == 0
     assert bpftool_prog_ids(a, "cgroup_sock_ops") == []
     assert len(bpftool_prog_ids(manual, "cgroup_sock_ops")) == 1
+
+
+def test_systemd_notify_status_and_watchdog(daemon, cgroups, tmp_path):
+    cgroups.make("a.service")
+    cfg = write_config(
+        tmp_path / "c.toml", free_port(), rule(f"{cgroups.rel(cgroups.base)}/*.service")
+    )
+    d = daemon(cfg)
+    d.start(WATCHDOG_USEC="400000")  # WatchdogSec=0.4s: a ping every 0.2 s
+    ready = [m for m in d.messages if "STATUS=" in m]
+    assert ready == [] or "enforcing 1 cgroup(s)" in ready[0]
+    for _ in range(3):
+        d.wait_message("WATCHDOG=1", timeout=2)
+    d.signal(signal.SIGHUP)
+    assert "enforcing 1 cgroup(s)" in d.wait_message("STATUS=")
+    assert d.stop() == 0
+    d.wait_message("STOPPING=1")
 
 
 def test_bad_config_at_start_is_one_line_and_exit_2(pin_dir, tmp_path):

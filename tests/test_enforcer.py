@@ -324,3 +324,35 @@ def test_dead_peer_with_pending_data_and_user_timeout(bk, cgroups, spawn, probes
     fields = dict(f.split("=") for f in res.split()[1:])
     assert fields["errno"] == "ETIMEDOUT", res
     assert float(fields["elapsed"]) <= 2.0 + 0.5, res
+
+
+def test_refused_option_is_counted_per_errno_and_the_rest_still_apply(
+    bk, cgroups, spawn, probes, pin_dir
+):
+    """A kernel that refuses one option (TCP_MAXSEG and TCP_WINDOW_CLAMP
+    before 6.1) must not cost the socket its other options.  6.18 accepts
+    every valid value, so the test writes a policy the CLI would never
+    produce (keepcnt 500 > the kernel's 127) straight into the map."""
+    import struct
+
+    from bpfkeep import bpfmaps, bpfsys, loader
+    from bpfkeep.options import Policy
+
+    cg = cgroups.make("svc")
+    bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "25")
+    cg_id = os.stat(cg).st_ino
+    bad = Policy(keepidle=25, keepcnt=500, user_timeout=4000)
+    fd = bpfsys.obj_get(os.path.join(pin_dir, "obj", loader.MAP_POLICY))
+    try:
+        value = bpfmaps.encode_policy(cg_id, bad)
+        bpfsys.map_update(fd, struct.pack("=Q", cg_id), value, bpfsys.BPF_EXIST)
+    finally:
+        os.close(fd)
+    _, port = server(spawn, probes)
+    v = client(spawn, probes, port, cgroup=cg).values("client")
+    assert v["keepalive"] == 1 and v["keepidle"] == 25 and v["user_timeout"] == 4000
+    assert v["keepcnt"] == 9  # refused: kernel default
+    (att,) = json.loads(bk("status", "--json").stdout)
+    assert att["counters"]["failed"] == {"keepcnt/EINVAL": 1}
+    assert att["counters"]["applied"]["keepidle"] == 1
+    assert "keepcnt/EINVAL=1" in bk("status").stdout
