@@ -294,9 +294,11 @@ def check_privileges(status_path: str = "/proc/self/status") -> Check:
 
 
 def _programs_pinned(pin_dir: str) -> bool:
+    from bpfkeep.enforcer import Enforcer
     from bpfkeep.loader import OBJECTS
 
-    return all(os.path.exists(os.path.join(pin_dir, "obj", n)) for n in OBJECTS)
+    obj_dir = Enforcer(pin_dir).obj_dir
+    return all(os.path.exists(os.path.join(obj_dir, n)) for n in OBJECTS)
 
 
 _BCC_PROBE = (

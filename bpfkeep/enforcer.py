@@ -3,11 +3,16 @@
 Layout under the pin directory (default /sys/fs/bpf/bpfkeep; bpffs refuses
 "." in names):
 
-    obj/prog_sockops, obj/prog_setsockopt     the programs, loaded once
-    obj/map_policy, obj/map_counters          cgroup storage (per attachment)
-    obj/map_policies                          hash: cgroup id -> policy
-    links/<cgroup id>_sockops                 bpf_links, one pair per cgroup
+    obj-V/prog_sockops, obj-V/prog_setsockopt   the programs, loaded once
+    obj-V/map_policy, obj-V/map_counters        cgroup storage (per attachment)
+    obj-V/map_policies                          hash: cgroup id -> policy
+    links/<cgroup id>_sockops                   bpf_links, one pair per cgroup
     links/<cgroup id>_setsockopt
+
+V is a hash of the BPF sources (loader.source_version).  A bpfkeep whose
+programs differ loads its own set and migrates every attachment to it
+without a gap: the new link is attached and pinned (``..._next``) before
+the old one is detached, and bpffs pins can be added but not renamed.
 
 Everything ``status`` shows is read back from these objects, so it is right
 after any restart of any bpfkeep process.
@@ -131,9 +136,10 @@ class Attachment:
 class Enforcer:
     """bpfkeep's attachments under one pin directory."""
 
-    def __init__(self, pin_dir: str | None = None):
+    def __init__(self, pin_dir: str | None = None, version: str | None = None):
         self.pin_dir = os.path.abspath(pin_dir or pin_dir_default())
-        self.obj_dir = os.path.join(self.pin_dir, "obj")
+        self.version = version or loader.source_version()
+        self.obj_dir = os.path.join(self.pin_dir, f"obj-{self.version}")
         self.link_dir = os.path.join(self.pin_dir, "links")
         self._prepared = False
 
@@ -148,6 +154,8 @@ class Enforcer:
         os.makedirs(self.link_dir, exist_ok=True)
         with self._lock():
             loader.load(self.obj_dir)
+            self._recover_next_pins()
+            self._migrate()
         self._prepared = True
 
     @contextlib.contextmanager
@@ -160,11 +168,11 @@ class Enforcer:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _objects(self) -> Iterator[dict[str, int]]:
+    def _objects(self, obj_dir: str | None = None) -> Iterator[dict[str, int]]:
         fds: dict[str, int] = {}
         try:
             for name in loader.OBJECTS:
-                fds[name] = bpfsys.obj_get(os.path.join(self.obj_dir, name))
+                fds[name] = bpfsys.obj_get(os.path.join(obj_dir or self.obj_dir, name))
             yield fds
         finally:
             for fd in fds.values():
@@ -265,16 +273,11 @@ class Enforcer:
     def _detach_id(self, cgroup_id: int) -> bool:
         key = struct.pack("=Q", cgroup_id)
         found = False
-        have_objs = os.path.isdir(self.obj_dir)
-        if have_objs:
-            with self._objects() as objs:
+        for obj_dir in self._obj_dirs():
+            with contextlib.suppress(OSError), self._objects(obj_dir) as objs:
                 # Reverse of attach: an ancestor's policy takes over first.
                 found |= bpfsys.map_delete(objs[loader.MAP_POLICIES], key)
-                with contextlib.suppress(OSError):
-                    old = bpfsys.map_lookup(objs[loader.MAP_POLICY], key, bpfmaps.POLICY_SIZE)
-                    if old is not None:
-                        inactive = old[:8] + b"\0\0\0\0" + old[12:]
-                        bpfsys.map_update(objs[loader.MAP_POLICY], key, inactive, bpfsys.BPF_EXIST)
+                self._deactivate(objs, key)
         for hook, _, _ in HOOKS:
             path = self._link_path(cgroup_id, hook)
             try:
@@ -290,6 +293,153 @@ class Enforcer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return found
+
+    @staticmethod
+    def _deactivate(objs: dict[str, int], key: bytes) -> None:
+        with contextlib.suppress(OSError):
+            old = bpfsys.map_lookup(objs[loader.MAP_POLICY], key, bpfmaps.POLICY_SIZE)
+            if old is not None:
+                inactive = old[:8] + b"\0\0\0\0" + old[12:]  # flags = 0
+                bpfsys.map_update(objs[loader.MAP_POLICY], key, inactive, bpfsys.BPF_EXIST)
+
+    def _obj_dirs(self) -> list[str]:
+        """Every pinned object set: the current version's and older ones."""
+        try:
+            names = os.listdir(self.pin_dir)
+        except FileNotFoundError:
+            return []
+        return [
+            os.path.join(self.pin_dir, n)
+            for n in sorted(names)
+            if n.startswith("obj-") and os.path.isdir(os.path.join(self.pin_dir, n))
+        ]
+
+    def _prog_owners(self) -> dict[int, str]:
+        """Program id -> the object directory it is pinned in."""
+        owners = {}
+        for obj_dir in self._obj_dirs():
+            for _, _, prog in HOOKS:
+                with contextlib.suppress(OSError):
+                    fd = bpfsys.obj_get(os.path.join(obj_dir, prog))
+                    try:
+                        owners[bpfsys.prog_id(fd)] = obj_dir
+                    finally:
+                        os.close(fd)
+        return owners
+
+    def _link_progs(self, cgroup_id: int) -> dict[str, tuple[int, int]]:
+        """hook -> (link id, program id) of the live links of a cgroup."""
+        out = {}
+        for hook, _, _ in HOOKS:
+            try:
+                fd = bpfsys.obj_get(self._link_path(cgroup_id, hook))
+            except OSError:
+                continue
+            try:
+                _, lid, pid, link_cg, _ = bpfsys.link_info(fd)
+            finally:
+                os.close(fd)
+            if link_cg == cgroup_id:
+                out[hook] = (lid, pid)
+        return out
+
+    # -- upgrades --------------------------------------------------------------
+
+    def _recover_next_pins(self) -> None:
+        """Finish or undo a migration that a killed bpfkeep left halfway."""
+        try:
+            names = os.listdir(self.link_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.endswith("_next"):
+                continue
+            nxt = os.path.join(self.link_dir, name)
+            canonical = nxt[: -len("_next")]
+            try:
+                nfd = bpfsys.obj_get(nxt)
+            except OSError:
+                continue
+            try:
+                try:
+                    cfd = bpfsys.obj_get(canonical)
+                except OSError:
+                    cfd = -1  # the old link was already gone: keep the new one
+                if cfd < 0:
+                    bpfsys.obj_pin(nfd, canonical)
+                else:
+                    same = bpfsys.link_info(cfd)[1] == bpfsys.link_info(nfd)[1]
+                    os.close(cfd)
+                    if not same:  # the old one still runs: redo the migration
+                        bpfsys.link_detach(nfd)
+                os.unlink(nxt)
+            finally:
+                os.close(nfd)
+
+    def _migrate(self) -> None:
+        """Move attachments made by other program versions to this one."""
+        others = [d for d in self._obj_dirs() if d != self.obj_dir]
+        if not others:
+            return
+        owners = self._prog_owners()
+        todo: dict[int, str] = {}
+        for cg_id in self._pinned_ids():
+            dirs = {owners.get(pid) for _, pid in self._link_progs(cg_id).values()}
+            old = next((d for d in dirs if d and d != self.obj_dir), None)
+            if old:
+                todo[cg_id] = old
+        cgs = by_ids(todo, cgroup2_mount()) if todo else {}
+        with self._objects() as cur:
+            for cg_id, old_dir in sorted(todo.items()):
+                cg = cgs.get(cg_id)
+                if cg is not None:
+                    self._migrate_one(cg, old_dir, cur)
+        for obj_dir in others:
+            if obj_dir not in {
+                owners.get(pid)
+                for i in self._pinned_ids()
+                for _, pid in self._link_progs(i).values()
+            }:
+                for name in os.listdir(obj_dir):
+                    os.unlink(os.path.join(obj_dir, name))
+                os.rmdir(obj_dir)
+
+    def _migrate_one(self, cg: Cgroup, old_dir: str, cur: dict[str, int]) -> None:
+        key = struct.pack("=Q", cg.id)
+        with self._objects(old_dir) as old:
+            if bpfsys.map_info(old[loader.MAP_POLICIES])[3] != bpfmaps.POLICY_SIZE:
+                return  # another policy layout: left running as it is
+            raw = bpfsys.map_lookup(old[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+            if raw is None:
+                return
+            cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
+            new: list[tuple[str, int]] = []
+            try:
+                for hook, atype, prog in HOOKS:
+                    lfd = bpfsys.link_create(cur[prog], cgfd, atype)
+                    new.append((hook, lfd))
+                    bpfsys.obj_pin(lfd, self._link_path(cg.id, hook) + "_next")
+                # Both versions run now; the old one (attached first) claims
+                # the sockets until it is detached.
+                bpfsys.map_update(cur[loader.MAP_POLICY], key, raw, bpfsys.BPF_EXIST)
+                bpfsys.map_update(cur[loader.MAP_POLICIES], key, raw)
+                for hook, lfd in new:
+                    path = self._link_path(cg.id, hook)
+                    with contextlib.suppress(OSError):
+                        ofd = bpfsys.obj_get(path)
+                        try:
+                            bpfsys.link_detach(ofd)
+                        finally:
+                            os.close(ofd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    bpfsys.obj_pin(lfd, path)
+                    os.unlink(path + "_next")
+                bpfsys.map_delete(old[loader.MAP_POLICIES], key)
+            finally:
+                os.close(cgfd)
+                for _, lfd in new:
+                    os.close(lfd)
 
     def _pinned_ids(self) -> set[int]:
         ids = set()
@@ -333,42 +483,51 @@ class Enforcer:
         ``paths`` saves the walk of the cgroup tree when the caller already
         knows where the cgroups are (the daemon)."""
         ids = sorted(self._pinned_ids())
-        if not ids or not os.path.isdir(self.obj_dir):
+        if not ids:
             return []
         cgs = dict(paths or {})
         missing = [i for i in ids if i not in cgs]
         if missing:
             cgs.update(by_ids(missing, cgroup2_mount()))
         out = []
-        with self._objects() as objs:
+        owners = self._prog_owners()
+        with contextlib.ExitStack() as stack:
+            opened: dict[str, dict[str, int] | None] = {}
+
+            def objects_of(obj_dir: str | None) -> dict[str, int] | None:
+                if obj_dir is None:
+                    return None
+                if obj_dir not in opened:
+                    try:
+                        objs = stack.enter_context(self._objects(obj_dir))
+                        sizes = bpfsys.map_info(objs[loader.MAP_POLICIES])[3]
+                        opened[obj_dir] = objs if sizes == bpfmaps.POLICY_SIZE else None
+                    except OSError:
+                        opened[obj_dir] = None
+                return opened[obj_dir]
+
             for cg_id in ids:
                 key = struct.pack("=Q", cg_id)
-                links, progs = {}, {}
-                for hook, _, _ in HOOKS:
-                    try:
-                        fd = bpfsys.obj_get(self._link_path(cg_id, hook))
-                    except OSError:
-                        continue
-                    try:
-                        _, lid, pid, link_cg, _ = bpfsys.link_info(fd)
-                    finally:
-                        os.close(fd)
-                    if link_cg == cg_id:
-                        links[hook], progs[hook] = lid, pid
+                lp = self._link_progs(cg_id)
+                links = {h: lid for h, (lid, _) in lp.items()}
+                progs = {h: pid for h, (_, pid) in lp.items()}
+                owner = next((owners.get(p) for p in progs.values() if p in owners), None)
+                objs = objects_of(owner or (self.obj_dir if not lp else None))
                 policy = counters = None
                 managed = False
-                raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
-                if raw is not None:
-                    _, flags, policy = bpfmaps.decode_policy(raw)
-                    managed = bool(flags & bpfmaps.F_MANAGED)
-                with contextlib.suppress(OSError):
-                    craw = bpfsys.map_lookup(
-                        objs[loader.MAP_COUNTERS],
-                        key,
-                        bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE),
-                    )
-                    if craw is not None:
-                        counters = bpfmaps.decode_counters(craw)
+                if objs is not None:
+                    raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+                    if raw is not None:
+                        _, flags, policy = bpfmaps.decode_policy(raw)
+                        managed = bool(flags & bpfmaps.F_MANAGED)
+                    with contextlib.suppress(OSError):
+                        craw = bpfsys.map_lookup(
+                            objs[loader.MAP_COUNTERS],
+                            key,
+                            bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE),
+                        )
+                        if craw is not None:
+                            counters = bpfmaps.decode_counters(craw)
                 out.append(
                     Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs, managed)
                 )
@@ -395,7 +554,7 @@ class Enforcer:
         with self._lock():
             for cg_id in self._pinned_ids():
                 self._detach_id(cg_id)
-        for sub in (self.link_dir, self.obj_dir):
+        for sub in (self.link_dir, *self._obj_dirs()):
             if os.path.isdir(sub):
                 for name in os.listdir(sub):
                     os.unlink(os.path.join(sub, name))

@@ -37,6 +37,19 @@ def bpf_dir() -> Path:
     raise EnvironmentProblem(f"{SOURCE} not found next to the bpfkeep package: reinstall bpfkeep")
 
 
+def source_version(src: Path | None = None) -> str:
+    """A short hash of the BPF sources: names the pinned object directory,
+    so a bpfkeep whose programs differ loads its own and migrates."""
+    import hashlib
+
+    src = src or bpf_dir()
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        if f.suffix in (".c", ".h"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def _compile_and_pin(obj_dir: str) -> None:
     try:
         from bcc import BPF, BPFAttachType

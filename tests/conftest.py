@@ -124,14 +124,15 @@ def pin_dir(bpffs, shared_objects) -> Iterator[str]:
     from bpfkeep.enforcer import Enforcer
 
     d = os.path.join(bpffs, f"bpfkeep-test-{uuid.uuid4().hex[:8]}")
-    os.makedirs(os.path.join(d, "obj"))
+    obj_dir = Enforcer(d).obj_dir
+    os.makedirs(obj_dir)
     # Same programs and maps, pinned again under this directory.
     from bpfkeep import bpfsys, loader
 
     for name in loader.OBJECTS:
         fd = bpfsys.obj_get(os.path.join(shared_objects, name))
         try:
-            bpfsys.obj_pin(fd, os.path.join(d, "obj", name))
+            bpfsys.obj_pin(fd, os.path.join(obj_dir, name))
         finally:
             os.close(fd)
     yield d

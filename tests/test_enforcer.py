@@ -336,13 +336,14 @@ def test_refused_option_is_counted_per_errno_and_the_rest_still_apply(
     import struct
 
     from bpfkeep import bpfmaps, bpfsys, loader
+    from bpfkeep.enforcer import Enforcer
     from bpfkeep.options import Policy
 
     cg = cgroups.make("svc")
     bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "25")
     cg_id = os.stat(cg).st_ino
     bad = Policy(keepidle=25, keepcnt=500, user_timeout=4000)
-    fd = bpfsys.obj_get(os.path.join(pin_dir, "obj", loader.MAP_POLICY))
+    fd = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.MAP_POLICY))
     try:
         value = bpfmaps.encode_policy(cg_id, bad)
         bpfsys.map_update(fd, struct.pack("=Q", cg_id), value, bpfsys.BPF_EXIST)
@@ -356,3 +357,37 @@ def test_refused_option_is_counted_per_errno_and_the_rest_still_apply(
     assert att["counters"]["failed"] == {"keepcnt/EINVAL": 1}
     assert att["counters"]["applied"]["keepidle"] == 1
     assert "keepcnt/EINVAL=1" in bk("status").stdout
+
+
+def test_other_program_version_is_migrated_without_gap(bk, cgroups, spawn, probes, pin_dir):
+    """Attachments made by a bpfkeep whose BPF programs differ (an upgrade)
+    move to this version's programs: policy kept, one program per hook,
+    the old objects unpinned."""
+    from bpfkeep.cgroups import resolve
+    from bpfkeep.enforcer import Enforcer
+    from bpfkeep.options import Policy
+
+    cg, other = cgroups.make("svc"), cgroups.make("other")
+    old = Enforcer(pin_dir, version="0ld0ld0ld0ld")  # compiles its own copy
+    old.attach(resolve(cgroups.rel(cg)), Policy.from_mapping({"keepidle": 23, "mode": "enforce"}))
+    old_progs = old.program_ids()
+    assert bpftool_prog_ids(cg, "cgroup_sock_ops") == [old_progs["sockops"]]
+    _, port = server(spawn, probes)
+    held = client(spawn, probes, port, cgroup=cg)
+    assert held.values("client")["keepidle"] == 23
+
+    bk("attach", "--cgroup", cgroups.rel(other), "--keepidle", "31")  # this version
+
+    new_progs = Enforcer(pin_dir).program_ids()
+    assert new_progs["sockops"] != old_progs["sockops"]
+    assert bpftool_prog_ids(cg, "cgroup_sock_ops") == [new_progs["sockops"]]
+    assert bpftool_prog_ids(cg, "cgroup_setsockopt") == [new_progs["setsockopt"]]
+    assert not os.path.exists(old.obj_dir)
+    assert not [n for n in os.listdir(os.path.join(pin_dir, "links")) if n.endswith("_next")]
+    status = {a["cgroup"]: a for a in json.loads(bk("status", "--json").stdout)}
+    assert status["/" + cgroups.rel(cg)]["policy"]["keepidle"] == 23
+    assert status["/" + cgroups.rel(cg)]["policy"]["mode"] == "enforce"
+    v = client(spawn, probes, port, cgroup=cg, extra=["set", "keepidle=900"])
+    assert v.values("client")["keepidle"] == 23 and v.values("client-after")["keepidle"] == 23
+    # The connection made under the old programs keeps its keepalive timer.
+    assert any(t.startswith("timer:(keepalive") for t in ss_keepalive_timers(port))
