@@ -86,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_arguments(a)
 
     d = sub.add_parser("detach", help="remove bpfkeep's programs from a cgroup")
-    d.add_argument("--cgroup", required=True, metavar="PATH")
+    target = d.add_mutually_exclusive_group(required=True)
+    target.add_argument("--cgroup", metavar="PATH")
+    target.add_argument(
+        "--all",
+        action="store_true",
+        help="every bpfkeep attachment, and unpin the programs (uninstall)",
+    )
     d.add_argument("--force", action="store_true", help="allow the root cgroup")
 
     s = sub.add_parser("status", help="cgroups with a bpfkeep policy, with counters")
@@ -230,6 +236,14 @@ def dispatch(args: argparse.Namespace) -> int:
     enf = Enforcer(args.pin_dir)
     if args.command == "status":
         return cmd_status(enf, args.json)
+    if args.command == "detach" and args.all:
+        from bpfkeep.enforcer import require_privileges
+
+        require_privileges()
+        n = len(enf.pinned_ids())
+        enf.destroy()
+        print(f"detached {n} cgroup(s); removed {enf.pin_dir}")
+        return 0
     cg = cgroups.resolve(args.cgroup, force_root=args.force)
     if args.command == "attach":
         policy = policy_from_args(args)

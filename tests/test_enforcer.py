@@ -391,3 +391,55 @@ def test_other_program_version_is_migrated_without_gap(bk, cgroups, spawn, probe
     assert v.values("client")["keepidle"] == 23 and v.values("client-after")["keepidle"] == 23
     # The connection made under the old programs keeps its keepalive timer.
     assert any(t.startswith("timer:(keepalive") for t in ss_keepalive_timers(port))
+
+
+def test_detach_all_uninstalls(bk, cgroups, pin_dir):
+    a, b = cgroups.make("a"), cgroups.make("b")
+    bk("attach", "--cgroup", cgroups.rel(a))
+    bk("attach", "--cgroup", cgroups.rel(b), "--mode", "enforce")
+    out = bk("detach", "--all")
+    assert "detached 2 cgroup(s)" in out.stdout
+    for cg in (a, b):
+        assert bpftool_prog_ids(cg, "cgroup_sock_ops") == []
+        assert bpftool_prog_ids(cg, "cgroup_setsockopt") == []
+    assert not os.path.exists(pin_dir)
+
+
+def test_half_done_migration_is_finished_or_undone(bk, cgroups, pin_dir):
+    """What a bpfkeep killed in the middle of a migration leaves behind is
+    repaired by the next one: a second pin of the same link is dropped, a
+    duplicate link is detached, a lone new link takes the canonical name."""
+    from bpfkeep import bpfsys, loader
+    from bpfkeep.enforcer import Enforcer
+
+    same, dup, lone = cgroups.make("same"), cgroups.make("dup"), cgroups.make("lone")
+    for cg in (same, dup, lone):
+        bk("attach", "--cgroup", cgroups.rel(cg))
+    links = os.path.join(pin_dir, "links")
+    prog = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.PROG_SOCKOPS))
+    try:
+        for cg in (same, dup, lone):
+            cg_id = os.stat(cg).st_ino
+            canonical = os.path.join(links, f"{cg_id}_sockops")
+            if cg is dup:  # a second bpfkeep link on the cgroup
+                cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+                fd = bpfsys.link_create(prog, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS)
+                os.close(cgfd)
+            else:
+                fd = bpfsys.obj_get(canonical)
+            bpfsys.obj_pin(fd, canonical + "_next")
+            os.close(fd)
+            if cg is lone:
+                os.unlink(canonical)
+    finally:
+        os.close(prog)
+    assert len(bpftool_prog_ids(dup, "cgroup_sock_ops")) == 2
+
+    bk("attach", "--cgroup", cgroups.rel(same), "--keepidle", "16")  # any bpfkeep start
+
+    assert not [n for n in os.listdir(links) if n.endswith("_next")]
+    for cg in (same, dup, lone):
+        assert len(bpftool_prog_ids(cg, "cgroup_sock_ops")) == 1, cg
+    assert sorted(a["cgroup"] for a in json.loads(bk("status", "--json").stdout)) == sorted(
+        "/" + cgroups.rel(c) for c in (same, dup, lone)
+    )
