@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bpfkeep import __version__, audit, doctor
-from bpfkeep.errors import BpfkeepError, UsageError
+from bpfkeep.errors import BpfkeepError, PermissionProblem, UsageError
 from bpfkeep.options import MODES, TUNABLE, Option, Policy, parse_value
 
 
@@ -156,6 +156,13 @@ def _fmt_policy(pol: Policy) -> str:
 
 
 def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
+    from bpfkeep.enforcer import has_bpf_privileges
+
+    if not has_bpf_privileges():
+        raise PermissionProblem(
+            "status reads bpfkeep's BPF maps: run it as root (or with CAP_BPF and "
+            "CAP_NET_ADMIN); bpfkeep audit shows sockets' keepalive without privileges"
+        )
     atts = enf.attachments()
     if as_json:
         json.dump([a.as_dict() for a in atts], out, indent=2)

@@ -73,11 +73,13 @@ def test_bad_values_change_nothing(bk, cgroups, spawn, probes, args, needle):
     assert cli.values("client-after")["keepidle"] == 33
 
 
-def test_not_root_points_to_preload(pin_dir, cgroups):
+@pytest.mark.parametrize("command", ["attach", "detach", "status"])
+def test_not_root_points_to_preload(pin_dir, cgroups, command):
     cg = cgroups.make("svc")
     setpriv = shutil.which("setpriv")
     if not setpriv:
         pytest.skip("setpriv missing")
+    args = [command] if command == "status" else [command, "--cgroup", cgroups.rel(cg)]
     proc = subprocess.run(
         [
             setpriv,
@@ -85,14 +87,15 @@ def test_not_root_points_to_preload(pin_dir, cgroups):
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
-            *bpfkeep_cmd(pin_dir, "attach", "--cgroup", cgroups.rel(cg)),
+            *bpfkeep_cmd(pin_dir, *args),
         ],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
-    line = one_line_error(proc, "root", "bpfkeep exec")
-    assert "LD_PRELOAD" in line
+    line = one_line_error(proc, "root")
+    if command != "status":
+        assert "LD_PRELOAD" in line and "bpfkeep exec" in line
     assert proc.returncode == 77
 
 
