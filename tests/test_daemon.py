@@ -400,3 +400,29 @@ def test_shipped_config_is_valid(pin_dir):
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0 and "1 policy rule" in res.stdout, res.stderr
+
+
+def test_audit_gauges_show_sockets_older_than_the_policy(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    a = cgroups.make("a.service")
+    child = cgroups.make("a.service/worker")  # covered by a.service's policy
+    old = spawn([probes["static"], "connect", "127.0.0.1", str(listener), "hold"], cgroup=a)
+    assert old.values("client")["keepalive"] == 0  # before any policy
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service"), audit=1
+    )
+    daemon(cfg).start()
+    for cg in (a, child):
+        new = spawn([probes["static"], "connect", "127.0.0.1", str(listener), "hold"], cgroup=cg)
+        assert new.values("client")["keepalive"] == 1
+    label = "/" + cgroups.rel(a)
+
+    def gauges():
+        m = scrape(port)
+        armed = sample(m, "bpfkeep_audit_sockets", cgroup=label, keepalive="armed")
+        off = sample(m, "bpfkeep_audit_sockets", cgroup=label, keepalive="off")
+        return (armed, off) if armed == 2 else None
+
+    assert wait_until(gauges, timeout=10, step=0.2) == (2.0, 1.0), scrape(port)
