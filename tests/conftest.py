@@ -67,6 +67,14 @@ def probes(tmp_path_factory) -> dict[str, str]:
     return built
 
 
+def as_nobody(argv: list[str]) -> list[str]:
+    """argv run as user nobody with no capabilities (setpriv, util-linux)."""
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.fail("setpriv (util-linux) is missing")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", *argv]
+
+
 def bpfkeep_cmd(pin_dir: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "bpfkeep", "--pin-dir", pin_dir, *args]
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import bpfkeep_cmd
+from conftest import as_nobody, bpfkeep_cmd
 
 pytestmark = pytest.mark.kernel
 
@@ -76,19 +75,9 @@ def test_bad_values_change_nothing(bk, cgroups, spawn, probes, args, needle):
 @pytest.mark.parametrize("command", ["attach", "detach", "status"])
 def test_not_root_points_to_preload(pin_dir, cgroups, command):
     cg = cgroups.make("svc")
-    setpriv = shutil.which("setpriv")
-    if not setpriv:
-        pytest.skip("setpriv missing")
     args = [command] if command == "status" else [command, "--cgroup", cgroups.rel(cg)]
     proc = subprocess.run(
-        [
-            setpriv,
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            *bpfkeep_cmd(pin_dir, *args),
-        ],
+        as_nobody(bpfkeep_cmd(pin_dir, *args)),
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import bpfkeep_cmd
+from conftest import as_nobody, bpfkeep_cmd
 
 from bpfkeep import doctor
 from bpfkeep.doctor import FAIL, OK, WARN, Check
@@ -133,14 +133,7 @@ def test_doctor_on_this_host():
 def test_doctor_unprivileged_says_bpf_is_unusable_and_why():
     """As nobody, with no capabilities: FAIL on privileges, exit status 1."""
     proc = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            *doctor_cmd(),
-        ],
+        as_nobody(doctor_cmd()),
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 import pytest
-from conftest import bpfkeep_cmd
+from conftest import as_nobody, bpfkeep_cmd
 
 
 def values(stdout: str, role: str = "client") -> dict[str, int]:
@@ -81,18 +81,14 @@ def test_run_via_preload(probes, port):
 
 @pytest.mark.kernel
 def test_run_via_auto_falls_back_without_privileges(probes, port):
-    setpriv = shutil.which("setpriv")
-    if not setpriv:
-        pytest.skip("setpriv missing")
     # A copy of the probe that the unprivileged user may execute.
     shared = tempfile.mkdtemp(prefix="bpfkeep-exec-")
     os.chmod(shared, 0o755)
     probe = shutil.copy(probes["dynamic"], shared)
     try:
         out = subprocess.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-             *bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--keepidle", "45", "--",
-                          probe, "connect", "127.0.0.1", port)],
+            as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--keepidle", "45",
+                                  "--", probe, "connect", "127.0.0.1", port)),
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:
