@@ -1,0 +1,265 @@
+"""Connection cost: what a keepalive tool adds to every connection.
+
+connloop opens and closes loopback connections as fast as it can (connect,
+accept, close both: the worst case for a per-connection cost, since the
+connection does nothing else).  Each variant runs in its own scratch
+cgroup -- the "none" baseline too -- and the variants take turns,
+round after round (A B C ... A B C ..., each round starting one variant
+further on so that no variant always follows the same one).  Every
+process is pinned to the same CPU: loopback packets are handled on the
+sending CPU, so the whole connection stays there.
+
+Reported per variant: the median time per connection, and the ratio to
+"none" as the median of the per-round ratios (each variant against the
+"none" run of the same round, which cancels slow drifts of a noisy host),
+with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from bench.common import (
+    BenchError,
+    Session,
+    libkeepalive_path,
+    line_starting,
+    log,
+    median,
+    parse_kv,
+    quantile,
+    run_to_end,
+)
+
+# The default policy's values (bpfkeep.options.Policy()): libkeepalive's.
+DEFAULT = {"keepidle": 15, "keepintvl": 15, "keepcnt": 9}
+DEFAULT_USER_TIMEOUT = (15 + 15 * 9) * 1000
+ALL8 = {
+    **DEFAULT,
+    "user_timeout": DEFAULT_USER_TIMEOUT,
+    "syncnt": 3,
+    "maxseg": 1400,
+    "window_clamp": 32768,
+}
+# Targets from issue 5: a ratio to "none" each variant must stay under.
+TARGETS = {"bpf-default": 1.03}
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    label: str  # for the table
+    setup: Callable[[Session, str], None] | None = None  # (session, cgroup)
+    env: dict[str, str] | None = None  # extra environment (LD_PRELOAD, ...)
+    args: list[str] = dataclasses.field(default_factory=list)  # connloop --set ...
+    expect: dict[str, int] = dataclasses.field(default_factory=dict)  # client options
+    note: str = ""
+
+
+def _policy(**values):
+    from bpfkeep.options import Policy
+
+    return Policy.from_mapping(values)
+
+
+def _sets(values: dict[str, int]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
+    """Every variant, in table order; ``names`` picks some."""
+    keep = {**DEFAULT, "user_timeout": DEFAULT_USER_TIMEOUT, "keepalive": 1}
+    vs = [
+        Variant("none", "no keepalive tool", note="nothing attached, nothing preloaded"),
+        Variant(
+            "empty-sockops",
+            "empty sock_ops program (floor)",
+            setup=lambda s, cg: s.attach_empty_sockops(cg),
+            note="`r0 = 1; exit`, the least any sock_ops tool costs",
+        ),
+        Variant(
+            "bpf-default",
+            "bpfkeep BPF, set mode, default policy",
+            setup=lambda s, cg: s.attach(cg, _policy()),
+            expect=keep,
+            note="keepidle 15, keepintvl 15, keepcnt 9, user_timeout 150000",
+        ),
+        Variant(
+            "bpf-enforce",
+            "bpfkeep BPF, enforce mode",
+            setup=lambda s, cg: s.attach(cg, _policy(mode="enforce")),
+            expect=keep,
+            note="default policy + cgroup/setsockopt program",
+        ),
+        Variant(
+            "bpf-all8",
+            "bpfkeep BPF, all eight options",
+            setup=lambda s, cg: s.attach(cg, _policy(**ALL8)),
+            expect={**ALL8, "keepalive": 1},
+            note="+ syncnt 3, maxseg 1400, window_clamp 32768",
+        ),
+        Variant(
+            "preload-shim",
+            "bpfkeep LD_PRELOAD shim, defaults",
+            env={"LD_PRELOAD": shim},
+            expect=keep,
+            note="no variables set: the shim's defaults (wraps connect() and listen())",
+        ),
+        Variant(
+            "preload-shim-socket",
+            "bpfkeep LD_PRELOAD shim, BPFKEEP_HOOK=socket",
+            env={"LD_PRELOAD": shim, "BPFKEEP_HOOK": "socket"},
+            expect=keep,
+            note="the shim's other mode: options set in socket(), as libkeepalive does",
+        ),
+    ]
+    lk = libkeepalive_path()
+    if lk:
+        vs.append(
+            Variant(
+                "libkeepalive",
+                "libkeepalive0 (Debian) preloaded",
+                env={"LD_PRELOAD": lk, **{k.upper(): str(v) for k, v in DEFAULT.items()}},
+                expect={**DEFAULT, "keepalive": 1},
+                note="KEEPIDLE=15 KEEPINTVL=15 KEEPCNT=9 (it has no user timeout)",
+            )
+        )
+    else:
+        log("libkeepalive0 is not installed (apt-get install libkeepalive0): variant skipped")
+    vs.append(
+        Variant(
+            "app-setsockopt",
+            "application calls setsockopt itself",
+            args=_sets(keep),  # keepalive last, as the tools do
+            expect=keep,
+            note="the same five options, before connect() and listen()",
+        )
+    )
+    if names:
+        unknown = set(names) - {v.name for v in vs}
+        if unknown:
+            raise BenchError(f"unknown cost variant(s): {', '.join(sorted(unknown))}")
+        vs = [v for v in vs if v.name in names]
+    if not vs or vs[0].name != "none":
+        raise BenchError("the cost bench needs the 'none' variant (the baseline)")
+    return vs
+
+
+def _check(v: Variant, out: str) -> dict[str, int]:
+    """The first connection's client options, checked against what the
+    variant promises (a tool that silently did nothing would look free)."""
+    got = {k: int(x) for k, x in parse_kv(line_starting(out, "client ")).items()}
+    for key, want in v.expect.items():
+        # TCP_MAXSEG reads back as the MSS in use: the value set less the
+        # TCP options (timestamps: 12 bytes).
+        ok = got.get(key, 0) <= want if key == "maxseg" else got.get(key) == want
+        if not ok:
+            raise BenchError(f"{v.name}: client socket has {key}={got.get(key)}, expected {want}")
+    if not v.expect and got.get("keepalive") != 0:
+        raise BenchError(f"{v.name}: keepalive is on although nothing should set it")
+    return got
+
+
+def run(
+    session: Session,
+    connloop: str,
+    shim: str,
+    *,
+    rounds: int,
+    conns: int,
+    warmup: int,
+    cpu: int | None,
+    names: list[str] | None = None,
+) -> dict:
+    vs = variants(shim, names)
+    cgs = {}
+    for v in vs:
+        cgs[v.name] = session.cgroup(f"cost-{v.name}")
+        if v.setup:
+            v.setup(session, cgs[v.name])
+    env_base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    times: dict[str, list[float]] = {v.name: [] for v in vs}
+    wall: dict[str, list[float]] = {v.name: [] for v in vs}
+    seen: dict[str, dict[str, int]] = {}
+    log(f"cost: {len(vs)} variants x {rounds} rounds x {conns} connections, cpu {cpu}")
+    for r in range(rounds):
+        order = vs[r % len(vs) :] + vs[: r % len(vs)]
+        for v in order:
+            argv = [connloop, "loop", "-n", str(conns), "-w", str(warmup), *v.args]
+            out = run_to_end(argv, cgroup=cgs[v.name], cpu=cpu, env={**env_base, **(v.env or {})})
+            if v.name not in seen:
+                seen[v.name] = _check(v, out)
+            res = parse_kv(line_starting(out, "result "))
+            times[v.name].append(float(res["cpu_ns_per_conn"]))
+            wall[v.name].append(float(res["ns_per_conn"]))
+        log(
+            f"cost round {r + 1}/{rounds}: "
+            + " ".join(f"{v.name}={times[v.name][-1] / 1000:.1f}us" for v in vs)
+        )
+    return summarize(vs, times, wall, seen, rounds=rounds, conns=conns, warmup=warmup, cpu=cpu)
+
+
+def bootstrap_ci(xs: list[float], n: int = 2000, seed: int = 5) -> tuple[float, float]:
+    """95 % confidence interval of the median (percentile bootstrap, fixed
+    seed: the same samples give the same interval)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def _ratios(t: list[float], base: list[float]) -> dict[str, float]:
+    paired = [x / b for x, b in zip(t, base, strict=True)]
+    lo, hi = bootstrap_ci(paired)
+    return {
+        "median_us": median(t) / 1000,
+        "ratio": median(paired),
+        "ratio_ci95": [lo, hi],
+        "ratio_p25": quantile(paired, 0.25),
+        "ratio_p75": quantile(paired, 0.75),
+        "ratio_of_medians": median(t) / median(base),
+    }
+
+
+def summarize(
+    vs: list[Variant],
+    times: dict[str, list[float]],
+    wall: dict[str, list[float]],
+    seen: dict[str, dict[str, int]],
+    **params: object,
+) -> dict:
+    """Per variant: CPU time per connection (the headline: what the
+    connection costs the host, unaffected by other programs taking the
+    CPU away) and wall-clock time, each with ratios to "none"."""
+    rows = []
+    for v in vs:
+        cpu = _ratios(times[v.name], times["none"])
+        target = TARGETS.get(v.name)
+        rows.append(
+            {
+                "variant": v.name,
+                "label": v.label,
+                "note": v.note,
+                **cpu,
+                "wall": _ratios(wall[v.name], wall["none"]),
+                "target": target,
+                "meets_target": None if target is None else cpu["ratio"] <= target,
+                "cpu_ns_per_conn": times[v.name],
+                "wall_ns_per_conn": wall[v.name],
+                "client_options": seen.get(v.name, {}),
+            }
+        )
+    by = {r["variant"]: r for r in rows}
+    checks = {}
+    if "preload-shim" in by and "libkeepalive" in by:
+        checks["shim_vs_libkeepalive"] = by["preload-shim"]["ratio"] / by["libkeepalive"]["ratio"]
+        checks["shim_no_slower_than_libkeepalive"] = (
+            by["preload-shim"]["ratio"] <= by["libkeepalive"]["ratio"]
+        )
+    return {"params": params, "variants": rows, "checks": checks}
