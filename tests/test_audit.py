@@ -140,6 +140,9 @@ def test_audit_sees_covered_uncovered_and_pre_policy_sockets(
 
     cov = audit.coverage(records)
     assert cov == {ids["in"]: (1, 2), ids["out"]: (0, 1), ids["srv"]: (0, 3)}
+    # The daemon's fast path (established only, counted from the dump) agrees.
+    fast = audit.established_coverage()
+    assert {k: fast.get(k) for k in ids.values()} == cov
 
     # The kernel's own view through ss agrees on every socket: timer and cgroup.
     seen = ss_sockets()

@@ -87,10 +87,38 @@ def others(tmpdir: str) -> None:
     ud.bind(path + "-dgram")
     ud.connect(path + "-dgram")
     ud.send(b"x")
+    # An fd that socket() made as TCP, closed (or replaced by dup2) and
+    # reused by a UDP socket the shim did not see created (a raw system
+    # call): the shim must not take it for TCP.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_socket = 41  # x86-64 SYS_socket
+
+    def raw_udp() -> int:
+        fd = libc.syscall(sys_socket, socket.AF_INET, socket.SOCK_DGRAM, 0)
+        assert fd >= 0
+        return fd
+
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reused = tcp.fileno()
+    tcp.close()
+    fd = raw_udp()
+    assert fd == reused
+    recycled = socket.socket(fileno=fd)
+    recycled.connect(udp.getsockname())
+    tcp2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    other = raw_udp()
+    os.dup2(other, tcp2.fileno())
+    os.close(other)
+    replaced = socket.socket(fileno=os.dup(tcp2.fileno()))
+    replaced.connect(udp.getsockname())
     emit(
         udp_keepalive=udp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         unix_keepalive=uc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         udp_listen_errno=listen_errno,
+        recycled_keepalive=recycled.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        replaced_keepalive=replaced.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
     )
 
 
