@@ -42,7 +42,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q ".[dev]"
+.venv/bin/pip install -q ".[dev,bench]"  # bench: matplotlib, for the charts and their test
 # Reinstall our own package every time so the venv matches this checkout.
 .venv/bin/pip install -q --no-deps --force-reinstall .
 .venv/bin/python -c 'import bcc, pyroute2, prometheus_client, bpfkeep' 
