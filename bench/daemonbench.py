@@ -218,9 +218,9 @@ def audit_pass() -> dict:
     from bpfkeep import audit
 
     t0 = time.process_time()
-    recs = audit.scan(with_owners=False)
-    audit.coverage(recs)
-    return {"sockets": len(recs), "cpu_ms": (time.process_time() - t0) * 1000}
+    cov = audit.established_coverage()
+    established = sum(total for _, total in cov.values())
+    return {"sockets": established, "cpu_ms": (time.process_time() - t0) * 1000}
 
 
 def run(session: Session, connloop: str, *, quick: bool) -> dict:

@@ -228,7 +228,7 @@ class Daemon:
                     next_wd = now + wd_every
                 if self.cfg.audit_interval and now >= next_audit:
                     self._audit()
-                    wait = max(self.cfg.audit_interval, 300 * self.audit_cost)
+                    wait = max(self.cfg.audit_interval, 1000 * self.audit_cost)
                     next_audit = time.monotonic() + wait
                 deadlines = [next_audit if self.cfg.audit_interval else now + 3600]
                 if wd_every:
@@ -458,8 +458,8 @@ class Daemon:
             self.audit_errors += 1
             log.warning("socket audit failed: %s", e)
             return
-        # Keep the audit below ~0.3 % of a CPU however many sockets the host
-        # has: the next pass waits at least 300 times this one's CPU time.
+        # Keep the audit below ~0.1 % of a CPU however many sockets the host
+        # has: the next pass waits at least 1000 times this one's CPU time.
         self.audit_cost = time.thread_time() - t0
         with self._lock:
             known = dict(self.known)
