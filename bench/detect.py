@@ -71,7 +71,9 @@ SCENARIOS = (
         since="since_go",
     ),
 )
-TOOLS = ("bpf", "preload", "libkeepalive")
+# "app": the client sets the options itself with setsockopt -- the kernel's
+# own behaviour, against which any tool's extra delay shows.
+TOOLS = ("bpf", "preload", "libkeepalive", "app")
 
 
 def _policy(values: dict[str, int]):
@@ -82,7 +84,7 @@ def _policy(values: dict[str, int]):
 
 def _client_env(tool: str, sc: Scenario, shim: str) -> dict[str, str] | None:
     base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    if tool == "bpf":
+    if tool in ("bpf", "app"):
         return base
     if tool == "preload":
         from bpfkeep.preload import preload_env
@@ -121,6 +123,12 @@ def run(session: Session, connloop: str, shim: str, *, reps: int) -> dict:
                 argv = [connloop, "deadpeer", SERVER_IP, str(PORT)]
                 if sc.send:
                     argv += ["--send", str(sc.send)]
+                if tool == "app":
+                    values = {**sc.values}
+                    if "user_timeout" not in values:
+                        values["keepalive"] = 1  # last: after the times
+                    for k, v in values.items():
+                        argv += ["--set", f"{k}={v}"]
                 cg = bpf_cg[sc.name] if tool == "bpf" else plain
                 env = _client_env(tool, sc, shim)
                 proc = session.track(spawn(argv, cgroup=cg, netns=pair.client, env=env))
