@@ -36,6 +36,11 @@ BK_CGROUP_STORAGE(bk_counters, struct bk_counters, "percpu_cgroup_storage");
  * up the cgroup tree (local storage cannot be looked up by key in BPF). */
 BPF_HASH(bk_policies, __u64, struct bk_policy, BK_MAX_POLICIES);
 
+/* The mark of a listener bpfkeep configured.  RTO_CB is the most benign
+ * callback flag to borrow: it adds a callback only when a retransmission
+ * timer fires, which every sock_ops program already ignores or handles. */
+#define BK_LISTENER_MARK BPF_SOCK_OPS_RTO_CB_FLAG
+
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
 
@@ -115,16 +120,24 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	ops->reply = BK_CLAIMED;
 	c->seen[cb]++;
 
-	if (cb == BK_CB_PASSIVE &&
-	    bpf_getsockopt(ops, BK_KEEPALIVE_LEVEL, BK_KEEPALIVE_OPTNAME, &on,
-			   sizeof(on)) == 0 &&
-	    on) {
-		/* Cloned from a listener that already has keepalive (ours or
-		 * the application's): everything was inherited. */
+	if (cb == BK_CB_PASSIVE) {
+		/* Cloned from a listener that bpfkeep set up: everything was
+		 * inherited.  Such a listener carries a mark in its callback
+		 * flags, which children inherit (tcp_bpf_clone), so this costs
+		 * no helper call -- and in set mode a program that turned
+		 * keepalive off on its listener keeps it off.  A listener older
+		 * than the policy is asked whether it has keepalive (the
+		 * program's own setting wins there too). */
+		if (!(ops->bpf_sock_ops_cb_flags & BK_LISTENER_MARK) &&
+		    (bpf_getsockopt(ops, BK_KEEPALIVE_LEVEL,
+				    BK_KEEPALIVE_OPTNAME, &on, sizeof(on)) ||
+		     !on))
+			goto apply;
 		c->inherited++;
 		return 1;
 	}
 
+apply:
 	/* Times first, SO_KEEPALIVE last: once keepalive is on, each TCP_KEEP*
 	 * write re-arms the keepalive timer (measured, KERNEL-NOTES.md). */
 	BK_APPLY(ops, p, c, KEEPIDLE);
@@ -136,6 +149,9 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	BK_APPLY(ops, p, c, MAXSEG);
 	BK_APPLY(ops, p, c, WINDOW_CLAMP);
 	BK_APPLY(ops, p, c, KEEPALIVE);
+	if (cb == BK_CB_LISTEN)
+		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags |
+						       BK_LISTENER_MARK);
 	return 1;
 }
 
