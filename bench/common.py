@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 LIBKEEPALIVE_CANDIDATES = ("/usr/lib/libkeepalive.so.0", "/usr/lib/libkeepalive.so")
 CLONE_NEWNET = 0x40000000
-BPF_PROG_TYPE_SOCK_OPS = 13
 
 
 class BenchError(Exception):
@@ -179,38 +178,24 @@ def line_starting(out: str, prefix: str) -> str:
 
 
 class Lines:
-    """Reads a child's stdout line by line with a timeout (raw reads: a
-    buffered reader would hide lines from select)."""
+    """A child's stdout line by line (bpfkeep.testing.LineReader) that
+    raises BenchError on a timeout."""
 
     def __init__(self, proc: subprocess.Popen):
+        from bpfkeep.testing import LineReader
+
         self.proc = proc
-        self.lines: list[str] = []
-        self._buf = b""
+        self._reader = LineReader(proc, consume=True)
+
+    @property
+    def lines(self) -> list[str]:
+        return self._reader.lines
 
     def expect(self, prefix: str, timeout: float = 10) -> str:
-        import select
-
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ln in enumerate(self.lines):
-                if ln.startswith(prefix):
-                    del self.lines[: i + 1]
-                    return ln
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                break
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self._buf += chunk
-            *done, self._buf = self._buf.split(b"\n")
-            self.lines += [d.decode() for d in done]
-        raise BenchError(f"no line {prefix!r} within {timeout} s; got {self.lines}")
+        ln = self._reader.expect(prefix, timeout)
+        if ln is None:
+            raise BenchError(f"no line {prefix!r} within {timeout} s; got {self.lines}")
+        return ln
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> None:
@@ -235,22 +220,13 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) 
 
 
 def load_empty_sockops() -> int:
-    """Load ``r0 = 1; exit`` as a sock_ops program; returns its fd."""
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    insns = (ctypes.c_uint64 * 2)(0x00000001000000B7, 0x0000000000000095)
-    lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_void_p,
-    ]
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, b"bench_empty", b"GPL", insns, 2, None)
-    if fd < 0:
-        raise BenchError(f"loading an empty sock_ops program failed: {os.strerror(-fd)}")
-    return fd
+    """``r0 = 1; exit`` as a sock_ops program: the floor of any sock_ops tool."""
+    from bpfkeep.testing import load_empty_sockops as load
+
+    try:
+        return load(b"bench_empty")
+    except OSError as e:
+        raise BenchError(str(e)) from None
 
 
 # -- the session: cgroups, pin dir, cleanup -----------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from bpfkeep.testing import LineReader, NetnsPair
+
 REPO = Path(__file__).resolve().parent.parent
 PROGS = Path(__file__).resolve().parent / "progs"
 
@@ -229,35 +231,18 @@ class Probe:
             preexec_fn=pre,
             bufsize=1,
         )
-        self.lines: list[str] = []
-        self._buf = b""
+        self._reader = LineReader(self.proc)
 
     def expect(self, prefix: str, timeout: float = 10) -> str:
-        """Wait for a stdout line starting with prefix (raw reads: a
-        buffered reader would hide lines from select)."""
-        import select
+        ln = self._reader.expect(prefix, timeout)
+        if ln is None:
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            raise AssertionError(f"no line {prefix!r} from probe; got {self.lines} {err}")
+        return ln
 
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            for ln in self.lines:
-                if ln.startswith(prefix):
-                    return ln
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                break
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self._buf += chunk
-            *done, self._buf = self._buf.split(b"\n")
-            self.lines += [d.decode() for d in done]
-        err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-        raise AssertionError(f"no line {prefix!r} from probe; got {self.lines} {err}")
+    @property
+    def lines(self) -> list[str]:
+        return self._reader.lines
 
     def values(self, role: str, timeout: float = 10) -> dict[str, int]:
         ln = self.expect(role + " ", timeout)
@@ -298,73 +283,12 @@ def spawn() -> Iterator:
 # -- network namespaces -----------------------------------------------------
 
 
-class NetnsPair:
-    """A client and a server host, each in its own namespace, joined through
-    a bridge in a third ("the network"): client 10.77.0.1, server 10.77.0.2.
-
-    Cutting the server takes its link down; the client's own link stays up,
-    as when a peer vanishes behind a NAT box or firewall, so the client's
-    packets leave and are lost (a veth pair alone would drop the client's
-    carrier too and hide the retransmission timers behind local errors).
-    """
-
-    def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.client, self.server, self.net = f"bkc-{tag}", f"bks-{tag}", f"bkn-{tag}"
-        self.client_if, self.server_if = f"vc{tag}", f"vs{tag}"
-        self.client_ip, self.server_ip = "10.77.0.1", "10.77.0.2"
-        self.ip = shutil.which("ip") or "ip"
-        for ns in (self.client, self.server, self.net):
-            self._ip("netns", "add", ns)
-            self._ip("-n", ns, "link", "set", "lo", "up")
-        self._ip("-n", self.net, "link", "add", "br0", "type", "bridge")
-        self._ip("-n", self.net, "link", "set", "br0", "up")
-        for ns, ifname, addr in (
-            (self.client, self.client_if, self.client_ip),
-            (self.server, self.server_if, self.server_ip),
-        ):
-            port = "p" + ifname
-            self._ip(
-                "-n",
-                self.net,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                ifname,
-                "netns",
-                ns,
-            )
-            self._ip("-n", self.net, "link", "set", port, "master", "br0", "up")
-            self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
-            self._ip("-n", ns, "link", "set", ifname, "up")
-
-    def _ip(self, *args: str) -> None:
-        subprocess.run([self.ip, *args], check=True, capture_output=True)
-
-    def cut_server(self) -> None:
-        """The server vanishes from the network: its link goes down."""
-        self._ip("-n", self.server, "link", "set", self.server_if, "down")
-
-    def cleanup(self) -> None:
-        for ns in (self.client, self.server, self.net):
-            out = subprocess.run([self.ip, "netns", "pids", ns], capture_output=True, text=True)
-            for pid in out.stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
-
-
 @pytest.fixture()
 def netns_pair() -> Iterator[NetnsPair]:
-    pair = NetnsPair()
-    try:
+    """Client 10.77.0.1 and server 10.77.0.2 behind a bridge (see
+    bpfkeep.testing.NetnsPair for why not a bare veth pair)."""
+    with NetnsPair() as pair:
         yield pair
-    finally:
-        pair.cleanup()
 
 
 # -- reading the kernel from outside ---------------------------------------

@@ -10,6 +10,8 @@ import os
 import pytest
 from conftest import bpftool_prog_ids, ss_keepalive_timers
 
+from bpfkeep.testing import load_empty_sockops
+
 pytestmark = pytest.mark.kernel
 
 ALL = {
@@ -172,7 +174,7 @@ def test_update_detach_and_no_stacking(bk, cgroups, spawn, probes, pin_dir):
     cg = cgroups.make("svc")
     _, port = server(spawn, probes)
     # Another tool's program on the same cgroup and hook: must stay.
-    other = _other_tool_sockops()
+    other = load_empty_sockops(b"other_tool")
     cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
         bpfsys.prog_attach(other, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
@@ -200,26 +202,6 @@ def test_update_detach_and_no_stacking(bk, cgroups, spawn, probes, pin_dir):
         bpfsys.prog_detach(other, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS)
         os.close(cgfd)
         os.close(other)
-
-
-def _other_tool_sockops() -> int:
-    """Load a minimal sock_ops program ("r0 = 1; exit") as another tool would."""
-    import ctypes
-
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    insns = (ctypes.c_uint64 * 2)(0x00000001000000B7, 0x0000000000000095)
-    lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_void_p,
-    ]
-    fd = lib.bpf_prog_load(13, b"other_tool", b"GPL", insns, 2, None)  # SOCK_OPS = 13
-    assert fd >= 0, os.strerror(ctypes.get_errno())
-    return fd
 
 
 def test_attachment_outlives_cli_and_status_reads_it_back(bk, cgroups, spawn, probes):

@@ -1,0 +1,142 @@
+"""Helpers shared by bpfkeep's tests and benchmarks (not used at run time).
+
+Real network namespaces, a reference sock_ops program and a line reader
+for child processes.  Everything made here is removed by its own cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+BPF_PROG_TYPE_SOCK_OPS = 13
+
+
+class NetnsPair:
+    """A client and a server host, each in its own network namespace,
+    joined through a bridge in a third ("the network").
+
+    Cutting the server takes its link down while the client's own link
+    stays up, as when a peer vanishes behind a NAT box or firewall: the
+    client's probes and retransmissions leave and are lost.  (With a bare
+    veth pair the client's carrier drops too and the kernel's timers take
+    its local-error paths instead.)  Addresses are private to these
+    namespaces; nothing leaves them.
+    """
+
+    def __init__(self, prefix: str = "bk", subnet: str = "10.77.0"):
+        tag = uuid.uuid4().hex[:6]
+        self.client, self.server, self.net = (f"{prefix}{r}-{tag}" for r in "csn")
+        self.client_if, self.server_if = f"v{prefix}c{tag}", f"v{prefix}s{tag}"
+        self.client_ip, self.server_ip = f"{subnet}.1", f"{subnet}.2"
+        self.ip = shutil.which("ip") or "ip"
+        self._made: list[str] = []
+        try:
+            self._setup()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _setup(self) -> None:
+        for ns in (self.client, self.server, self.net):
+            self._ip("netns", "add", ns)
+            self._made.append(ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", self.net, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.net, "link", "set", "br0", "up")
+        for ns, ifname, addr in (
+            (self.client, self.client_if, self.client_ip),
+            (self.server, self.server_if, self.server_ip),
+        ):
+            port = "p" + ifname
+            self._ip(
+                "-n", self.net, "link", "add", port, "type", "veth", "peer", "name", ifname,
+                "netns", ns,
+            )  # fmt: skip
+            self._ip("-n", self.net, "link", "set", port, "master", "br0", "up")
+            self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
+            self._ip("-n", ns, "link", "set", ifname, "up")
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run([self.ip, *args], check=True, capture_output=True)
+
+    def cut_server(self) -> None:
+        """The server vanishes from the network: its link goes down."""
+        self._ip("-n", self.server, "link", "set", self.server_if, "down")
+
+    def cleanup(self) -> None:
+        for ns in self._made:
+            out = subprocess.run([self.ip, "netns", "pids", ns], capture_output=True, text=True)
+            for pid in out.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run([self.ip, "netns", "del", ns], capture_output=True, check=False)
+        self._made.clear()
+
+    def __enter__(self) -> NetnsPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def load_empty_sockops(name: bytes = b"empty_sockops") -> int:
+    """Load ``r0 = 1; exit`` as a sock_ops program ("another tool", or the
+    cost floor of any sock_ops program); returns its fd."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    insns = (ctypes.c_uint64 * 2)(0x00000001000000B7, 0x0000000000000095)
+    lib.bpf_prog_load.restype = ctypes.c_int
+    lib.bpf_prog_load.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    ]
+    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, name, b"GPL", insns, 2, None)
+    if fd < 0:
+        raise OSError(-fd, f"loading an empty sock_ops program: {os.strerror(-fd)}")
+    return fd
+
+
+class LineReader:
+    """A child's stdout, line by line, with a timeout.  Raw reads: a
+    buffered reader would hide lines already read from select()."""
+
+    def __init__(self, proc: subprocess.Popen, *, consume: bool = False):
+        self.proc = proc
+        self.lines: list[str] = []
+        self.consume = consume  # drop lines up to each match
+        self._buf = b""
+
+    def expect(self, prefix: str, timeout: float = 10) -> str | None:
+        """The first line starting with prefix, or None after timeout/EOF."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ln in enumerate(self.lines):
+                if ln.startswith(prefix):
+                    if self.consume:
+                        del self.lines[: i + 1]
+                    return ln
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+            *done, self._buf = self._buf.split(b"\n")
+            self.lines += [d.decode() for d in done]
