@@ -5,7 +5,9 @@
 # kernel with ss.  Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bk=.venv/bin/bpfkeep
+# A pin directory of its own, so the demo never touches real attachments.
+pin=/sys/fs/bpf/bpfkeep-demo-$$
+bk() { .venv/bin/bpfkeep --pin-dir "$pin" "$@"; }
 cg2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)
 cg="$cg2/bpfkeep-demo-$$"
 port=$((20000 + $$ % 20000))
@@ -14,14 +16,22 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    "$bk" detach --cgroup "$cg" >/dev/null 2>&1 || true
-    rmdir "$cg" 2>/dev/null || true
+    bk detach --all >/dev/null 2>&1 || true
+    # Anything still in the cgroup goes too (cgroup.kill: Linux 5.14+), then
+    # the cgroup, once its last process is reaped.
+    [ -e "$cg/cgroup.kill" ] && echo 1 > "$cg/cgroup.kill" 2>/dev/null
+    for _ in $(seq 50); do
+        rmdir "$cg" 2>/dev/null && return 0
+        [ -d "$cg" ] || return 0
+        sleep 0.1
+    done
+    echo "demo.sh: could not remove $cg" >&2
 }
 trap cleanup EXIT
 
 mkdir "$cg"
 echo "== bpfkeep attach --cgroup ${cg#"$cg2"/}   (default policy: 15 s / 15 s x 9, user timeout 150 s)"
-"$bk" attach --cgroup "$cg"
+bk attach --cgroup "$cg"
 
 echo "== a server and a client inside the cgroup, one more client outside it"
 server='import socket, sys, time
@@ -43,4 +53,4 @@ ss -tnoH state established "( sport = :$port or dport = :$port )" | awk '{print 
 echo "  (the connection with no keepalive timer is the client outside the cgroup)"
 
 echo "== bpfkeep status"
-"$bk" status
+bk status
