@@ -34,7 +34,7 @@ import threading
 import time
 import typing
 
-from bpfkeep import bpfmaps, bpfsys, cgroups, config, loader
+from bpfkeep import cgroups, config
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.options import Policy
@@ -417,30 +417,13 @@ class Daemon:
         # The counters live in cgroup storage, which the kernel frees when
         # the last bpfkeep program leaves the cgroup: reading them is also
         # the check that the policy is still attached.
-        counters = self._read_counters(list(known))
+        counters = self.enforcer.read_counters(list(known))
         for cg_id, k in sorted(known.items(), key=lambda kv: kv[1].cgroup.display):
             if cg_id in counters:
                 rows.append(Row(k.cgroup.display, k.policy, counters[cg_id]))
         return Snapshot(
             rows, expected, self.reconcile_errors, self.reconciles, coverage, self.audit_errors
         )
-
-    def _read_counters(self, ids: list[int]) -> dict[int, bpfmaps.Counters]:
-        out: dict[int, bpfmaps.Counters] = {}
-        try:
-            fd = bpfsys.obj_get(os.path.join(self.enforcer.obj_dir, loader.MAP_COUNTERS))
-        except OSError:
-            return out
-        size = bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE)
-        try:
-            for cg_id in ids:
-                with contextlib.suppress(OSError):
-                    raw = bpfsys.map_lookup(fd, struct.pack("=Q", cg_id), size)
-                    if raw is not None:
-                        out[cg_id] = bpfmaps.decode_counters(raw)
-        finally:
-            os.close(fd)
-        return out
 
     def _audit(self) -> None:
         """Coverage per attached cgroup, counting the sockets of descendant

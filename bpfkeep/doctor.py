@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
+from bpfkeep.enforcer import CAPS, capabilities, has_bpf_privileges
 from bpfkeep.options import OPTIONS
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -31,8 +32,6 @@ MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options fr
 MIXED_V1_FIXED = (5, 15)
 SYSCTL_DIR = "/proc/sys/net/ipv4"
 KEEPALIVE_SYSCTLS = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
-# include/uapi/linux/capability.h
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
 
 
 @dataclasses.dataclass
@@ -85,16 +84,6 @@ def bpf_options_for_kernel(version: tuple[int, int]) -> list[str]:
     """Socket options this kernel's sock_ops accepts from bpfkeep, in table
     order (TCP_DEFER_ACCEPT never: the kernel refuses it from BPF)."""
     return [o.optname for o in OPTIONS if o.bpf and o.bpf_since <= tuple(version)]
-
-
-def capabilities(status_text: str) -> set[str]:
-    """Which of CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN a /proc/PID/status
-    text has in its effective set."""
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            eff = int(line.split()[1], 16)
-            return {name for name, bit in CAPS.items() if eff >> bit & 1}
-    return set()
 
 
 def kernel_config_values(text: str, names: Iterable[str]) -> dict[str, str | None]:
@@ -272,8 +261,6 @@ def check_bpffs(pin_dir: str) -> Check:
 
 
 def check_privileges(status_path: str = "/proc/self/status") -> Check:
-    from bpfkeep.enforcer import has_bpf_privileges
-
     with open(status_path) as f:
         caps = capabilities(f.read())
     have = (

@@ -42,24 +42,26 @@ HOOKS = (
 )
 
 # Capability bits (include/uapi/linux/capability.h)
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
 
 
 def pin_dir_default() -> str:
     return os.environ.get("BPFKEEP_PIN_DIR") or DEFAULT_PIN_DIR
 
 
+def capabilities(status_text: str) -> set[str]:
+    """Which of CAPS a /proc/PID/status text has in its effective set."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            eff = int(line.split()[1], 16)
+            return {name for name, bit in CAPS.items() if eff >> bit & 1}
+    return set()
+
+
 def has_bpf_privileges(status_path: str = "/proc/self/status") -> bool:
     with open(status_path) as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-                break
-        else:
-            return False
-    if caps >> CAP_SYS_ADMIN & 1:
-        return True
-    return bool(caps >> CAP_BPF & 1 and caps >> CAP_NET_ADMIN & 1)
+        caps = capabilities(f.read())
+    return "CAP_SYS_ADMIN" in caps or {"CAP_BPF", "CAP_NET_ADMIN"} <= caps
 
 
 def require_privileges() -> None:
@@ -109,6 +111,19 @@ def ensure_bpffs(pin_dir: str) -> None:
         f"{parent} is not on a bpf filesystem: mount one (mount -t bpf bpf "
         f"{parent}) or choose a pin directory under /sys/fs/bpf"
     )
+
+
+def _counters(map_fd: int, cgroup_id: int) -> bpfmaps.Counters | None:
+    """One cgroup's per-CPU counters, summed; None if it has none."""
+    with contextlib.suppress(OSError):
+        raw = bpfsys.map_lookup(
+            map_fd,
+            struct.pack("=Q", cgroup_id),
+            bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE),
+        )
+        if raw is not None:
+            return bpfmaps.decode_counters(raw)
+    return None
 
 
 @dataclasses.dataclass
@@ -181,17 +196,6 @@ class Enforcer:
     def _link_path(self, cgroup_id: int, hook: str) -> str:
         return os.path.join(self.link_dir, f"{cgroup_id}_{hook}")
 
-    def _link_alive(self, cgroup_id: int, hook: str) -> bool:
-        path = self._link_path(cgroup_id, hook)
-        try:
-            fd = bpfsys.obj_get(path)
-        except OSError:
-            return False
-        try:
-            return bpfsys.link_info(fd)[3] == cgroup_id
-        finally:
-            os.close(fd)
-
     # -- attach / detach -------------------------------------------------
 
     def attach(
@@ -209,15 +213,15 @@ class Enforcer:
         with self._lock(), self._objects() as objs:
             if prune:
                 self._prune(objs)
-            if all(self._link_alive(cg.id, h) for h, _, _ in HOOKS):
-                bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
-                bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
+            alive = self._link_progs(cg.id)
+            if len(alive) == len(HOOKS):
+                self._write_policy(objs, key, value)
                 return "updated"
             created: list[tuple[int, str]] = []
             cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for hook, atype, prog in HOOKS:
-                    if self._link_alive(cg.id, hook):
+                    if hook in alive:
                         continue
                     path = self._link_path(cg.id, hook)
                     with contextlib.suppress(FileNotFoundError):
@@ -227,8 +231,7 @@ class Enforcer:
                     bpfsys.obj_pin(lfd, path)
                 # The new storage starts zeroed (inactive): until this write
                 # an ancestor's policy, if any, still covers the cgroup.
-                bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
-                bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
+                self._write_policy(objs, key, value)
             except OSError as e:
                 for lfd, path in created:
                     with contextlib.suppress(OSError):
@@ -243,6 +246,14 @@ class Enforcer:
                 for lfd, _ in created:
                     os.close(lfd)
             return "attached"
+
+    @staticmethod
+    def _write_policy(objs: dict[str, int], key: bytes, value: bytes) -> None:
+        """The attachment's own storage first (sock_ops), then the hash the
+        setsockopt program walks: an ancestor keeps enforcing until both
+        say this cgroup has a policy."""
+        bpfsys.map_update(objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
+        bpfsys.map_update(objs[loader.MAP_POLICIES], key, value)
 
     def _explain(self, e: OSError, cg: Cgroup) -> Exception:
         if e.errno == errno.EPERM:
@@ -421,8 +432,7 @@ class Enforcer:
                     bpfsys.obj_pin(lfd, self._link_path(cg.id, hook) + "_next")
                 # Both versions run now; the old one (attached first) claims
                 # the sockets until it is detached.
-                bpfsys.map_update(cur[loader.MAP_POLICY], key, raw, bpfsys.BPF_EXIST)
-                bpfsys.map_update(cur[loader.MAP_POLICIES], key, raw)
+                self._write_policy(cur, key, raw)
                 for hook, lfd in new:
                     path = self._link_path(cg.id, hook)
                     with contextlib.suppress(OSError):
@@ -464,7 +474,7 @@ class Enforcer:
         """Forget attachments whose cgroup was removed (the kernel already
         detached them) and policies left without links."""
         for cg_id in self._pinned_ids():
-            if not any(self._link_alive(cg_id, h) for h, _, _ in HOOKS):
+            if not self._link_progs(cg_id):
                 self._detach_id(cg_id)
         pinned = self._pinned_ids()
         for key in bpfsys.map_keys(objs[loader.MAP_POLICIES], 8):
@@ -520,18 +530,25 @@ class Enforcer:
                     if raw is not None:
                         _, flags, policy = bpfmaps.decode_policy(raw)
                         managed = bool(flags & bpfmaps.F_MANAGED)
-                    with contextlib.suppress(OSError):
-                        craw = bpfsys.map_lookup(
-                            objs[loader.MAP_COUNTERS],
-                            key,
-                            bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE),
-                        )
-                        if craw is not None:
-                            counters = bpfmaps.decode_counters(craw)
+                    counters = _counters(objs[loader.MAP_COUNTERS], cg_id)
                 out.append(
                     Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs, managed)
                 )
         return out
+
+    def read_counters(self, ids: list[int]) -> dict[int, bpfmaps.Counters]:
+        """Counters of these cgroups (this version's maps).  The kernel frees
+        a cgroup's storage with its last bpfkeep link, so a missing entry
+        also means the policy is no longer attached."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.obj_dir, loader.MAP_COUNTERS))
+        except OSError:
+            return {}
+        try:
+            found = ((i, _counters(fd, i)) for i in ids)
+            return {i: c for i, c in found if c is not None}
+        finally:
+            os.close(fd)
 
     def program_ids(self) -> dict[str, int]:
         """Kernel ids of bpfkeep's loaded programs (to tell ours from others')."""
