@@ -17,7 +17,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -291,29 +290,9 @@ class Session:
         return os.path.relpath(path, self.mount)
 
     def _remove_cgroups(self) -> None:
-        if not os.path.isdir(self.cg_base):
-            return
-        walk = sorted(os.walk(self.cg_base), key=lambda t: -t[0].count("/"))
-        for dirpath, _dirs, _files in walk:
-            with (
-                contextlib.suppress(FileNotFoundError),
-                open(os.path.join(dirpath, "cgroup.procs")) as f,
-            ):
-                for pid in f.read().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-        for dirpath, _dirs, _files in walk:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    os.rmdir(dirpath)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        from bpfkeep.cgroups import remove_tree
+
+        remove_tree(self.cg_base)
 
     # bpfkeep ---------------------------------------------------------------
 

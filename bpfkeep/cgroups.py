@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import signal
 import time
 from collections.abc import Iterable
 
@@ -176,3 +177,15 @@ def remove(path: str, *, evacuate_to: str | None = None, timeout: float = 2.0) -
             if e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def remove_tree(top: str, *, timeout: float = 5.0) -> None:
+    """Kill every process in a scratch cgroup tree and remove it, deepest
+    cgroups first (the tests' and the benchmark's cleanup)."""
+    if not os.path.isdir(top):
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -t[0].count("/")):
+        for pid in procs(dirpath):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        remove(dirpath, timeout=timeout)

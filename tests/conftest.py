@@ -7,13 +7,10 @@ when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,29 +168,9 @@ class Cgroups:
         return os.path.relpath(path, self.mount)
 
     def cleanup(self) -> None:
-        for dirpath, _dirs, _files in sorted(os.walk(self.base), key=lambda t: -t[0].count("/")):
-            for pid in _pids(dirpath):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    os.rmdir(dirpath)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        from bpfkeep.cgroups import remove_tree
 
-
-def _pids(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
+        remove_tree(self.base)
 
 
 @pytest.fixture()
