@@ -137,19 +137,26 @@ int bk_real_setsockopt(int fd, int level, int optname, const void *optval,
 	return (int)syscall(SYS_setsockopt, fd, level, optname, optval, optlen);
 }
 
+/* What connect() and listen() do before the real call: the policy's options
+ * on a TCP socket, when that hook is on; errno left as it was. */
+static void bk_before(int fd, unsigned hook, int side)
+{
+	bk_ready();
+	if (bk_policy.hooks & hook) {
+		int saved = errno;
+
+		if (bk_is_tcp(fd))
+			bk_apply(&bk_policy, fd, side);
+		errno = saved;
+	}
+}
+
 /* Options first, so that TCP_SYNCNT, TCP_USER_TIMEOUT and TCP_MAXSEG
  * govern the handshake.  fd is not checked beyond asking the kernel;
  * addr is never read (a bad pointer must give EFAULT, not a crash). */
 BK_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
-	bk_ready();
-	if (bk_policy.hooks & BK_HOOK_CONNECT) {
-		int saved = errno;
-
-		if (bk_is_tcp(fd))
-			bk_apply(&bk_policy, fd, BK_SIDE_CONNECT);
-		errno = saved;
-	}
+	bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
 	if (real_connect)
 		return real_connect(fd, addr, len);
 	return (int)syscall(SYS_connect, fd, addr, len);
@@ -158,14 +165,7 @@ BK_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 /* Accepted sockets inherit the listener's options. */
 BK_EXPORT int listen(int fd, int backlog)
 {
-	bk_ready();
-	if (bk_policy.hooks & BK_HOOK_LISTEN) {
-		int saved = errno;
-
-		if (bk_is_tcp(fd))
-			bk_apply(&bk_policy, fd, BK_SIDE_LISTEN);
-		errno = saved;
-	}
+	bk_before(fd, BK_HOOK_LISTEN, BK_SIDE_LISTEN);
 	if (real_listen)
 		return real_listen(fd, backlog);
 	return (int)syscall(SYS_listen, fd, backlog);
