@@ -18,8 +18,6 @@ import struct
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
 BPF_CGROUP_SOCK_OPS = 3
 BPF_CGROUP_SETSOCKOPT = 22
-# enum bpf_link_type
-BPF_LINK_TYPE_CGROUP = 3
 BPF_ANY = 0
 BPF_EXIST = 2
 BPF_F_ALLOW_MULTI = 1 << 1
@@ -48,15 +46,11 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_get": (c_int, [c_char_p]),
         "bpf_link_create": (c_int, [c_int, c_int, c_uint, c_void_p]),
         "bpf_link_detach": (c_int, [c_int]),
-        "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
         "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
         "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
-        "bpf_prog_query": (c_int, [c_int, c_uint, ctypes.c_uint32, u32p, u32p, u32p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, u32p]),
-        "bpf_prog_get_fd_by_id": (c_int, [ctypes.c_uint32]),
-        "bpf_link_get_fd_by_id": (c_int, [ctypes.c_uint32]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_uint, c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_uint]),
     }
@@ -88,10 +82,6 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 def link_detach(link_fd: int) -> None:
     _check(_lib().bpf_link_detach(link_fd), "link_detach")
-
-
-def link_update(link_fd: int, prog_fd: int) -> None:
-    _check(_lib().bpf_link_update(link_fd, prog_fd, None), "link_update")
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
@@ -134,20 +124,6 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     return keys
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Program ids attached to a cgroup for one hook, as the kernel lists them."""
-    attach_flags = ctypes.c_uint32(0)
-    cnt = ctypes.c_uint32(64)
-    ids = (ctypes.c_uint32 * 64)()
-    _check(
-        _lib().bpf_prog_query(
-            target_fd, attach_type, 0, ctypes.byref(attach_flags), ids, ctypes.byref(cnt)
-        ),
-        "prog_query",
-    )
-    return list(ids[: cnt.value])
-
-
 def _info(fd: int, size: int) -> bytes:
     buf = ctypes.create_string_buffer(size)
     ln = ctypes.c_uint32(size)
@@ -177,28 +153,3 @@ def link_info(fd: int) -> tuple[int, int, int, int, int]:
     ltype, lid, pid = struct.unpack_from("=III", raw)
     cg_id, atype = struct.unpack_from("=QI", raw, 16)
     return ltype, lid, pid, cg_id, atype
-
-
-def prog_fd_by_id(pid: int) -> int:
-    return _check(_lib().bpf_prog_get_fd_by_id(pid), f"open program id {pid}")
-
-
-class Fd:
-    """An owned file descriptor, closed on exit or ``close()``."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Fd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __int__(self) -> int:
-        return self.fd
