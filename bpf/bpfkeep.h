@@ -13,14 +13,30 @@
 #define BK_F_ACTIVE 0x1	 /* the policy is complete: apply it */
 #define BK_F_ENFORCE 0x2 /* cgroup/setsockopt caps the application's values */
 #define BK_F_MANAGED 0x4 /* owned by bpfkeep daemon (userspace only) */
+#define BK_F_UT_DERIVED 0x8 /* val[USER_TIMEOUT] was derived from the three
+			      * keepalive times, so it follows them when the
+			      * application sets its own */
 
 /* The policy of one attached cgroup.  val[] is indexed by option id; 0
  * leaves the kernel default.  val[BK_OPT_KEEPALIVE] is always 1. */
 struct bk_policy {
 	__u64 cgroup_id; /* the cgroup this policy is attached to */
 	__u32 flags;
+	__u32 gen;   /* changes whenever the values or the mode change */
+	__u32 level; /* depth of the cgroup below the cgroup2 root */
 	__u32 val[BK_NOPT_BPF];
 	__u32 pad;
+};
+
+/* What bpfkeep knows about one socket: kept in the socket itself
+ * (BPF_MAP_TYPE_SK_STORAGE, cloned to the sockets a listener accepts), so
+ * no other tool's program can overwrite it.  The owner is the most specific
+ * policy that covers the socket; every bpfkeep program decides from it. */
+struct bk_sk {
+	__u64 owner; /* cgroup id of the owning policy; 0: none yet */
+	__u32 gen;   /* the owner's bk_policy.gen last applied; 0: not yet */
+	__u16 level; /* the owner's bk_policy.level */
+	__u16 app;   /* bit per option id: the application set it itself */
 };
 
 /* Socket callbacks counted in bk_counters.seen[] */
@@ -43,21 +59,59 @@ struct bk_policy {
 /* Per-CPU counters of one attached cgroup; userspace sums the CPUs. */
 struct bk_counters {
 	__u64 seen[BK_NCB]; /* sockets handled, by callback */
-	__u64 inherited;    /* accepted sockets that already had keepalive
-			     * from their listener: nothing to do */
+	__u64 inherited;    /* accepted sockets whose listener carried this
+			     * very policy already: nothing to do */
 	__u64 applied[BK_NOPT_BPF];
 	__u64 failed[BK_NOPT_BPF][BK_NERR];
 	__u64 rewritten[BK_NOPT_BPF]; /* enforce: application writes capped */
 };
 
-/* Written into bpf_sock_ops.reply (the only writable field there) by the first
- * (most specific) bpfkeep program that handles a socket callback; see
- * keepalive.bpf.c. */
-#define BK_CLAIMED 0x6b656570 /* "keep" */
+/* The sweep of existing sockets (iter/tcp).  Userspace picks the target
+ * sockets by their cookies (inet_diag has each socket's cookie and cgroup
+ * id) and puts one bk_sweep per socket in bk_sweep, keyed by the cookie;
+ * the iterator acts on the sockets it finds there and writes back what
+ * happened and the values in force afterwards. */
+#define BK_SWEEP_APPLY 1 /* apply the owner's policy (mode rules apply) */
+#define BK_SWEEP_UNDO 2	 /* the owner's policy is gone: back to defaults */
+#define BK_SWEEP_READ 3	 /* only read the values in force */
 
-/* Deepest cgroup level the setsockopt program looks at. */
-#define BK_MAX_DEPTH 32
+/* bk_sweep.in_flags */
+#define BK_SWI_SYN_SENT 0x1 /* still connecting: TCP_SYNCNT matters */
+/* bk_sweep.result */
+#define BK_SWR_SEEN 0x1	     /* the iterator found the socket */
+#define BK_SWR_APP_OWN 0x2   /* set mode: the program's own values kept */
+#define BK_SWR_NO_POLICY 0x4 /* the owner has no active policy */
+#define BK_SWR_NO_STORAGE 0x8 /* no room for the socket's record */
+#define BK_SWR_CURRENT 0x10   /* already carried this policy: untouched */
+
+struct bk_sweep {
+	__u64 owner;	/* in: cgroup id of the policy (APPLY, UNDO) */
+	__u32 action;	/* in: BK_SWEEP_* */
+	__u32 in_flags; /* in: BK_SWI_* */
+	__u32 result;	/* out: BK_SWR_* */
+	__u16 applied;	/* out: bit per option id, set by this sweep */
+	__u16 failed;	/* out: bit per option id, refused by the kernel */
+	__u64 rec_owner; /* out: the socket's record afterwards */
+	__u32 rec_gen;
+	__u16 rec_app;
+	__u16 rec_level;
+	__u32 val[BK_NOPT_BPF]; /* in (UNDO): the host defaults;
+				 * out: the values in force afterwards */
+};
+
+/* Sweep counters of one policy (hash by cgroup id; atomic adds). */
+struct bk_sweepstats {
+	__u64 swept;   /* sockets the sweep reached */
+	__u64 app_own; /* set mode: kept the program's own values */
+	__u64 applied[BK_NOPT_BPF];
+	__u64 failed[BK_NOPT_BPF][BK_NERR];
+};
+
+/* Deepest cgroup level bpfkeep accepts a policy at (the level is kept in
+ * a __u16 in bk_sk). */
+#define BK_MAX_DEPTH 1024
 
 #define BK_MAX_POLICIES 16384
+#define BK_MAX_SWEEP 65536 /* sockets per sweep batch */
 
 #endif /* BPFKEEP_H */

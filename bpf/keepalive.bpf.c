@@ -2,15 +2,23 @@
 /*
  * bpfkeep's kernel side: TCP keepalive for every TCP socket of a cgroup.
  *
- * One copy of each program is loaded and pinned; it is attached (bpf_link)
- * to every cgroup that has a policy.  Each attachment finds its own policy
- * and counters through cgroup local storage (keyed by the cgroup id alone,
- * so the sock_ops and setsockopt attachments of one cgroup share them).
- * Userspace changes a policy by updating the map: new sockets see the new
- * values at once, with no re-attach and no gap.
+ * One copy of each program is loaded and pinned; sock_ops and setsockopt
+ * are attached (bpf_link) to every cgroup that has a policy.  Each
+ * attachment finds its own policy and counters through cgroup local
+ * storage (keyed by the cgroup id alone, so the sock_ops and setsockopt
+ * attachments of one cgroup share them).  Userspace changes a policy by
+ * updating the map: new sockets see the new values at once, with no
+ * re-attach and no gap; the sweep (bk_sweep_tcp, an iter/tcp program)
+ * brings the sockets that already exist to the new values.
  *
- * Only UAPI types are used (struct bpf_sock_ops, struct bpf_sockopt), so any
- * distro kernel header set compiles this, whatever kernel is running.
+ * Who owns a socket is written in the socket itself (bk_sk, socket local
+ * storage), never in shared context fields another tool's program may
+ * also write (bpf_sock_ops.reply, the callback flags).
+ *
+ * Only UAPI types are used (struct bpf_sock_ops, struct bpf_sockopt), and
+ * no field of the kernel's struct sock is read: bcc applies no CO-RE
+ * relocation, so any distro kernel header set compiles this, whatever
+ * kernel is running.
  */
 #include <uapi/linux/bpf.h>
 
@@ -32,17 +40,43 @@
 
 BK_CGROUP_STORAGE(bk_policy, struct bk_policy, "cgroup_storage");
 BK_CGROUP_STORAGE(bk_counters, struct bk_counters, "percpu_cgroup_storage");
-/* The same policies keyed by cgroup id, for the setsockopt program's walk
- * up the cgroup tree (local storage cannot be looked up by key in BPF). */
+/* The same policies keyed by cgroup id: a socket's record names its owner,
+ * and any program (or the sweep) finds the owner's policy here. */
 BPF_HASH(bk_policies, __u64, struct bk_policy, BK_MAX_POLICIES);
 
-/* The mark of a listener bpfkeep configured.  RTO_CB is the most benign
- * callback flag to borrow: it adds a callback only when a retransmission
- * timer fires, which every sock_ops program already ignores or handles. */
-#define BK_LISTENER_MARK BPF_SOCK_OPS_RTO_CB_FLAG
+/* One bk_sk per socket.  BPF_F_CLONE: a listener's record is copied to
+ * every socket it accepts (bpf_sk_storage_clone), so an accepted socket
+ * knows which policy, and which generation of it, its listener carried. */
+struct bk_sk_table_t {
+	int key;
+	struct bk_sk leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+__attribute__((section("maps/sk_storage"))) struct bk_sk_table_t bk_sk = {
+	.flags = BPF_F_NO_PREALLOC | BPF_F_CLONE};
+BPF_ANNOTATE_KV_PAIR(bk_sk, int, struct bk_sk);
+
+/* The sweep's work list (cookie -> bk_sweep) and its counters. */
+BPF_HASH(bk_sweep, __u64, struct bk_sweep, BK_MAX_SWEEP);
+BPF_HASH(bk_sweepstats, __u64, struct bk_sweepstats, BK_MAX_POLICIES);
 
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
+
+/* The options that make up "keepalive": a program that sets its own
+ * keepalive keeps all of them in set mode. */
+#define BK_BIT(id) (1u << (id))
+#define BK_TIME_BITS                                                           \
+	(BK_BIT(BK_OPT_KEEPIDLE) | BK_BIT(BK_OPT_KEEPINTVL) |                  \
+	 BK_BIT(BK_OPT_KEEPCNT))
+#define BK_KA_BITS                                                             \
+	(BK_BIT(BK_OPT_KEEPALIVE) | BK_TIME_BITS | BK_BIT(BK_OPT_USER_TIMEOUT))
+#define BK_INT_MAX 0x7fffffff
+
+/* bcc declares bpf_get_socket_cookie as returning u32; cookies are u64. */
+static __u64 (*bk_socket_cookie)(void *sk) = (void *)BPF_FUNC_get_socket_cookie;
 
 static __always_inline int bk_err_bucket(int err)
 {
@@ -65,14 +99,48 @@ static __always_inline int bk_err_bucket(int err)
 	return BK_ERR_OTHER;
 }
 
-/* Set one option if the policy gives it a value; count the outcome.  A
- * refused option (e.g. TCP_MAXSEG before Linux 6.1) is counted, the others
- * are still applied. */
-#define BK_APPLY(ops, p, c, KEY)                                               \
+/* Does a more specific policy than p own the socket?  The kernel runs the
+ * programs of the socket's own cgroup first, then each ancestor's: the
+ * deepest bpfkeep policy claims the socket and the others step aside --
+ * unless that owner has been detached or deactivated meanwhile. */
+static __always_inline int bk_yields(struct bk_sk *s, struct bk_policy *p)
+{
+	struct bk_policy *o;
+	__u64 owner = s->owner;
+
+	if (!owner || owner == p->cgroup_id || s->level <= p->level)
+		return 0;
+	o = bk_policies.lookup(&owner);
+	return o && (o->flags & BK_F_ACTIVE);
+}
+
+/* The user timeout that matches keepalive times, in ms (capped: the
+ * kernel takes an int). */
+static __always_inline __u32 bk_derived_ut(__u32 idle, __u32 intvl, __u32 cnt)
+{
+	__u64 ms = ((__u64)idle + (__u64)intvl * cnt) * 1000;
+
+	return ms > BK_INT_MAX ? BK_INT_MAX : (__u32)ms;
+}
+
+/* Read one option; -1 when the kernel does not say. */
+#define BK_GET(sk, KEY)                                                        \
+	({                                                                     \
+		int v_ = -1;                                                   \
+		if (bpf_getsockopt(sk, BK_##KEY##_LEVEL, BK_##KEY##_OPTNAME,   \
+				   &v_, sizeof(v_)))                           \
+			v_ = -1;                                               \
+		v_;                                                            \
+	})
+
+/* Set the policy's value of one option unless it is 0 or masked; count
+ * the outcome in the per-CPU counters c.  A refused option (e.g.
+ * TCP_MAXSEG before Linux 6.1) is counted, the others are still applied. */
+#define BK_APPLY(sk, p, c, mask, KEY)                                          \
 	do {                                                                   \
 		int v_ = (p)->val[BK_OPT_##KEY];                               \
-		if (v_) {                                                      \
-			int err_ = bpf_setsockopt(ops, BK_##KEY##_LEVEL,       \
+		if (v_ && !((mask) & BK_BIT(BK_OPT_##KEY))) {                  \
+			int err_ = bpf_setsockopt(sk, BK_##KEY##_LEVEL,        \
 						  BK_##KEY##_OPTNAME, &v_,     \
 						  sizeof(v_));                 \
 			if (err_)                                              \
@@ -83,16 +151,42 @@ static __always_inline int bk_err_bucket(int err)
 		}                                                              \
 	} while (0)
 
+/* When the program sets its own keepalive times and the policy's user
+ * timeout was derived from the policy's times, the user timeout follows
+ * the times in force: a dead peer is then dropped after keepidle +
+ * keepintvl * keepcnt of the socket, whoever chose them.  Returns the
+ * helper's result, or 1 when there was nothing to do. */
+static __always_inline int bk_follow_ut(void *sk, struct bk_policy *p,
+					__u16 app)
+{
+	int idle, intvl, cnt, ut;
+
+	if (!(p->flags & BK_F_UT_DERIVED) || !p->val[BK_OPT_USER_TIMEOUT] ||
+	    !(app & BK_TIME_BITS) || (app & BK_BIT(BK_OPT_USER_TIMEOUT)))
+		return 1;
+	idle = BK_GET(sk, KEEPIDLE);
+	intvl = BK_GET(sk, KEEPINTVL);
+	cnt = BK_GET(sk, KEEPCNT);
+	if (idle <= 0 || intvl <= 0 || cnt <= 0)
+		return 1;
+	ut = bk_derived_ut(idle, intvl, cnt);
+	return bpf_setsockopt(sk, BK_USER_TIMEOUT_LEVEL,
+			      BK_USER_TIMEOUT_OPTNAME, &ut, sizeof(ut));
+}
+
 int bk_sockops(struct bpf_sock_ops *ops)
 {
 	struct bk_policy *p;
 	struct bk_counters *c;
+	struct bk_sk *s;
+	struct bpf_sock *sk;
+	__u16 mask = 0;
 	int cb, on = 0;
 
 	/* Only three callbacks matter.  Options set on a listener are
 	 * inherited by the sockets it accepts; PASSIVE_ESTABLISHED catches
-	 * listeners that predate the policy.  ACTIVE_ESTABLISHED is not used:
-	 * CONNECT already ran for that socket. */
+	 * listeners that carry another policy or none.  ACTIVE_ESTABLISHED is
+	 * not used: CONNECT already ran for that socket. */
 	switch (ops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		cb = BK_CB_CONNECT;
@@ -106,83 +200,74 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	default:
 		return 1;
 	}
-	/* The kernel runs the socket's own cgroup's programs first, then each
-	 * ancestor's, all sharing this ctx.  The first bpfkeep program marks
-	 * the callback as handled so that an ancestor's policy cannot
-	 * overwrite the most specific one.  These callbacks have no args and
-	 * ignore the reply, so the mark changes nothing else. */
-	if (ops->reply == BK_CLAIMED || !ops->is_fullsock)
+	if (!ops->is_fullsock)
+		return 1;
+	sk = ops->sk;
+	if (!sk)
 		return 1;
 	p = (struct bk_policy *)bk_policy.get_local_storage(0);
 	c = (struct bk_counters *)bk_counters.get_local_storage(0);
 	if (!p || !c || !(p->flags & BK_F_ACTIVE))
 		return 1;
-	ops->reply = BK_CLAIMED;
+	s = bk_sk.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!s || bk_yields(s, p))
+		return 1;
 	c->seen[cb]++;
 
 	if (cb == BK_CB_PASSIVE) {
-		/* Cloned from a listener that bpfkeep set up: everything was
-		 * inherited.  Such a listener carries a mark in its callback
-		 * flags, which children inherit (tcp_bpf_clone), so this costs
-		 * no helper call -- and in set mode a program that turned
-		 * keepalive off on its listener keeps it off.  A listener older
-		 * than the policy is asked whether it has keepalive (the
-		 * program's own setting wins there too). */
-		if (!(ops->bpf_sock_ops_cb_flags & BK_LISTENER_MARK) &&
-		    (bpf_getsockopt(ops, BK_KEEPALIVE_LEVEL,
-				    BK_KEEPALIVE_OPTNAME, &on, sizeof(on)) ||
-		     !on))
-			goto apply;
-		c->inherited++;
-		return 1;
+		/* The record came with the listener (BPF_F_CLONE).  A listener
+		 * that carries this very policy passed every value on
+		 * (sk_clone_lock copies them): nothing to do, no helper call. */
+		if (s->owner == p->cgroup_id && s->gen == p->gen) {
+			c->inherited++;
+			return 1;
+		}
+		if (!(p->flags & BK_F_ENFORCE)) {
+			/* Set mode: what the program chose on its listener
+			 * stands.  A listener bpfkeep never saw: keepalive it
+			 * turned on itself is its own choice. */
+			mask = s->app;
+			if (!s->owner &&
+			    !bpf_getsockopt(ops, BK_KEEPALIVE_LEVEL,
+					    BK_KEEPALIVE_OPTNAME, &on,
+					    sizeof(on)) &&
+			    on)
+				mask |= BK_KA_BITS;
+			s->app = mask;
+		} else {
+			s->app = 0;
+		}
+	} else {
+		/* CONNECT, LISTEN: the policy replaces what the program set
+		 * before; what it sets afterwards is its own (set mode). */
+		s->app = 0;
 	}
+	s->owner = p->cgroup_id;
+	s->level = p->level;
+	s->gen = p->gen;
 
-apply:
 	/* Times first, SO_KEEPALIVE last: once keepalive is on, each TCP_KEEP*
-	 * write re-arms the keepalive timer (measured, KERNEL-NOTES.md). */
-	BK_APPLY(ops, p, c, KEEPIDLE);
-	BK_APPLY(ops, p, c, KEEPINTVL);
-	BK_APPLY(ops, p, c, KEEPCNT);
-	BK_APPLY(ops, p, c, USER_TIMEOUT);
+	 * write re-arms the keepalive timer (measured: cheaper). */
+	BK_APPLY(ops, p, c, mask, KEEPIDLE);
+	BK_APPLY(ops, p, c, mask, KEEPINTVL);
+	BK_APPLY(ops, p, c, mask, KEEPCNT);
+	BK_APPLY(ops, p, c, mask, USER_TIMEOUT);
 	if (cb == BK_CB_CONNECT)
-		BK_APPLY(ops, p, c, SYNCNT); /* before the SYN goes out */
-	BK_APPLY(ops, p, c, MAXSEG);
-	BK_APPLY(ops, p, c, WINDOW_CLAMP);
-	BK_APPLY(ops, p, c, KEEPALIVE);
-	if (cb == BK_CB_LISTEN)
-		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags |
-						       BK_LISTENER_MARK);
+		BK_APPLY(ops, p, c, mask, SYNCNT); /* before the SYN goes out */
+	BK_APPLY(ops, p, c, mask, MAXSEG);
+	BK_APPLY(ops, p, c, mask, WINDOW_CLAMP);
+	BK_APPLY(ops, p, c, mask, KEEPALIVE);
+	if (mask && bk_follow_ut(ops, p, mask) == 0)
+		c->applied[BK_OPT_USER_TIMEOUT]++;
 	return 1;
-}
-
-/* The cgroup id of the most specific bpfkeep policy for the calling task:
- * the deepest of its cgroup and ancestors that has one (0: none).  Every
- * bpfkeep program in the chain finds the same answer, and only the one
- * attached there acts. */
-static __always_inline __u64 bk_effective_cgroup(void)
-{
-	struct bk_policy *p;
-	__u64 id, best = 0;
-	int level;
-
-#pragma unroll
-	for (level = 0; level < BK_MAX_DEPTH; level++) {
-		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (!id)
-			break;
-		p = bk_policies.lookup(&id);
-		if (p && (p->flags & BK_F_ACTIVE))
-			best = id;
-	}
-	return best;
 }
 
 int bk_setsockopt(struct bpf_sockopt *ctx)
 {
 	struct bk_policy *own;
 	struct bk_counters *c;
+	struct bk_sk *s;
 	struct bpf_sock *sk;
-	__u64 eff;
 	int id, *v;
 
 	if (ctx->level == BK_KEEPALIVE_LEVEL &&
@@ -209,31 +294,58 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	own = (struct bk_policy *)bk_policy.get_local_storage(0);
 	if (!own || !(own->flags & BK_F_ACTIVE))
 		goto pass;
-	/* No policy above the task: the socket is used outside its creator's
-	 * cgroup; the socket's own chain (this program) decides. */
-	eff = bk_effective_cgroup();
-	if ((eff && eff != own->cgroup_id) || !(own->flags & BK_F_ENFORCE))
+	/* This hook runs on the socket's cgroup (not the caller's), most
+	 * specific first; the socket's record says which policy owns it.  A
+	 * socket no bpfkeep program has seen yet is claimed here. */
+	s = bk_sk.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!s || bk_yields(s, own))
 		goto pass;
+	if (s->owner != own->cgroup_id) {
+		s->owner = own->cgroup_id;
+		s->level = own->level;
+		s->gen = 0; /* the policy's values were not applied */
+	}
 
 	v = ctx->optval;
 	if (ctx->optlen < (int)sizeof(*v) || (void *)(v + 1) > ctx->optval_end)
 		goto pass;
-	if (id == BK_OPT_KEEPALIVE) {
-		if (*v != 0)
-			goto pass;
-		*v = 1;
-	} else {
-		__u32 cap = own->val[id & 7];
-		/* TCP_USER_TIMEOUT 0 means "never": above any cap. */
-		if (!cap || (*v > 0 && *v <= (int)cap))
-			goto pass;
-		if (*v < 0 || (*v == 0 && id != BK_OPT_USER_TIMEOUT))
-			goto pass; /* invalid: the kernel refuses it */
-		*v = cap;
+	s->app |= BK_BIT(id);
+	if (own->flags & BK_F_ENFORCE) {
+		if (id == BK_OPT_KEEPALIVE) {
+			if (*v != 0)
+				goto pass;
+			*v = 1;
+		} else {
+			__u32 cap = own->val[id & 7];
+			/* TCP_USER_TIMEOUT 0 means "never": above any cap. */
+			if (!cap || (*v > 0 && *v <= (int)cap))
+				goto follow;
+			if (*v < 0 || (*v == 0 && id != BK_OPT_USER_TIMEOUT))
+				goto pass; /* invalid: the kernel refuses it */
+			*v = cap;
+		}
+		c = (struct bk_counters *)bk_counters.get_local_storage(0);
+		if (c)
+			c->rewritten[id & 7]++;
 	}
-	c = (struct bk_counters *)bk_counters.get_local_storage(0);
-	if (c)
-		c->rewritten[id & 7]++;
+follow:
+	/* The kernel applies the program's value after this hook returns:
+	 * derive the user timeout from the value being written and the
+	 * socket's other two times. */
+	if ((BK_TIME_BITS & BK_BIT(id)) && (own->flags & BK_F_UT_DERIVED) &&
+	    own->val[BK_OPT_USER_TIMEOUT] &&
+	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && *v > 0) {
+		int idle = id == BK_OPT_KEEPIDLE ? *v : BK_GET(sk, KEEPIDLE);
+		int intvl = id == BK_OPT_KEEPINTVL ? *v : BK_GET(sk, KEEPINTVL);
+		int cnt = id == BK_OPT_KEEPCNT ? *v : BK_GET(sk, KEEPCNT);
+
+		if (idle > 0 && intvl > 0 && cnt > 0) {
+			int ut = bk_derived_ut(idle, intvl, cnt);
+
+			bpf_setsockopt(sk, BK_USER_TIMEOUT_LEVEL,
+				       BK_USER_TIMEOUT_OPTNAME, &ut, sizeof(ut));
+		}
+	}
 	return 1;
 
 pass:
@@ -244,4 +356,203 @@ pass:
 	if (ctx->optlen > 4096)
 		ctx->optlen = 0;
 	return 1;
+}
+
+/* --- the sweep of existing sockets ---------------------------------------
+ *
+ * An iter/tcp program walks every TCP socket of the network namespace the
+ * iterator was created in, with the socket locked, and may call
+ * bpf_setsockopt on it (Linux 5.15+; bpf_getsockopt(SO_KEEPALIVE) 6.1+). */
+
+struct bpf_iter_meta;
+struct sock_common;
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+	__u32 uid;
+};
+
+#define BK_SWEEP_SET(tp, e, st, mask, KEY)                                     \
+	do {                                                                   \
+		int v_ = want[BK_OPT_##KEY];                                   \
+		if (v_ >= 0 && !((mask) & BK_BIT(BK_OPT_##KEY))) {             \
+			int err_ = bpf_setsockopt(tp, BK_##KEY##_LEVEL,        \
+						  BK_##KEY##_OPTNAME, &v_,     \
+						  sizeof(v_));                 \
+			if (err_) {                                            \
+				(e)->failed |= BK_BIT(BK_OPT_##KEY);           \
+				if (st)                                        \
+					__sync_fetch_and_add(                  \
+						&(st)->failed[BK_OPT_##KEY]    \
+							     [bk_err_bucket(   \
+								     err_)],   \
+						1);                            \
+			} else {                                               \
+				(e)->applied |= BK_BIT(BK_OPT_##KEY);          \
+				if (st)                                        \
+					__sync_fetch_and_add(                  \
+						&(st)->applied[BK_OPT_##KEY],  \
+						1);                            \
+			}                                                      \
+		}                                                              \
+	} while (0)
+
+#define BK_SWEEP_READ_ALL(tp, e)                                               \
+	do {                                                                   \
+		(e)->val[BK_OPT_KEEPALIVE] = BK_GET(tp, KEEPALIVE);            \
+		(e)->val[BK_OPT_KEEPIDLE] = BK_GET(tp, KEEPIDLE);              \
+		(e)->val[BK_OPT_KEEPINTVL] = BK_GET(tp, KEEPINTVL);            \
+		(e)->val[BK_OPT_KEEPCNT] = BK_GET(tp, KEEPCNT);                \
+		(e)->val[BK_OPT_USER_TIMEOUT] = BK_GET(tp, USER_TIMEOUT);      \
+		(e)->val[BK_OPT_SYNCNT] = BK_GET(tp, SYNCNT);                  \
+		(e)->val[BK_OPT_MAXSEG] = BK_GET(tp, MAXSEG);                  \
+		(e)->val[BK_OPT_WINDOW_CLAMP] = BK_GET(tp, WINDOW_CLAMP);      \
+	} while (0)
+
+/* In enforce mode a value the program chose that is already within the
+ * policy's bound stays; everything else ends at the policy. */
+static __always_inline int bk_within(int cur, __u32 cap, int id)
+{
+	if (id == BK_OPT_USER_TIMEOUT && cur == 0)
+		return 0; /* 0 is "never" */
+	return cur > 0 && cur <= (int)cap;
+}
+
+BPF_ITER(tcp)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct bk_sweepstats *st;
+	struct bk_policy *p;
+	struct bk_sweep *e;
+	struct tcp_sock *tp;
+	struct bk_sk *s;
+	int want[BK_NOPT_BPF];
+	__u64 cookie, owner;
+	__u16 mask = 0, known;
+	int i, ka, enforce;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* TIME_WAIT, NEW_SYN_RECV: not full sockets */
+	cookie = bk_socket_cookie(tp);
+	e = bk_sweep.lookup(&cookie);
+	if (!e)
+		return 0;
+	e->result = BK_SWR_SEEN;
+	owner = e->owner;
+
+	if (e->action == BK_SWEEP_READ)
+		goto read;
+
+	if (e->action == BK_SWEEP_UNDO) {
+		/* Only the options userspace asked to reset, and only on a
+		 * socket this policy owns. */
+		s = bk_sk.sk_storage_get(tp, 0, 0);
+		if (!s || s->owner != owner)
+			goto read;
+#pragma unroll
+		for (i = 0; i < BK_NOPT_BPF; i++)
+			want[i] = (e->in_flags & (1u << (16 + i))) ? (int)e->val[i]
+								  : -1;
+		mask = s->app;
+		st = 0;
+		BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);
+		BK_SWEEP_SET(tp, e, st, mask, KEEPINTVL);
+		BK_SWEEP_SET(tp, e, st, mask, KEEPCNT);
+		BK_SWEEP_SET(tp, e, st, mask, USER_TIMEOUT);
+		BK_SWEEP_SET(tp, e, st, mask, MAXSEG);
+		BK_SWEEP_SET(tp, e, st, mask, KEEPALIVE);
+		bk_sk.sk_storage_delete(tp);
+		goto read;
+	}
+
+	p = bk_policies.lookup(&owner);
+	if (!p || !(p->flags & BK_F_ACTIVE)) {
+		e->result |= BK_SWR_NO_POLICY;
+		goto read;
+	}
+	s = bk_sk.sk_storage_get(tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!s) {
+		e->result |= BK_SWR_NO_STORAGE;
+		goto read;
+	}
+	if (s->owner == owner && s->gen == p->gen) {
+		/* Already under this very policy (its callbacks or an earlier
+		 * sweep): what the program did since stands. */
+		e->result |= BK_SWR_CURRENT;
+		goto read;
+	}
+	st = bk_sweepstats.lookup(&owner);
+	if (st)
+		__sync_fetch_and_add(&st->swept, 1);
+	enforce = p->flags & BK_F_ENFORCE;
+	ka = BK_GET(tp, KEEPALIVE);
+	/* Which options the program chose itself is known only for sockets a
+	 * bpfkeep program saw since they were made. */
+	known = s->owner != 0;
+	if (!known && ka > 0)
+		s->app |= BK_KA_BITS; /* it turned keepalive on itself */
+	if (!enforce) {
+		mask = s->app;
+		if (mask & BK_KA_BITS) {
+			e->result |= BK_SWR_APP_OWN;
+			if (st)
+				__sync_fetch_and_add(&st->app_own, 1);
+		}
+	}
+#pragma unroll
+	for (i = 0; i < BK_NOPT_BPF; i++)
+		want[i] = p->val[i] ? (int)p->val[i] : -1;
+	if (!(e->in_flags & BK_SWI_SYN_SENT))
+		want[BK_OPT_SYNCNT] = -1; /* only counts before the handshake */
+	if (enforce) {
+		/* A tighter value the program chose stands. */
+		int cur;
+
+		cur = BK_GET(tp, KEEPIDLE);
+		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPIDLE))) &&
+		    bk_within(cur, p->val[BK_OPT_KEEPIDLE], BK_OPT_KEEPIDLE))
+			want[BK_OPT_KEEPIDLE] = -1;
+		cur = BK_GET(tp, KEEPINTVL);
+		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPINTVL))) &&
+		    bk_within(cur, p->val[BK_OPT_KEEPINTVL], BK_OPT_KEEPINTVL))
+			want[BK_OPT_KEEPINTVL] = -1;
+		cur = BK_GET(tp, KEEPCNT);
+		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPCNT))) &&
+		    bk_within(cur, p->val[BK_OPT_KEEPCNT], BK_OPT_KEEPCNT))
+			want[BK_OPT_KEEPCNT] = -1;
+		cur = BK_GET(tp, USER_TIMEOUT);
+		if ((!known || (s->app & BK_BIT(BK_OPT_USER_TIMEOUT))) &&
+		    bk_within(cur, p->val[BK_OPT_USER_TIMEOUT],
+			      BK_OPT_USER_TIMEOUT))
+			want[BK_OPT_USER_TIMEOUT] = -1;
+		if (ka > 0)
+			want[BK_OPT_KEEPALIVE] = -1;
+	}
+	s->owner = owner;
+	s->level = p->level;
+	s->gen = p->gen;
+	BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);
+	BK_SWEEP_SET(tp, e, st, mask, KEEPINTVL);
+	BK_SWEEP_SET(tp, e, st, mask, KEEPCNT);
+	BK_SWEEP_SET(tp, e, st, mask, USER_TIMEOUT);
+	BK_SWEEP_SET(tp, e, st, mask, SYNCNT);
+	BK_SWEEP_SET(tp, e, st, mask, MAXSEG);
+	BK_SWEEP_SET(tp, e, st, mask, WINDOW_CLAMP);
+	BK_SWEEP_SET(tp, e, st, mask, KEEPALIVE);
+	if (!enforce && bk_follow_ut(tp, p, mask) == 0)
+		e->applied |= BK_BIT(BK_OPT_USER_TIMEOUT);
+
+read:
+	s = bk_sk.sk_storage_get(tp, 0, 0);
+	if (s) {
+		e->rec_owner = s->owner;
+		e->rec_gen = s->gen;
+		e->rec_app = s->app;
+		e->rec_level = s->level;
+	}
+	BK_SWEEP_READ_ALL(tp, e);
+	return 0;
 }

@@ -151,8 +151,8 @@ def _request(family: int, cgroup_id: int | None, seq: int, states: int = _STATE_
     return hdr + body
 
 
-# (family, state, timer, sport, dport, src, dst, inode, cgroup id)
-_Raw = tuple[int, int, int, int, int, bytes, bytes, int, int]
+# (family, state, timer, sport, dport, src, dst, inode, cgroup id, cookie)
+_Raw = tuple[int, int, int, int, int, bytes, bytes, int, int, int]
 
 
 def _parse(buf: memoryview, n: int, seq: int, out: list[_Raw]) -> bool:
@@ -178,9 +178,23 @@ def _parse(buf: memoryview, n: int, seq: int, out: list[_Raw]) -> bool:
                 raise OSError(-err, os.strerror(-err))
             return True
         elif mtype == SOCK_DIAG_BY_FAMILY:
-            fam, state, timer, _retrans, sp, dp, src, dst, _if, _ck, _exp, _rq, _wq, _uid, ino = (
-                _MSG.unpack_from(buf, body)
-            )
+            (
+                fam,
+                state,
+                timer,
+                _retrans,
+                sp,
+                dp,
+                src,
+                dst,
+                _if,
+                cookie,
+                _exp,
+                _rq,
+                _wq,
+                _uid,
+                ino,
+            ) = _MSG.unpack_from(buf, body)
             cgroup_id = 0
             a, end = body + _MSG.size, off + mlen
             while a + _NLATTR.size <= end:
@@ -192,7 +206,7 @@ def _parse(buf: memoryview, n: int, seq: int, out: list[_Raw]) -> bool:
                     break
                 a += (alen + 3) & ~3
             sport, dport = _PORTS.unpack(sp + dp)
-            out.append((fam, state, timer, sport, dport, src, dst, ino, cgroup_id))
+            out.append((fam, state, timer, sport, dport, src, dst, ino, cgroup_id, cookie))
         off += (mlen + 3) & ~3
     return False
 
@@ -299,7 +313,7 @@ def scan(cgroup_id: int | None = None, *, with_owners: bool = True) -> list[Sock
         ) from None
     own = owners({r[7] for r in raws}) if with_owners else {}
     records = []
-    for fam, st, timer, sport, dport, src, dst, ino, cg in raws:
+    for fam, st, timer, sport, dport, src, dst, ino, cg, _cookie in raws:
         state = STATES.get(st, str(st))
         # An orphaned FIN_WAIT2 socket (closed by its program, no inode)
         # runs its FIN_WAIT2 timeout on sk_timer: that is not keepalive.
@@ -357,7 +371,7 @@ def established_coverage() -> dict[int, tuple[int, int]]:
         ]
     except OSError as e:
         raise EnvironmentProblem(f"cannot read TCP sockets through inet_diag: {e}") from None
-    for _fam, _st, timer, _sp, _dp, _src, _dst, _ino, cg in raws:
+    for _fam, _st, timer, _sp, _dp, _src, _dst, _ino, cg, _cookie in raws:
         c = cov.setdefault(cg, [0, 0])
         if timer not in (TIMER_RETRANSMIT, TIMER_PROBE0):
             c[0] += timer == TIMER_KEEPALIVE

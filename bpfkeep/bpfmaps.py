@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import struct
+import zlib
 
-from bpfkeep.options import BPF_OPTIONS, Policy
+from bpfkeep.options import BPF_OPTIONS, Policy, default_user_timeout
 
 NOPT = len(BPF_OPTIONS)
 F_ACTIVE = 0x1
 F_ENFORCE = 0x2
 F_MANAGED = 0x4  # owned by the daemon; the BPF programs ignore it
+F_UT_DERIVED = 0x8  # the user timeout follows the keepalive times in force
 
 CALLBACKS = ("connect", "listen", "passive_established")
 # Index = BK_ERR_* bucket in bpfkeep.h
@@ -26,29 +28,173 @@ ERRNO_BUCKETS = (
     "EBUSY",
 )
 
-POLICY_FMT = f"=QI{NOPT}II"  # cgroup_id, flags, val[], pad
+POLICY_FMT = f"=QIII{NOPT}II"  # cgroup_id, flags, gen, level, val[], pad
 POLICY_SIZE = struct.calcsize(POLICY_FMT)
+# struct bk_sk: owner, gen, level, app
+SK_FMT = "=QIHH"
+# struct bk_sweep: owner, action, in_flags, result, applied, failed,
+# rec_owner, rec_gen, rec_app, rec_level, val[]
+SWEEP_FMT = f"=QIIIHHQIHH{NOPT}I"
+SWEEP_SIZE = struct.calcsize(SWEEP_FMT)
+SWEEP_APPLY, SWEEP_UNDO, SWEEP_READ = 1, 2, 3
+SWI_SYN_SENT = 0x1
+SWR_SEEN, SWR_APP_OWN, SWR_NO_POLICY, SWR_NO_STORAGE, SWR_CURRENT = 0x1, 0x2, 0x4, 0x8, 0x10
 _NCB = len(CALLBACKS)
 _NERR = len(ERRNO_BUCKETS)
 COUNTERS_WORDS = _NCB + 1 + NOPT + NOPT * _NERR + NOPT
 COUNTERS_SIZE = 8 * COUNTERS_WORDS
 
 
-def encode_policy(
-    cgroup_id: int, policy: Policy, *, active: bool = True, managed: bool = False
-) -> bytes:
-    flags = (F_ACTIVE if active else 0) | (F_ENFORCE if policy.mode == "enforce" else 0)
-    flags |= F_MANAGED if managed else 0
+def policy_flags(policy: Policy) -> int:
+    """The flags the BPF programs act on (not ACTIVE, not MANAGED)."""
+    flags = F_ENFORCE if policy.mode == "enforce" else 0
+    derived = default_user_timeout(policy.keepidle, policy.keepintvl, policy.keepcnt)
+    if policy.user_timeout and policy.user_timeout == derived:
+        flags |= F_UT_DERIVED
+    return flags
+
+
+def policy_gen(policy: Policy) -> int:
+    """A generation number that changes whenever the values or the mode do:
+    a socket whose record carries another generation is brought up to date
+    (an accepted socket, by the sweep).  Never 0, which means "not applied"."""
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
-    return struct.pack(POLICY_FMT, cgroup_id, flags, *vals, 0)
+    raw = struct.pack(f"=I{NOPT}I", policy_flags(policy), *vals)
+    return zlib.crc32(raw) or 1
+
+
+def encode_policy(
+    cgroup_id: int,
+    policy: Policy,
+    *,
+    level: int = 1,
+    active: bool = True,
+    managed: bool = False,
+) -> bytes:
+    """A bk_policy value; ``level`` is the cgroup's depth below the root,
+    so that the most specific of nested policies wins."""
+    flags = policy_flags(policy) | (F_ACTIVE if active else 0) | (F_MANAGED if managed else 0)
+    vals = [policy.value(o.key) for o in BPF_OPTIONS]
+    return struct.pack(POLICY_FMT, cgroup_id, flags, policy_gen(policy), level, *vals, 0)
 
 
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
     """(cgroup id, flags, policy) from a bk_policy value."""
-    cgroup_id, flags, *vals = struct.unpack_from(POLICY_FMT, raw)
+    cgroup_id, flags, _gen, _level, *vals = struct.unpack_from(POLICY_FMT, raw)
     values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
     return cgroup_id, flags, Policy(**values, mode=mode)
+
+
+# The bk_policy layout of bpfkeep 0.1 (no gen, no level): attachments
+# made by it are migrated (Enforcer._migrate_one).
+LEGACY_POLICY_FMT = f"=QI{NOPT}II"
+LEGACY_POLICY_SIZE = struct.calcsize(LEGACY_POLICY_FMT)
+
+
+def decode_any_policy(raw: bytes) -> tuple[int, int, Policy] | None:
+    """decode_policy for this layout or an earlier one; None if unknown."""
+    if len(raw) == POLICY_SIZE:
+        return decode_policy(raw)
+    if len(raw) == LEGACY_POLICY_SIZE:
+        cgroup_id, flags, *vals = struct.unpack_from(LEGACY_POLICY_FMT, raw)
+        values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
+        mode = "enforce" if flags & F_ENFORCE else "set"
+        return cgroup_id, flags, Policy(**values, mode=mode)
+    return None
+
+
+def policy_level(raw: bytes) -> int:
+    return struct.unpack_from(POLICY_FMT, raw)[3]
+
+
+@dataclasses.dataclass
+class SweepEntry:
+    """One socket in the sweep's work list (struct bk_sweep)."""
+
+    owner: int
+    action: int
+    in_flags: int = 0
+    result: int = 0
+    applied: int = 0  # bit per option index in BPF_OPTIONS
+    failed: int = 0
+    rec_owner: int = 0
+    rec_gen: int = 0
+    rec_app: int = 0
+    rec_level: int = 0
+    val: tuple[int, ...] = (0,) * NOPT  # in force afterwards; -1: unknown
+
+    def encode(self) -> bytes:
+        return struct.pack(
+            SWEEP_FMT,
+            self.owner,
+            self.action,
+            self.in_flags,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            *(v & 0xFFFFFFFF for v in self.val),
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SweepEntry:
+        f = struct.unpack_from(SWEEP_FMT, raw)
+        vals = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in f[10:])
+        return cls(*f[:10], val=vals)
+
+    def values(self) -> dict[str, int]:
+        return {o.key: v for o, v in zip(BPF_OPTIONS, self.val, strict=True)}
+
+    @staticmethod
+    def names(bits: int) -> list[str]:
+        return [o.key for i, o in enumerate(BPF_OPTIONS) if bits >> i & 1]
+
+
+def undo_flags(option_keys: list[str]) -> int:
+    """bk_sweep.in_flags bits asking the UNDO action to reset these options."""
+    index = {o.key: i for i, o in enumerate(BPF_OPTIONS)}
+    return sum(1 << (16 + index[k]) for k in option_keys)
+
+
+SWEEPSTATS_WORDS = 2 + NOPT + NOPT * len(ERRNO_BUCKETS)
+SWEEPSTATS_SIZE = 8 * SWEEPSTATS_WORDS
+
+
+@dataclasses.dataclass
+class SweepStats:
+    """Counters of the sweeps of one policy (struct bk_sweepstats)."""
+
+    swept: int
+    app_own: int
+    applied: dict[str, int]
+    failed: dict[tuple[str, str], int]
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SweepStats:
+        words = struct.unpack_from(f"={SWEEPSTATS_WORDS}Q", raw)
+        it = iter(words)
+        swept, app_own = next(it), next(it)
+        names = [o.key for o in BPF_OPTIONS]
+        applied = {n: next(it) for n in names}
+        failed = {}
+        for n in names:
+            for e in ERRNO_BUCKETS:
+                v = next(it)
+                if v:
+                    failed[(n, e)] = v
+        return cls(swept, app_own, applied, failed)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "swept": self.swept,
+            "kept_program_values": self.app_own,
+            "applied": self.applied,
+            "failed": {f"{o}/{e}": n for (o, e), n in self.failed.items()},
+        }
 
 
 @dataclasses.dataclass
@@ -58,6 +204,7 @@ class Counters:
     applied: dict[str, int]
     failed: dict[tuple[str, str], int]  # (option, errno name) -> count
     rewritten: dict[str, int]
+    sweep: SweepStats | None = None  # existing sockets brought to the policy
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -66,6 +213,7 @@ class Counters:
             "applied": self.applied,
             "failed": {f"{o}/{e}": n for (o, e), n in self.failed.items()},
             "rewritten": self.rewritten,
+            "sweep": self.sweep.as_dict() if self.sweep else None,
         }
 
 

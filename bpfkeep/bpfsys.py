@@ -18,6 +18,7 @@ import struct
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
 BPF_CGROUP_SOCK_OPS = 3
 BPF_CGROUP_SETSOCKOPT = 22
+BPF_TRACE_ITER = 28
 BPF_ANY = 0
 BPF_EXIST = 2
 BPF_F_ALLOW_MULTI = 1 << 1
@@ -53,6 +54,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, u32p]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_uint, c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_uint]),
+        "bpf_iter_create": (c_int, [c_int]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -78,6 +80,26 @@ def obj_get(path: str) -> int:
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "link_create")
+
+
+def iter_run(prog_fd: int) -> None:
+    """Run an iterator program once over its target, in the calling
+    thread's network namespace: the kernel walks the objects (and runs the
+    program on each) as the iterator fd is read to its end."""
+    lfd = _check(_lib().bpf_link_create(prog_fd, 0, BPF_TRACE_ITER, None), "link_create (iterator)")
+    try:
+        ifd = _check(_lib().bpf_iter_create(lfd), "iter_create")
+        try:
+            while True:
+                try:
+                    if not os.read(ifd, 65536):
+                        return
+                except InterruptedError:
+                    continue
+        finally:
+            os.close(ifd)
+    finally:
+        os.close(lfd)
 
 
 def link_detach(link_fd: int) -> None:

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cgroup v2 path, absolute or relative to the cgroup2 mount",
     )
     a.add_argument("--force", action="store_true", help="allow the root cgroup")
+    a.add_argument(
+        "--no-existing",
+        action="store_true",
+        help="leave the TCP sockets that already exist as they are (by default "
+        "they are brought to the policy too: Linux 5.15+)",
+    )
     add_policy_arguments(a)
 
     d = sub.add_parser("detach", help="remove bpfkeep's programs from a cgroup")
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="every bpfkeep attachment, and unpin the programs (uninstall)",
     )
     d.add_argument("--force", action="store_true", help="allow the root cgroup")
+    d.add_argument(
+        "--no-existing",
+        action="store_true",
+        help="leave listeners with the values the policy gave them (by default they "
+        "go back to the defaults, or to an ancestor's policy, so that the "
+        "connections they accept from now on no longer get it)",
+    )
 
     s = sub.add_parser("status", help="cgroups with a bpfkeep policy, with counters")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -189,7 +202,28 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
             print(f"  failed:    {failed or '-'}", file=out)
             rewritten = " ".join(f"{k}={v}" for k, v in c.rewritten.items() if v)
             print(f"  rewritten: {rewritten or '-'}", file=out)
+            if c.sweep:
+                s = c.sweep
+                sw_applied = " ".join(f"{k}={v}" for k, v in s.applied.items() if v)
+                sw_failed = " ".join(f"{o}/{e}={n}" for (o, e), n in s.failed.items())
+                print(
+                    f"  existing:  swept={s.swept} kept_program_values={s.app_own} "
+                    f"applied: {sw_applied or '-'} failed: {sw_failed or '-'}",
+                    file=out,
+                )
     return 0
+
+
+def _sweep(enf, cg) -> None:
+    """Bring the sockets that exist already to the policy just attached."""
+    from bpfkeep.sweep import SweepUnavailable
+
+    try:
+        report = enf.sweep([cg])
+    except SweepUnavailable as e:
+        print(f"bpfkeep: notice: {e}", file=sys.stderr)
+        return
+    print(f"  {report.summary()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,9 +290,11 @@ def dispatch(args: argparse.Namespace) -> int:
         policy = policy_from_args(args)
         what = enf.attach(cg, policy)
         print(f"{what} {cg.display}: {_fmt_policy(policy)} mode={policy.mode}")
+        if not args.no_existing:
+            _sweep(enf, cg)
         return 0
     if args.command == "detach":
-        if enf.detach(cg):
+        if enf.detach(cg, existing=not args.no_existing):
             print(f"detached {cg.display}")
         else:
             print(f"{cg.display} had no bpfkeep policy")

@@ -29,7 +29,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 
-from bpfkeep import bpfmaps, bpfsys, loader
+from bpfkeep import bpfmaps, bpfsys, loader, sweep
 from bpfkeep.cgroups import Cgroup, by_ids, cgroup2_mount
 from bpfkeep.errors import EnvironmentProblem, PermissionProblem
 from bpfkeep.options import Policy
@@ -43,6 +43,11 @@ HOOKS = (
 
 # Capability bits (include/uapi/linux/capability.h)
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+
+
+def cgroup_level(cg: Cgroup) -> int:
+    """Depth below the cgroup2 root: the deepest policy wins."""
+    return len(cg.rel.split("/")) if cg.rel else 0
 
 
 def pin_dir_default() -> str:
@@ -126,6 +131,29 @@ def _counters(map_fd: int, cgroup_id: int) -> bpfmaps.Counters | None:
     return None
 
 
+def _nearest_ancestor(cg: Cgroup, live: set[int]) -> int | None:
+    """The cgroup id of the nearest ancestor of ``cg`` with a policy."""
+    path = os.path.dirname(cg.path)
+    mount = cg.path[: len(cg.path) - len(cg.rel)].rstrip("/") if cg.rel else cg.path
+    while len(path) >= len(mount) and path != cg.path:
+        with contextlib.suppress(OSError):
+            ino = os.stat(path).st_ino
+            if ino in live:
+                return ino
+        if path == mount:
+            break
+        path = os.path.dirname(path)
+    return None
+
+
+def _sweepstats(map_fd: int, cgroup_id: int) -> bpfmaps.SweepStats | None:
+    with contextlib.suppress(OSError):
+        raw = bpfsys.map_lookup(map_fd, struct.pack("=Q", cgroup_id), bpfmaps.SWEEPSTATS_SIZE)
+        if raw is not None:
+            return bpfmaps.SweepStats.decode(raw)
+    return None
+
+
 @dataclasses.dataclass
 class Attachment:
     cgroup_id: int
@@ -184,10 +212,19 @@ class Enforcer:
 
     @contextlib.contextmanager
     def _objects(self, obj_dir: str | None = None) -> Iterator[dict[str, int]]:
+        """Open the pinned objects.  This version's set must be complete;
+        an older version's set (obj_dir given) may lack objects added since,
+        and callers look for what they need."""
         fds: dict[str, int] = {}
         try:
-            for name in loader.OBJECTS:
-                fds[name] = bpfsys.obj_get(os.path.join(obj_dir or self.obj_dir, name))
+            for name in (*loader.OBJECTS, loader.PROG_SWEEP):
+                path = os.path.join(obj_dir or self.obj_dir, name)
+                try:
+                    fds[name] = bpfsys.obj_get(path)
+                except OSError as e:
+                    optional = name == loader.PROG_SWEEP or obj_dir not in (None, self.obj_dir)
+                    if not (optional and e.errno == errno.ENOENT):
+                        raise
             yield fds
         finally:
             for fd in fds.values():
@@ -204,12 +241,13 @@ class Enforcer:
         """Attach or update; returns "attached" or "updated".
 
         Update is two map writes, no re-attach: new sockets get the new
-        values with no gap.  A first attach either completes or leaves
+        values with no gap (the sockets that exist already are brought to
+        them by :meth:`sweep`).  A first attach either completes or leaves
         nothing behind.  ``managed`` marks the attachment as the daemon's.
         """
         self.prepare()
         key = struct.pack("=Q", cg.id)
-        value = bpfmaps.encode_policy(cg.id, policy, managed=managed)
+        value = bpfmaps.encode_policy(cg.id, policy, level=cgroup_level(cg), managed=managed)
         with self._lock(), self._objects() as objs:
             if prune:
                 self._prune(objs)
@@ -217,6 +255,9 @@ class Enforcer:
             if len(alive) == len(HOOKS):
                 self._write_policy(objs, key, value)
                 return "updated"
+            # A new attachment counts from zero (cgroup storage is new too).
+            with contextlib.suppress(OSError):
+                bpfsys.map_delete(objs[loader.MAP_SWEEPSTATS], key)
             created: list[tuple[int, str]] = []
             cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -266,13 +307,56 @@ class Enforcer:
             return EnvironmentProblem(f"{cg.display}: 64 programs already attached")
         return EnvironmentProblem(f"{cg.display}: attaching failed: {e}")
 
-    def detach(self, cg: Cgroup) -> bool:
-        """Remove bpfkeep's programs from a cgroup; others' stay."""
+    def detach(self, cg: Cgroup, *, existing: bool = True) -> bool:
+        """Remove bpfkeep's programs from a cgroup; others' stay.
+
+        With ``existing``, the listeners the policy configured stop passing
+        its values on to the sockets they accept: they take the policy of
+        the nearest ancestor with one, or the namespace's defaults (the
+        options their program set itself stay).  Established connections
+        keep the values they have."""
         require_privileges()
         if not os.path.isdir(self.link_dir):
             return False
+        policy = next(
+            (a.policy for a in self.attachments({cg.id: cg}) if a.cgroup_id == cg.id), None
+        )
         with self._lock():
-            return self._detach_id(cg.id)
+            found = self._detach_id(cg.id)
+        if found and existing and policy is not None:
+            with contextlib.suppress(sweep.SweepUnavailable):
+                self._sweep_after_detach(cg, policy)
+        return found
+
+    # -- existing sockets --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _sweeper(self) -> Iterator[sweep.Sweeper]:
+        with self._lock(), self._objects() as objs:
+            yield sweep.Sweeper(objs, objs.get(loader.PROG_SWEEP))
+
+    def live_ids(self) -> set[int]:
+        """Cgroup ids whose bpfkeep links are attached."""
+        return {i for i in self._pinned_ids() if len(self._link_progs(i)) == len(HOOKS)}
+
+    def sweep(self, cgs: list[Cgroup]) -> sweep.Report:
+        """Bring every existing TCP socket of these attached cgroups and
+        their descendants to the policy that covers it (bpfkeep.sweep).
+        Raises SweepUnavailable on a kernel that cannot."""
+        self.prepare()
+        with self._sweeper() as sw:
+            sc = sweep.scope(cgs, self.live_ids())
+            return sweep.sweep(sw, sc, sweep.apply_entry)
+
+    def _sweep_after_detach(self, cg: Cgroup, policy: Policy) -> sweep.Report:
+        live = self.live_ids()
+        above = _nearest_ancestor(cg, live)
+        with self._sweeper() as sw:
+            if above is not None:
+                sc = sweep.scope([cg], live, owner=above)
+                return sweep.sweep(sw, sc, sweep.apply_entry)
+            sc = sweep.scope([cg], live)
+            return sweep.sweep(sw, sc, sweep.undo_entry(policy), states=(sweep.LISTEN,))
 
     def detach_id(self, cgroup_id: int) -> bool:
         """Detach by cgroup id (the cgroup may already be gone)."""
@@ -289,6 +373,8 @@ class Enforcer:
                 # Reverse of attach: an ancestor's policy takes over first.
                 found |= bpfsys.map_delete(objs[loader.MAP_POLICIES], key)
                 self._deactivate(objs, key)
+                if loader.MAP_SWEEPSTATS in objs:
+                    bpfsys.map_delete(objs[loader.MAP_SWEEPSTATS], key)
         for hook, _, _ in HOOKS:
             path = self._link_path(cgroup_id, hook)
             try:
@@ -418,11 +504,20 @@ class Enforcer:
     def _migrate_one(self, cg: Cgroup, old_dir: str, cur: dict[str, int]) -> None:
         key = struct.pack("=Q", cg.id)
         with self._objects(old_dir) as old:
-            if bpfsys.map_info(old[loader.MAP_POLICIES])[3] != bpfmaps.POLICY_SIZE:
-                return  # another policy layout: left running as it is
-            raw = bpfsys.map_lookup(old[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+            size = bpfsys.map_info(old[loader.MAP_POLICIES])[3]
+            raw = bpfsys.map_lookup(old[loader.MAP_POLICIES], key, size)
             if raw is None:
                 return
+            decoded = bpfmaps.decode_any_policy(raw)
+            if decoded is None:
+                return  # a layout this version does not know: left running as it is
+            _, flags, policy = decoded
+            raw = bpfmaps.encode_policy(
+                cg.id,
+                policy,
+                level=cgroup_level(cg),
+                managed=bool(flags & bpfmaps.F_MANAGED),
+            )
             cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
             new: list[tuple[str, int]] = []
             try:
@@ -509,9 +604,7 @@ class Enforcer:
                     return None
                 if obj_dir not in opened:
                     try:
-                        objs = stack.enter_context(self._objects(obj_dir))
-                        sizes = bpfsys.map_info(objs[loader.MAP_POLICIES])[3]
-                        opened[obj_dir] = objs if sizes == bpfmaps.POLICY_SIZE else None
+                        opened[obj_dir] = stack.enter_context(self._objects(obj_dir))
                     except OSError:
                         opened[obj_dir] = None
                 return opened[obj_dir]
@@ -526,11 +619,15 @@ class Enforcer:
                 policy = counters = None
                 managed = False
                 if objs is not None:
-                    raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
-                    if raw is not None:
-                        _, flags, policy = bpfmaps.decode_policy(raw)
+                    size = bpfsys.map_info(objs[loader.MAP_POLICIES])[3]
+                    raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, size)
+                    decoded = bpfmaps.decode_any_policy(raw) if raw is not None else None
+                    if decoded is not None:
+                        _, flags, policy = decoded
                         managed = bool(flags & bpfmaps.F_MANAGED)
                     counters = _counters(objs[loader.MAP_COUNTERS], cg_id)
+                    if counters is not None and loader.MAP_SWEEPSTATS in objs:
+                        counters.sweep = _sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
                 out.append(
                     Attachment(cg_id, cgs.get(cg_id), policy, counters, links, progs, managed)
                 )
@@ -545,10 +642,21 @@ class Enforcer:
         except OSError:
             return {}
         try:
-            found = ((i, _counters(fd, i)) for i in ids)
-            return {i: c for i, c in found if c is not None}
+            sfd = bpfsys.obj_get(os.path.join(self.obj_dir, loader.MAP_SWEEPSTATS))
+        except OSError:
+            sfd = -1
+        try:
+            found = {}
+            for i in ids:
+                c = _counters(fd, i)
+                if c is not None:
+                    c.sweep = _sweepstats(sfd, i) if sfd >= 0 else None
+                    found[i] = c
+            return found
         finally:
             os.close(fd)
+            if sfd >= 0:
+                os.close(sfd)
 
     def program_ids(self) -> dict[str, int]:
         """Kernel ids of bpfkeep's loaded programs (to tell ours from others')."""

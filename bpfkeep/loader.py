@@ -23,7 +23,23 @@ PROG_SETSOCKOPT = "prog_setsockopt"
 MAP_POLICY = "map_policy"  # cgroup storage: the attachment's own policy
 MAP_COUNTERS = "map_counters"  # per-CPU cgroup storage
 MAP_POLICIES = "map_policies"  # hash cgroup id -> policy
-OBJECTS = (PROG_SOCKOPS, PROG_SETSOCKOPT, MAP_POLICY, MAP_COUNTERS, MAP_POLICIES)
+MAP_SK = "map_sk"  # socket storage: each socket's owner (struct bk_sk)
+MAP_SWEEP = "map_sweep"  # hash cookie -> struct bk_sweep: the sweep's work list
+MAP_SWEEPSTATS = "map_sweepstats"  # hash cgroup id -> sweep counters
+# The sweep of existing sockets (iter/tcp).  Optional: a kernel that
+# cannot load it (before 5.15) still gets the cgroup programs; the sweep
+# then says so once (bpfkeep.sweep).
+PROG_SWEEP = "prog_sweep"
+OBJECTS = (
+    PROG_SOCKOPS,
+    PROG_SETSOCKOPT,
+    MAP_POLICY,
+    MAP_COUNTERS,
+    MAP_POLICIES,
+    MAP_SK,
+    MAP_SWEEP,
+    MAP_SWEEPSTATS,
+)
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
 
 
@@ -72,7 +88,7 @@ def _compile_and_pin(obj_dir: str) -> None:
             attach_type=BPFAttachType.CGROUP_SETSOCKOPT,
         )
     except Exception as e:  # bcc raises bare Exception
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        msg = _last_line(e)
         if "Operation not permitted" in msg or ("Permission denied" in msg and os.geteuid()):
             raise PermissionProblem(
                 f"loading the BPF programs was refused ({msg}): it needs root "
@@ -81,10 +97,18 @@ def _compile_and_pin(obj_dir: str) -> None:
             ) from None
         raise EnvironmentProblem(f"loading the BPF programs failed: {msg}") from None
     fds = {PROG_SOCKOPS: sockops.fd, PROG_SETSOCKOPT: setsockopt.fd}
+    sweep_error = ""
+    try:
+        fds[PROG_SWEEP] = b.load_func(b"bpf_iter__tcp", BPF.TRACING).fd
+    except Exception as e:  # bcc raises bare Exception
+        sweep_error = _last_line(e)
     for pinned, name in (
         (MAP_POLICY, b"bk_policy"),
         (MAP_COUNTERS, b"bk_counters"),
         (MAP_POLICIES, b"bk_policies"),
+        (MAP_SK, b"bk_sk"),
+        (MAP_SWEEP, b"bk_sweep"),
+        (MAP_SWEEPSTATS, b"bk_sweepstats"),
     ):
         fd = libbcc.bpf_table_fd(b.module, name)
         if fd < 0:
@@ -93,11 +117,20 @@ def _compile_and_pin(obj_dir: str) -> None:
     # bpffs cannot rename, so pin in place; the caller holds the pin
     # directory's lock and load() treats a partial set as absent.
     os.makedirs(obj_dir, exist_ok=True)
-    for name in OBJECTS:
+    for name in (*OBJECTS, PROG_SWEEP):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(obj_dir, name))
-    for name in OBJECTS:
+    if PROG_SWEEP in fds:
+        bpfsys.obj_pin(fds[PROG_SWEEP], os.path.join(obj_dir, PROG_SWEEP))
+    else:
+        print(f"bpfkeep: notice: the sweep program did not load: {sweep_error}", file=sys.stderr)
+    for name in OBJECTS:  # the complete set last: load() tests for it
         bpfsys.obj_pin(fds[name], os.path.join(obj_dir, name))
+
+
+def _last_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else repr(e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,9 @@ def pin_dir(bpffs, shared_objects) -> Iterator[str]:
     # Same programs and maps, pinned again under this directory.
     from bpfkeep import bpfsys, loader
 
-    for name in loader.OBJECTS:
+    for name in (*loader.OBJECTS, loader.PROG_SWEEP):
+        if not os.path.exists(os.path.join(shared_objects, name)):
+            continue  # a kernel without the sweep
         fd = bpfsys.obj_get(os.path.join(shared_objects, name))
         try:
             bpfsys.obj_pin(fd, os.path.join(obj_dir, name))
@@ -188,7 +190,13 @@ def cgroups() -> Iterator[Cgroups]:
 class Probe:
     """A sockprobe process, optionally started inside a cgroup / netns."""
 
-    def __init__(self, argv: list[str], cgroup: str | None = None, netns: str | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        cgroup: str | None = None,
+        netns: str | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ):
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         pre = None
@@ -207,6 +215,7 @@ class Probe:
             text=True,
             preexec_fn=pre,
             bufsize=1,
+            pass_fds=pass_fds,
         )
         self._reader = LineReader(self.proc)
 
@@ -245,8 +254,13 @@ class Probe:
 def spawn() -> Iterator:
     started: list[Probe] = []
 
-    def make(argv: list[str], cgroup: str | None = None, netns: str | None = None) -> Probe:
-        p = Probe(argv, cgroup, netns)
+    def make(
+        argv: list[str],
+        cgroup: str | None = None,
+        netns: str | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> Probe:
+        p = Probe(argv, cgroup, netns, pass_fds)
         started.append(p)
         return p
 

@@ -115,7 +115,9 @@ def test_audit_sees_covered_uncovered_and_pre_policy_sockets(
         listen(spawn, probes, servers_cg, host) for _ in range(3)
     )
     before = connect(spawn, probes, port_a, inside, host)  # before the policy
-    bk("attach", "--cgroup", cgroups.rel(inside), "--keepidle", "30")
+    # --no-existing: the sockets made before the attach stay as they were,
+    # which is what the audit must show.
+    bk("attach", "--cgroup", cgroups.rel(inside), "--no-existing", "--keepidle", "30")
     after = connect(spawn, probes, port_b, inside, host)
     other = connect(spawn, probes, port_c, outside, host)
     wait_accepted(srv_a, srv_b, srv_c)
@@ -376,8 +378,8 @@ def test_parse_decodes_ports_addresses_and_cgroup_id():
     out: list = []
     assert audit._parse(memoryview(buf), len(buf), 1, out) is True
     assert out[0][:5] == (socket.AF_INET, 1, 2, 40000, 5432)
-    assert out[0][7:] == (99, 4242)
-    assert out[1][7:] == (7, 0)  # no INET_DIAG_CGROUP_ID: unknown
+    assert out[0][7:9] == (99, 4242)
+    assert out[1][7:9] == (7, 0)  # no INET_DIAG_CGROUP_ID: unknown
     assert audit._address(socket.AF_INET, out[0][5], 40000) == "10.1.2.3:40000"
     assert audit._address(socket.AF_INET6, out[1][5], 443) == "[::1]:443"
     assert audit._address(socket.AF_INET6, out[1][6], 0) == "[::]:*"

@@ -82,14 +82,17 @@ def test_static_client_gets_every_option_only_inside(bk, cgroups, spawn, probes,
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-@pytest.mark.parametrize("listener_first", [True, False], ids=["listener-before", "listener-after"])
+@pytest.mark.parametrize(
+    "listener_first", [True, False, "unswept"], ids=["listener-before", "listener-after", "unswept"]
+)
 def test_server_side(bk, cgroups, spawn, probes, host, listener_first):
     inside = cgroups.make("srv")
     if listener_first:
         srv = spawn([probes["static"], "accept", host, "0", "hold"], cgroup=inside)
         port = int(srv.expect("ready").split()[1])
         assert_untouched(srv.values("listener"))
-        bk("attach", "--cgroup", cgroups.rel(inside), *policy_args(**ALL))
+        existing = ["--no-existing"] if listener_first == "unswept" else []
+        bk("attach", "--cgroup", cgroups.rel(inside), *existing, *policy_args(**ALL))
         srv.send_line()
     else:
         bk("attach", "--cgroup", cgroups.rel(inside), *policy_args(**ALL))
@@ -105,11 +108,16 @@ def test_server_side(bk, cgroups, spawn, probes, host, listener_first):
     status = json.loads(bk("status", "--json").stdout)
     (att,) = status
     seen = att["counters"]["seen"]
-    if listener_first:
-        # The listener predates the policy: the accepted socket was set at
-        # PASSIVE_ESTABLISHED.
+    if listener_first == "unswept":
+        # The listener predates the policy and was left alone: the
+        # accepted socket was set at PASSIVE_ESTABLISHED.
         assert seen == {"connect": 0, "listen": 0, "passive_established": 1}
         assert att["counters"]["inherited"] == 0
+    elif listener_first:
+        # The sweep gave the older listener the policy: inherited.
+        assert seen == {"connect": 0, "listen": 0, "passive_established": 1}
+        assert att["counters"]["inherited"] == 1
+        assert att["counters"]["sweep"]["swept"] == 1
     else:
         # Set on the listener, inherited by the accepted socket.
         assert seen == {"connect": 0, "listen": 1, "passive_established": 1}

@@ -4,6 +4,7 @@ lookup, path resolution and the map layouts."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -112,20 +113,45 @@ def test_struct_layouts_match_the_bpf_header(tmp_path):
     src = tmp_path / "sizes.c"
     src.write_text(
         '#include <stdio.h>\n#include <linux/types.h>\n#include "bpfkeep.h"\n'
-        'int main(void) { printf("%zu %zu\\n", sizeof(struct bk_policy), '
-        "sizeof(struct bk_counters)); return 0; }\n"
+        'int main(void) { printf("%zu %zu %zu %zu %zu\\n", sizeof(struct bk_policy), '
+        "sizeof(struct bk_counters), sizeof(struct bk_sk), sizeof(struct bk_sweep), "
+        "sizeof(struct bk_sweepstats)); return 0; }\n"
     )
     exe = tmp_path / "sizes"
     subprocess.run(["gcc", f"-I{REPO / 'bpf'}", "-o", str(exe), str(src)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(bpfmaps.POLICY_SIZE), str(bpfmaps.COUNTERS_SIZE)]
+    sizes = [
+        bpfmaps.POLICY_SIZE,
+        bpfmaps.COUNTERS_SIZE,
+        struct.calcsize(bpfmaps.SK_FMT),
+        bpfmaps.SWEEP_SIZE,
+        bpfmaps.SWEEPSTATS_SIZE,
+    ]
+    assert out.split() == [str(n) for n in sizes]
 
 
 def test_policy_round_trips_through_map_encoding():
     p = Policy.from_mapping({"keepidle": 9, "maxseg": 1400, "mode": "enforce"})
     cg, flags, back = bpfmaps.decode_policy(bpfmaps.encode_policy(1234, p))
-    assert cg == 1234 and flags == bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE
-    assert back == p
+    # keepidle 9 with the default 15 x 9 derives the user timeout: it
+    # follows the times the program sets (F_UT_DERIVED).
+    assert flags == bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE | bpfmaps.F_UT_DERIVED
+    assert cg == 1234 and back == p
+    explicit = Policy.from_mapping({"user_timeout": 5000})
+    _, flags, _ = bpfmaps.decode_policy(bpfmaps.encode_policy(1, explicit))
+    assert flags == bpfmaps.F_ACTIVE
+    assert bpfmaps.policy_gen(p) != bpfmaps.policy_gen(explicit)
+    assert bpfmaps.policy_gen(p) == bpfmaps.policy_gen(Policy.from_mapping(p.as_dict()))
+
+
+def test_legacy_policy_layout_still_decodes():
+    p = Policy.from_mapping({"keepidle": 9, "mode": "enforce"})
+    vals = [p.value(o.key) for o in bpfmaps.BPF_OPTIONS]
+    legacy = struct.pack(
+        bpfmaps.LEGACY_POLICY_FMT, 77, bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE, *vals, 0
+    )
+    assert bpfmaps.decode_any_policy(legacy) == (77, bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE, p)
+    assert bpfmaps.decode_any_policy(b"\0" * 13) is None
 
 
 def test_counters_summed_over_cpus():

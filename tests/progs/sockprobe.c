@@ -5,14 +5,20 @@
  *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold]
  *   sockprobe listen ADDR PORT [set OPT=VAL]... [hold]
  *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on
- * stdin) sockprobe wait ADDR PORT [send N]   (connect, wait for a line on
- * stdin, maybe send N bytes, then block in recv)
+ *                                        stdin)
+ *   sockprobe wait ADDR PORT [send N]   (connect, wait for a line on stdin,
+ *                                        maybe send N bytes, block in recv)
+ *   sockprobe activated - 0 [hold]      (systemd socket activation: accept on
+ *                                        the listener passed as fd 3 with
+ *                                        LISTEN_FDS=1, LISTEN_PID=own pid)
  *
  * Prints "ready PORT" once listening / connected, then one line per socket:
  *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
  *          syncnt=.. maxseg=.. window_clamp=..
  * "set" lines report each setsockopt: "set OPT=VAL rc=0|errno".
- * "hold" keeps the sockets open until stdin closes (for ss from outside).
+ * "hold" keeps the sockets open until stdin closes (for ss from outside);
+ * each line read meanwhile prints "now-<role> ..." again for every socket,
+ * with the values in force at that moment.
  * "wait" prints "recv rc=.. errno=NAME elapsed=SECONDS".
  */
 #include <arpa/inet.h>
@@ -115,11 +121,18 @@ static int make_addr(const char *host, int port, struct sockaddr_storage *ss,
 	exit(2);
 }
 
-static void hold(void)
+static void hold(const char *role1, int fd1, const char *role2, int fd2)
 {
-	char buf[256];
-	while (fgets(buf, sizeof(buf), stdin))
-		;
+	char buf[256], name[64];
+
+	while (fgets(buf, sizeof(buf), stdin)) {
+		snprintf(name, sizeof(name), "now-%s", role1);
+		report(name, fd1);
+		if (fd2 >= 0) {
+			snprintf(name, sizeof(name), "now-%s", role2);
+			report(name, fd2);
+		}
+	}
 }
 
 static double now(void)
@@ -141,6 +154,23 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (!strcmp(argv[1], "activated")) {
+		const char *pid = getenv("LISTEN_PID");
+		const char *n = getenv("LISTEN_FDS");
+		if (!pid || atoi(pid) != getpid() || !n || atoi(n) != 1) {
+			fprintf(stderr, "sockprobe: no LISTEN_FDS=1 for me\n");
+			return 2;
+		}
+		printf("ready activated\n");
+		report("listener", 3);
+		int c = accept(3, NULL, NULL);
+		if (c < 0)
+			die("accept");
+		report("accepted", c);
+		if (has(argc, argv, "hold"))
+			hold("accepted", c, "listener", 3);
+		return 0;
+	}
 	int fam = make_addr(argv[2], atoi(argv[3]), &ss, &len);
 	int fd = socket(fam, SOCK_STREAM, 0);
 	if (fd < 0)
@@ -155,7 +185,7 @@ int main(int argc, char **argv)
 			apply_sets(fd, argc - 4, argv + 4);
 			report("client-after", fd);
 			if (has(argc, argv, "hold"))
-				hold();
+				hold("client", fd, NULL, -1);
 			return 0;
 		}
 		report("client", fd);
@@ -204,6 +234,6 @@ int main(int argc, char **argv)
 		die("accept");
 	report("accepted", c);
 	if (has(argc, argv, "hold"))
-		hold();
+		hold("accepted", c, "listener", fd);
 	return 0;
 }

@@ -1,0 +1,416 @@
+"""The sweep: bring the TCP sockets that already exist to a policy.
+
+sock_ops runs only at a socket's callbacks (connect, listen, accept), so a
+connection established before its policy was attached -- the one hanging
+on a dead peer right now, when an operator reaches for bpfkeep -- is never
+seen by it.  The sweep closes that gap, and carries policy updates to the
+sockets that exist:
+
+1. **Scope.**  The attached cgroups being swept and all their descendants;
+   each cgroup belongs to the deepest bpfkeep policy above it.
+2. **Targets.**  inet_diag lists every TCP socket of a network namespace
+   with its cookie, cgroup id, inode and state.  A socket is a target when
+   its cgroup is in scope, or when a process of a cgroup in scope holds it
+   (a listener systemd made in its own cgroup and handed over by socket
+   activation, a connection passed to a worker): such a socket is never
+   seen by the scope's sock_ops programs.
+3. **Namespaces.**  Every network namespace a process of the scope lives
+   in, and our own.  The kernel's TCP iterator walks the namespace of the
+   process that creates it, so a thread enters each one (setns) first.
+4. **Kernel.**  The targets' cookies go into ``map_sweep``; an iter/tcp
+   program (Linux 5.15+) walks the namespace's TCP sockets with each one
+   locked, applies the owner's policy to those in the map (bpf_setsockopt),
+   records the owner in the socket's storage and writes back the values in
+   force.  bcc cannot read ``struct sock`` fields at the running kernel's
+   offsets, so the program never reads them: the cookie is all it matches.
+
+Set mode keeps what a program chose: a socket whose program turned
+keepalive on itself (before bpfkeep saw it) or set an option afterwards
+keeps those values.  Enforce mode brings every socket within the policy.
+Before Linux 6.17 the iterator may skip a socket when its hash bucket
+changes between reads; sockets not reached are swept once more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import functools
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable
+
+from bpfkeep import audit, bpfmaps, bpfsys, loader
+from bpfkeep.cgroups import Cgroup
+from bpfkeep.errors import EnvironmentProblem
+from bpfkeep.options import Policy
+
+CLONE_NEWNET = 0x40000000
+# include/net/tcp_states.h: the states in which keepalive matters
+ESTABLISHED, SYN_SENT, CLOSE_WAIT, LISTEN = 1, 2, 8, 10
+SWEPT_STATES = (ESTABLISHED, SYN_SENT, CLOSE_WAIT, LISTEN)
+_STATE_MASK = sum(1 << s for s in SWEPT_STATES)
+
+
+class SweepUnavailable(EnvironmentProblem):
+    """This kernel cannot change sockets that already exist."""
+
+
+UNAVAILABLE = (
+    "existing sockets keep their values: this kernel could not load the "
+    "sweep (an iter/tcp program calling bpf_setsockopt needs Linux 5.15+); new "
+    "sockets get the policy, and bpfkeep audit lists the others"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One socket to sweep, as inet_diag described it."""
+
+    cookie: int
+    owner: int  # cgroup id of the policy to apply (0 for READ)
+    state: int
+    cgroup_id: int
+    inode: int
+    family: int
+    local: str
+    remote: str
+
+
+@dataclasses.dataclass
+class Outcome:
+    target: Target
+    entry: bpfmaps.SweepEntry
+
+
+@dataclasses.dataclass
+class Report:
+    """What a sweep did, for a notice line, ``status`` and tests."""
+
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+    namespaces: int = 0
+    unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # netns -> why
+
+    @property
+    def swept(self) -> int:
+        """Sockets brought to their policy (not those already under it)."""
+        return sum(
+            1
+            for o in self.outcomes
+            if o.entry.result & bpfmaps.SWR_SEEN and not o.entry.result & bpfmaps.SWR_CURRENT
+        )
+
+    @property
+    def app_own(self) -> int:
+        return sum(1 for o in self.outcomes if o.entry.result & bpfmaps.SWR_APP_OWN)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for o in self.outcomes if o.entry.failed)
+
+    def summary(self) -> str:
+        parts = [f"{self.swept} existing socket(s) swept"]
+        if self.app_own:
+            parts.append(f"{self.app_own} kept their program's own keepalive (set mode)")
+        if self.failed:
+            parts.append(f"{self.failed} refused an option (see bpfkeep status)")
+        for ns, why in sorted(self.unreachable.items()):
+            parts.append(f"network namespace {ns} unreachable: {why}")
+        return "; ".join(parts)
+
+
+# -- scope ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Scope:
+    owner_of_cgroup: dict[int, int]  # cgroup id -> owning policy's cgroup id
+    owner_of_pid: dict[int, int]  # pid of a process in scope -> owner
+
+    def __bool__(self) -> bool:
+        return bool(self.owner_of_cgroup)
+
+
+def scope(roots: Iterable[Cgroup], attached: set[int], *, owner: int | None = None) -> Scope:
+    """Every cgroup below ``roots`` (inclusive) with the deepest policy
+    above it, and the processes in them.  A root owns its subtree except
+    where a descendant has a policy of its own (``attached``); ``owner``
+    gives the roots' policy instead (an ancestor's, after a detach)."""
+    owners: dict[int, int] = {}
+    pids: dict[int, int] = {}
+    for root in roots:
+        owner_at: dict[str, int] = {}
+        for dirpath, _dirs, _files in os.walk(root.path):
+            try:
+                ino = os.stat(dirpath).st_ino
+            except OSError:
+                continue
+            parent = os.path.dirname(dirpath)
+            top = root.id if owner is None else owner
+            own = ino if ino in attached else owner_at.get(parent, top)
+            owner_at[dirpath] = own
+            owners[ino] = own
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        pids[int(pid)] = own
+            except OSError:
+                continue
+    return Scope(owners, pids)
+
+
+def held_sockets(pids: dict[int, int], proc: str = "/proc") -> dict[int, int]:
+    """socket inode -> owner, for the sockets the scope's processes hold."""
+    held: dict[int, int] = {}
+    for pid, owner in pids.items():
+        try:
+            dfd = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, or not ours to look into
+        try:
+            for fd in os.listdir(dfd):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd, dir_fd=dfd)
+                    if link.startswith("socket:["):
+                        held.setdefault(int(link[8:-1]), owner)
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
+    return held
+
+
+def namespaces(pids: Iterable[int], proc: str = "/proc") -> dict[int, int | None]:
+    """netns inode -> a pid living in it (None: our own namespace)."""
+    out: dict[int, int | None] = {}
+    with contextlib.suppress(OSError):
+        out[os.stat(f"{proc}/self/ns/net").st_ino] = None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, pid)
+    return out
+
+
+# -- namespaces ------------------------------------------------------------------
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def in_netns(pid: int | None, fn: Callable[[], object]) -> object:
+    """Run ``fn`` in the network namespace of ``pid`` (None: ours).
+
+    A network namespace is entered per thread (setns), so a short-lived
+    thread enters it and the caller's own namespace never changes.  Python
+    3.11 has no os.setns: libc's, through ctypes.
+    """
+    if pid is None:
+        return fn()
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc().setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=f"bpfkeep-netns-{pid}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("value")
+
+
+def _sysctl_defaults() -> dict[str, int]:
+    """The keepalive defaults of the calling thread's network namespace."""
+    out = {"keepidle": 7200, "keepintvl": 75, "keepcnt": 9}
+    for key, name in (
+        ("keepidle", "tcp_keepalive_time"),
+        ("keepintvl", "tcp_keepalive_intvl"),
+        ("keepcnt", "tcp_keepalive_probes"),
+    ):
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/sys/net/ipv4/{name}") as f:
+            out[key] = int(f.read())
+    return out
+
+
+def _list_sockets() -> list[audit._Raw]:
+    raws: list[audit._Raw] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        raws += audit._dump(family, None, _STATE_MASK)
+    return raws
+
+
+# -- the kernel side ---------------------------------------------------------------
+
+
+class Sweeper:
+    """Runs sweeps on one pin directory's objects (the caller holds the pin
+    directory's lock: the work list is shared)."""
+
+    def __init__(self, objs: dict[str, int], sweep_prog: int | None):
+        self.objs = objs
+        self.prog = sweep_prog
+
+    def _run(self, entries: dict[int, bpfmaps.SweepEntry]) -> dict[int, bpfmaps.SweepEntry]:
+        if self.prog is None:
+            raise SweepUnavailable(UNAVAILABLE)
+        fd = self.objs[loader.MAP_SWEEP]
+        keys = {c: struct.pack("=Q", c) for c in entries}
+        out: dict[int, bpfmaps.SweepEntry] = {}
+        try:
+            for cookie, e in entries.items():
+                bpfsys.map_update(fd, keys[cookie], e.encode())
+            for _pass in range(2):  # a socket can be skipped before 6.17
+                bpfsys.iter_run(self.prog)
+                missing = 0
+                for cookie in entries:
+                    raw = bpfsys.map_lookup(fd, keys[cookie], bpfmaps.SWEEP_SIZE)
+                    if raw is None:
+                        continue
+                    got = bpfmaps.SweepEntry.decode(raw)
+                    out[cookie] = got
+                    missing += not got.result & bpfmaps.SWR_SEEN
+                if not missing:
+                    break
+        finally:
+            for cookie in entries:
+                with contextlib.suppress(OSError):
+                    bpfsys.map_delete(fd, keys[cookie])
+        return out
+
+    def run(
+        self, targets: list[Target], make: Callable[[Target], bpfmaps.SweepEntry]
+    ) -> list[Outcome]:
+        """Sweep these targets (all in the calling thread's namespace), in
+        batches that fit the work list."""
+        outcomes = []
+        for start in range(0, len(targets), MAX_BATCH):
+            batch = {t.cookie: t for t in targets[start : start + MAX_BATCH]}
+            done = self._run({c: make(t) for c, t in batch.items()})
+            outcomes += [Outcome(batch[c], e) for c, e in done.items()]
+        return outcomes
+
+    def prepare_stats(self, owners: Iterable[int]) -> None:
+        zero = bytes(bpfmaps.SWEEPSTATS_SIZE)
+        for owner in owners:
+            with contextlib.suppress(OSError):
+                bpfsys.map_update(
+                    self.objs[loader.MAP_SWEEPSTATS],
+                    struct.pack("=Q", owner),
+                    zero,
+                    BPF_NOEXIST,
+                )
+
+
+BPF_NOEXIST = 1
+MAX_BATCH = 65536  # BK_MAX_SWEEP
+
+
+def _targets(raws: list[audit._Raw], pick: Callable[[int, int], int | None]) -> list[Target]:
+    out = []
+    for fam, st, _timer, sport, dport, src, dst, ino, cg, cookie in raws:
+        owner = pick(cg, ino)
+        if owner is None:
+            continue
+        out.append(
+            Target(
+                cookie,
+                owner,
+                st,
+                cg,
+                ino,
+                fam,
+                audit._address(fam, src, sport),
+                audit._address(fam, dst, dport),
+            )
+        )
+    return out
+
+
+def sweep(
+    sweeper: Sweeper,
+    sc: Scope,
+    make: Callable[[Target, dict[str, int]], bpfmaps.SweepEntry],
+    *,
+    states: tuple[int, ...] = SWEPT_STATES,
+) -> Report:
+    """Sweep every socket of the scope, in every namespace it lives in.
+
+    ``make`` builds each socket's work item from its target and the
+    namespace's keepalive sysctls."""
+    report = Report()
+    if not sc:
+        return report
+    held = held_sockets(sc.owner_of_pid)
+
+    def pick(cg: int, ino: int) -> int | None:
+        owner = sc.owner_of_cgroup.get(cg)
+        return owner if owner is not None else held.get(ino)
+
+    sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
+    for ns, pid in namespaces(sc.owner_of_pid).items():
+
+        def work() -> list[Outcome]:
+            targets = [t for t in _targets(_list_sockets(), pick) if t.state in states]
+            if not targets:
+                return []
+            defaults = _sysctl_defaults()
+            return sweeper.run(targets, lambda t: make(t, defaults))
+
+        try:
+            outcomes = in_netns(pid, work)
+        except SweepUnavailable:
+            raise
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.ENOENT):
+                continue  # the process left meanwhile
+            report.unreachable[f"net:[{ns}]"] = e.strerror or str(e)
+            continue
+        report.namespaces += 1
+        report.outcomes += outcomes  # type: ignore[arg-type]
+    return report
+
+
+def apply_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
+    flags = bpfmaps.SWI_SYN_SENT if target.state == SYN_SENT else 0
+    return bpfmaps.SweepEntry(target.owner, bpfmaps.SWEEP_APPLY, flags)
+
+
+def undo_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
+    """Work items that take a detached policy's values off a socket: the
+    options the program did not set itself go back to the namespace's
+    defaults (keepalive off, no user timeout)."""
+    reset = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
+    if policy.maxseg:
+        reset["maxseg"] = 0
+
+    def make(target: Target, defaults: dict[str, int]) -> bpfmaps.SweepEntry:
+        vals = {**reset, **{k: v for k, v in defaults.items() if k in reset}}
+        return bpfmaps.SweepEntry(
+            target.owner,
+            bpfmaps.SWEEP_UNDO,
+            bpfmaps.undo_flags(list(vals)),
+            val=tuple(vals.get(o.key, 0) for o in bpfmaps.BPF_OPTIONS),
+        )
+
+    return make
+
+
+def read_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
+    return bpfmaps.SweepEntry(0, bpfmaps.SWEEP_READ)

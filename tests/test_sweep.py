@@ -1,0 +1,245 @@
+"""Sockets that exist before a policy arrives, or before it changes: the
+sweep (iter/tcp) brings them to the policy.  Real cgroups, real programs
+(static ones included), read back with getsockopt inside the workload and
+with ss from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import ss_keepalive_timers
+from test_enforcer import assert_policy, assert_untouched, policy_args
+
+pytestmark = pytest.mark.kernel
+
+POLICY = {"keepidle": "31", "keepintvl": "7", "keepcnt": "4", "user-timeout": "12345"}
+
+
+def pair(spawn, probes, cgroup, host="127.0.0.1", kind="static", client_extra=()):
+    """A server and a client in ``cgroup``, connected and held open."""
+    srv = spawn([probes[kind], "listen", host, "0", "hold"], cgroup=cgroup)
+    port = int(srv.expect("ready").split()[1])
+    cli = spawn([probes[kind], "connect", host, str(port), *client_extra, "hold"], cgroup=cgroup)
+    return srv, cli, port
+
+
+def now(probe, role: str) -> dict[str, int]:
+    """Ask a holding sockprobe for the values in force on its socket now."""
+    probe.send_line()
+    return probe.values("now-" + role)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_made_before_attach_get_the_policy(bk, cgroups, spawn, probes, host):
+    app = cgroups.make("app")
+    srv, cli, port = pair(spawn, probes, app, host)
+    assert_untouched(cli.values("client"))
+    assert_untouched(srv.values("accepted"))
+    assert ss_keepalive_timers(port) == ["none", "none"]
+
+    out = bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**POLICY)).stdout
+    assert "3 existing socket(s) swept" in out, out  # listener, client, accepted
+
+    assert_policy(now(cli, "client"))
+    assert_policy(now(srv, "accepted"))
+    assert_policy(srv.values("now-listener"))
+    timers = ss_keepalive_timers(port)
+    assert len(timers) == 2 and all(t.startswith("timer:(keepalive") for t in timers), timers
+
+    status = json.loads(bk("status", "--json").stdout)
+    sweep = status[0]["counters"]["sweep"]
+    assert sweep["swept"] == 3 and sweep["applied"]["keepalive"] == 3
+
+
+def test_no_existing_leaves_them_alone(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    _srv, cli, _port = pair(spawn, probes, app)
+    bk("attach", "--cgroup", cgroups.rel(app), "--no-existing", *policy_args(**POLICY))
+    assert_untouched(now(cli, "client"))
+
+
+def test_descendants_in_their_own_netns_and_deepest_policy(bk, cgroups, spawn, probes):
+    """A process of a child cgroup in another network namespace: entered
+    and swept; the child's own policy wins over the parent's."""
+    parent = cgroups.make("parent")
+    child = cgroups.make("parent/child")
+    ns = f"bk-sweep-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        srv = spawn([probes["static"], "listen", "127.0.0.1", "0", "hold"], child, ns)
+        port = int(srv.expect("ready").split()[1])
+        cli = spawn([probes["static"], "connect", "127.0.0.1", str(port), "hold"], parent, ns)
+        assert_untouched(cli.values("client"))
+        bk("attach", "--cgroup", cgroups.rel(child), "--keepidle", "200")
+        bk("attach", "--cgroup", cgroups.rel(parent), "--keepidle", "100")
+        assert now(cli, "client")["keepidle"] == 100  # the parent's own socket
+        assert now(srv, "accepted")["keepidle"] == 200  # the child's policy wins
+        assert srv.values("now-listener")["keepidle"] == 200
+        timers = ss_keepalive_timers(port, netns=ns)
+        assert len(timers) == 2 and all("keepalive" in t for t in timers), timers
+    finally:
+        subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+        for pid in subprocess.run(
+            ["ip", "netns", "pids", ns], capture_output=True, text=True
+        ).stdout.split():
+            subprocess.run(["kill", "-9", pid], check=False)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_update_reaches_existing_sockets_and_later_accepted_ones(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    bk("attach", "--cgroup", cgroups.rel(app), "--keepidle", "31")
+    srv = spawn([probes["static"], "accept", "127.0.0.1", "0", "hold"], cgroup=app)
+    port = int(srv.expect("ready").split()[1])
+    assert srv.values("listener")["keepidle"] == 31
+    cli = spawn([probes["static"], "connect", "127.0.0.1", str(port), "hold"], cgroup=app)
+    assert cli.values("client")["keepidle"] == 31
+
+    bk("attach", "--cgroup", cgroups.rel(app), "--keepidle", "45")
+    assert now(cli, "client")["keepidle"] == 45
+    srv.send_line()  # accept now: from the listener configured under 31
+    assert srv.values("accepted")["keepidle"] == 45
+    now(srv, "accepted")
+    assert srv.values("now-listener")["keepidle"] == 45  # the sweep reached it
+
+
+def test_set_mode_keeps_what_the_program_chose(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    # Turned keepalive on itself before bpfkeep came: its values stay.
+    _srv, own, _ = pair(
+        spawn, probes, app, client_extra=("set", "keepalive=1", "set", "keepidle=100")
+    )
+    assert own.values("client-after")["keepidle"] == 100
+    # Left keepalive off: gets the policy.
+    plain = spawn([probes["static"], "connect", "127.0.0.1", str(_), "hold"], cgroup=app)
+    plain.values("client")
+    bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**POLICY))
+    v = now(own, "client")
+    assert (v["keepalive"], v["keepidle"], v["keepintvl"]) == (1, 100, 75)
+    assert v["user_timeout"] == 0
+    assert_policy(now(plain, "client"))
+
+
+def test_enforce_mode_brings_every_socket_within_the_policy(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    loose = ("set", "keepalive=1", "set", "keepidle=1800", "set", "keepintvl=60")
+    _srv, lax, port = pair(spawn, probes, app, client_extra=loose)
+    tight = spawn(
+        [probes["static"], "connect", "127.0.0.1", str(port)]
+        + ["set", "keepalive=1", "set", "keepidle=3", "hold"],
+        cgroup=app,
+    )
+    tight.values("client-after")
+    bk("attach", "--cgroup", cgroups.rel(app), "--mode", "enforce", *policy_args(**POLICY))
+    assert_policy(now(lax, "client"))
+    v = now(tight, "client")
+    assert v["keepidle"] == 3  # tighter than the policy: stands
+    assert (v["keepintvl"], v["keepcnt"], v["user_timeout"]) == (7, 4, 12345)
+
+
+def _activated(spawn, probes, cgroup, listener: socket.socket):
+    """Start sockprobe the way systemd starts a socket-activated service:
+    the listener as fd 3, LISTEN_FDS=1 and LISTEN_PID of the service."""
+    lfd = listener.fileno()
+    handover = (
+        "import os, sys\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n"
+    )
+    return spawn(
+        [sys.executable, "-c", handover, str(lfd), probes["static"], "activated", "-", "0", "hold"],
+        cgroup=cgroup,
+        pass_fds=(lfd,),
+    )
+
+
+def test_socket_activated_listener_made_in_another_cgroup(bk, cgroups, spawn, probes):
+    """The listener belongs to the cgroup that made it (here the test's, as
+    systemd's would be); the service that holds it gets its accepted
+    connections covered, although its cgroup's sock_ops never sees them."""
+    svc = cgroups.make("web.service")
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    svc_probe = _activated(spawn, probes, svc, lst)
+    svc_probe.expect("ready")
+    assert_untouched(svc_probe.values("listener"))
+    lst.close()  # the service holds the only reference now
+
+    bk("attach", "--cgroup", cgroups.rel(svc), *policy_args(**POLICY))
+    with socket.create_connection(("127.0.0.1", port)):
+        assert_policy(svc_probe.values("accepted"))
+
+
+def test_listener_passed_over_a_unix_socket(bk, cgroups, spawn, probes, tmp_path):
+    """SCM_RIGHTS: a listener made in one cgroup, used by a process of the
+    policy's cgroup."""
+    svc = cgroups.make("worker")
+    code = (
+        "import socket, sys, array\n"
+        "u = socket.socket(socket.AF_UNIX)\n"
+        f"u.connect({str(tmp_path / 'sock')!r})\n"
+        "msg, anc, _, _ = u.recvmsg(1, socket.CMSG_LEN(4))\n"
+        "fd = array.array('i', anc[0][2])[0]\n"
+        "l = socket.socket(fileno=fd)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "c, _ = l.accept()\n"
+        "print('accepted', c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),"
+        " c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "sock"))
+    srv.listen(1)
+    worker = spawn(["python3", "-c", code], cgroup=svc)
+    conn, _ = srv.accept()
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    conn.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd(lst))])
+    worker.expect("ready")
+    lst.close()
+    conn.close()
+    bk("attach", "--cgroup", cgroups.rel(svc), "--keepidle", "33")
+    with socket.create_connection(("127.0.0.1", port)):
+        worker.send_line()
+        assert worker.expect("accepted").split()[1:] == ["1", "33"]
+
+
+def _fd(s: socket.socket) -> bytes:
+    import array
+
+    return array.array("i", [s.fileno()]).tobytes()
+
+
+def test_detach_stops_listeners_passing_the_policy_on(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**POLICY))
+    srv = spawn([probes["static"], "accept", "127.0.0.1", "0", "hold"], cgroup=app)
+    port = int(srv.expect("ready").split()[1])
+    assert_policy(srv.values("listener"))
+    bk("detach", "--cgroup", cgroups.rel(app))
+    srv.send_line()
+    with socket.create_connection(("127.0.0.1", port)):
+        assert_untouched(srv.values("accepted"))
+
+
+def test_detach_hands_the_sockets_to_the_ancestors_policy(bk, cgroups, spawn, probes):
+    parent = cgroups.make("p")
+    child = cgroups.make("p/c")
+    bk("attach", "--cgroup", cgroups.rel(parent), "--keepidle", "100")
+    bk("attach", "--cgroup", cgroups.rel(child), "--keepidle", "200")
+    srv = spawn([probes["static"], "accept", "127.0.0.1", "0", "hold"], cgroup=child)
+    port = int(srv.expect("ready").split()[1])
+    assert srv.values("listener")["keepidle"] == 200
+    bk("detach", "--cgroup", cgroups.rel(child))
+    srv.send_line()
+    with socket.create_connection(("127.0.0.1", port)):
+        assert srv.values("accepted")["keepidle"] == 100
