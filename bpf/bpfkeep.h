@@ -13,9 +13,10 @@
 #define BK_F_ACTIVE 0x1	 /* the policy is complete: apply it */
 #define BK_F_ENFORCE 0x2 /* cgroup/setsockopt caps the application's values */
 #define BK_F_MANAGED 0x4 /* owned by bpfkeep daemon (userspace only) */
-#define BK_F_UT_DERIVED 0x8 /* val[USER_TIMEOUT] was derived from the three
-			      * keepalive times, so it follows them when the
-			      * application sets its own */
+#define BK_F_UT_DERIVED                                                        \
+	0x8 /* val[USER_TIMEOUT] was derived from the three                    \
+	     * keepalive times, so it follows them when the                    \
+	     * application sets its own */
 
 /* The policy of one attached cgroup.  val[] is indexed by option id; 0
  * leaves the kernel default.  val[BK_OPT_KEEPALIVE] is always 1. */
@@ -78,19 +79,19 @@ struct bk_counters {
 /* bk_sweep.in_flags */
 #define BK_SWI_SYN_SENT 0x1 /* still connecting: TCP_SYNCNT matters */
 /* bk_sweep.result */
-#define BK_SWR_SEEN 0x1	     /* the iterator found the socket */
-#define BK_SWR_APP_OWN 0x2   /* set mode: the program's own values kept */
-#define BK_SWR_NO_POLICY 0x4 /* the owner has no active policy */
+#define BK_SWR_SEEN 0x1	      /* the iterator found the socket */
+#define BK_SWR_APP_OWN 0x2    /* set mode: the program's own values kept */
+#define BK_SWR_NO_POLICY 0x4  /* the owner has no active policy */
 #define BK_SWR_NO_STORAGE 0x8 /* no room for the socket's record */
 #define BK_SWR_CURRENT 0x10   /* already carried this policy: untouched */
 
 struct bk_sweep {
-	__u64 owner;	/* in: cgroup id of the policy (APPLY, UNDO) */
-	__u32 action;	/* in: BK_SWEEP_* */
-	__u32 in_flags; /* in: BK_SWI_* */
-	__u32 result;	/* out: BK_SWR_* */
-	__u16 applied;	/* out: bit per option id, set by this sweep */
-	__u16 failed;	/* out: bit per option id, refused by the kernel */
+	__u64 owner;	 /* in: cgroup id of the policy (APPLY, UNDO) */
+	__u32 action;	 /* in: BK_SWEEP_* */
+	__u32 in_flags;	 /* in: BK_SWI_* */
+	__u32 result;	 /* out: BK_SWR_* */
+	__u16 applied;	 /* out: bit per option id, set by this sweep */
+	__u16 failed;	 /* out: bit per option id, refused by the kernel */
 	__u64 rec_owner; /* out: the socket's record afterwards */
 	__u32 rec_gen;
 	__u16 rec_app;

@@ -139,7 +139,7 @@ static __always_inline __u32 bk_derived_ut(__u32 idle, __u32 intvl, __u32 cnt)
 #define BK_APPLY(sk, p, c, mask, KEY)                                          \
 	do {                                                                   \
 		int v_ = (p)->val[BK_OPT_##KEY];                               \
-		if (v_ && !((mask) & BK_BIT(BK_OPT_##KEY))) {                  \
+		if (v_ && !((mask)&BK_BIT(BK_OPT_##KEY))) {                    \
 			int err_ = bpf_setsockopt(sk, BK_##KEY##_LEVEL,        \
 						  BK_##KEY##_OPTNAME, &v_,     \
 						  sizeof(v_));                 \
@@ -217,7 +217,8 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	if (cb == BK_CB_PASSIVE) {
 		/* The record came with the listener (BPF_F_CLONE).  A listener
 		 * that carries this very policy passed every value on
-		 * (sk_clone_lock copies them): nothing to do, no helper call. */
+		 * (sk_clone_lock copies them): nothing to do, no helper call.
+		 */
 		if (s->owner == p->cgroup_id && s->gen == p->gen) {
 			c->inherited++;
 			return 1;
@@ -343,7 +344,8 @@ follow:
 			int ut = bk_derived_ut(idle, intvl, cnt);
 
 			bpf_setsockopt(sk, BK_USER_TIMEOUT_LEVEL,
-				       BK_USER_TIMEOUT_OPTNAME, &ut, sizeof(ut));
+				       BK_USER_TIMEOUT_OPTNAME, &ut,
+				       sizeof(ut));
 		}
 	}
 	return 1;
@@ -375,7 +377,7 @@ struct bpf_iter__tcp {
 #define BK_SWEEP_SET(tp, e, st, mask, KEY)                                     \
 	do {                                                                   \
 		int v_ = want[BK_OPT_##KEY];                                   \
-		if (v_ >= 0 && !((mask) & BK_BIT(BK_OPT_##KEY))) {             \
+		if (v_ >= 0 && !((mask)&BK_BIT(BK_OPT_##KEY))) {               \
 			int err_ = bpf_setsockopt(tp, BK_##KEY##_LEVEL,        \
 						  BK_##KEY##_OPTNAME, &v_,     \
 						  sizeof(v_));                 \
@@ -454,8 +456,9 @@ BPF_ITER(tcp)
 			goto read;
 #pragma unroll
 		for (i = 0; i < BK_NOPT_BPF; i++)
-			want[i] = (e->in_flags & (1u << (16 + i))) ? (int)e->val[i]
-								  : -1;
+			want[i] = (e->in_flags & (1u << (16 + i)))
+					  ? (int)e->val[i]
+					  : -1;
 		mask = s->app;
 		st = 0;
 		BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);

@@ -6,7 +6,6 @@ with ss from outside."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -131,9 +130,9 @@ def test_enforce_mode_brings_every_socket_within_the_policy(bk, cgroups, spawn, 
     app = cgroups.make("app")
     loose = ("set", "keepalive=1", "set", "keepidle=1800", "set", "keepintvl=60")
     _srv, lax, port = pair(spawn, probes, app, client_extra=loose)
+    own = ("set", "keepalive=1", "set", "keepidle=3", "hold")
     tight = spawn(
-        [probes["static"], "connect", "127.0.0.1", str(port)]
-        + ["set", "keepalive=1", "set", "keepidle=3", "hold"],
+        [probes["static"], "connect", "127.0.0.1", str(port), *own],
         cgroup=app,
     )
     tight.values("client-after")
