@@ -173,7 +173,7 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
 
     if not has_bpf_privileges():
         raise PermissionProblem(
-            "status reads bpfkeep's BPF maps: run it as root (or with CAP_BPF and "
+            "status reads bpfkeep's BPF maps: run it as root (or with CAP_BPF, CAP_PERFMON and "
             "CAP_NET_ADMIN); bpfkeep audit shows sockets' keepalive without privileges"
         )
     atts = enf.attachments()

@@ -20,7 +20,14 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
-from bpfkeep.enforcer import CAPS, capabilities, has_bpf_privileges
+from bpfkeep.enforcer import (
+    CAPS,
+    LOAD_CAPS,
+    SWEEP_CAPS,
+    capabilities,  # noqa: F401 - part of the doctor's interface (tests)
+    missing_load_caps,
+    own_capabilities,
+)
 from bpfkeep.options import OPTIONS
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -261,23 +268,34 @@ def check_bpffs(pin_dir: str) -> Check:
 
 
 def check_privileges(status_path: str = "/proc/self/status") -> Check:
-    with open(status_path) as f:
-        caps = capabilities(f.read())
-    have = (
-        ", ".join(c for c in CAPS if c in caps) or "none of CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"
-    )
+    caps = own_capabilities(status_path)
+    have = ", ".join(c for c in CAPS if c in caps) or "none of " + ", ".join(CAPS)
     details = {"euid": os.geteuid(), "capabilities": sorted(caps)}
-    if has_bpf_privileges(status_path):
-        return Check("privileges", OK, f"uid {os.geteuid()}, effective: {have}", None, details)
-    return Check(
-        "privileges",
-        FAIL,
-        f"uid {os.geteuid()}, effective: {have}: cannot load or attach BPF programs",
-        "run as root, or give bpfkeep CAP_BPF and CAP_NET_ADMIN (systemd: "
-        "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN; CAP_SYS_ADMIN before Linux 5.8); "
-        "without privileges: bpfkeep exec -- COMMAND (LD_PRELOAD)",
-        details,
-    )
+    missing = missing_load_caps(caps)
+    unit = "AmbientCapabilities=" + " ".join((*LOAD_CAPS, *SWEEP_CAPS))
+    if missing:
+        return Check(
+            "privileges",
+            FAIL,
+            f"uid {os.geteuid()}, effective: {have}: cannot load or attach BPF programs "
+            f"(missing {', '.join(missing)})",
+            f"run as root, or give bpfkeep {', '.join(LOAD_CAPS)} (systemd: {unit}, "
+            "as deploy/bpfkeep.service does); without privileges: bpfkeep exec -- "
+            "COMMAND (LD_PRELOAD)",
+            details,
+        )
+    sweep_missing = [c for c in SWEEP_CAPS if c not in caps]
+    if sweep_missing:
+        return Check(
+            "privileges",
+            WARN,
+            f"uid {os.geteuid()}, effective: {have}: can attach, but existing sockets in "
+            "other network namespaces or held by other users' processes cannot be "
+            f"swept (missing {', '.join(sweep_missing)})",
+            f"give bpfkeep {', '.join(SWEEP_CAPS)} too (systemd: {unit})",
+            details,
+        )
+    return Check("privileges", OK, f"uid {os.geteuid()}, effective: {have}", None, details)
 
 
 def _programs_pinned(pin_dir: str) -> bool:

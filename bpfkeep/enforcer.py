@@ -42,7 +42,25 @@ HOOKS = (
 )
 
 # Capability bits (include/uapi/linux/capability.h)
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+CAPS = {
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_NET_ADMIN": 12,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
+# What loading and attaching needs (Linux 5.8+).  CAP_PERFMON is not
+# optional: without it the verifier refuses the programs' pointer
+# arithmetic ("pointer arithmetic ... prohibited for !root"), and the
+# sweep's iterator is a tracing program.  CAP_SYS_ADMIN alone implies all
+# three.
+LOAD_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")
+# What the sweep of existing sockets needs beyond that: entering other
+# network namespaces (setns) and looking into other processes' fds and
+# namespaces, whoever owns them (/proc/PID/fd is mode 0500).  Without them
+# those sockets are reported as unreachable.
+SWEEP_CAPS = ("CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
 
 
 def cgroup_level(cg: Cgroup) -> int:
@@ -63,17 +81,29 @@ def capabilities(status_text: str) -> set[str]:
     return set()
 
 
-def has_bpf_privileges(status_path: str = "/proc/self/status") -> bool:
+def own_capabilities(status_path: str = "/proc/self/status") -> set[str]:
     with open(status_path) as f:
-        caps = capabilities(f.read())
-    return "CAP_SYS_ADMIN" in caps or {"CAP_BPF", "CAP_NET_ADMIN"} <= caps
+        return capabilities(f.read())
+
+
+def missing_load_caps(caps: set[str]) -> list[str]:
+    """The capabilities still needed to load and attach the programs."""
+    if "CAP_SYS_ADMIN" in caps:
+        return []
+    return [c for c in LOAD_CAPS if c not in caps]
+
+
+def has_bpf_privileges(status_path: str = "/proc/self/status") -> bool:
+    return not missing_load_caps(own_capabilities(status_path))
 
 
 def require_privileges() -> None:
-    if not has_bpf_privileges():
+    missing = missing_load_caps(own_capabilities())
+    if missing:
         raise PermissionProblem(
-            "loading BPF needs root (or CAP_BPF and CAP_NET_ADMIN); without "
-            "them use the LD_PRELOAD fallback: bpfkeep exec -- COMMAND"
+            f"loading BPF needs root or {', '.join(LOAD_CAPS)} (missing: "
+            f"{', '.join(missing)}); without them use the LD_PRELOAD fallback: "
+            "bpfkeep exec -- COMMAND"
         )
 
 

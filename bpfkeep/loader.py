@@ -92,7 +92,7 @@ def _compile_and_pin(obj_dir: str) -> None:
         if "Operation not permitted" in msg or ("Permission denied" in msg and os.geteuid()):
             raise PermissionProblem(
                 f"loading the BPF programs was refused ({msg}): it needs root "
-                "or CAP_BPF+CAP_NET_ADMIN; without them use the LD_PRELOAD "
+                "or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN; without them use the LD_PRELOAD "
                 "fallback (bpfkeep exec)"
             ) from None
         raise EnvironmentProblem(f"loading the BPF programs failed: {msg}") from None

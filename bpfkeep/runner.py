@@ -57,8 +57,8 @@ def run(policy: Policy, cmd: list[str], *, via: str = "auto", pin_dir: str | Non
             raise
         if isinstance(e, PermissionProblem):
             _notice(
-                "no BPF privileges (root or CAP_BPF+CAP_NET_ADMIN): falling back to the "
-                "LD_PRELOAD shim"
+                "no BPF privileges (root or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN): falling back "
+                "to the LD_PRELOAD shim"
             )
         else:
             _notice(f"BPF unavailable ({e}): falling back to the LD_PRELOAD shim")

@@ -1,0 +1,163 @@
+"""bpfkeep under exactly the privileges the shipped systemd unit grants:
+the capability set is read from deploy/bpfkeep.service, and the first
+attach (a fresh pin directory: the programs are compiled and loaded under
+those capabilities) and the daemon run with nothing more."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_enforcer import assert_policy, assert_untouched
+
+from bpfkeep.enforcer import Enforcer
+
+pytestmark = pytest.mark.kernel
+
+UNIT = REPO / "deploy" / "bpfkeep.service"
+BPFKEEP = [sys.executable, "-m", "bpfkeep"]
+
+
+def unit_capabilities() -> list[str]:
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return line.split("=", 1)[1].split()
+    raise AssertionError("the unit names no CapabilityBoundingSet")
+
+
+def as_unit(argv: list[str]) -> list[str]:
+    """argv as root with only the unit's capabilities (bounding, inheritable
+    and ambient sets, as systemd sets them for User=root)."""
+    caps = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in unit_capabilities())])
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is missing"
+    return [
+        setpriv,
+        f"--bounding-set={caps}",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        *argv,
+    ]
+
+
+@pytest.fixture()
+def fresh_pin_dir(bpffs):
+    d = os.path.join(bpffs, f"bpfkeep-unit-{uuid.uuid4().hex[:8]}")
+    yield d
+    if os.path.isdir(d):
+        Enforcer(d).destroy()
+
+
+@pytest.fixture()
+def netns():
+    name = f"bk-unit-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            subprocess.run(["kill", "-9", pid], check=False)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_unit_grants_what_loading_and_the_sweep_need():
+    caps = set(unit_capabilities())
+    assert {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"} <= caps
+    text = UNIT.read_text()
+    assert f"AmbientCapabilities={' '.join(unit_capabilities())}" in text
+    assert "RestrictNamespaces=net" in text  # setns into network namespaces only
+
+
+def test_first_attach_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, probes, netns):
+    """Compile, load, pin and attach from nothing, then sweep a connection
+    that a process of another user holds in another network namespace."""
+    app = cgroups.make("app")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    srv = spawn([*nobody, probes["static"], "listen", "127.0.0.1", "0", "hold"], app, netns)
+    port = int(srv.expect("ready").split()[1])
+    cli = spawn([*nobody, probes["static"], "connect", "127.0.0.1", str(port), "hold"], app, netns)
+    assert_untouched(cli.values("client"))
+
+    argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", fresh_pin_dir, "attach"]
+    policy = ["--keepidle", "31", "--keepintvl", "7", "--keepcnt", "4", "--user-timeout", "12345"]
+    proc = subprocess.run(
+        as_unit([*argv, "--cgroup", cgroups.rel(app), *policy]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "3 existing socket(s) swept" in proc.stdout, proc.stdout
+    assert "unreachable" not in proc.stdout
+    cli.send_line()
+    assert_policy(cli.values("now-client"))
+
+    # New sockets too, and doctor agrees that nothing is missing.
+    new = spawn([probes["static"], "connect", "127.0.0.1", str(port), "hold"], app, netns)
+    assert_policy(new.values("client"))
+    doctor = subprocess.run(
+        as_unit([sys.executable, "-m", "bpfkeep", "--pin-dir", fresh_pin_dir, "doctor"]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    priv = [ln for ln in doctor.stdout.splitlines() if "privileges" in ln]
+    assert priv and priv[0].startswith("OK"), doctor.stdout
+
+
+def test_daemon_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, probes, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = cgroups.rel(cgroups.base)
+    cfg = tmp_path / "bpfkeep.toml"
+    cfg.write_text(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'
+        f'[[policy]]\ncgroup = "{base}/svc-*"\nkeepidle = 33\n'
+    )
+    cfg.chmod(0o600)
+    lsrv = spawn([probes["static"], "listen", "127.0.0.1", "0", "hold"])
+    lport = int(lsrv.expect("ready").split()[1])
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        daemon = subprocess.Popen(
+            as_unit([*BPFKEEP, "--pin-dir", fresh_pin_dir, "daemon", "--config", str(cfg)]),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "enforcing" not in log.read_text():
+            assert daemon.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        svc = cgroups.make("svc-a")
+        # The daemon attaches the new cgroup as soon as inotify reports it;
+        # a connection made before that is swept.
+        cli = spawn([probes["static"], "connect", "127.0.0.1", str(lport), "hold"], svc)
+        cli.values("client")
+        deadline = time.monotonic() + 10
+        while True:
+            cli.send_line()
+            keepidle = cli.values("now-client")["keepidle"]
+            if keepidle == 33 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert keepidle == 33, log.read_text()
+        fresh = spawn([probes["static"], "connect", "127.0.0.1", str(lport), "hold"], svc)
+        assert fresh.values("client")["keepidle"] == 33
+        assert "Traceback" not in log.read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+    assert Path(fresh_pin_dir).is_dir()
