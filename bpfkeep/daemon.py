@@ -38,6 +38,7 @@ from bpfkeep import cgroups, config
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.options import Policy
+from bpfkeep.sweep import SweepUnavailable
 
 log = logging.getLogger("bpfkeep")
 
@@ -46,6 +47,10 @@ IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW = 0x400, 0x8000, 0x40000000, 0x4000
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 WATCH_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF
+# A new cgroup is swept right after its attach and once more this much
+# later, when the service systemd started in it has joined with the
+# listeners it was handed.
+RESWEEP_AFTER = 1.0
 
 
 # -- systemd ------------------------------------------------------------------
@@ -193,6 +198,8 @@ class Daemon:
         self._lock = threading.Lock()  # guards what the scrape thread reads
         self._stop = False
         self._reload = False
+        self._sweep_unavailable = False
+        self._resweep: list[tuple[float, list[cgroups.Cgroup]]] = []  # (due, cgroups)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -230,9 +237,14 @@ class Daemon:
                     self._audit()
                     wait = max(self.cfg.audit_interval, 1000 * self.audit_cost)
                     next_audit = time.monotonic() + wait
+                if self._resweep and self._resweep[0][0] <= now:
+                    _, due = self._resweep.pop(0)
+                    self._sweep([cg for cg in due if cg.id in self.known])
                 deadlines = [next_audit if self.cfg.audit_interval else now + 3600]
                 if wd_every:
                     deadlines.append(next_wd)
+                if self._resweep:
+                    deadlines.append(self._resweep[0][0])
                 timeout = max(0.0, min(deadlines) - time.monotonic())
                 r, _, _ = select.select([self.inotify.fd, rfd], [], [], timeout)
                 if rfd in r:
@@ -301,10 +313,13 @@ class Daemon:
         make the kernel match the config."""
         assert self.cfg and self.inotify
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
+        sweep: list[cgroups.Cgroup] = []
         for cg in self._walk(self.mount):
             rule = self.cfg.policy_for(cg.rel)
             if rule:
                 desired[cg.id] = (cg, rule.policy)
+                if _sweeps_existing(rule):
+                    sweep.append(cg)
         # Adopt what a previous daemon left (it kept working all along).
         owned: dict[int, Policy | None] = {}
         for att in self.enforcer.attachments(paths={i: c for i, (c, _) in desired.items()}):
@@ -321,7 +336,29 @@ class Daemon:
                 self._forget(cg_id, detach=True)
         with contextlib.suppress(OSError, BpfkeepError):
             self.enforcer.prune()
+        # At start, after adoption and after a reload: the sockets that
+        # exist carry the policies too (idempotent: sockets already under
+        # their policy are left alone).
+        self._sweep([cg for cg in sweep if cg.id in self.known])
         self.reconciles += 1
+
+    def _sweep(self, cgs: list[cgroups.Cgroup]) -> None:
+        """Bring the existing sockets of these attached cgroups to their
+        policies (bpfkeep.sweep); never takes enforcement down."""
+        if not cgs or self._sweep_unavailable:
+            return
+        try:
+            report = self.enforcer.sweep(cgs)
+        except SweepUnavailable as e:
+            self._sweep_unavailable = True
+            log.warning("%s", e)
+            return
+        except (BpfkeepError, OSError) as e:
+            self.reconcile_errors += 1
+            log.error("sweeping existing sockets of %d cgroup(s): %s", len(cgs), e)
+            return
+        if report.swept or report.unreachable:
+            log.info("%s (%d cgroup(s))", report.summary(), len(cgs))
 
     def _known_policy(self, cg_id: int) -> Policy | None:
         k = self.known.get(cg_id)
@@ -389,12 +426,22 @@ class Daemon:
                 continue
             child = os.path.join(path, name)
             if mask & IN_CREATE:
+                fresh = []
                 for cg in self._walk(child):
                     rule = self.cfg.policy_for(cg.rel)
                     if rule:
                         with self._lock:
                             self.expected[cg.id] = cg.display
                         self._ensure(cg, rule.policy, current=None)
+                        if _sweeps_existing(rule) and cg.id in self.known:
+                            fresh.append(cg)
+                # A process may connect in the cgroup's first microseconds,
+                # before the attach: sweep right away.  A service started by
+                # systemd joins its cgroup just after it is made, with the
+                # listeners it was handed: sweep once more a moment later.
+                self._sweep(fresh)
+                if fresh:
+                    self._resweep.append((time.monotonic() + RESWEEP_AFTER, fresh))
             elif mask & IN_DELETE:
                 rel = os.path.relpath(child, self.mount)
                 gone = [i for r, i in self.rel_to_id.items() if r == rel or r.startswith(rel + "/")]
@@ -426,8 +473,14 @@ class Daemon:
         )
 
     def _audit(self) -> None:
-        """Coverage per attached cgroup, counting the sockets of descendant
-        cgroups that its policy covers (no more specific one of ours)."""
+        """Sweep, then coverage per attached cgroup, counting the sockets of
+        descendant cgroups that its policy covers (no more specific one of
+        ours).  The periodic sweep reaches sockets that no callback and no
+        earlier sweep saw: listeners handed over to a service later on."""
+        assert self.cfg
+        with self._lock:
+            known = [k.cgroup for k in self.known.values()]
+        self._sweep([cg for cg in known if _sweeps_existing(self.cfg.policy_for(cg.rel))])
         try:
             from bpfkeep import audit
 
@@ -459,6 +512,10 @@ class Daemon:
                 totals[owner][1] += total
         with self._lock:
             self.coverage = {known[i].cgroup.display: (a, t) for i, (a, t) in totals.items()}
+
+
+def _sweeps_existing(rule: config.Rule | None) -> bool:
+    return rule is not None and getattr(rule, "existing", True)
 
 
 def main(config_path: str, pin_dir: str | None, detach_on_exit: bool) -> int:

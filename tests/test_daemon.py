@@ -402,7 +402,7 @@ def test_shipped_config_is_valid(pin_dir):
     assert res.returncode == 0 and "1 policy rule" in res.stdout, res.stderr
 
 
-def test_audit_gauges_show_sockets_older_than_the_policy(
+def test_sockets_older_than_the_policy_are_swept_and_audited(
     daemon, cgroups, spawn, probes, listener, tmp_path
 ):
     a = cgroups.make("a.service")
@@ -423,6 +423,9 @@ def test_audit_gauges_show_sockets_older_than_the_policy(
         m = scrape(port)
         armed = sample(m, "bpfkeep_audit_sockets", cgroup=label, keepalive="armed")
         off = sample(m, "bpfkeep_audit_sockets", cgroup=label, keepalive="off")
-        return (armed, off) if armed == 2 else None
+        return (armed, off) if armed == 3 else None
 
-    assert wait_until(gauges, timeout=10, step=0.2) == (2.0, 1.0), scrape(port)
+    # The connection made before the daemon started was swept at start.
+    assert wait_until(gauges, timeout=10, step=0.2) == (3.0, 0.0), scrape(port)
+    old.send_line()
+    assert old.values("now-client")["keepidle"] == 15

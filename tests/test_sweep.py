@@ -173,6 +173,7 @@ def test_socket_activated_listener_made_in_another_cgroup(bk, cgroups, spawn, pr
     lst.close()  # the service holds the only reference now
 
     bk("attach", "--cgroup", cgroups.rel(svc), *policy_args(**POLICY))
+    svc_probe.send_line("accept")
     with socket.create_connection(("127.0.0.1", port)):
         assert_policy(svc_probe.values("accepted"))
 

@@ -8,9 +8,10 @@
  *                                        stdin)
  *   sockprobe wait ADDR PORT [send N]   (connect, wait for a line on stdin,
  *                                        maybe send N bytes, block in recv)
- *   sockprobe activated - 0 [hold]      (systemd socket activation: accept on
- *                                        the listener passed as fd 3 with
- *                                        LISTEN_FDS=1, LISTEN_PID=own pid)
+ *   sockprobe activated - 0 [hold]      (systemd socket activation: the
+ *                                        listener passed as fd 3 with
+ *                                        LISTEN_FDS=1, LISTEN_PID=own pid;
+ *                                        accepts after a line "accept")
  *
  * Prints "ready PORT" once listening / connected, then one line per socket:
  *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
@@ -163,6 +164,10 @@ int main(int argc, char **argv)
 		}
 		printf("ready activated\n");
 		report("listener", 3);
+		/* "accept" on stdin accepts; any other line reports again. */
+		while (fgets(line, sizeof(line), stdin) &&
+		       strncmp(line, "accept", 6))
+			report("now-listener", 3);
 		int c = accept(3, NULL, NULL);
 		if (c < 0)
 			die("accept");
