@@ -230,8 +230,12 @@ class Probe:
     def lines(self) -> list[str]:
         return self._reader.lines
 
-    def values(self, role: str, timeout: float = 10) -> dict[str, int]:
+    def values(self, role: str, timeout: float = 10, *, consume: bool = False) -> dict[str, int]:
+        """The first line of ``role``; ``consume`` removes it, so that the
+        next call waits for a newer one (polling a held socket)."""
         ln = self.expect(role + " ", timeout)
+        if consume:
+            self.lines.remove(ln)
         return {k: int(v) for k, v in (f.split("=") for f in ln.split()[1:])}
 
     def send_line(self, text: str = "go") -> None:

@@ -4,6 +4,7 @@ by socket activation after its cgroup was attached."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -14,12 +15,12 @@ from test_daemon import daemon, free_port, rule, write_config  # noqa: F401
 pytestmark = pytest.mark.kernel
 
 
-def _wait_keepidle(probe, want: int, timeout: float = 10.0) -> int:
-    """Ask a holding sockprobe for its values until they show ``want``."""
-    deadline = time.monotonic() + timeout
+def _wait_keepidle(probe, want: int, deadline: float) -> int:
+    """Ask a holding sockprobe for its values until they show ``want`` (or
+    the deadline passed)."""
     while True:
         probe.send_line()
-        got = probe.values("now-client")["keepidle"]
+        got = probe.values("now-client", consume=True)["keepidle"]
         if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.02)
@@ -39,18 +40,26 @@ def test_first_connection_of_100_new_cgroups_gets_keepalive(
     cfg = write_config(
         tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/job-*", keepidle=37)
     )
-    daemon(cfg).start()
-    clients = []
-    for i in range(100):
-        # mkdir, then at once a static client that connects as its first
-        # action: the daemon learns of the cgroup through inotify only now.
+    dproc = daemon(cfg)
+    dproc.start()
+    # Static clients, started beforehand, each waiting for a word to make its
+    # socket and connect: as good as a program connecting as its very
+    # first action in the new cgroup.
+    clients = [
+        spawn([probes["static"], "connect", "127.0.0.1", str(listener), "gated", "hold"])
+        for _ in range(100)
+    ]
+    for i, c in enumerate(clients):
+        # mkdir, move the process in, connect: the daemon learns of the
+        # cgroup through inotify only as this happens.
         cg = cgroups.make(f"job-{i}")
-        clients.append(
-            spawn([probes["static"], "connect", "127.0.0.1", str(listener), "hold"], cgroup=cg)
-        )
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(c.proc.pid))
+        c.send_line()
     at_connect = sum(c.values("client")["keepidle"] == 37 for c in clients)
-    got = [_wait_keepidle(c, 37) for c in clients]
-    missed = [i for i, k in enumerate(got) if k != 37]
+    deadline = time.monotonic() + 10  # for all of them together
+    got = [_wait_keepidle(c, 37, deadline) for c in clients]
+    missed = [(i, clients[i].lines[-1]) for i, k in enumerate(got) if k != 37]
     print(f"{at_connect}/100 covered at connect, the rest by the sweep after the attach")
     assert not missed, f"cgroups without keepalive: {missed}"
     server.close()
@@ -93,7 +102,10 @@ def test_listener_handed_over_after_the_attach_is_covered(
     deadline = time.monotonic() + 10
     while True:
         srv.send_line("report")
-        if srv.values("now-listener")["keepidle"] == 38 or time.monotonic() > deadline:
+        if (
+            srv.values("now-listener", consume=True)["keepidle"] == 38
+            or time.monotonic() > deadline
+        ):
             break
         time.sleep(0.05)
     srv.send_line("accept")

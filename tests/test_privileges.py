@@ -149,7 +149,7 @@ def test_daemon_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, prob
         deadline = time.monotonic() + 10
         while True:
             cli.send_line()
-            keepidle = cli.values("now-client")["keepidle"]
+            keepidle = cli.values("now-client", consume=True)["keepidle"]
             if keepidle == 33 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -3,11 +3,14 @@
  * its own unless told to.  Build it dynamic and with -static.
  *
  *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold]
- *   sockprobe listen ADDR PORT [set OPT=VAL]... [hold]
+ *   sockprobe listen ADDR PORT [set OPT=VAL]... [late] [hold]
+ *                                       (late: the sets after listen())
  *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on
  *                                        stdin)
- *   sockprobe wait ADDR PORT [send N]   (connect, wait for a line on stdin,
- *                                        maybe send N bytes, block in recv)
+ *   sockprobe wait ADDR PORT [set OPT=VAL]... [send N]
+ *                                       (connect, set, wait for a line on
+ *                                        stdin, maybe send N bytes, block in
+ *                                        recv)
  *   sockprobe activated - 0 [hold]      (systemd socket activation: the
  *                                        listener passed as fd 3 with
  *                                        LISTEN_FDS=1, LISTEN_PID=own pid;
@@ -17,6 +20,7 @@
  *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
  *          syncnt=.. maxseg=.. window_clamp=..
  * "set" lines report each setsockopt: "set OPT=VAL rc=0|errno".
+ * "gated" waits for a line on stdin before it makes its socket.
  * "hold" keeps the sockets open until stdin closes (for ss from outside);
  * each line read meanwhile prints "now-<role> ..." again for every socket,
  * with the values in force at that moment.
@@ -177,6 +181,10 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	int fam = make_addr(argv[2], atoi(argv[3]), &ss, &len);
+	/* gated: make the socket only after a line on stdin (the test moves the
+	 * process to a fresh cgroup first) */
+	if (has(argc, argv, "gated") && !fgets(line, sizeof(line), stdin))
+		return 2;
 	int fd = socket(fam, SOCK_STREAM, 0);
 	if (fd < 0)
 		die("socket");
@@ -193,6 +201,7 @@ int main(int argc, char **argv)
 				hold("client", fd, NULL, -1);
 			return 0;
 		}
+		apply_sets(fd, argc - 4, argv + 4);
 		report("client", fd);
 		if (!fgets(line, sizeof(line), stdin))
 			return 2;
@@ -223,9 +232,13 @@ int main(int argc, char **argv)
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	if (bind(fd, (struct sockaddr *)&ss, len))
 		die("bind");
-	apply_sets(fd, argc - 4, argv + 4);
+	int late = has(argc, argv, "late");
+	if (!late)
+		apply_sets(fd, argc - 4, argv + 4);
 	if (listen(fd, 16))
 		die("listen");
+	if (late) /* as nginx does: options after listen() */
+		apply_sets(fd, argc - 4, argv + 4);
 	struct sockaddr_storage me;
 	socklen_t melen = sizeof(me);
 	getsockname(fd, (struct sockaddr *)&me, &melen);
