@@ -49,6 +49,9 @@ def test_root_cgroup_needs_force(bk):
     [
         (["--keepidle", "0x10"], "not a whole number"),
         (["--keepidle", "ten"], "not a whole number"),
+        (["--keepidle", "1_000"], "not a whole number"),
+        (["--keepidle", " 15 "], "not a whole number"),
+        (["--keepidle", "\u0661\u0665"], "not a whole number"),  # Arabic-Indic 15
         (["--keepidle", "32768"], "out of range"),
         (["--keepintvl", "-1"], "out of range"),
         (["--keepcnt", "128"], "out of range"),
