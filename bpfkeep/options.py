@@ -215,7 +215,7 @@ _WHOLE = re.compile(r"-?[0-9]+")
 _MAX_DIGITS = len(str(INT_MAX))
 
 
-def _show(raw: object, limit: int = 40) -> str:
+def show_value(raw: object, limit: int = 40) -> str:
     """``repr(raw)`` cut short: one line, whatever the input."""
     text = repr(raw)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -224,7 +224,7 @@ def _show(raw: object, limit: int = 40) -> str:
 def parse_value(opt: Option, raw: object) -> int:
     """Validate one option value; raise UsageError naming the problem."""
     if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise UsageError(f"{opt.key}: expected a whole number, got {_show(raw)}")
+        raise UsageError(f"{opt.key}: expected a whole number, got {show_value(raw)}")
     value: int | None
     if isinstance(raw, int):
         value = raw
@@ -233,14 +233,14 @@ def parse_value(opt: Option, raw: object) -> int:
         value = int(raw, 10) if len(digits) <= _MAX_DIGITS else None
     else:
         raise UsageError(
-            f"{opt.key}: {_show(raw)} is not a whole number "
+            f"{opt.key}: {show_value(raw)} is not a whole number "
             f"(give {opt.unit}, {opt.minimum}..{opt.maximum}, "
             "or 0 for the kernel default)"
         )
     if value == 0:
         return 0
     if value is None or not opt.minimum <= value <= opt.maximum:
-        shown = _show(raw if value is None else value)
+        shown = show_value(raw if value is None else value)
         raise UsageError(
             f"{opt.key}: {shown} is out of range "
             f"(use {opt.minimum}..{opt.maximum} {opt.unit}, "
@@ -301,7 +301,7 @@ class Policy:
         """Build a validated policy; keys absent or None take defaults."""
         unknown = set(values) - set(BY_KEY) - {"mode"}
         if unknown:
-            raise UsageError(f"unknown policy key {_show(sorted(unknown)[0])}")
+            raise UsageError(f"unknown policy key {show_value(sorted(unknown)[0])}")
         kw: dict[str, object] = {}
         for opt in TUNABLE:
             raw = values.get(opt.key)
@@ -309,7 +309,7 @@ class Policy:
                 kw[opt.key] = parse_value(opt, raw)
         mode = values.get("mode") or "set"
         if mode not in MODES:
-            raise UsageError(f"mode: {_show(mode)} is not one of set, enforce")
+            raise UsageError(f"mode: {show_value(mode)} is not one of set, enforce")
         kw["mode"] = mode
         return cls(**kw)  # type: ignore[arg-type]
 
