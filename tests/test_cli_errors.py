@@ -28,6 +28,13 @@ def test_missing_cgroup(bk):
     )
 
 
+def test_file_is_not_a_cgroup(bk):
+    line = one_line_error(
+        bk("attach", "--cgroup", "/etc/passwd", check=False), "not under the cgroup2 mount"
+    )
+    assert "mkdir" not in line
+
+
 def test_cgroup_v1_path(bk):
     from bpfkeep.cgroups import read_mounts
 

@@ -273,6 +273,29 @@ def test_resolve_errors(fake_tree, spec, needle):
         resolve(spec, mounts=mounts)
 
 
+def test_resolve_a_file_is_not_a_cgroup(fake_tree, tmp_path):
+    """/etc/passwd was answered "no such cgroup ... create it (mkdir
+    <cgroup2>/etc/passwd)"."""
+    mounts, cg2, _ = fake_tree
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0::/root:/bin/sh\n")
+    (tmp_path / "etc").mkdir()
+    for spec in (str(passwd), str(tmp_path / "etc"), str(cg2 / ".." / "passwd")):
+        with pytest.raises(UsageError) as e:
+            resolve(spec, mounts=mounts)
+        msg = str(e.value)
+        assert f"not under the cgroup2 mount at {cg2}" in msg and "mkdir" not in msg, msg
+    with pytest.raises(UsageError) as e:
+        resolve("system.slice/cgroup.procs", mounts=mounts)
+    assert "is not a directory" in str(e.value) and "mkdir" not in str(e.value)
+    # A path that exists nowhere is still a cgroup to create.
+    with pytest.raises(UsageError, match="mkdir"):
+        resolve(str(tmp_path / "nowhere"), mounts=mounts)
+    with pytest.raises(UsageError) as e:
+        resolve("a\nb", mounts=mounts)
+    assert "\n" not in str(e.value)
+
+
 def test_resolve_v1_and_forced_root(fake_tree):
     mounts, _cg2, v1 = fake_tree
     with pytest.raises(UsageError, match="cgroup v1 path: use a path under the cgroup2 mount"):
