@@ -160,8 +160,11 @@ def check_config_error(msg: str, path: str, text_lines: int) -> None:
     if m["line"]:
         assert 1 <= int(m["line"]) <= text_lines + 1, msg
     if "not valid TOML" not in msg and "UTF-8" not in msg:
-        # names a key: metrics.x, daemon.x, policy[N].x, policy[N], or a top-level name
-        assert re.match(r"\S+: \S", m["rest"]), msg
+        # names a key (metrics.x, daemon.x, policy[N].x, policy[N], a top-level
+        # name; TOML-quoted when not bare), then the problem
+        assert re.fullmatch(
+            r'(?:[\w.\[\]-]+|(?:[\w.\[\]-]*"(?:[^"\\]|\\.)*"\.?)+): \S.*', m["rest"]
+        ), msg
 
 
 def check_valid(cfg: config.Config) -> None:
