@@ -312,7 +312,9 @@ class _Lines:
         policies: list[dict[str, int]] = []  # [[policy]] n -> key -> line ("": header)
         anywhere: dict[str, int] = {}
         current = top
-        for n, line in enumerate(self.text.splitlines(), 1):
+        # Lines as TOML counts them: \n only (splitlines() also breaks at
+        # \x0c, \u2028 ..., which TOML allows in strings and comments).
+        for n, line in enumerate(self.text.split("\n"), 1):
             h = _HEADER.match(line)
             if h:
                 names = [_unquote(s) for s in h.group(2).split(".")]

@@ -312,3 +312,11 @@ def test_first_match_wins_across_plain_and_glob_rules():
     assert cfg.policy_for("s/db.service").policy.keepidle == 1
     assert cfg.policy_for("t/db.service").policy.keepidle == 3
     assert cfg.policy_for("u/v/db.service").policy.keepidle == 4
+
+
+def test_line_numbers_count_newlines_only():
+    """TOML allows U+2028 and U+2029 in comments; str.splitlines()
+    counts them as line breaks, TOML does not."""
+    text = '# a \u2029 b \u2028 c\n[[policy]]\ncgroup = "a"\nkeepcnt = 500\n'
+    with pytest.raises(ConfigError, match=r"^f\.toml:4: policy\[0\]\.keepcnt"):
+        loads(text, "f.toml")
