@@ -66,6 +66,11 @@ def _under(path: str, mount: str) -> bool:
     return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 
+def _shown(path: str) -> str:
+    """A path for a message: as is, or quoted when it would break the line."""
+    return path if path.isprintable() else repr(path)
+
+
 def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False) -> Cgroup:
     """Turn a user's cgroup path into a Cgroup, or raise a one-line error.
 
@@ -77,7 +82,7 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
     mount = cgroup2_mount(mounts)
     if not spec or "\0" in spec:
         raise UsageError("--cgroup: empty path; give a path under " + mount)
-    raw = spec
+    raw = _shown(spec)
     if os.path.isabs(spec):
         path = os.path.normpath(spec)
         for v1 in mounts.v1:
@@ -86,18 +91,31 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
                     f"{raw}: cgroup v1 path: use a path under the cgroup2 mount at {mount}"
                 )
         if not _under(path, mount):
-            path = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
+            # "/system.slice/x.service" as /proc/PID/cgroup writes it -- unless
+            # no such cgroup exists and the path names a real file elsewhere
+            # (/etc/passwd): then it was meant as a filesystem path.
+            inside = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
+            if not os.path.lexists(inside) and os.path.lexists(path):
+                raise UsageError(
+                    f"{raw}: not under the cgroup2 mount at {mount}: give a cgroup "
+                    "directory there (or a path relative to it, as /proc/PID/cgroup shows)"
+                )
+            path = inside
     else:
         path = os.path.normpath(os.path.join(mount, spec))
     if not _under(path, mount):
         raise UsageError(f"{raw}: outside the cgroup2 mount at {mount}")
     if not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise UsageError(
+                f"{raw}: {_shown(path)} is not a directory; a cgroup is a directory under {mount}"
+            )
         raise UsageError(
-            f"{raw}: no such cgroup ({path} does not exist); create it "
-            f"(mkdir {path}) or check the name with systemd-cgls"
+            f"{raw}: no such cgroup ({_shown(path)} does not exist); create it "
+            f"(mkdir {_shown(path)}) or check the name with systemd-cgls"
         )
     if not os.path.exists(os.path.join(path, "cgroup.procs")):
-        raise UsageError(f"{raw}: {path} is not a cgroup v2 directory")
+        raise UsageError(f"{raw}: {_shown(path)} is not a cgroup v2 directory")
     rel = os.path.relpath(path, mount)
     rel = "" if rel == "." else rel
     if rel == "" and not force_root:
@@ -105,7 +123,11 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
             f"{raw}: that is the root cgroup (every process on the host); "
             "pass --force if you mean it"
         )
-    return Cgroup(path, rel, os.stat(path).st_ino)
+    try:
+        ino = os.stat(path).st_ino
+    except FileNotFoundError:
+        raise UsageError(f"{raw}: no such cgroup ({_shown(path)} was just removed)") from None
+    return Cgroup(path, rel, ino)
 
 
 def by_ids(ids: Iterable[int], mount: str | None = None) -> dict[int, Cgroup]:

@@ -1,26 +1,124 @@
 """The daemon's TOML configuration (see deploy/bpfkeep.toml).
 
-Errors name the file, the key and, where it can be found, the line.
+Errors are one line naming the file, the key and, where it can be found,
+the line.  Loading is linear in the size of the file, and matching a
+cgroup against all the rules walks its path once through one automaton
+built from every pattern: plain names are dict lookups, and a glob is
+tested only where it can apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import ipaddress
+import json
+import os
 import re
+import stat
 import tomllib
+from collections.abc import Iterable
 
 from bpfkeep.errors import UsageError
-from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value
+from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
 
 DEFAULT_LISTEN = ("127.0.0.1", 9977)
-POLICY_KEYS = {"cgroup", "mode"} | {o.key for o in TUNABLE if o.bpf}
+POLICY_KEYS = {"cgroup", "mode", "existing"} | {o.key for o in TUNABLE if o.bpf}
 SECTIONS = {"metrics", "daemon", "policy"}
+# [daemon] audit_interval: 0 (off) or 1 s .. 1 day.  Below a second an
+# inet_diag dump of every socket would be most of the daemon's work; above a
+# day the gauge is stale; inf, nan and 1e308 made the loop's sleep overflow
+# or spin.
+AUDIT_MAX = 86400
 
 
 class ConfigError(UsageError):
     """A config file problem: ``str()`` names the file, key and line."""
+
+
+# -- cgroup patterns ------------------------------------------------------
+
+
+class _Segment:
+    """One segment of a pattern: a literal name or an fnmatch glob,
+    translated to a regular expression once."""
+
+    __slots__ = ("regex", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.regex = re.compile(fnmatch.translate(text)) if _is_glob(text) else None
+
+    def match(self, part: str) -> bool:
+        if self.regex is None:
+            return part == self.text
+        return self.regex.match(part) is not None
+
+
+def _is_glob(segment: str) -> bool:
+    return any(c in segment for c in "*?[")
+
+
+def _parts(rel: str) -> list[str]:
+    return [s for s in rel.split("/") if s]
+
+
+class _Glob:
+    """A cgroup pattern matched segment by segment; ``**`` is any number of
+    segments (also none).
+
+    Matching runs the pattern as an automaton over the path's segments: the
+    live states are positions in the pattern, so a path costs at most
+    (pattern length x path length) segment tests however many ``**`` the
+    pattern has (trying every split, as a recursive matcher does, is
+    exponential in them).
+    """
+
+    def __init__(self, segments: Iterable[str]) -> None:
+        segs: list[_Segment | None] = []  # None: **
+        for s in segments:
+            if s == "**":
+                if segs and segs[-1] is None:
+                    continue  # a/**/**/b is a/**/b
+                segs.append(None)
+            else:
+                segs.append(_Segment(s))
+        self.segs = tuple(segs)
+        self.literal = all(s is not None and s.regex is None for s in segs)
+        # The first segment when it is a plain name: rules are indexed by it.
+        first = segs[0] if segs else None
+        self.head = first.text if first is not None and first.regex is None else None
+
+    def _closure(self, states: set[int]) -> set[int]:
+        # A ** may match no segment: the position after it is live too.
+        # (Consecutive ** are collapsed, so one step is enough.)
+        return states | {i + 1 for i in states if i < len(self.segs) and self.segs[i] is None}
+
+    def _run(self, parts: list[str]) -> set[int]:
+        end = len(self.segs)
+        states = self._closure({0})
+        for part in parts:
+            nxt: set[int] = set()
+            for i in states:
+                if i == end:
+                    continue
+                seg = self.segs[i]
+                if seg is None:
+                    nxt.add(i)  # ** takes this segment and may take more
+                elif seg.match(part):
+                    nxt.add(i + 1)
+            if not nxt:
+                return nxt
+            states = self._closure(nxt)
+        return states
+
+    def match(self, parts: list[str]) -> bool:
+        return len(self.segs) in self._run(parts)
+
+    def prefix(self, parts: list[str]) -> bool:
+        """True if ``parts`` can be extended into a path that matches."""
+        return any(i < len(self.segs) for i in self._run(parts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,35 +128,129 @@ class Rule:
     pattern: str  # relative to the cgroup2 mount; glob per path segment, ** = any depth
     policy: Policy
     index: int  # position in the file (first matching rule wins)
+    # Apply the policy to the TCP sockets that already exist when it is
+    # attached (the sweep); false: only to sockets made afterwards.
+    existing: bool = True
 
     def segments(self) -> list[str]:
-        return [s for s in self.pattern.strip("/").split("/") if s]
+        return _parts(self.pattern)
+
+    @functools.cached_property
+    def glob(self) -> _Glob:
+        return _Glob(self.segments())
 
     def matches(self, rel: str) -> bool:
-        return _match(self.segments(), [s for s in rel.split("/") if s])
+        return self.glob.match(_parts(rel))
 
     def may_match_below(self, rel: str) -> bool:
         """Could a descendant of ``rel`` match?  (Which directories to watch.)"""
-        return _prefix(self.segments(), [s for s in rel.split("/") if s])
+        return self.glob.prefix(_parts(rel))
 
 
-def _match(pat: list[str], parts: list[str]) -> bool:
-    if not pat:
-        return not parts
-    if pat[0] == "**":
-        return any(_match(pat[1:], parts[i:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and _match(pat[1:], parts[1:])
+class _Node:
+    """A state of all the rules' patterns run as one automaton: the pattern
+    prefixes some rules share (a trie of segments)."""
+
+    __slots__ = ("bare", "end", "globs", "lit", "loop", "prefixed", "star")
+
+    def __init__(self, loop: bool = False) -> None:
+        self.lit: dict[str, _Node] = {}  # plain-name children
+        self.globs: dict[str, tuple[_Segment, _Node]] = {}  # glob children by text
+        # The glob children again, by the plain text before their first
+        # wildcard ("u5-" for u5-*.scope), so that a name tries only the
+        # globs it can match; globs starting with a wildcard are "bare".
+        self.prefixed: dict[int, dict[str, list[tuple[_Segment, _Node]]]] = {}
+        self.bare: list[tuple[_Segment, _Node]] = []
+        self.star: _Node | None = None  # the ** child
+        self.loop = loop  # a ** state: takes any number of segments
+        self.end: int | None = None  # first rule whose pattern ends here
+
+    def child(self, seg: _Segment | None) -> _Node:
+        if seg is None:
+            if self.star is None:
+                self.star = _Node(loop=True)
+            return self.star
+        if seg.regex is None:
+            node = self.lit.get(seg.text)
+            if node is None:
+                node = self.lit[seg.text] = _Node()
+            return node
+        hit = self.globs.get(seg.text)
+        if hit is None:
+            hit = self.globs[seg.text] = (seg, _Node())
+            head = re.split(r"[*?[]", seg.text, maxsplit=1)[0]
+            if head:
+                self.prefixed.setdefault(len(head), {}).setdefault(head, []).append(hit)
+            else:
+                self.bare.append(hit)
+        return hit[1]
+
+    def step(self, part: str, out: set[_Node]) -> None:
+        """Add the states reached from this one by taking ``part``."""
+        if self.loop:
+            out.add(self)
+        node = self.lit.get(part)
+        if node is not None:
+            out.add(node)
+        for seg, node in self.bare:
+            if seg.match(part):
+                out.add(node)
+        for n, by_head in self.prefixed.items():
+            for seg, node in by_head.get(part[:n], ()):
+                if seg.match(part):
+                    out.add(node)
+
+    def continues(self) -> bool:
+        return self.loop or bool(self.lit or self.globs or self.star)
 
 
-def _prefix(pat: list[str], parts: list[str]) -> bool:
-    """True if ``parts`` can be extended into a path matching ``pat``."""
-    if not parts:
-        return bool(pat)
-    if not pat:
-        return False
-    if pat[0] == "**":
-        return True
-    return fnmatch.fnmatchcase(parts[0], pat[0]) and _prefix(pat[1:], parts[1:])
+class _RuleIndex:
+    """Every rule's pattern in one automaton (see _Glob for one pattern's).
+
+    A lookup walks the path once: plain names are dict lookups and a glob
+    is tested only where its position and its leading plain text fit, so
+    10,000 rules cost about what one does.  The first rule in the file
+    that matches wins: each final state knows the first rule ending there.
+    """
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.root = _Node()
+        for pos, r in enumerate(rules):
+            node = self.root
+            for seg in r.glob.segs:
+                node = node.child(seg)
+            if node.end is None:
+                node.end = pos
+
+    @staticmethod
+    def _closure(states: set[_Node]) -> set[_Node]:
+        todo = [n.star for n in states if n.star is not None]
+        while todo:  # a ** may take no segment
+            n = todo.pop()
+            if n not in states:
+                states.add(n)
+                if n.star is not None:
+                    todo.append(n.star)
+        return states
+
+    def _run(self, rel: str) -> set[_Node]:
+        states = self._closure({self.root})
+        for part in _parts(rel):
+            nxt: set[_Node] = set()
+            for node in states:
+                node.step(part, nxt)
+            if not nxt:
+                return nxt
+            states = self._closure(nxt)
+        return states
+
+    def policy_for(self, rel: str) -> Rule | None:
+        ends = [n.end for n in self._run(rel) if n.end is not None]
+        return self.rules[min(ends)] if ends else None
+
+    def watch(self, rel: str) -> bool:
+        return any(n.continues() for n in self._run(rel))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,43 +261,124 @@ class Config:
     detach_on_exit: bool = False
     audit_interval: float = 15.0
 
+    @functools.cached_property
+    def _index(self) -> _RuleIndex:
+        return _RuleIndex(self.rules)
+
     def policy_for(self, rel: str) -> Rule | None:
-        for rule in self.rules:
-            if rule.matches(rel):
-                return rule
-        return None
+        """The first rule that matches the cgroup ``rel``, if any."""
+        return self._index.policy_for(rel)
 
     def watch(self, rel: str) -> bool:
-        return any(r.may_match_below(rel) for r in self.rules)
+        """Could a cgroup below ``rel`` match a rule?"""
+        return self._index.watch(rel)
 
 
-def _line_of(text: str, key: str, policy_index: int | None) -> int | None:
-    """Best-effort line number of ``key`` (in the n-th [[policy]] table)."""
-    lines = text.splitlines()
-    start = 0
-    if policy_index is not None:
-        seen = -1
-        for i, ln in enumerate(lines):
-            if re.match(r"\s*\[\[\s*policy\s*\]\]", ln):
-                seen += 1
-                if seen == policy_index:
-                    start = i
-                    break
-        else:
-            return None
-    for i in range(start, len(lines)):
-        if i > start and policy_index is not None and re.match(r"\s*\[", lines[i]):
-            break
-        k = re.escape(key)
-        if re.match(rf"\s*({k}\s*=|\[+\s*{k}\s*\]+)", lines[i]):
-            return i + 1
-    return start + 1 if policy_index is not None else None
+# -- where things are in the text ----------------------------------------
+
+_HEADER = re.compile(r"\s*(\[\[?)([^\]]*)\]")
+_KEY = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*[.=]""")
 
 
-def _where(path: str, text: str, key: str, idx: int | None = None, name: str = "") -> str:
-    line = _line_of(text, key, idx)
-    at = f":{line}" if line else ""
-    return f"{path}{at}: {name or key}"
+def _unquote(token: str) -> str:
+    token = token.strip()
+    if token.startswith('"'):
+        try:
+            return str(json.loads(token))
+        except ValueError:
+            return token[1:-1]
+    return token[1:-1] if token.startswith("'") else token
+
+
+class _Lines:
+    """Line numbers of keys, tables and [[policy]] tables, found in one pass
+    over the text the first time an error needs one.
+
+    (A scan per key made loading quadratic in the number of policies: 54 s
+    at 4,000.)  Best effort: a key written in an inline table or as a
+    dotted key of another table is found by name anywhere in the file, or
+    not at all.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.scans = 0  # passes over the text (the tests count them)
+
+    @functools.cached_property
+    def _index(self) -> tuple[dict[str, int], dict[str, dict[str, int]], list[dict[str, int]]]:
+        self.scans += 1
+        top: dict[str, int] = {}  # top-level keys and table names
+        tables: dict[str, dict[str, int]] = {}  # [name] -> key -> line
+        policies: list[dict[str, int]] = []  # [[policy]] n -> key -> line ("": header)
+        anywhere: dict[str, int] = {}
+        current = top
+        # Lines as TOML counts them: \n only (splitlines() also breaks at
+        # \x0c, \u2028 ..., which TOML allows in strings and comments).
+        for n, line in enumerate(self.text.split("\n"), 1):
+            h = _HEADER.match(line)
+            if h:
+                names = [_unquote(s) for s in h.group(2).split(".")]
+                top.setdefault(names[0], n)
+                if names == ["policy"] and h.group(1) == "[[":
+                    current = {"": n}
+                    policies.append(current)
+                    continue
+                parent = policies[-1] if names[0] == "policy" and policies else None
+                if parent is None:
+                    parent = tables.setdefault(names[0], {})
+                if len(names) > 1:
+                    parent.setdefault(names[1], n)  # [policy.x]: policy's key x
+                    current = {}
+                else:
+                    current = parent
+                continue
+            k = _KEY.match(line)
+            if k:
+                key = _unquote(k.group(1))
+                current.setdefault(key, n)
+                anywhere.setdefault(key, n)
+        tables[""] = anywhere
+        return top, tables, policies
+
+    def line(self, key: str, table: str | None = None, index: int | None = None) -> int | None:
+        top, tables, policies = self._index
+        if table is None:
+            return top.get(key)
+        if table == "policy" and index is not None:
+            if index >= len(policies):
+                return None  # written as an inline array
+            return policies[index].get(key) or policies[index][""]
+        return tables.get(table, {}).get(key) or tables[""].get(key)
+
+
+def _name(key: str) -> str:
+    """A key as TOML would write it: bare, or quoted (so it stays one line)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key):
+        return key
+    quoted = json.dumps(key)  # ASCII, escapes included
+    return quoted if len(quoted) <= 66 else quoted[:62] + '..."'
+
+
+def _file(path: str) -> str:
+    return path if path.isprintable() else show_value(path, 200)
+
+
+class _Where:
+    """``file:line: name`` prefixes for one file's messages."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = _file(path)
+        self.lines = _Lines(text)
+
+    def __call__(
+        self, key: str, name: str, table: str | None = None, index: int | None = None
+    ) -> str:
+        line = self.lines.line(key, table, index)
+        at = f":{line}" if line else ""
+        return f"{self.path}{at}: {name}"
+
+
+# -- parsing ---------------------------------------------------------------
 
 
 def parse_listen(raw: object) -> tuple[str, int]:
@@ -117,103 +390,187 @@ def parse_listen(raw: object) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
-            raise ValueError(f"{host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r} is not 0..65535")
+            raise ValueError(f"{show_value(host)} is not an IP address") from None
+    # ASCII digits only: str.isdigit() and int() also take "١٥" and "²".
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {show_value(port)} is not 1..65535")
     return host, int(port)
 
 
+def _toml_error(path: str, e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", msg)
+    if m:
+        return f"{_file(path)}:{m[2]}: not valid TOML: {m[1]} (column {m[3]})"
+    return f"{_file(path)}: not valid TOML: {msg}"
+
+
 def loads(text: str, path: str = "<config>") -> Config:
+    where = _Where(path, text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(_toml_error(path, e)) from None
+    except ValueError:
+        # int() refuses more than 4300 digits (sys.get_int_max_str_digits).
+        m = re.search(r"[0-9_]{4300,}", text)
+        line = f":{text.count(chr(10), 0, m.start()) + 1}" if m else ""
+        raise ConfigError(
+            f"{where.path}{line}: not valid TOML: a number with too many digits"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where.path}: not valid TOML: arrays or tables nested too deeply"
+        ) from None
+
     unknown = set(data) - SECTIONS
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(
-            f"{_where(path, text, key)}: unknown key (expected [metrics], [daemon], [[policy]])"
+            f"{where(key, _name(key))}: unknown key (expected [metrics], [daemon], [[policy]])"
         )
 
     listen = DEFAULT_LISTEN
     metrics = data.get("metrics", {})
     if not isinstance(metrics, dict):
-        raise ConfigError(f"{path}: metrics: must be a table [metrics]")
+        raise ConfigError(f"{where('metrics', 'metrics')}: must be a table [metrics]")
     for key, value in metrics.items():
         if key != "listen":
-            raise ConfigError(f"{_where(path, text, key, name='metrics.' + key)}: unknown key")
+            raise ConfigError(f"{where(key, 'metrics.' + _name(key), 'metrics')}: unknown key")
         try:
             listen = parse_listen(value)
         except ValueError as e:
-            raise ConfigError(f"{_where(path, text, key, name='metrics.listen')}: {e}") from None
+            raise ConfigError(f"{where(key, 'metrics.listen', 'metrics')}: {e}") from None
 
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
-        raise ConfigError(f"{path}: daemon: must be a table [daemon]")
+        raise ConfigError(f"{where('daemon', 'daemon')}: must be a table [daemon]")
     detach_on_exit, audit_interval = False, 15.0
     for key, value in daemon.items():
-        where = _where(path, text, key, name="daemon." + key)
         if key == "detach_on_exit":
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false")
+                raise ConfigError(
+                    f"{where(key, 'daemon.' + key, 'daemon')}: expected true or false"
+                )
             detach_on_exit = value
         elif key == "audit_interval":
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{where}: expected seconds >= 0 (0 turns the audit off)")
+            # (nan fails every comparison, inf and 1e308 the upper bound.)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (value == 0 or 1 <= value <= AUDIT_MAX)
+            ):
+                raise ConfigError(
+                    f"{where(key, 'daemon.' + key, 'daemon')}: expected seconds, "
+                    f"0 (no audit) or 1..{AUDIT_MAX}, got {show_value(value)}"
+                )
             audit_interval = float(value)
         else:
-            raise ConfigError(f"{where}: unknown key")
+            raise ConfigError(f"{where(key, 'daemon.' + _name(key), 'daemon')}: unknown key")
 
     rules = []
     policies = data.get("policy", [])
     if not isinstance(policies, list):
-        raise ConfigError(f"{path}: policy: write each policy as a [[policy]] table")
+        raise ConfigError(f"{where('policy', 'policy')}: write each policy as a [[policy]] table")
     for i, table in enumerate(policies):
-        rules.append(_rule(path, text, i, table))
+        rules.append(_rule(where, i, table))
     return Config(path, listen, tuple(rules), detach_on_exit, audit_interval)
 
 
-def _rule(path: str, text: str, i: int, table: dict) -> Rule:
+def _rule(where: _Where, i: int, table: object) -> Rule:
     name = f"policy[{i}]"
+
+    def at(key: str) -> str:
+        return where(key, f"{name}.{_name(key)}", "policy", i)
+
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{where('', name, 'policy', i)}: write each policy as a [[policy]] table"
+        )
     for key in table:
         if key not in POLICY_KEYS:
             hint = ""
             if key in BY_KEY and not BY_KEY[key].bpf:
                 hint = " (the kernel refuses it from BPF; only the LD_PRELOAD shim sets it)"
-            raise ConfigError(f"{_where(path, text, key, i, f'{name}.{key}')}: unknown key{hint}")
+            raise ConfigError(f"{at(key)}: unknown key{hint}")
     if "cgroup" not in table:
-        raise ConfigError(f"{_where(path, text, '[[policy]]', i, name)}: missing key cgroup")
+        raise ConfigError(f"{where('', name, 'policy', i)}: missing key cgroup")
     pattern = table["cgroup"]
     if not isinstance(pattern, str) or not pattern.strip("/"):
         raise ConfigError(
-            f"{_where(path, text, 'cgroup', i, name + '.cgroup')}: expected a non-empty path "
+            f"{at('cgroup')}: expected a non-empty path "
             'relative to the cgroup2 mount, e.g. "system.slice/*.service" (the root is not allowed)'
         )
     if ".." in pattern.split("/"):
-        raise ConfigError(f"{_where(path, text, 'cgroup', i, name + '.cgroup')}: '..' not allowed")
+        raise ConfigError(f"{at('cgroup')}: '..' not allowed")
     values: dict[str, object] = {}
+    existing = True
     for key, value in table.items():
         if key == "cgroup":
             continue
-        where = _where(path, text, key, i, f"{name}.{key}")
         if key == "mode":
             if value not in ("set", "enforce"):
-                raise ConfigError(f'{where}: expected "set" or "enforce", got {value!r}')
+                raise ConfigError(
+                    f'{at(key)}: expected "set" or "enforce", got {show_value(value)}'
+                )
             values[key] = value
             continue
+        if key == "existing":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{at(key)}: expected true or false, got {show_value(value)}")
+            existing = value
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{at(key)}: expected a whole number, got {show_value(value)}")
         try:
             values[key] = parse_value(BY_KEY[key], value)
         except UsageError as e:
-            raise ConfigError(f"{where}: {str(e).partition(': ')[2]}") from None
-    return Rule(pattern.strip("/"), Policy.from_mapping(values), i)
+            raise ConfigError(f"{at(key)}: {str(e).partition(': ')[2]}") from None
+    return Rule(pattern.strip("/"), Policy.from_mapping(values), i, existing)
+
+
+# -- the file --------------------------------------------------------------
+
+
+def _check_ownership(path: str, st: os.stat_result) -> None:
+    """The root daemon takes policies for every cgroup of the host from
+    this file: anyone who can write it can turn keepalive off everywhere."""
+    if os.geteuid() != 0:
+        return
+    shown = _file(path)
+    if st.st_uid != 0:
+        raise ConfigError(
+            f"{shown}: owned by uid {st.st_uid}, not root: the root daemon reads only "
+            f"a config root owns (chown root {shown})"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{shown}: is writable by others: chmod go-w {shown}")
 
 
 def load(path: str) -> Config:
+    shown = _file(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{shown}: not a regular file")
+        _check_ownership(path, st)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{shown}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
     return loads(text, path)

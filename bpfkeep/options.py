@@ -9,6 +9,7 @@ from it (``python -m bpfkeep.options``) and a test keeps them in sync.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 
@@ -204,69 +205,111 @@ TUNABLE: tuple[Option, ...] = tuple(o for o in OPTIONS if o.key != "keepalive")
 MODES = ("set", "enforce")
 
 
+# A whole number as the CLI and the config accept it: ASCII digits, an
+# optional minus (so that -1 is answered "out of range", not "not a
+# number").  int() alone also takes " 15 ", "1_000", "+15" and every
+# Unicode digit ("١٥"); none of those is what an operator means to type.
+_WHOLE = re.compile(r"-?[0-9]+")
+# More digits than any option's range can hold: out of range without
+# asking int(), which refuses strings beyond 4300 digits with ValueError.
+_MAX_DIGITS = len(str(INT_MAX))
+
+
+def show_value(raw: object, limit: int = 40) -> str:
+    """``repr(raw)`` cut short: one line, whatever the input."""
+    text = repr(raw)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_value(opt: Option, raw: object) -> int:
     """Validate one option value; raise UsageError naming the problem."""
-    if isinstance(raw, bool):
-        raise UsageError(f"{opt.key}: expected a whole number, got {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise UsageError(f"{opt.key}: expected a whole number, got {show_value(raw)}")
+    value: int | None
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, str):
-        try:
-            value = int(raw.strip(), 10)
-        except ValueError:
-            raise UsageError(
-                f"{opt.key}: {raw!r} is not a whole number "
-                f"(give {opt.unit}, {opt.minimum}..{opt.maximum}, "
-                "or 0 for the kernel default)"
-            ) from None
+    elif _WHOLE.fullmatch(raw):
+        digits = raw.lstrip("-").lstrip("0")
+        value = int(raw, 10) if len(digits) <= _MAX_DIGITS else None
     else:
-        raise UsageError(f"{opt.key}: expected a whole number, got {raw!r}")
+        raise UsageError(
+            f"{opt.key}: {show_value(raw)} is not a whole number "
+            f"(give {opt.unit}, {opt.minimum}..{opt.maximum}, "
+            "or 0 for the kernel default)"
+        )
     if value == 0:
         return 0
-    if not opt.minimum <= value <= opt.maximum:
+    if value is None or not opt.minimum <= value <= opt.maximum:
+        shown = show_value(raw if value is None else value)
         raise UsageError(
-            f"{opt.key}: {value} is out of range "
+            f"{opt.key}: {shown} is out of range "
             f"(use {opt.minimum}..{opt.maximum} {opt.unit}, "
             "or 0 for the kernel default)"
         )
     return value
 
 
+def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
+    """The time keepalive needs to drop a dead peer, in ms; 0 (kernel
+    default) when any of the three is left to the host's sysctls.
+
+    At most INT_MAX: TCP_USER_TIMEOUT takes an int and the kernel refuses
+    more, while the largest keepalive times derive (32767 + 32767 * 127) *
+    1000 = 4,194,176,000 ms.  The shim caps it the same way
+    (derive_user_timeout in preload/policy.c)."""
+    if not (keepidle and keepintvl and keepcnt):
+        return 0
+    # Parenthesised on purpose: libkeepalive once shipped
+    # ``idle + intvl * cnt * 1000``.
+    return min((keepidle + keepintvl * keepcnt) * 1000, BY_KEY["user_timeout"].maximum)
+
+
+def _default(key: str) -> int:
+    default = BY_KEY[key].default
+    assert default is not None, key
+    return default
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Values bpfkeep applies to a cgroup's TCP sockets.
 
-    0 means "leave the kernel default".  ``user_timeout`` defaults to the
-    time keepalive needs to give up on a dead peer, as libkeepalive does.
+    0 means "leave the kernel default".  The defaults are the option
+    table's.  ``user_timeout`` left out (None) is derived from the
+    keepalive values, as libkeepalive does: the time keepalive needs to
+    give up on a dead peer -- the same whether the policy is built here or
+    through ``from_mapping``.
     """
 
-    keepidle: int = 15
-    keepintvl: int = 15
-    keepcnt: int = 9
-    user_timeout: int = 150_000
-    syncnt: int = 0
-    maxseg: int = 0
-    window_clamp: int = 0
-    defer_accept: int = 0
+    keepidle: int = _default("keepidle")
+    keepintvl: int = _default("keepintvl")
+    keepcnt: int = _default("keepcnt")
+    user_timeout: int = None  # type: ignore[assignment]  # None: derived in __post_init__
+    syncnt: int = _default("syncnt")
+    maxseg: int = _default("maxseg")
+    window_clamp: int = _default("window_clamp")
+    defer_accept: int = _default("defer_accept")
     mode: str = "set"
+
+    def __post_init__(self) -> None:
+        if self.user_timeout is None:
+            derived = default_user_timeout(self.keepidle, self.keepintvl, self.keepcnt)
+            object.__setattr__(self, "user_timeout", derived)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Policy:
         """Build a validated policy; keys absent or None take defaults."""
         unknown = set(values) - set(BY_KEY) - {"mode"}
         if unknown:
-            raise UsageError(f"unknown policy key {sorted(unknown)[0]!r}")
+            raise UsageError(f"unknown policy key {show_value(sorted(unknown)[0])}")
         kw: dict[str, object] = {}
         for opt in TUNABLE:
             raw = values.get(opt.key)
-            kw[opt.key] = opt.default if raw is None else parse_value(opt, raw)
-        if kw["user_timeout"] is None:
-            kw["user_timeout"] = default_user_timeout(
-                int(kw["keepidle"]), int(kw["keepintvl"]), int(kw["keepcnt"])
-            )
+            if raw is not None:
+                kw[opt.key] = parse_value(opt, raw)
         mode = values.get("mode") or "set"
         if mode not in MODES:
-            raise UsageError(f"mode: {mode!r} is not one of set, enforce")
+            raise UsageError(f"mode: {show_value(mode)} is not one of set, enforce")
         kw["mode"] = mode
         return cls(**kw)  # type: ignore[arg-type]
 
@@ -275,16 +318,6 @@ class Policy:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
-
-
-def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
-    """The time keepalive needs to drop a dead peer, in ms; 0 (kernel
-    default) when any of the three is left to the host's sysctls."""
-    if not (keepidle and keepintvl and keepcnt):
-        return 0
-    # Parenthesised on purpose: libkeepalive once shipped
-    # ``idle + intvl * cnt * 1000``.
-    return (keepidle + keepintvl * keepcnt) * 1000
 
 
 # --- generated C headers ------------------------------------------------

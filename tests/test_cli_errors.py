@@ -28,6 +28,13 @@ def test_missing_cgroup(bk):
     )
 
 
+def test_file_is_not_a_cgroup(bk):
+    line = one_line_error(
+        bk("attach", "--cgroup", "/etc/passwd", check=False), "not under the cgroup2 mount"
+    )
+    assert "mkdir" not in line
+
+
 def test_cgroup_v1_path(bk):
     from bpfkeep.cgroups import read_mounts
 
@@ -49,6 +56,9 @@ def test_root_cgroup_needs_force(bk):
     [
         (["--keepidle", "0x10"], "not a whole number"),
         (["--keepidle", "ten"], "not a whole number"),
+        (["--keepidle", "1_000"], "not a whole number"),
+        (["--keepidle", " 15 "], "not a whole number"),
+        (["--keepidle", "\u0661\u0665"], "not a whole number"),  # Arabic-Indic 15
         (["--keepidle", "32768"], "out of range"),
         (["--keepintvl", "-1"], "out of range"),
         (["--keepcnt", "128"], "out of range"),
@@ -113,3 +123,26 @@ def test_python_entry_point_is_the_same_cli():
         [sys.executable, "-m", "bpfkeep", "--version"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.startswith("bpfkeep ")
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'[[policy]]\ncgroup = "caf\xe9"\n', ":2: not UTF-8 (byte 0xe9 at offset 24)"),
+        (b"[daemon]\naudit_interval = inf\n", ":2: daemon.audit_interval: expected seconds"),
+        (b"[daemon]\naudit_interval = nan\n", ":2: daemon.audit_interval: expected seconds"),
+        (b'[metrics]\nlisten = "127.0.0.1:0"\n', ":2: metrics.listen: port '0' is not 1..65535"),
+    ],
+)
+def test_daemon_check_refuses_what_the_daemon_cannot_run(tmp_path, content, needle):
+    """These passed --check (or were a traceback) and then killed, spun or
+    misconfigured the daemon."""
+    f = tmp_path / "c.toml"
+    f.write_bytes(content)
+    proc = subprocess.run(
+        bpfkeep_cmd(str(tmp_path / "pins"), "daemon", "--config", str(f), "--check"),
+        capture_output=True,
+        text=True,
+    )
+    line = one_line_error(proc, str(f) + needle)
+    assert proc.returncode == 2 and "Traceback" not in line

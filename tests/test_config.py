@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -41,6 +42,28 @@ def test_example_keys_and_defaults():
         ("[metric]\n", "f.toml:1: metric: unknown key"),
         ("[daemon]\ndetach_on_exit = 1\n", "daemon.detach_on_exit: expected true or false"),
         ('[[policy]]\ncgroup = "a"\nkeepidle = true\n', "expected a whole number"),
+        ("[daemon]\naudit_interval = inf\n", "f.toml:2: daemon.audit_interval: expected seconds"),
+        ("[daemon]\naudit_interval = 1e308\n", "0 (no audit) or 1..86400"),
+        ("[daemon]\naudit_interval = nan\n", "daemon.audit_interval: expected seconds"),
+        ("[daemon]\naudit_interval = -inf\n", "daemon.audit_interval"),
+        ("[daemon]\naudit_interval = 0.5\n", "daemon.audit_interval"),
+        ("[daemon]\naudit_interval = 86401\n", "daemon.audit_interval"),
+        ('[daemon]\naudit_interval = "15"\n', "daemon.audit_interval"),
+        ('[metrics]\nlisten = "127.0.0.1:0"\n', "f.toml:2: metrics.listen: port '0' is"),
+        ('[metrics]\nlisten = "127.0.0.1:\u0661\u0665"\n', "is not 1..65535"),
+        ('[metrics]\nlisten = "127.0.0.1: 9977"\n', "is not 1..65535"),
+        ('[metrics]\nlisten = "127.0.0.1:9_977"\n', "is not 1..65535"),
+        ('[[policy]]\ncgroup = "a"\nkeepidle = "1_000"\n', "expected a whole number"),
+        ('[[policy]]\ncgroup = "a"\nexisting = "no"\n', "f.toml:3: policy[0].existing: expected"),
+        ('[[policy]]\ncgroup = "a"\n[[policy]]\ncgroup = "b"\nexisting = 0\n',
+         "f.toml:5: policy[1].existing: expected true or false"),
+        ("policy = [1]\n", "policy[0]: write each policy as a [[policy]] table"),
+        ('policy = [{cgroup = "a", keepcnt = 500}]\n', "f.toml: policy[0].keepcnt: 500 is out"),
+        ('[[policy]]\ncgroup = "a"\n"a\\nb" = 1\n', 'f.toml:3: policy[0]."a\\nb": unknown key'),
+        ('[[policy]]\ncgroup = "a"\n[policy.x]\n', "f.toml:3: policy[0].x: unknown key"),
+        ("[[policy]]\ncgroup = 'a'\nkeepidle = 1" + "0" * 5000 + "\n", "f.toml:3: not valid TOML"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "f.toml: not valid TOML: arrays or"),
+        ('[[policy]]\ncgroup = "a"\nkeepidle = 0x\n', "f.toml:3: not valid TOML: Expected newline"),
     ],
 )  # fmt: skip
 def test_errors_name_file_line_and_key(text, expect):
@@ -49,6 +72,79 @@ def test_errors_name_file_line_and_key(text, expect):
     msg = str(e.value)
     assert expect in msg and "\n" not in msg
     assert msg.startswith("f.toml")
+
+
+def test_audit_interval_range():
+    for text, value in (("0", 0.0), ("1", 1.0), ("86400", 86400.0), ("15.5", 15.5)):
+        assert loads(f"[daemon]\naudit_interval = {text}\n").audit_interval == value
+
+
+def test_listen_port_range():
+    assert loads('[metrics]\nlisten = "127.0.0.1:1"\n').listen == ("127.0.0.1", 1)
+    assert loads('[metrics]\nlisten = "[::1]:65535"\n').listen == ("::1", 65535)
+
+
+def test_existing_key():
+    r0, r1 = loads('[[policy]]\ncgroup = "a"\n[[policy]]\ncgroup = "b"\nexisting = false\n').rules
+    assert r0.existing is True and r1.existing is False
+
+
+def check_line(argv, capsys) -> str:
+    from bpfkeep import cli
+
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_non_utf8_file_is_one_line(tmp_path, capsys):
+    """A stray Latin-1 byte was a UnicodeDecodeError traceback on --check
+    and killed the daemon on SIGHUP."""
+    f = tmp_path / "bad.toml"
+    f.write_bytes(b'[[policy]]\ncgroup = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(str(f))
+    assert str(e.value) == (f"{f}:2: not UTF-8 (byte 0xe9 at offset 24); save the file as UTF-8")
+    err = check_line(["daemon", "--config", str(f), "--check"], capsys)
+    assert err.startswith(f"bpfkeep: {f}:2: not UTF-8")
+
+
+def test_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opened without O_NONBLOCK, this waits for a writer forever
+    with pytest.raises(ConfigError, match=r"fifo\.toml: not a regular file"):
+        config.load(str(fifo))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        config.load(str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership check is the root daemon's")
+@pytest.mark.parametrize(
+    "mode, uid, expect",
+    [
+        (0o644, 0, None),
+        (0o600, 0, None),
+        (0o666, 0, "is writable by others: chmod go-w "),
+        (0o664, 0, "is writable by others: chmod go-w "),
+        (0o646, 0, "is writable by others: chmod go-w "),
+        (0o644, 65534, "owned by uid 65534, not root"),
+    ],
+)
+def test_root_refuses_a_config_others_can_write(tmp_path, capsys, mode, uid, expect):
+    f = tmp_path / "c.toml"
+    f.write_text('[[policy]]\ncgroup = "a"\n')
+    os.chmod(f, mode)
+    os.chown(f, uid, -1)
+    if expect is None:
+        assert len(config.load(str(f)).rules) == 1
+        return
+    with pytest.raises(ConfigError) as e:
+        config.load(str(f))
+    assert str(e.value).startswith(f"{f}: {expect}")
+    if "chmod" in expect:
+        assert str(e.value).endswith(f"chmod go-w {f}")
+    check_line(["daemon", "--config", str(f), "--check"], capsys)
 
 
 def test_missing_file():
@@ -113,3 +209,114 @@ def test_journal_formatter():
     rec = logging.LogRecord("bpfkeep", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
     assert daemon.JournalFormatter(True).format(rec) == "<3>boom x"
     assert "error: boom x" in daemon.JournalFormatter(False).format(rec)
+
+
+# -- scale -------------------------------------------------------------------
+
+
+@pytest.fixture()
+def text_scans(monkeypatch):
+    """The passes loads() makes over the text to find line numbers."""
+    made: list[config._Lines] = []
+
+    class Counting(config._Lines):
+        def __init__(self, text: str) -> None:
+            super().__init__(text)
+            made.append(self)
+
+    monkeypatch.setattr(config, "_Lines", Counting)
+    return lambda: sum(lines.scans for lines in made)
+
+
+def test_thousands_of_policies_load_in_linear_time(text_scans):
+    """A scan of the text per key made loading quadratic: 54 s at 4,000
+    policies, past the unit's start timeout.  Now the text is scanned
+    once, and only when an error needs a line number."""
+    n = 4000
+    body = "".join(
+        f'[[policy]]\ncgroup = "s/u{i}.service"\nkeepidle = {i % 100 + 1}\n' for i in range(n)
+    )
+    cfg = loads(body, "f.toml")
+    assert len(cfg.rules) == n and text_scans() == 0
+    assert cfg.policy_for("s/u3999.service").index == n - 1
+    assert cfg.policy_for("s/u4000.service") is None
+    with pytest.raises(ConfigError) as e:
+        loads(body + '[[policy]]\ncgroup = "x"\nkeepcnt = 500\n', "f.toml")
+    assert str(e.value).startswith(f"f.toml:{3 * n + 3}: policy[{n}].keepcnt: 500 is out of range")
+    assert text_scans() == 1
+
+
+@pytest.fixture()
+def segment_tests(monkeypatch):
+    calls = [0]
+    match = config._Segment.match
+
+    def counting(self, part):
+        calls[0] += 1
+        return match(self, part)
+
+    monkeypatch.setattr(config._Segment, "match", counting)
+    return calls
+
+
+def test_repeated_double_star_is_polynomial(segment_tests):
+    """Trying every split for every ** was exponential in their number (27 s
+    to start with 8 of them).  The automaton tests each (pattern segment,
+    path segment) pair at most once per lookup."""
+    pattern = "/".join(["**", "a*"] * 8 + ["b"])  # 17 segments, 8 non-adjacent **
+    rule = loads(f'[[policy]]\ncgroup = "{pattern}"\n').rules[0]
+    path = "/".join(["a"] * 40)
+    assert not rule.matches(path)
+    assert rule.matches(path + "/b")
+    assert rule.may_match_below(path)
+    assert segment_tests[0] <= 3 * 17 * 41
+    consecutive = loads('[[policy]]\ncgroup = "' + "**/" * 8 + 'x"\n').rules[0]
+    assert len(consecutive.glob.segs) == 2  # **/**/... is one **
+    assert consecutive.matches(path + "/x") and not consecutive.matches(path)
+
+
+def test_many_rules_are_looked_up_not_scanned(segment_tests):
+    """10,000 rules x 10,000 cgroups were 1e8 fnmatch calls.  All rules
+    form one automaton: plain names are dict lookups, and a glob is tested
+    only where its position and leading plain text fit the name."""
+    n = 10_000
+    rules = "".join(f'[[policy]]\ncgroup = "s/u{i}.service"\n' for i in range(n))
+    rules += "".join(f'[[policy]]\ncgroup = "**/db{i}-*.scope"\nkeepidle = 7\n' for i in range(n))
+    rules += '[[policy]]\ncgroup = "s/*.service"\nkeepidle = 8\n'
+    rules += '[[policy]]\ncgroup = "other/**"\nkeepidle = 9\n'
+    cfg = loads(rules)
+    for i in range(n):
+        assert cfg.policy_for(f"s/u{i}.service").index == i
+        assert cfg.watch(f"s/u{i}.service")  # **/db*-*.scope may be below
+    # Per lookup, s/*.service is tested once; none of the **/db* globs is
+    # (no name starts with "db"), where every rule was tried before.
+    assert segment_tests[0] <= 2 * n
+    segment_tests[0] = 0
+    for i in range(0, n, 10):
+        assert cfg.policy_for(f"user.slice/x/db{i}-1.scope").index == n + i
+    assert segment_tests[0] <= 2 * 3 * (n // 10)  # a few per path segment
+    assert cfg.policy_for("s/new.service").policy.keepidle == 8
+    assert cfg.policy_for("other/a/b").policy.keepidle == 9
+    assert cfg.watch("") and cfg.watch("s") and cfg.watch("other/a") and cfg.watch("user.slice")
+    assert cfg.policy_for("user.slice") is None and cfg.policy_for("s") is None
+
+
+def test_first_match_wins_across_plain_and_glob_rules():
+    cfg = loads(
+        '[[policy]]\ncgroup = "s/*.service"\nkeepidle = 1\n'
+        '[[policy]]\ncgroup = "s/db.service"\nkeepidle = 2\n'
+        '[[policy]]\ncgroup = "t/db.service"\nkeepidle = 3\n'
+        '[[policy]]\ncgroup = "**/db.service"\nkeepidle = 4\n'
+        '[[policy]]\ncgroup = "t/db.service"\nkeepidle = 5\n'
+    )
+    assert cfg.policy_for("s/db.service").policy.keepidle == 1
+    assert cfg.policy_for("t/db.service").policy.keepidle == 3
+    assert cfg.policy_for("u/v/db.service").policy.keepidle == 4
+
+
+def test_line_numbers_count_newlines_only():
+    """TOML allows U+2028 and U+2029 in comments; str.splitlines()
+    counts them as line breaks, TOML does not."""
+    text = '# a \u2029 b \u2028 c\n[[policy]]\ncgroup = "a"\nkeepcnt = 500\n'
+    with pytest.raises(ConfigError, match=r"^f\.toml:4: policy\[0\]\.keepcnt"):
+        loads(text, "f.toml")

@@ -3,6 +3,7 @@ lookup, path resolution and the map layouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import subprocess
@@ -47,7 +48,16 @@ def test_user_timeout_derived_from_values_in_force():
         ("keepidle", "-1", None),
         ("keepidle", "1.5", None),
         ("keepidle", "", None),
-        ("keepidle", " 7 ", 7),
+        ("keepidle", " 7 ", None),
+        ("keepidle", "7\n", None),
+        ("keepidle", "1_000", None),
+        ("keepidle", "+7", None),
+        ("keepidle", "\u0661\u0665", None),  # Arabic-Indic 15: int() takes it, we do not
+        ("keepidle", "\uff11\uff15", None),  # fullwidth 15
+        ("keepidle", "007", 7),
+        ("keepidle", "9" * 5000, None),  # beyond int()'s digit limit: still one line
+        ("keepidle", "-" + "9" * 5000, None),
+        ("keepidle", 2**70, None),
         ("keepidle", "0x10", None),
         ("keepcnt", "127", 127),
         ("keepcnt", "128", None),
@@ -66,6 +76,54 @@ def test_parse_value_strict(key, raw, ok):
         assert key in str(e.value)
     else:
         assert parse_value(BY_KEY[key], raw) == ok
+
+
+def test_parse_value_messages_are_short_single_lines():
+    for raw in ("9" * 5000, "a\nb" * 1000, 10**4000):
+        with pytest.raises(UsageError) as e:
+            parse_value(BY_KEY["keepidle"], raw)
+        msg = str(e.value)
+        assert "\n" not in msg and len(msg) < 200 and msg.startswith("keepidle: "), msg
+
+
+def test_derived_user_timeout_fits_an_int():
+    """TCP_USER_TIMEOUT is an int: the largest keepalive times would derive
+    (32767 + 32767 * 127) * 1000 = 4,194,176,000 ms, which the kernel
+    refuses.  The shim caps it at INT_MAX (preload/policy.c); so does this."""
+    assert default_user_timeout(32767, 32767, 127) == 2**31 - 1
+    p = Policy.from_mapping({"keepidle": 32767, "keepintvl": 32767, "keepcnt": 127})
+    assert p.user_timeout == 2**31 - 1
+    assert Policy(keepidle=32767, keepintvl=32767, keepcnt=127).user_timeout == 2**31 - 1
+    # Just below the cap: exact.
+    assert default_user_timeout(32767, 16651, 127) == 2_147_444_000
+
+
+def test_policy_defaults_come_from_the_option_table():
+    fields = {f.name: f for f in dataclasses.fields(Policy)}
+    assert list(fields) == [o.key for o in options.TUNABLE] + ["mode"]
+    for opt in options.TUNABLE:
+        if opt.default is not None:
+            assert fields[opt.key].default == opt.default, opt.key
+    assert Policy() == Policy.from_mapping({})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"keepidle": 60},
+        {"keepintvl": 1, "keepcnt": 2},
+        {"keepidle": 0},
+        {"keepidle": 60, "user_timeout": 5},
+        {"keepidle": 60, "user_timeout": 0},
+        {"keepidle": 32767, "keepintvl": 32767, "keepcnt": 127},
+        {"mode": "enforce", "maxseg": 1400},
+    ],
+)
+def test_policy_constructor_and_from_mapping_agree(values):
+    """Policy(keepidle=60).user_timeout was 150000 (a hand-kept default)
+    while from_mapping derived 195000: both derive from the values now."""
+    assert Policy(**values) == Policy.from_mapping(values)
+    assert Policy(**values).user_timeout == Policy.from_mapping(values).user_timeout
 
 
 def test_unknown_key_and_mode_rejected():
@@ -239,6 +297,29 @@ def test_resolve_errors(fake_tree, spec, needle):
     mounts, _, _ = fake_tree
     with pytest.raises(UsageError, match=needle):
         resolve(spec, mounts=mounts)
+
+
+def test_resolve_a_file_is_not_a_cgroup(fake_tree, tmp_path):
+    """/etc/passwd was answered "no such cgroup ... create it (mkdir
+    <cgroup2>/etc/passwd)"."""
+    mounts, cg2, _ = fake_tree
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0::/root:/bin/sh\n")
+    (tmp_path / "etc").mkdir()
+    for spec in (str(passwd), str(tmp_path / "etc"), str(cg2 / ".." / "passwd")):
+        with pytest.raises(UsageError) as e:
+            resolve(spec, mounts=mounts)
+        msg = str(e.value)
+        assert f"not under the cgroup2 mount at {cg2}" in msg and "mkdir" not in msg, msg
+    with pytest.raises(UsageError) as e:
+        resolve("system.slice/cgroup.procs", mounts=mounts)
+    assert "is not a directory" in str(e.value) and "mkdir" not in str(e.value)
+    # A path that exists nowhere is still a cgroup to create.
+    with pytest.raises(UsageError, match="mkdir"):
+        resolve(str(tmp_path / "nowhere"), mounts=mounts)
+    with pytest.raises(UsageError) as e:
+        resolve("a\nb", mounts=mounts)
+    assert "\n" not in str(e.value)
 
 
 def test_resolve_v1_and_forced_root(fake_tree):
