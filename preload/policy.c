@@ -12,11 +12,13 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "policy.h"
@@ -326,6 +328,26 @@ void bk_apply(const struct bk_policy *p, int fd, int at)
 	apply_one(p, fd, BK_OPT_KEEPALIVE, at);
 }
 
+/*
+ * Copy the int at the application's optval without ever faulting on it:
+ * a bad pointer must get the kernel's EFAULT, not a SIGSEGV in the shim.
+ * process_vm_readv on our own process reads through the kernel's
+ * copy_from_user, like setsockopt itself; reading our own memory passes
+ * the ptrace access check unconditionally (same thread group).  False
+ * when not all four bytes are readable (the kernel will refuse them too)
+ * or when the call is refused (a seccomp filter returning an errno): then
+ * the application's call goes to the kernel unchanged.
+ */
+static bool read_app_int(const void *optval, int *out)
+{
+	struct iovec local = {.iov_base = out, .iov_len = sizeof(*out)};
+	struct iovec remote = {.iov_base = (void *)(uintptr_t)optval,
+			       .iov_len = sizeof(*out)};
+
+	return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
+	       (ssize_t)sizeof(*out);
+}
+
 bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out)
 {
@@ -339,12 +361,10 @@ bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
 			break;
 		}
 	}
-	/* Too short: the kernel refuses it (EINVAL) whatever we do.
-	 * A bad non-NULL optval is read here as the kernel would have, the
-	 * same as the BPF program reads the application's buffer. */
-	if (!o || !optval || optlen < sizeof(int))
+	/* Too short: the kernel refuses it (EINVAL) whatever we do.  An
+	 * optval the kernel cannot read: it answers EFAULT, untouched. */
+	if (!o || !optval || optlen < sizeof(int) || !read_app_int(optval, &v))
 		return false;
-	memcpy(&v, optval, sizeof(v));
 
 	if (id == BK_OPT_KEEPALIVE) {
 		if (v != 0)

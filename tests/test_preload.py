@@ -658,6 +658,22 @@ def test_enforce(shim: Shim, server: Server, mode: str) -> None:
         assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (0, 10000, 0)
 
 
+def test_enforce_bad_pointer_gives_efault_not_a_crash(
+    shim: Shim, sockprobe: pathlib.Path, server: Server
+) -> None:
+    """A C program passing setsockopt pointers the kernel cannot read gets
+    -1/EFAULT under enforce mode, exactly as without the shim (issue 9 #8)."""
+    argv = [str(sockprobe), "badptr", str(server.port)]
+    bare = shim.run(argv, preload_lib=False, strace=False)
+    res = shim.run(argv, {"BPFKEEP_ENFORCE": "1"}, strace=False, check=False)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    for r in (bare, res):
+        assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 15, r.stdout
+    # Good pointers are still capped: the program's 0 and 10000 did not stick.
+    assert "keepalive 1 keepidle 15" in res.stdout, res.stdout
+    assert "keepalive 0 keepidle 10000" in bare.stdout, bare.stdout
+
+
 # --- BPFKEEP_HOOK=socket ----------------------------------------------------------
 
 

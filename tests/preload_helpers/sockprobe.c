@@ -10,6 +10,12 @@
  *                                 calls do; one "ok NAME" or
  *                                 "FAIL NAME ..." line per check, and
  *                                 "keepalive N" for the connected socket
+ *   sockprobe badptr PORT         setsockopt with pointers the kernel
+ *                                 cannot read (EFAULT), on a socket
+ *                                 connected to 127.0.0.1:PORT; the same
+ *                                 "ok"/"FAIL" lines, then "keepalive N
+ *                                 keepidle N" after weakening attempts
+ *                                 with good pointers
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -138,12 +145,72 @@ static int errnos(int open_port, int closed_port)
 	return failures ? 1 : 0;
 }
 
+/* setsockopt with optval pointers the kernel refuses with EFAULT: a
+ * preload shim must not read them itself (a crash), nor change the answer.
+ * Only the options enforce mode looks at, where it would read the value. */
+static int badptr(int port)
+{
+	static const struct {
+		int level, name;
+		const char *label;
+	} opts[] = {{SOL_SOCKET, SO_KEEPALIVE, "SO_KEEPALIVE"},
+		    {IPPROTO_TCP, TCP_KEEPIDLE, "TCP_KEEPIDLE"},
+		    {IPPROTO_TCP, TCP_KEEPINTVL, "TCP_KEEPINTVL"},
+		    {IPPROTO_TCP, TCP_KEEPCNT, "TCP_KEEPCNT"},
+		    {IPPROTO_TCP, TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT"}};
+	struct sockaddr_in a = loopback(port);
+	long page = sysconf(_SC_PAGESIZE);
+	char *map, name[96];
+	int fd, ret, zero = 0, big = 10000;
+	const void *bad[3];
+
+	/* A readable page followed by an inaccessible one: the last two bytes
+	 * of the first are a pointer whose int straddles into the second. */
+	map = mmap(NULL, (size_t)page * 2, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (map == MAP_FAILED ||
+	    mprotect(map + page, (size_t)page, PROT_NONE)) {
+		perror("mmap");
+		return 1;
+	}
+	bad[0] = (const void *)1;
+	bad[1] = map + page; /* mapped, PROT_NONE */
+	bad[2] = map + page - 2;
+
+	fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		perror("connect");
+		return 1;
+	}
+	for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+		for (size_t j = 0; j < sizeof(bad) / sizeof(bad[0]); j++) {
+			snprintf(name, sizeof(name), "%s bad pointer %zu",
+				 opts[i].label, j);
+			errno = 0;
+			ret = setsockopt(fd, opts[i].level, opts[i].name,
+					 bad[j], sizeof(int));
+			check(name, ret, -1, errno, EFAULT);
+		}
+	}
+	/* Good pointers still go through enforce mode's rules. */
+	(void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &zero, sizeof(zero));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &big, sizeof(big));
+	printf("keepalive %d keepidle %d\n",
+	       getint(fd, SOL_SOCKET, SO_KEEPALIVE),
+	       getint(fd, IPPROTO_TCP, TCP_KEEPIDLE));
+	close(fd);
+	return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 3 && !strcmp(argv[1], "client"))
 		return client(atoi(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "errno"))
 		return errnos(atoi(argv[2]), atoi(argv[3]));
-	fprintf(stderr, "usage: sockprobe client PORT | errno OPEN CLOSED\n");
+	if (argc == 3 && !strcmp(argv[1], "badptr"))
+		return badptr(atoi(argv[2]));
+	fprintf(stderr, "usage: sockprobe client PORT | errno OPEN CLOSED | "
+			"badptr PORT\n");
 	return 2;
 }
