@@ -46,12 +46,13 @@ static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
 
 /*
  * The fds that socket() (below) created as TCP: connect() and listen() on
- * them need no getsockopt to tell what they are, which is most of what the
- * shim costs a connection (one system call is ~2.5 % of a loopback
- * connection).  A mark is cleared before the fd is closed or replaced
- * through close/dup2/dup3; fds made any other way (accept, raw system
- * calls) and fds beyond BK_TRACKED_FDS are checked with the kernel.
- * Relaxed atomics: an fd's life is ordered by the system calls themselves.
+ * them need one getsockopt, not two, to tell what they are (one system
+ * call is ~2.5 % of a loopback connection).  A mark is cleared before the
+ * fd is closed or replaced through close/dup2/dup3, and by socket() when
+ * the number comes back as anything else; fds made any other way (accept,
+ * raw system calls) and fds beyond BK_TRACKED_FDS are checked with the
+ * kernel in full.  Relaxed atomics: an fd's life is ordered by the system
+ * calls themselves.
  */
 #define BK_TRACKED_FDS 65536
 #define BK_WORD_BITS (8 * sizeof(unsigned long))
@@ -74,14 +75,30 @@ static void bk_mark(int fd, bool tcp)
 			memory_order_relaxed);
 }
 
+/*
+ * A mark alone is not proof: the fd may have been closed where no wrapper
+ * sees it (fclose() of an fdopen()ed FILE and glibc's other internal
+ * closes, close_range, closefrom, a raw system call) and its number reused
+ * by a socket made without socket() (socketpair, accept, dup, SCM_RIGHTS,
+ * a raw system call).  So a marked fd is asked SO_PROTOCOL: IPPROTO_TCP
+ * there is TCP, except for a raw IPPROTO_TCP socket (CAP_NET_RAW, made
+ * without socket() into a number closed behind our back), on which the
+ * TCP_* options fail (ENOPROTOOPT) and SO_KEEPALIVE is a flag raw sockets
+ * ignore.  UDP, AF_UNIX, MPTCP, SCTP, other raw sockets and non-sockets
+ * are turned away, and their mark dropped.
+ */
 static bool bk_is_tcp(int fd)
 {
 	if (fd >= 0 && fd < BK_TRACKED_FDS &&
 	    (atomic_load_explicit(&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS],
 				  memory_order_relaxed) >>
 	     ((unsigned)fd % BK_WORD_BITS)) &
-		    1UL)
-		return true;
+		    1UL) {
+		if (bk_proto_is_tcp(fd))
+			return true;
+		bk_mark(fd, false);
+		return false;
+	}
 	return bk_is_tcp_fd(fd);
 }
 

@@ -263,16 +263,24 @@ static int getsockopt_int(int fd, int level, int optname, int *out)
 	       len == sizeof(*out);
 }
 
+bool bk_proto_is_tcp(int fd)
+{
+	int proto;
+
+	return getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
+	       proto == IPPROTO_TCP;
+}
+
 bool bk_is_tcp_fd(int fd)
 {
-	int proto, type;
+	int type;
 
-	/* SO_PROTOCOL first: it alone turns away UDP, AF_UNIX (0) and
-	 * non-sockets.  IPPROTO_TCP with SOCK_STREAM is TCP over IPv4 or IPv6:
-	 * no other family gives a stream socket protocol number 6 (raw
-	 * sockets can, hence SO_TYPE), so SO_DOMAIN needs no third call. */
-	return getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
-	       proto == IPPROTO_TCP &&
+	/* SO_PROTOCOL first: it alone turns away UDP, AF_UNIX (0), MPTCP,
+	 * SCTP and non-sockets.  IPPROTO_TCP with SOCK_STREAM is TCP over
+	 * IPv4 or IPv6: no other family gives a stream socket protocol number
+	 * 6 (raw sockets can, hence SO_TYPE), so SO_DOMAIN needs no third
+	 * call. */
+	return bk_proto_is_tcp(fd) &&
 	       getsockopt_int(fd, SOL_SOCKET, SO_TYPE, &type) &&
 	       type == SOCK_STREAM;
 }

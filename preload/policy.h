@@ -47,6 +47,11 @@ void bk_policy_load(struct bk_policy *p);
  * MPTCP and SCTP included, and for a bad fd. */
 bool bk_is_tcp_fd(int fd);
 
+/* SO_PROTOCOL alone is IPPROTO_TCP: one system call.  Enough to tell
+ * whether an fd that socket() made TCP is still that socket (see
+ * bk_is_tcp in libbpfkeep.c). */
+bool bk_proto_is_tcp(int fd);
+
 /* The same, from socket()'s arguments. */
 bool bk_is_tcp_args(int domain, int type, int protocol);
 

@@ -557,6 +557,25 @@ def test_udp_and_unix_untouched(shim: Shim, tmp_path: pathlib.Path, env: dict) -
     }
 
 
+@pytest.mark.parametrize("env", [{}, {"BPFKEEP_ENFORCE": "1"}], ids=["set", "enforce"])
+def test_fd_closed_behind_the_shims_back_and_reused(
+    shim: Shim, sockprobe: pathlib.Path, server: Server, env: dict
+) -> None:
+    """A TCP fd closed where the shim cannot see it (fclose(fdopen()),
+    close_range) whose number comes back as a socketpair or a raw socket:
+    connect() and listen() on those must leave them alone (issue 9 #12)."""
+    res = shim.run([str(sockprobe), "reuse", str(server.port)], env)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("reuse ")]
+    done = {(w[1], w[2]): w[3:] for w in lines if w[3] != "unavailable"}
+    assert ("fclose", "socketpair") in done and ("close_range", "socketpair") in done, lines
+    if os.geteuid() == 0:  # raw sockets need CAP_NET_RAW
+        assert ("fclose", "raw") in done and ("close_range", "raw") in done, lines
+    for case, fields in done.items():
+        assert fields == ["same=1", "keepalive=0"], (case, res.stdout)
+    # The kernel was asked nothing: no TCP socket here ever connects or listens.
+    assert "setsockopt(" not in res.trace, res.trace
+
+
 def test_keepalive_off_disables_the_shim(shim: Shim, server: Server) -> None:
     """The original libkeepalive's KEEPALIVE=off switch."""
     res = shim.probe(

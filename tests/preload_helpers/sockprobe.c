@@ -16,7 +16,15 @@
  *                                 "ok"/"FAIL" lines, then "keepalive N
  *                                 keepidle N" after weakening attempts
  *                                 with good pointers
+ *   sockprobe reuse PORT          TCP fds closed behind a shim's back
+ *                                 (fclose(fdopen()), close_range) whose
+ *                                 number comes back as a socketpair or
+ *                                 raw socket made without socket();
+ *                                 connect() and listen() on those; one
+ *                                 "reuse CLOSER FILLER same=0|1
+ *                                 keepalive=N" line each
  */
+#define _GNU_SOURCE /* close_range */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -26,6 +34,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define MARK 4242 /* an errno no call sets */
@@ -202,6 +211,68 @@ static int badptr(int port)
 	return failures ? 1 : 0;
 }
 
+/* Close fd the ways a close() wrapper does not see. */
+static void close_behind(int fd, const char *how)
+{
+	if (!strcmp(how, "fclose")) {
+		FILE *f = fdopen(fd, "r+");
+
+		if (f)
+			fclose(f); /* glibc closes with its internal __close */
+	} else {
+		close_range((unsigned)fd, (unsigned)fd, 0);
+	}
+}
+
+/* A non-TCP socket on the lowest free fd, made without socket(): a
+ * socketpair (AF_UNIX stream) or a raw ICMP socket (needs CAP_NET_RAW;
+ * -1 without it). */
+static int fill(const char *what, int *peer)
+{
+	int sv[2];
+
+	*peer = -1;
+	if (!strcmp(what, "socketpair")) {
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0)
+			return -1;
+		*peer = sv[1];
+		return sv[0];
+	}
+	return (int)syscall(SYS_socket, AF_INET, SOCK_RAW, IPPROTO_ICMP);
+}
+
+static int reuse(int port)
+{
+	static const char *const closers[] = {"fclose", "close_range"};
+	static const char *const fillers[] = {"socketpair", "raw"};
+	struct sockaddr_in a = loopback(port);
+
+	for (size_t i = 0; i < 2; i++) {
+		for (size_t j = 0; j < 2; j++) {
+			int tcp = socket(AF_INET, SOCK_STREAM, 0), peer, fd;
+
+			close_behind(tcp, closers[i]);
+			fd = fill(fillers[j], &peer);
+			if (fd < 0) {
+				printf("reuse %s %s unavailable\n", closers[i],
+				       fillers[j]);
+				continue;
+			}
+			/* The calls the shim hooks; their errors do not
+			 * matter here, only that they leave fd alone. */
+			(void)connect(fd, (struct sockaddr *)&a, sizeof(a));
+			(void)listen(fd, 1);
+			printf("reuse %s %s same=%d keepalive=%d\n", closers[i],
+			       fillers[j], fd == tcp,
+			       getint(fd, SOL_SOCKET, SO_KEEPALIVE));
+			close(fd);
+			if (peer >= 0)
+				close(peer);
+		}
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 3 && !strcmp(argv[1], "client"))
@@ -210,7 +281,9 @@ int main(int argc, char **argv)
 		return errnos(atoi(argv[2]), atoi(argv[3]));
 	if (argc == 3 && !strcmp(argv[1], "badptr"))
 		return badptr(atoi(argv[2]));
+	if (argc == 3 && !strcmp(argv[1], "reuse"))
+		return reuse(atoi(argv[2]));
 	fprintf(stderr, "usage: sockprobe client PORT | errno OPEN CLOSED | "
-			"badptr PORT\n");
+			"badptr PORT | reuse PORT\n");
 	return 2;
 }
