@@ -263,6 +263,19 @@ static int getsockopt_int(int fd, int level, int optname, int *out)
 	       len == sizeof(*out);
 }
 
+int bk_tcp_state(int fd)
+{
+	unsigned char state;
+	socklen_t len = sizeof(state);
+
+	/* struct tcp_info begins with tcpi_state; the kernel copies only
+	 * the bytes asked for. */
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &state, &len) < 0 ||
+	    len != sizeof(state))
+		return -1;
+	return state;
+}
+
 bool bk_proto_is_tcp(int fd)
 {
 	int proto;

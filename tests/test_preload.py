@@ -289,6 +289,9 @@ def test_exports_only_the_wrappers(lib: pathlib.Path) -> None:
         "close",
         "dup2",
         "dup3",
+        # TCP Fast Open connects without connect()
+        "sendto",
+        "sendmsg",
     }
 
 
@@ -460,6 +463,37 @@ def test_fork_and_exec_child_gets_it(shim: Shim, server: Server) -> None:
     assert child["keepalive"] == 1 and child["keepidle"] == 33
 
 
+def test_nonblocking_connect_called_again_applies_once(shim: Shim, server: Server) -> None:
+    """The policy goes on at the first connect() only; what the program
+    sets afterwards stands in set mode, as on the kernel path (issue 10)."""
+    res = shim.probe("nonblock", "127.0.0.1", str(server.port))
+    got = res.records()[0]
+    assert got["first"] == "EINPROGRESS" and got["last"] == "EISCONN", got
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+    life = res.tcp_sockets()[0]
+    connects = [i for i, c in enumerate(life) if c.name == "connect"]
+    sets = [c.args for c in life if c.name == "setsockopt"]
+    assert len(connects) == 3, res.trace
+    # The policy's five before the first connect, then only the program's two.
+    assert [i for i, c in enumerate(life) if c.name == "setsockopt"][4] < connects[0]
+    assert len(sets) == 7 and sets[5:] == [
+        f"{life[0].fd}, SOL_SOCKET, SO_KEEPALIVE, [0], 4",
+        f"{life[0].fd}, SOL_TCP, TCP_KEEPIDLE, [1800], 4",
+    ], sets
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+def test_tcp_fast_open_connects_get_the_policy(shim: Shim, server: Server, how: str) -> None:
+    """sendto()/sendmsg() with MSG_FASTOPEN connect without connect()."""
+    if not kernel_default("tcp_fastopen") & 1:
+        pytest.skip("net.ipv4.tcp_fastopen has client mode off")
+    res = shim.probe("tfo", "127.0.0.1", str(server.port), how, env={"TCP_SYNCNT": "3"})
+    assert res.sets() == {**DEFAULTS, "TCP_SYNCNT": 3}
+    res.assert_set_before(how)
+    got = res.records()[0]
+    assert (got["keepalive"], got["keepidle"], got["syncnt"]) == (1, 15, 3)
+
+
 # --- server side (listen) ---------------------------------------------------------
 
 
@@ -498,6 +532,24 @@ def test_python_listener(shim: Shim) -> None:
     acc = got["accepted"]
     assert (acc["keepalive"], acc["keepidle"], acc["user_timeout"]) == (1, 20, 155_000)
     assert got["listener"]["defer_accept"] > 0
+
+
+def test_listen_called_again_applies_once(shim: Shim) -> None:
+    """nginx sets so_keepalive after its first listen() and listens again:
+    its choice stands in set mode, as on the kernel path (issue 10)."""
+    res = shim.probe("relisten", "127.0.0.1")
+    got = res.records()[0]
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+    sets = [c.args.split(", ")[2:4] for c in res.tcp_sockets()[0] if c.name == "setsockopt"]
+    assert sets == [
+        ["TCP_KEEPIDLE", "[15]"],
+        ["TCP_KEEPINTVL", "[15]"],
+        ["TCP_KEEPCNT", "[9]"],
+        ["TCP_USER_TIMEOUT", "[150000]"],
+        ["SO_KEEPALIVE", "[1]"],
+        ["SO_KEEPALIVE", "[0]"],
+        ["TCP_KEEPIDLE", "[1800]"],
+    ], res.trace
 
 
 def test_nc_listener(shim: Shim) -> None:
