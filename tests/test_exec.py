@@ -76,6 +76,23 @@ def test_exec_warns_about_static_programs(probes, port):
     assert values(out.stdout)["keepalive"] == 0  # the shim cannot reach it
 
 
+def test_exec_warns_about_go_programs():
+    """A dynamically linked Go program (Debian's promtool) makes its socket
+    system calls without libc: the shim cannot reach it either."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus, a Go program) not installed")
+    out = cli("exec", "--", promtool, "--version")
+    assert out.returncode == 0, out.stderr
+    notices = [ln for ln in out.stderr.splitlines() if ln.startswith("bpfkeep:")]
+    assert len(notices) == 1 and "a Go program" in notices[0] and "--via bpf" in notices[0]
+
+
+def test_exec_does_not_warn_about_dynamic_c_programs(probes, port):
+    out = cli("exec", "--", probes["dynamic"], "connect", "127.0.0.1", port)
+    assert out.returncode == 0 and "bpfkeep:" not in out.stderr, out.stderr
+
+
 def test_run_via_preload(probes, port):
     out = cli("run", "--via", "preload", "--keepidle", "44", "--defer-accept", "5", "--",
               probes["dynamic"], "connect", "127.0.0.1", port)  # fmt: skip

@@ -883,3 +883,31 @@ def test_is_static_executable(tmp_path: pathlib.Path) -> None:
     assert not preload.is_static_executable(str(truncated))
     with pytest.raises(UsageError):
         preload.is_static_executable("no-such-command-bpfkeep")
+
+
+def test_unreachable_reason(tmp_path: pathlib.Path, cc) -> None:
+    assert preload.unreachable_reason("/bin/true") is None
+    assert preload.unreachable_reason(PYTHON) is None
+    try:
+        static = cc("sockprobe-static", HELPERS / "sockprobe.c", "-static")
+    except subprocess.CalledProcessError:
+        static = None
+    if static:
+        assert preload.unreachable_reason(str(static)) == "statically linked"
+    # A C program carrying Go's build-info section is taken for Go.
+    if shutil.which("objcopy"):
+        fake = tmp_path / "fake-go"
+        note = tmp_path / "buildinfo"
+        note.write_bytes(b"\xff Go buildinf:")
+        subprocess.run(
+            ["objcopy", "--add-section", f".go.buildinfo={note}", "/bin/true", str(fake)],
+            check=True,
+        )
+        assert "Go" in (preload.unreachable_reason(str(fake)) or "")
+    # Section headers pointing past the end: still judged by PT_INTERP.
+    broken = tmp_path / "broken"
+    data = bytearray(pathlib.Path("/bin/true").read_bytes())
+    data[0x28:0x30] = (len(data) + 4096).to_bytes(8, "little")  # e_shoff
+    broken.write_bytes(bytes(data))
+    assert preload.unreachable_reason(str(broken)) is None
+    assert not preload.is_static_executable(str(broken))
