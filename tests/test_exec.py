@@ -3,6 +3,7 @@ end through the real CLI, the real shim and real programs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -260,3 +261,51 @@ def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir):
     argv, ports = nginx_conf
     cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", "--", *argv)
     _check_nginx(_nginx_keepalive(cmd, ports))
+
+
+# --- one semantics for both paths: a non-blocking client, TCP Fast Open ----
+
+PROBE = os.path.join(os.path.dirname(__file__), "preload_helpers", "probe.py")
+PATHS = ["exec", pytest.param("bpf", marks=pytest.mark.kernel)]
+
+
+@pytest.fixture()
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _probe_under(path: str, request, *args: str) -> dict:
+    """probe.py ARGS under the shim (exec) or the kernel path (run --via bpf),
+    policy keepidle 7; its JSON line (getsockopt on its own socket)."""
+    if path == "exec":
+        cmd = bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", "--")
+    else:
+        cmd = bpfkeep_cmd(request.getfixturevalue("pin_dir"), "run", "--via", "bpf",
+                          "--keepidle", "7", "--")  # fmt: skip
+    out = subprocess.run(
+        [*cmd, "/usr/bin/python3", PROBE, *args], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nonblocking_client_keeps_its_own_choices(path, request, listener):
+    """connect(), the program's own setsockopt, connect() again: its
+    choices stand on both paths."""
+    got = _probe_under(path, request, "nonblock", "127.0.0.1", str(listener))
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+@pytest.mark.parametrize("path", PATHS)
+def test_tcp_fast_open_client_gets_the_policy(path, how, request, listener):
+    with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
+        if not int(f.read()) & 1:
+            pytest.skip("net.ipv4.tcp_fastopen has client mode off")
+    got = _probe_under(path, request, "tfo", "127.0.0.1", str(listener), how)
+    assert (got["keepalive"], got["keepidle"], got["keepcnt"]) == (1, 7, 9), got
