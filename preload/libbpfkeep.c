@@ -53,7 +53,7 @@ static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
 /*
  * The fds that socket() made as TCP and that have not connected or
  * listened yet ("fresh"): connect() or listen() on them asks the kernel
- * one question instead of two (one system call is ~1.5 % of a loopback
+ * one question instead of two (one system call is ~1 % of a loopback
  * connection).  Every other fd is asked in full.
  *
  * A mark is not trusted alone: an fd can be closed where no wrapper sees

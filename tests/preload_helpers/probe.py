@@ -119,7 +119,22 @@ def others(tmpdir: str) -> None:
     os.close(other)
     replaced = socket.socket(fileno=os.dup(tcp2.fileno()))
     replaced.connect(udp.getsockname())
+    # MPTCP: a stream socket with TCP underneath that answers TCP_INFO, but
+    # not TCP (SO_PROTOCOL IPPROTO_MPTCP).  -1: the kernel has no MPTCP.
+    try:
+        mp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+    except OSError:
+        mptcp_keepalive = -1
+    else:
+        mp.connect_ex(udp.getsockname())  # refused: nothing listens there
+        mp2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+        mp2.bind(("127.0.0.1", 0))
+        mp2.listen(1)
+        mptcp_keepalive = mp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) + mp2.getsockopt(
+            socket.SOL_SOCKET, socket.SO_KEEPALIVE
+        )
     emit(
+        mptcp_keepalive=mptcp_keepalive,
         udp_keepalive=udp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         unix_keepalive=uc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         udp_listen_errno=listen_errno,
