@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import struct
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -132,20 +133,49 @@ def unreachable_reason(path_or_name: str) -> str | None:
     """Why the LD_PRELOAD shim cannot reach the program, or None.
 
     Statically linked programs have no dynamic loader to preload anything.
+    Set-user-ID and set-group-ID programs run in secure mode, in which the
+    loader ignores LD_PRELOAD paths.
     Go programs, even dynamically linked ones (cgo), make their socket
     system calls directly, not through libc's connect/listen: they carry a
     ``.go.buildinfo`` section (Go 1.13+) or a ``.note.go.buildid`` note,
     both kept by ``strip``.  Scripts, other files and ELF files too broken
     to read: None (nothing is known to be wrong).
     """
-    elf = _inspect(path_or_name)
+    path = _resolve(path_or_name)
+    elf = _inspect(path)
     if elf is None:
         return None
     if not elf.interp:
         return "statically linked"
     if elf.sections & _GO_SECTIONS:
         return "a Go program (Go makes its socket system calls without libc)"
+    if _secure_exec(path):
+        return "set-user-ID or set-group-ID (the dynamic loader ignores LD_PRELOAD for it)"
     return None
+
+
+def _secure_exec(path: str) -> bool:
+    """Whether running path changes this process's user or group, so that
+    the kernel sets AT_SECURE and ld.so ignores LD_PRELOAD: a set-user-ID
+    (set-group-ID) file owned by another user (group), on a file system
+    not mounted nosuid, or file capabilities for a caller other than root."""
+    try:
+        st = os.stat(path)
+        if os.statvfs(path).f_flag & os.ST_NOSUID:
+            return False
+    except OSError:
+        return False
+    if st.st_mode & stat.S_ISUID and st.st_uid != os.geteuid():
+        return True
+    if st.st_mode & stat.S_ISGID and st.st_gid != os.getegid():
+        return True
+    if os.geteuid() != 0:
+        try:
+            os.getxattr(path, "security.capability")
+            return True
+        except OSError:
+            pass
+    return False
 
 
 _GO_SECTIONS = frozenset({".go.buildinfo", ".note.go.buildid"})

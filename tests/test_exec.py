@@ -89,6 +89,23 @@ def test_exec_warns_about_go_programs():
     assert len(notices) == 1 and "a Go program" in notices[0] and "--via bpf" in notices[0]
 
 
+def test_exec_warns_about_setuid_programs(probes, port, tmp_path):
+    """A set-user-ID program owned by someone else runs in secure mode: the
+    loader ignores LD_PRELOAD, and exec says so."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a set-user-ID file of another user")
+    os.chmod(tmp_path, 0o755)
+    prog = tmp_path / "sockprobe-setuid"
+    shutil.copy(probes["dynamic"], prog)
+    os.chown(prog, 65534, 65534)
+    os.chmod(prog, 0o4755)
+    out = cli("exec", "--keepidle", "33", "--", str(prog), "connect", "127.0.0.1", port)
+    assert out.returncode == 0, out.stderr
+    notices = [ln for ln in out.stderr.splitlines() if ln.startswith("bpfkeep:")]
+    assert len(notices) == 1 and "set-user-ID" in notices[0], out.stderr
+    assert values(out.stdout)["keepalive"] == 0  # indeed not reached
+
+
 def test_exec_does_not_warn_about_dynamic_c_programs(probes, port):
     out = cli("exec", "--", probes["dynamic"], "connect", "127.0.0.1", port)
     assert out.returncode == 0 and "bpfkeep:" not in out.stderr, out.stderr
