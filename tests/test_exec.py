@@ -232,11 +232,14 @@ def _nginx_keepalive(cmd: list[str], ports: dict[str, int]) -> dict[str, float |
     read the accepted sockets' keepalive timers, stop it."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     conns = []
+    give_up = time.monotonic() + 60  # a guard against hanging, not a measurement
     try:
         for port in ports.values():
             while True:  # until nginx listens (or dies)
                 if p.poll() is not None:
                     pytest.fail(f"{cmd} exited {p.returncode}: {p.stderr.read()}")
+                if time.monotonic() > give_up:
+                    pytest.fail(f"nginx never listened on {port}")
                 try:
                     conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
                     break
