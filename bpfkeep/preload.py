@@ -7,10 +7,12 @@ function takes what it needs and returns a new value.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import re
 import shutil
+import stat
 import struct
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -123,46 +125,166 @@ def is_static_executable(path_or_name: str) -> bool:
     an interpreter, normally dynamic: False.  Anything else that is not ELF,
     or a truncated ELF file: False.
     """
+    elf = _inspect(path_or_name)
+    return elf is not None and not elf.interp
+
+
+def unreachable_reason(path_or_name: str) -> str | None:
+    """Why the LD_PRELOAD shim cannot reach the program, or None.
+
+    Statically linked programs have no dynamic loader to preload anything.
+    Set-user-ID and set-group-ID programs run in secure mode, in which the
+    loader ignores LD_PRELOAD paths.
+    Go programs, even dynamically linked ones (cgo), make their socket
+    system calls directly, not through libc's connect/listen: they carry a
+    ``.go.buildinfo`` section (Go 1.13+) or a ``.note.go.buildid`` note,
+    both kept by ``strip``.  Scripts, other files and ELF files too broken
+    to read: None (nothing is known to be wrong).
+    """
+    path = _resolve(path_or_name)
+    elf = _inspect(path)
+    if elf is None:
+        return None
+    if not elf.interp:
+        return "statically linked"
+    if elf.sections & _GO_SECTIONS:
+        return "a Go program (Go makes its socket system calls without libc)"
+    if _secure_exec(path):
+        return "set-user-ID or set-group-ID (the dynamic loader ignores LD_PRELOAD for it)"
+    return None
+
+
+def _secure_exec(path: str) -> bool:
+    """Whether running path changes this process's user or group, so that
+    the kernel sets AT_SECURE and ld.so ignores LD_PRELOAD: a set-user-ID
+    (set-group-ID) file owned by another user (group), on a file system
+    not mounted nosuid, or file capabilities for a caller other than root."""
+    try:
+        st = os.stat(path)
+        if os.statvfs(path).f_flag & os.ST_NOSUID:
+            return False
+    except OSError:
+        return False
+    if st.st_mode & stat.S_ISUID and st.st_uid != os.geteuid():
+        return True
+    if st.st_mode & stat.S_ISGID and st.st_gid != os.getegid():
+        return True
+    if os.geteuid() != 0:
+        try:
+            os.getxattr(path, "security.capability")
+            return True
+        except OSError:
+            pass
+    return False
+
+
+_GO_SECTIONS = frozenset({".go.buildinfo", ".note.go.buildid"})
+_SHN_XINDEX = 0xFFFF
+_MAX_SECTIONS = 1 << 16
+_MAX_SHSTRTAB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Elf:
+    interp: bool  # has PT_INTERP: the dynamic loader runs it
+    sections: frozenset[str]  # section names; empty if unreadable
+
+
+def _inspect(path_or_name: str) -> _Elf | None:
     path = _resolve(path_or_name)
     try:
         with open(path, "rb") as f:
-            return _elf_without_interp(f)
+            return _read_elf(f)
     except OSError as e:
         raise UsageError(f"cannot run {path}: {e.strerror}") from None
 
 
-def _elf_without_interp(f: BinaryIO) -> bool:
+def _read_elf(f: BinaryIO) -> _Elf | None:
+    """PT_INTERP and the section names of an ELF file; None if it is not
+    ELF or its program headers cannot be read."""
     ident = f.read(64)
     if len(ident) < 52 or ident[:4] != b"\x7fELF":
-        return False
+        return None
     elf_class, data = ident[4], ident[5]
     if elf_class not in (1, 2) or data not in (1, 2):
-        return False
+        return None
     order = "<" if data == 1 else ">"
     if elf_class == 2:
-        (phoff,) = struct.unpack_from(order + "Q", ident, 0x20)
-        (shoff,) = struct.unpack_from(order + "Q", ident, 0x28)
-        phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x36)
-        sh_info_off = 0x2C
+        if len(ident) < 64:
+            return None
+        phoff, shoff = struct.unpack_from(order + "QQ", ident, 0x20)
+        phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from(
+            order + "HHHHH", ident, 0x36
+        )
+        # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link
+        sh_format, sh_min = order + "IIQQQQI", 0x2C
     else:
-        (phoff,) = struct.unpack_from(order + "I", ident, 0x1C)
-        (shoff,) = struct.unpack_from(order + "I", ident, 0x20)
-        phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x2A)
-        sh_info_off = 0x1C
+        phoff, shoff = struct.unpack_from(order + "II", ident, 0x1C)
+        phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from(
+            order + "HHHHH", ident, 0x2A
+        )
+        sh_format, sh_min = order + "IIIIIII", 0x1C
+    section0 = None
+    if shoff and shentsize >= sh_min:
+        f.seek(shoff)
+        raw = f.read(shentsize)
+        if len(raw) == shentsize:
+            section0 = struct.unpack_from(sh_format, raw)
     if phnum == _PN_XNUM:  # the real count is in section 0's sh_info
-        f.seek(shoff + sh_info_off)
+        if section0 is None:
+            return None
+        f.seek(shoff + sh_min)
         raw = f.read(4)
         if len(raw) < 4:
-            return False
+            return None
         (phnum,) = struct.unpack(order + "I", raw)
     if phentsize < 4:
-        return False
+        return None
     f.seek(phoff)
     table = f.read(phentsize * phnum)
     if len(table) < phentsize * phnum:
-        return False
-    for i in range(phnum):
-        (p_type,) = struct.unpack_from(order + "I", table, i * phentsize)
-        if p_type == _PT_INTERP:
-            return False
-    return True
+        return None
+    interp = any(
+        struct.unpack_from(order + "I", table, i * phentsize)[0] == _PT_INTERP for i in range(phnum)
+    )
+    return _Elf(
+        interp,
+        _section_names(f, order, shoff, shentsize, shnum, shstrndx, sh_format, sh_min, section0),
+    )
+
+
+def _section_names(
+    f: BinaryIO,
+    order: str,
+    shoff: int,
+    shentsize: int,
+    shnum: int,
+    shstrndx: int,
+    sh_format: str,
+    sh_min: int,
+    section0: tuple | None,
+) -> frozenset[str]:
+    if section0 is None:
+        return frozenset()
+    if shnum == 0:  # extended numbering: the count is section 0's sh_size
+        shnum = section0[5]
+    if shstrndx == _SHN_XINDEX:  # and the string table's index its sh_link
+        shstrndx = section0[6]
+    if not 0 < shnum <= _MAX_SECTIONS or shstrndx >= shnum:
+        return frozenset()
+    f.seek(shoff)
+    table = f.read(shentsize * shnum)
+    if len(table) < shentsize * shnum:
+        return frozenset()
+    headers = [struct.unpack_from(sh_format, table, i * shentsize) for i in range(shnum)]
+    strtab_off, strtab_size = headers[shstrndx][4], headers[shstrndx][5]
+    if strtab_size > _MAX_SHSTRTAB:
+        return frozenset()
+    f.seek(strtab_off)
+    strtab = f.read(strtab_size)
+    names = set()
+    for h in headers:
+        end = strtab.find(b"\0", h[0])
+        if h[0] < len(strtab) and end >= 0:
+            names.add(strtab[h[0] : end].decode("latin-1"))
+    return frozenset(names)

@@ -26,11 +26,12 @@ def _notice(msg: str) -> None:
 
 def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> int:
     """Replace this process with COMMAND under the LD_PRELOAD shim."""
-    from bpfkeep.preload import is_static_executable, preload_env
+    from bpfkeep.preload import preload_env, unreachable_reason
 
-    if is_static_executable(cmd[0]):
+    reason = unreachable_reason(cmd[0])
+    if reason:
         _notice(
-            f"warning: {cmd[0]} is statically linked: the LD_PRELOAD shim cannot "
+            f"warning: {cmd[0]} is {reason}: the LD_PRELOAD shim cannot "
             "reach it; use bpfkeep run --via bpf (needs root/CAP_BPF)"
         )
     env = preload_env(policy, os.environ, hook=hook)

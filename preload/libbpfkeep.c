@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <fcntl.h>
+#include <netinet/tcp.h>
 #include <stdbool.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -29,6 +30,9 @@ typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*listen_fn)(int, int);
 typedef int (*socket_fn)(int, int, int);
 typedef int (*setsockopt_fn)(int, int, int, const void *, socklen_t);
+typedef ssize_t (*sendto_fn)(int, const void *, size_t, int,
+			     const struct sockaddr *, socklen_t);
+typedef ssize_t (*sendmsg_fn)(int, const struct msghdr *, int);
 typedef int (*close_fn)(int);
 typedef int (*dup2_fn)(int, int);
 typedef int (*dup3_fn)(int, int, int);
@@ -39,50 +43,74 @@ static connect_fn real_connect;
 static listen_fn real_listen;
 static socket_fn real_socket;
 static setsockopt_fn real_setsockopt;
+static sendto_fn real_sendto;
+static sendmsg_fn real_sendmsg;
 static close_fn real_close;
 static dup2_fn real_dup2;
 static dup3_fn real_dup3;
 static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
 
 /*
- * The fds that socket() (below) created as TCP: connect() and listen() on
- * them need no getsockopt to tell what they are, which is most of what the
- * shim costs a connection (one system call is ~2.5 % of a loopback
- * connection).  A mark is cleared before the fd is closed or replaced
- * through close/dup2/dup3; fds made any other way (accept, raw system
- * calls) and fds beyond BK_TRACKED_FDS are checked with the kernel.
- * Relaxed atomics: an fd's life is ordered by the system calls themselves.
+ * The fds that socket() made as TCP and that have not connected or
+ * listened yet ("fresh"): connect() or listen() on them asks the kernel
+ * one question instead of two (one system call is ~1 % of a loopback
+ * connection).  Every other fd is asked in full.
+ *
+ * A mark is not trusted alone: an fd can be closed where no wrapper sees
+ * it (fclose() of an fdopen()ed FILE and glibc's other internal closes,
+ * close_range, closefrom, a raw system call) and its number come back as
+ * a socket made without socket() (socketpair, accept, dup, SCM_RIGHTS, a
+ * raw system call); see bk_want.  close, dup2, dup3 and socket() reset the
+ * numbers they see.  Relaxed atomics: an fd's life is ordered by the
+ * system calls themselves.
  */
 #define BK_TRACKED_FDS 65536
-#define BK_WORD_BITS (8 * sizeof(unsigned long))
-static _Atomic unsigned long bk_tcp_fds[BK_TRACKED_FDS / BK_WORD_BITS];
+static _Atomic bool bk_fresh[BK_TRACKED_FDS];
 
-static void bk_mark(int fd, bool tcp)
+static void bk_set_fresh(int fd, bool fresh)
 {
-	unsigned long bit;
-
-	if (fd < 0 || fd >= BK_TRACKED_FDS)
-		return;
-	bit = 1UL << ((unsigned)fd % BK_WORD_BITS);
-	if (tcp)
-		atomic_fetch_or_explicit(
-			&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS], bit,
-			memory_order_relaxed);
-	else
-		atomic_fetch_and_explicit(
-			&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS], ~bit,
-			memory_order_relaxed);
+	if (fd >= 0 && fd < BK_TRACKED_FDS)
+		atomic_store_explicit(&bk_fresh[fd], fresh,
+				      memory_order_relaxed);
 }
 
-static bool bk_is_tcp(int fd)
+static bool bk_is_fresh(int fd)
 {
-	if (fd >= 0 && fd < BK_TRACKED_FDS &&
-	    (atomic_load_explicit(&bk_tcp_fds[(unsigned)fd / BK_WORD_BITS],
-				  memory_order_relaxed) >>
-	     ((unsigned)fd % BK_WORD_BITS)) &
-		    1UL)
-		return true;
-	return bk_is_tcp_fd(fd);
+	return fd >= 0 && fd < BK_TRACKED_FDS &&
+	       atomic_load_explicit(&bk_fresh[fd], memory_order_relaxed);
+}
+
+/*
+ * Whether connect() or listen() on fd applies the policy: a TCP socket
+ * that has neither connected nor listened yet (TCP_CLOSE).  That is once
+ * per socket, as on the kernel path, whose TCP_CONNECT_CB and
+ * TCP_LISTEN_CB fire once: a non-blocking connect() called again
+ * (SYN_SENT, ESTABLISHED) and listen() called again (nginx sets
+ * so_keepalive between two) leave the program's own later choices
+ * standing in set mode; a connect() retried after a failure (back in
+ * TCP_CLOSE) gets the policy again, as on the kernel path.
+ *
+ * Fresh: one getsockopt, SO_PROTOCOL.  IPPROTO_TCP there is the socket
+ * socket() made, not connected yet -- unless its number was closed behind
+ * our back and came back as a TCP socket made without socket() (the
+ * policy then lands on TCP, once), or as a raw IPPROTO_TCP socket made
+ * without socket() (CAP_NET_RAW), the one corner left: its TCP_* options
+ * fail and it gets a SO_KEEPALIVE flag, which raw sockets ignore.  UDP,
+ * AF_UNIX, MPTCP, SCTP, other raw sockets and non-sockets are turned away.
+ * Anything else: the TCP state from TCP_INFO, which only sockets with TCP
+ * underneath answer (not UDP, AF_UNIX, SCTP, raw or non-sockets), then
+ * SO_PROTOCOL to leave out MPTCP and SMC: two getsockopt.
+ */
+static bool bk_want(int fd)
+{
+	int state;
+
+	if (bk_is_fresh(fd)) {
+		bk_set_fresh(fd, false); /* it connects or listens now */
+		return bk_proto_is_tcp(fd);
+	}
+	state = bk_tcp_state(fd);
+	return state == TCP_CLOSE && bk_proto_is_tcp(fd);
 }
 
 static void *lookup(const char *name)
@@ -110,6 +138,8 @@ static void bk_init(void)
 	real_listen = (listen_fn)lookup("listen");
 	real_socket = (socket_fn)lookup("socket");
 	real_setsockopt = (setsockopt_fn)lookup("setsockopt");
+	real_sendto = (sendto_fn)lookup("sendto");
+	real_sendmsg = (sendmsg_fn)lookup("sendmsg");
 	real_close = (close_fn)lookup("close");
 	real_dup2 = (dup2_fn)lookup("dup2");
 	real_dup3 = (dup3_fn)lookup("dup3");
@@ -138,14 +168,15 @@ int bk_real_setsockopt(int fd, int level, int optname, const void *optval,
 }
 
 /* What connect() and listen() do before the real call: the policy's options
- * on a TCP socket, when that hook is on; errno left as it was. */
+ * on a TCP socket that has not connected or listened yet, when that hook is
+ * on; errno left as it was. */
 static void bk_before(int fd, unsigned hook, int side)
 {
 	bk_ready();
 	if (bk_policy.hooks & hook) {
 		int saved = errno;
 
-		if (bk_is_tcp(fd))
+		if (bk_want(fd))
 			bk_apply(&bk_policy, fd, side);
 		errno = saved;
 	}
@@ -171,6 +202,32 @@ BK_EXPORT int listen(int fd, int backlog)
 	return (int)syscall(SYS_listen, fd, backlog);
 }
 
+/*
+ * TCP Fast Open: sendto() or sendmsg() with MSG_FASTOPEN connects without
+ * connect() (the kernel path sees it as TCP_CONNECT_CB).  Every other send
+ * passes straight through after one flag test: no bk_ready() (the
+ * constructor has set the real function by now; if not, the system call
+ * is made), no errno work, nothing read from buf, addr or msg.
+ */
+BK_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+			 const struct sockaddr *addr, socklen_t alen)
+{
+	if (flags & MSG_FASTOPEN)
+		bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
+	if (real_sendto)
+		return real_sendto(fd, buf, len, flags, addr, alen);
+	return syscall(SYS_sendto, fd, buf, len, flags, addr, alen);
+}
+
+BK_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	if (flags & MSG_FASTOPEN)
+		bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
+	if (real_sendmsg)
+		return real_sendmsg(fd, msg, flags);
+	return syscall(SYS_sendmsg, fd, msg, flags);
+}
+
 /* BPFKEEP_HOOK=socket: for programs whose connect/listen another preload
  * library already wraps without passing the call on. */
 BK_EXPORT int socket(int domain, int type, int protocol)
@@ -185,7 +242,7 @@ BK_EXPORT int socket(int domain, int type, int protocol)
 	if (fd >= 0) {
 		bool tcp = bk_is_tcp_args(domain, type, protocol);
 
-		bk_mark(fd, tcp);
+		bk_set_fresh(fd, tcp);
 		if (tcp && (bk_policy.hooks & BK_HOOK_SOCKET)) {
 			int saved = errno;
 
@@ -200,7 +257,7 @@ BK_EXPORT int socket(int domain, int type, int protocol)
  * async-signal-safe; the constructor has set real_close by now. */
 BK_EXPORT int close(int fd)
 {
-	bk_mark(fd, false);
+	bk_set_fresh(fd, false);
 	if (real_close)
 		return real_close(fd);
 	return (int)syscall(SYS_close, fd);
@@ -209,7 +266,7 @@ BK_EXPORT int close(int fd)
 BK_EXPORT int dup2(int oldfd, int newfd)
 {
 	if (oldfd != newfd)
-		bk_mark(newfd, false);
+		bk_set_fresh(newfd, false);
 	if (real_dup2)
 		return real_dup2(oldfd, newfd);
 	if (oldfd == newfd) /* dup3 refuses this; dup2 checks oldfd */
@@ -220,7 +277,7 @@ BK_EXPORT int dup2(int oldfd, int newfd)
 BK_EXPORT int dup3(int oldfd, int newfd, int flags)
 {
 	if (oldfd != newfd)
-		bk_mark(newfd, false);
+		bk_set_fresh(newfd, false);
 	if (real_dup3)
 		return real_dup3(oldfd, newfd, flags);
 	return (int)syscall(SYS_dup3, oldfd, newfd, flags);

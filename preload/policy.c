@@ -12,11 +12,13 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "policy.h"
@@ -261,16 +263,37 @@ static int getsockopt_int(int fd, int level, int optname, int *out)
 	       len == sizeof(*out);
 }
 
+int bk_tcp_state(int fd)
+{
+	unsigned char state;
+	socklen_t len = sizeof(state);
+
+	/* struct tcp_info begins with tcpi_state; the kernel copies only
+	 * the bytes asked for. */
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &state, &len) < 0 ||
+	    len != sizeof(state))
+		return -1;
+	return state;
+}
+
+bool bk_proto_is_tcp(int fd)
+{
+	int proto;
+
+	return getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
+	       proto == IPPROTO_TCP;
+}
+
 bool bk_is_tcp_fd(int fd)
 {
-	int proto, type;
+	int type;
 
-	/* SO_PROTOCOL first: it alone turns away UDP, AF_UNIX (0) and
-	 * non-sockets.  IPPROTO_TCP with SOCK_STREAM is TCP over IPv4 or IPv6:
-	 * no other family gives a stream socket protocol number 6 (raw
-	 * sockets can, hence SO_TYPE), so SO_DOMAIN needs no third call. */
-	return getsockopt_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) &&
-	       proto == IPPROTO_TCP &&
+	/* SO_PROTOCOL first: it alone turns away UDP, AF_UNIX (0), MPTCP,
+	 * SCTP and non-sockets.  IPPROTO_TCP with SOCK_STREAM is TCP over
+	 * IPv4 or IPv6: no other family gives a stream socket protocol number
+	 * 6 (raw sockets can, hence SO_TYPE), so SO_DOMAIN needs no third
+	 * call. */
+	return bk_proto_is_tcp(fd) &&
 	       getsockopt_int(fd, SOL_SOCKET, SO_TYPE, &type) &&
 	       type == SOCK_STREAM;
 }
@@ -326,6 +349,26 @@ void bk_apply(const struct bk_policy *p, int fd, int at)
 	apply_one(p, fd, BK_OPT_KEEPALIVE, at);
 }
 
+/*
+ * Copy the int at the application's optval without ever faulting on it:
+ * a bad pointer must get the kernel's EFAULT, not a SIGSEGV in the shim.
+ * process_vm_readv on our own process reads through the kernel's
+ * copy_from_user, like setsockopt itself; reading our own memory passes
+ * the ptrace access check unconditionally (same thread group).  False
+ * when not all four bytes are readable (the kernel will refuse them too)
+ * or when the call is refused (a seccomp filter returning an errno): then
+ * the application's call goes to the kernel unchanged.
+ */
+static bool read_app_int(const void *optval, int *out)
+{
+	struct iovec local = {.iov_base = out, .iov_len = sizeof(*out)};
+	struct iovec remote = {.iov_base = (void *)(uintptr_t)optval,
+			       .iov_len = sizeof(*out)};
+
+	return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
+	       (ssize_t)sizeof(*out);
+}
+
 bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out)
 {
@@ -339,12 +382,10 @@ bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
 			break;
 		}
 	}
-	/* Too short: the kernel refuses it (EINVAL) whatever we do.
-	 * A bad non-NULL optval is read here as the kernel would have, the
-	 * same as the BPF program reads the application's buffer. */
-	if (!o || !optval || optlen < sizeof(int))
+	/* Too short: the kernel refuses it (EINVAL) whatever we do.  An
+	 * optval the kernel cannot read: it answers EFAULT, untouched. */
+	if (!o || !optval || optlen < sizeof(int) || !read_app_int(optval, &v))
 		return false;
-	memcpy(&v, optval, sizeof(v));
 
 	if (id == BK_OPT_KEEPALIVE) {
 		if (v != 0)

@@ -47,6 +47,17 @@ void bk_policy_load(struct bk_policy *p);
  * MPTCP and SCTP included, and for a bad fd. */
 bool bk_is_tcp_fd(int fd);
 
+/* The TCP state of fd (TCP_CLOSE, TCP_LISTEN, ... from <netinet/tcp.h>),
+ * read from the first byte of TCP_INFO: one system call.  -1 when fd
+ * does not answer SOL_TCP: UDP, AF_UNIX, raw (whatever its protocol),
+ * SCTP, packet sockets, non-sockets, bad fds.  TCP answers, and so do
+ * MPTCP and SMC, which run TCP underneath (SO_PROTOCOL tells them
+ * apart). */
+int bk_tcp_state(int fd);
+
+/* SO_PROTOCOL is IPPROTO_TCP: one system call. */
+bool bk_proto_is_tcp(int fd);
+
 /* The same, from socket()'s arguments. */
 bool bk_is_tcp_args(int domain, int type, int protocol);
 

@@ -3,11 +3,16 @@ end through the real CLI, the real shim and real programs."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from conftest import as_nobody, bpfkeep_cmd
@@ -72,6 +77,40 @@ def test_exec_warns_about_static_programs(probes, port):
     assert values(out.stdout)["keepalive"] == 0  # the shim cannot reach it
 
 
+def test_exec_warns_about_go_programs():
+    """A dynamically linked Go program (Debian's promtool) makes its socket
+    system calls without libc: the shim cannot reach it either."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus, a Go program) not installed")
+    out = cli("exec", "--", promtool, "--version")
+    assert out.returncode == 0, out.stderr
+    notices = [ln for ln in out.stderr.splitlines() if ln.startswith("bpfkeep:")]
+    assert len(notices) == 1 and "a Go program" in notices[0] and "--via bpf" in notices[0]
+
+
+def test_exec_warns_about_setuid_programs(probes, port, tmp_path):
+    """A set-user-ID program owned by someone else runs in secure mode: the
+    loader ignores LD_PRELOAD, and exec says so."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a set-user-ID file of another user")
+    os.chmod(tmp_path, 0o755)
+    prog = tmp_path / "sockprobe-setuid"
+    shutil.copy(probes["dynamic"], prog)
+    os.chown(prog, 65534, 65534)
+    os.chmod(prog, 0o4755)
+    out = cli("exec", "--keepidle", "33", "--", str(prog), "connect", "127.0.0.1", port)
+    assert out.returncode == 0, out.stderr
+    notices = [ln for ln in out.stderr.splitlines() if ln.startswith("bpfkeep:")]
+    assert len(notices) == 1 and "set-user-ID" in notices[0], out.stderr
+    assert values(out.stdout)["keepalive"] == 0  # indeed not reached
+
+
+def test_exec_does_not_warn_about_dynamic_c_programs(probes, port):
+    out = cli("exec", "--", probes["dynamic"], "connect", "127.0.0.1", port)
+    assert out.returncode == 0 and "bpfkeep:" not in out.stderr, out.stderr
+
+
 def test_run_via_preload(probes, port):
     out = cli("run", "--via", "preload", "--keepidle", "44", "--defer-accept", "5", "--",
               probes["dynamic"], "connect", "127.0.0.1", port)  # fmt: skip
@@ -117,3 +156,176 @@ def test_module_runs_with_this_interpreter():
         subprocess.run([sys.executable, "-m", "bpfkeep", "--help"], capture_output=True).returncode
         == 0
     )
+
+
+# --- one semantics for both paths: nginx ----------------------------------
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{ listen 127.0.0.1:{off} so_keepalive=off; }}
+    server {{ listen 127.0.0.1:{own} so_keepalive=30m:60:20; }}
+    server {{ listen 127.0.0.1:{plain}; }}
+}}
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _seconds(ss_time: str) -> float:
+    """ss's timer durations (print_ms_timer): '29min', '1min39sec', '12sec',
+    '6.992ms' (6 s 992 ms), '250ms'."""
+    m = re.fullmatch(r"(?:(\d+)min)?(?:(\d+)(?:sec|\.))?(?:(\d+)ms)?", ss_time)
+    assert m and any(m.groups()), ss_time
+    minutes, secs, ms = (int(g or 0) for g in m.groups())
+    return minutes * 60 + secs + ms / 1000
+
+
+def _accepted_keepalive(port: int) -> float | None:
+    """Seconds left on the keepalive timer of the socket nginx accepted on
+    port (None: keepalive off), as ss reads it from the kernel."""
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", "sport", "=", f":{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = [ln for ln in out.splitlines() if f":{port} " in ln]
+    assert len(lines) == 1, out
+    m = re.search(r"timer:\((\w+),([^,]+),", lines[0])
+    if m is None or m.group(1) != "keepalive":
+        return None
+    return _seconds(m.group(2))
+
+
+@pytest.fixture()
+def nginx_conf(tmp_path):
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None:
+        pytest.skip("nginx not installed (apt-get install nginx-light)")
+    off, own, plain = _free_ports(3)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp_path, off=off, own=own, plain=plain))
+    argv = [nginx, "-e", str(tmp_path / "error.log"), "-p", str(tmp_path), "-c", str(conf)]
+    return argv, {"off": off, "own": own, "plain": plain}
+
+
+def _nginx_keepalive(cmd: list[str], ports: dict[str, int]) -> dict[str, float | None]:
+    """Start cmd (nginx under bpfkeep), hold one connection per listener,
+    read the accepted sockets' keepalive timers, stop it."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conns = []
+    give_up = time.monotonic() + 60  # a guard against hanging, not a measurement
+    try:
+        for port in ports.values():
+            while True:  # until nginx listens (or dies)
+                if p.poll() is not None:
+                    pytest.fail(f"{cmd} exited {p.returncode}: {p.stderr.read()}")
+                if time.monotonic() > give_up:
+                    pytest.fail(f"nginx never listened on {port}")
+                try:
+                    conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                    break
+                except ConnectionRefusedError:
+                    time.sleep(0.05)
+        return {name: _accepted_keepalive(port) for name, port in ports.items()}
+    finally:
+        for c in conns:
+            c.close()
+        p.send_signal(signal.SIGTERM)  # bpfkeep run forwards it
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _check_nginx(got: dict[str, float | None]) -> None:
+    # so_keepalive=off, set after nginx's first listen(): stays off.
+    assert got["off"] is None, got
+    # so_keepalive=30m:60:20, likewise: nginx's 30 min idle, not the policy's 7 s.
+    assert got["own"] is not None and got["own"] > 60, got
+    # No so_keepalive: the policy's 7 s idle.
+    assert got["plain"] is not None and got["plain"] <= 7, got
+
+
+def test_exec_nginx_keeps_its_own_so_keepalive(nginx_conf):
+    """The shim applies the policy at nginx's first listen() only; what nginx
+    sets before its second listen() stands (issue 10, item 3)."""
+    argv, ports = nginx_conf
+    _check_nginx(
+        _nginx_keepalive(bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", "--", *argv), ports)
+    )
+
+
+@pytest.mark.kernel
+def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir):
+    """The same nginx under the kernel path gives what the shim gives."""
+    argv, ports = nginx_conf
+    cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", "--", *argv)
+    _check_nginx(_nginx_keepalive(cmd, ports))
+
+
+# --- one semantics for both paths: a non-blocking client, TCP Fast Open ----
+
+PROBE = os.path.join(os.path.dirname(__file__), "preload_helpers", "probe.py")
+PATHS = ["exec", pytest.param("bpf", marks=pytest.mark.kernel)]
+
+
+@pytest.fixture()
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _probe_under(path: str, request, *args: str) -> dict:
+    """probe.py ARGS under the shim (exec) or the kernel path (run --via bpf),
+    policy keepidle 7; its JSON line (getsockopt on its own socket)."""
+    if path == "exec":
+        cmd = bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", "--")
+    else:
+        cmd = bpfkeep_cmd(request.getfixturevalue("pin_dir"), "run", "--via", "bpf",
+                          "--keepidle", "7", "--")  # fmt: skip
+    out = subprocess.run(
+        [*cmd, "/usr/bin/python3", PROBE, *args], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nonblocking_client_keeps_its_own_choices(path, request, listener):
+    """connect(), the program's own setsockopt, connect() again: its
+    choices stand on both paths."""
+    got = _probe_under(path, request, "nonblock", "127.0.0.1", str(listener))
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+@pytest.mark.parametrize("path", PATHS)
+def test_tcp_fast_open_client_gets_the_policy(path, how, request, listener):
+    with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
+        if not int(f.read()) & 1:
+            pytest.skip("net.ipv4.tcp_fastopen has client mode off")
+    got = _probe_under(path, request, "tfo", "127.0.0.1", str(listener), how)
+    assert (got["keepalive"], got["keepidle"], got["keepcnt"]) == (1, 7, 9), got

@@ -289,6 +289,9 @@ def test_exports_only_the_wrappers(lib: pathlib.Path) -> None:
         "close",
         "dup2",
         "dup3",
+        # TCP Fast Open connects without connect()
+        "sendto",
+        "sendmsg",
     }
 
 
@@ -460,6 +463,37 @@ def test_fork_and_exec_child_gets_it(shim: Shim, server: Server) -> None:
     assert child["keepalive"] == 1 and child["keepidle"] == 33
 
 
+def test_nonblocking_connect_called_again_applies_once(shim: Shim, server: Server) -> None:
+    """The policy goes on at the first connect() only; what the program
+    sets afterwards stands in set mode, as on the kernel path (issue 10)."""
+    res = shim.probe("nonblock", "127.0.0.1", str(server.port))
+    got = res.records()[0]
+    assert got["first"] == "EINPROGRESS" and got["last"] == "EISCONN", got
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+    life = res.tcp_sockets()[0]
+    connects = [i for i, c in enumerate(life) if c.name == "connect"]
+    sets = [c.args for c in life if c.name == "setsockopt"]
+    assert len(connects) == 3, res.trace
+    # The policy's five before the first connect, then only the program's two.
+    assert [i for i, c in enumerate(life) if c.name == "setsockopt"][4] < connects[0]
+    assert len(sets) == 7 and sets[5:] == [
+        f"{life[0].fd}, SOL_SOCKET, SO_KEEPALIVE, [0], 4",
+        f"{life[0].fd}, SOL_TCP, TCP_KEEPIDLE, [1800], 4",
+    ], sets
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+def test_tcp_fast_open_connects_get_the_policy(shim: Shim, server: Server, how: str) -> None:
+    """sendto()/sendmsg() with MSG_FASTOPEN connect without connect()."""
+    if not kernel_default("tcp_fastopen") & 1:
+        pytest.skip("net.ipv4.tcp_fastopen has client mode off")
+    res = shim.probe("tfo", "127.0.0.1", str(server.port), how, env={"TCP_SYNCNT": "3"})
+    assert res.sets() == {**DEFAULTS, "TCP_SYNCNT": 3}
+    res.assert_set_before(how)
+    got = res.records()[0]
+    assert (got["keepalive"], got["keepidle"], got["syncnt"]) == (1, 15, 3)
+
+
 # --- server side (listen) ---------------------------------------------------------
 
 
@@ -500,6 +534,24 @@ def test_python_listener(shim: Shim) -> None:
     assert got["listener"]["defer_accept"] > 0
 
 
+def test_listen_called_again_applies_once(shim: Shim) -> None:
+    """nginx sets so_keepalive after its first listen() and listens again:
+    its choice stands in set mode, as on the kernel path (issue 10)."""
+    res = shim.probe("relisten", "127.0.0.1")
+    got = res.records()[0]
+    assert (got["keepalive"], got["keepidle"]) == (0, 1800), got
+    sets = [c.args.split(", ")[2:4] for c in res.tcp_sockets()[0] if c.name == "setsockopt"]
+    assert sets == [
+        ["TCP_KEEPIDLE", "[15]"],
+        ["TCP_KEEPINTVL", "[15]"],
+        ["TCP_KEEPCNT", "[9]"],
+        ["TCP_USER_TIMEOUT", "[150000]"],
+        ["SO_KEEPALIVE", "[1]"],
+        ["SO_KEEPALIVE", "[0]"],
+        ["TCP_KEEPIDLE", "[1800]"],
+    ], res.trace
+
+
 def test_nc_listener(shim: Shim) -> None:
     if shutil.which("nc") is None:
         pytest.skip("nc not installed")
@@ -538,6 +590,7 @@ def test_udp_and_unix_untouched(shim: Shim, tmp_path: pathlib.Path, env: dict) -
         m = re.search(r"\b(socket|dup2|dup3)\((.*)\)\s+=\s+(\d+)", line)
         if m and m.group(1) == "socket":
             tcp = "AF_INET" in m.group(2) and "SOCK_STREAM" in m.group(2)
+            tcp = tcp and "IPPROTO_MPTCP" not in m.group(2)
             kind[m.group(3)] = "tcp" if tcp else "other"
         elif m:
             kind[m.group(3)] = kind.get(m.group(2).split(",")[0].strip(), "other")
@@ -548,6 +601,7 @@ def test_udp_and_unix_untouched(shim: Shim, tmp_path: pathlib.Path, env: dict) -
     if env.get("BPFKEEP_HOOK") != "socket":
         assert touched_tcp == 0, res.trace  # the TCP sockets never connect
     got = res.records()[0]
+    assert got.pop("mptcp_keepalive") in (0, -1)  # -1: no MPTCP in this kernel
     assert got == {
         "udp_keepalive": 0,
         "unix_keepalive": 0,
@@ -555,6 +609,25 @@ def test_udp_and_unix_untouched(shim: Shim, tmp_path: pathlib.Path, env: dict) -
         "recycled_keepalive": 0,
         "replaced_keepalive": 0,
     }
+
+
+@pytest.mark.parametrize("env", [{}, {"BPFKEEP_ENFORCE": "1"}], ids=["set", "enforce"])
+def test_fd_closed_behind_the_shims_back_and_reused(
+    shim: Shim, sockprobe: pathlib.Path, server: Server, env: dict
+) -> None:
+    """A TCP fd closed where the shim cannot see it (fclose(fdopen()),
+    close_range) whose number comes back as a socketpair or a raw socket:
+    connect() and listen() on those must leave them alone (issue 9 #12)."""
+    res = shim.run([str(sockprobe), "reuse", str(server.port)], env)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("reuse ")]
+    done = {(w[1], w[2]): w[3:] for w in lines if w[3] != "unavailable"}
+    assert ("fclose", "socketpair") in done and ("close_range", "socketpair") in done, lines
+    if os.geteuid() == 0:  # raw sockets need CAP_NET_RAW
+        assert ("fclose", "raw") in done and ("close_range", "raw") in done, lines
+    for case, fields in done.items():
+        assert fields == ["same=1", "keepalive=0"], (case, res.stdout)
+    # The kernel was asked nothing: no TCP socket here ever connects or listens.
+    assert "setsockopt(" not in res.trace, res.trace
 
 
 def test_keepalive_off_disables_the_shim(shim: Shim, server: Server) -> None:
@@ -656,6 +729,22 @@ def test_enforce(shim: Shim, server: Server, mode: str) -> None:
         assert not any("[0]" in a or "[10000]" in a for a in asked), asked
     else:
         assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (0, 10000, 0)
+
+
+def test_enforce_bad_pointer_gives_efault_not_a_crash(
+    shim: Shim, sockprobe: pathlib.Path, server: Server
+) -> None:
+    """A C program passing setsockopt pointers the kernel cannot read gets
+    -1/EFAULT under enforce mode, exactly as without the shim (issue 9 #8)."""
+    argv = [str(sockprobe), "badptr", str(server.port)]
+    bare = shim.run(argv, preload_lib=False, strace=False)
+    res = shim.run(argv, {"BPFKEEP_ENFORCE": "1"}, strace=False, check=False)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    for r in (bare, res):
+        assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 15, r.stdout
+    # Good pointers are still capped: the program's 0 and 10000 did not stick.
+    assert "keepalive 1 keepidle 15" in res.stdout, res.stdout
+    assert "keepalive 0 keepidle 10000" in bare.stdout, bare.stdout
 
 
 # --- BPFKEEP_HOOK=socket ----------------------------------------------------------
@@ -796,3 +885,31 @@ def test_is_static_executable(tmp_path: pathlib.Path) -> None:
     assert not preload.is_static_executable(str(truncated))
     with pytest.raises(UsageError):
         preload.is_static_executable("no-such-command-bpfkeep")
+
+
+def test_unreachable_reason(tmp_path: pathlib.Path, cc) -> None:
+    assert preload.unreachable_reason("/bin/true") is None
+    assert preload.unreachable_reason(PYTHON) is None
+    try:
+        static = cc("sockprobe-static", HELPERS / "sockprobe.c", "-static")
+    except subprocess.CalledProcessError:
+        static = None
+    if static:
+        assert preload.unreachable_reason(str(static)) == "statically linked"
+    # A C program carrying Go's build-info section is taken for Go.
+    if shutil.which("objcopy"):
+        fake = tmp_path / "fake-go"
+        note = tmp_path / "buildinfo"
+        note.write_bytes(b"\xff Go buildinf:")
+        subprocess.run(
+            ["objcopy", "--add-section", f".go.buildinfo={note}", "/bin/true", str(fake)],
+            check=True,
+        )
+        assert "Go" in (preload.unreachable_reason(str(fake)) or "")
+    # Section headers pointing past the end: still judged by PT_INTERP.
+    broken = tmp_path / "broken"
+    data = bytearray(pathlib.Path("/bin/true").read_bytes())
+    data[0x28:0x30] = (len(data) + 4096).to_bytes(8, "little")  # e_shoff
+    broken.write_bytes(bytes(data))
+    assert preload.unreachable_reason(str(broken)) is None
+    assert not preload.is_static_executable(str(broken))

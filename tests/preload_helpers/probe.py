@@ -11,6 +11,11 @@ it with what strace saw the shim ask for.
     probe.py enforce HOST PORT           try to weaken keepalive after connect
     probe.py threads HOST PORT N         N threads connect at once
     probe.py forkexec HOST PORT          fork; the child execs `client`
+    probe.py nonblock HOST PORT          non-blocking connect() called again
+                                         after the program's own setsockopt
+    probe.py relisten HOST               listen(), own setsockopt, listen()
+                                         again (what nginx does)
+    probe.py tfo HOST PORT sendto|sendmsg  TCP Fast Open: connect by sending
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -113,7 +119,22 @@ def others(tmpdir: str) -> None:
     os.close(other)
     replaced = socket.socket(fileno=os.dup(tcp2.fileno()))
     replaced.connect(udp.getsockname())
+    # MPTCP: a stream socket with TCP underneath that answers TCP_INFO, but
+    # not TCP (SO_PROTOCOL IPPROTO_MPTCP).  -1: the kernel has no MPTCP.
+    try:
+        mp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+    except OSError:
+        mptcp_keepalive = -1
+    else:
+        mp.connect_ex(udp.getsockname())  # refused: nothing listens there
+        mp2 = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
+        mp2.bind(("127.0.0.1", 0))
+        mp2.listen(1)
+        mptcp_keepalive = mp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) + mp2.getsockopt(
+            socket.SOL_SOCKET, socket.SO_KEEPALIVE
+        )
     emit(
+        mptcp_keepalive=mptcp_keepalive,
         udp_keepalive=udp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         unix_keepalive=uc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
         udp_listen_errno=listen_errno,
@@ -177,6 +198,52 @@ def forkexec(host: str, port: str) -> None:
     emit(parent=os.getpid(), child_status=os.waitstatus_to_exitcode(status))
 
 
+def own_choices(s: socket.socket) -> None:
+    """What a program may choose for itself after its first connect() or
+    listen(): keepalive off, a longer idle time."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1800)
+
+
+def nonblock(host: str, port: str) -> None:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.setblocking(False)
+    addr = (host, int(port))
+    first = s.connect_ex(addr)
+    own_choices(s)
+    again = s.connect_ex(addr)  # EALREADY while connecting, then EISCONN
+    select.select([], [s], [], 10)
+    last = s.connect_ex(addr)
+    emit(
+        first=errno.errorcode.get(first, first),
+        again=errno.errorcode.get(again, again),
+        last=errno.errorcode.get(last, last),
+        **opts(s),
+    )
+    s.close()
+
+
+def relisten(host: str) -> None:
+    ls = socket.socket(family(host), socket.SOCK_STREAM)
+    ls.bind((host, 0))
+    ls.listen(4)
+    own_choices(ls)
+    ls.listen(64)
+    emit(**opts(ls))
+    ls.close()
+
+
+def tfo(host: str, port: str, how: str) -> None:
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    addr = (host, int(port))
+    if how == "sendto":
+        s.sendto(b"x", socket.MSG_FASTOPEN, addr)
+    else:
+        s.sendmsg([b"x"], [], socket.MSG_FASTOPEN, addr)
+    emit(**opts(s))
+    s.close()
+
+
 MODES = {
     "client": client,
     "server": server,
@@ -185,6 +252,9 @@ MODES = {
     "enforce": enforce,
     "threads": threads,
     "forkexec": forkexec,
+    "nonblock": nonblock,
+    "relisten": relisten,
+    "tfo": tfo,
 }
 
 if __name__ == "__main__":
