@@ -515,7 +515,7 @@ class Daemon:
 
 
 def _sweeps_existing(rule: config.Rule | None) -> bool:
-    return rule is not None and getattr(rule, "existing", True)
+    return rule is not None and rule.existing
 
 
 def main(config_path: str, pin_dir: str | None, detach_on_exit: bool) -> int:

@@ -112,3 +112,30 @@ def test_listener_handed_over_after_the_attach_is_covered(
     with socket.create_connection(("127.0.0.1", lport)):
         accepted = srv.values("accepted")
     assert (accepted["keepalive"], accepted["keepidle"]) == (1, 38)
+
+
+def test_existing_false_leaves_the_sockets_that_exist_alone(
+    daemon,  # noqa: F811
+    cgroups,
+    spawn,
+    probes,
+    tmp_path,
+):
+    server = socket.create_server(("127.0.0.1", 0))
+    lport = server.getsockname()[1]
+    app = cgroups.make("app.service")
+    old = spawn([probes["static"], "connect", "127.0.0.1", str(lport), "hold"], cgroup=app)
+    assert old.values("client")["keepalive"] == 0
+    cfg = write_config(
+        tmp_path / "c.toml",
+        free_port(),
+        rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=39) + "existing = false\n",
+        audit=1,
+    )
+    daemon(cfg).start()
+    new = spawn([probes["static"], "connect", "127.0.0.1", str(lport), "hold"], cgroup=app)
+    assert new.values("client")["keepidle"] == 39
+    time.sleep(1.5)  # past the follow-up sweep and an audit pass
+    old.send_line()
+    assert old.values("now-client")["keepalive"] == 0
+    server.close()
