@@ -388,6 +388,111 @@ def unknown(records: Iterable[SocketRecord]) -> dict[int, int]:
     return out
 
 
+# -- the policy check (privileged) -----------------------------------------------
+
+# What the check compares: the options that decide when a dead peer is
+# noticed.  (getsockopt(TCP_MAXSEG) reports the MSS in use, not the value
+# asked for, so it cannot be compared.)
+CHECKED = ("keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout")
+OK, OWN, OFF = "at-policy", "program's own (set mode)", "off-policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyCheck:
+    """One socket under a policy, with the values in force on it."""
+
+    netns: str
+    state: str
+    local: str
+    remote: str
+    cgroup_id: int
+    policy_cgroup: str  # the policy that covers it
+    mode: str
+    values: dict[str, int]  # read from the kernel (bpf_getsockopt); -1: unknown
+    verdict: str  # OK, OWN or OFF
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def verdict(policy, flags: int, entry) -> tuple[str, str]:
+    """Whether the values in force match the policy, and why not."""
+    from bpfkeep import bpfmaps
+    from bpfkeep.options import default_user_timeout
+
+    vals = entry.values()
+    index = {o.key: i for i, o in enumerate(bpfmaps.BPF_OPTIONS)}
+    app = {k for k in CHECKED if entry.rec_app >> index[k] & 1}
+    want = {k: policy.value(k) for k in CHECKED if policy.value(k)}
+    if flags & bpfmaps.F_UT_DERIVED and app & {"keepidle", "keepintvl", "keepcnt"}:
+        # The user timeout follows the times in force (set by the program).
+        want["user_timeout"] = default_user_timeout(
+            vals["keepidle"], vals["keepintvl"], vals["keepcnt"]
+        )
+    if policy.mode == "enforce":
+        bad = [
+            k
+            for k, cap in want.items()
+            if (vals[k] != 1 if k == "keepalive" else not 0 < vals[k] <= cap)
+        ]
+        if not bad:
+            return OK, ""
+        return OFF, "above the policy's bound: " + ", ".join(f"{k}={vals[k]}" for k in bad)
+    differ = [k for k, v in want.items() if vals[k] != v]
+    if not differ:
+        return OK, ""
+    if set(differ) <= app:
+        return OWN, "set by the program: " + ", ".join(f"{k}={vals[k]}" for k in differ)
+    if entry.rec_owner == 0:
+        return OFF, (
+            "never reached by bpfkeep: made before the policy and not swept "
+            "(attached with --no-existing, or a kernel without the sweep)"
+        )
+    return OFF, "differs: " + ", ".join(f"{k}={vals[k]} (policy {want[k]})" for k in differ)
+
+
+def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]]:
+    """Every TCP socket under a bpfkeep policy, in every network namespace
+    its cgroup's processes live in, with the values in force read from the
+    kernel by a read-only pass of the sweep program.  Returns the checks
+    and the namespaces that could not be entered (with the reason).
+
+    Raises BpfkeepError without privileges or on a kernel without the sweep."""
+    from bpfkeep import bpfmaps, sweep
+    from bpfkeep.enforcer import Enforcer, require_privileges
+
+    require_privileges()
+    enf = Enforcer(pin_dir)
+    atts = {a.cgroup_id: a for a in enf.attachments() if a.cgroup and a.policy}
+    if not atts:
+        return [], {}
+    with enf.sweeper() as sw:
+        sc = sweep.scope([a.cgroup for a in atts.values()], set(atts))
+        report = sweep.sweep(sw, sc, sweep.read_entry)
+    out = []
+    for o in report.outcomes:
+        att = atts.get(o.target.owner)
+        if att is None or not o.entry.result & 1:
+            continue
+        v, why = verdict(att.policy, bpfmaps.policy_flags(att.policy), o.entry)
+        out.append(
+            PolicyCheck(
+                netns=o.netns,
+                state=STATES.get(o.target.state, str(o.target.state)),
+                local=o.target.local,
+                remote=o.target.remote,
+                cgroup_id=o.target.cgroup_id,
+                policy_cgroup=att.cgroup.display,  # type: ignore[union-attr]
+                mode=att.policy.mode,  # type: ignore[union-attr]
+                values={k: o.entry.values()[k] for k in CHECKED},
+                verdict=v,
+                reason=why,
+            )
+        )
+    return out, report.unreachable
+
+
 # -- command line ----------------------------------------------------------
 
 
@@ -397,8 +502,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="which TCP sockets have keepalive armed, per cgroup (read from the kernel)",
         description="List the TCP sockets of this network namespace with their "
         "cgroup, owner and keepalive timer, and per cgroup how many established "
-        "sockets have keepalive armed.  Sockets established before a policy was "
-        "attached show as uncovered: restart their service to cover them.",
+        "sockets have keepalive armed.  With privileges, also check every socket "
+        "under a bpfkeep policy (in every network namespace of its processes): the "
+        "values in force, read from the kernel, against the policy, with the "
+        "reason for each socket that differs.",
     )
     p.add_argument(
         "--cgroup",
@@ -491,6 +598,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     records = scan(cgroup_id)
     records.sort(key=lambda r: (r.cgroup_id, r.state != ESTABLISHED, r.state, r.local, r.remote))
     policy_ids = _policy_cgroups(getattr(args, "pin_dir", None))
+    checks, unreachable, why_not = _policy_check_or_reason(getattr(args, "pin_dir", None))
     names = _cgroup_names({r.cgroup_id for r in records} | policy_ids)
     policy_names = {names[i] for i in policy_ids if names[i].startswith("/")}
     cov = coverage(records)
@@ -515,7 +623,18 @@ def run(args: argparse.Namespace, out=None) -> int:
             d = r.as_dict()
             d["cgroup"] = _path_or_none(names[r.cgroup_id])
             socks.append(d)
-        json.dump({"sockets": socks, "coverage": summary}, out, indent=2)
+        check = None
+        if checks is not None:
+            check = {
+                "sockets": [c.as_dict() for c in checks],
+                "summary": check_summary(checks),
+                "unreachable": unreachable,
+            }
+        json.dump(
+            {"sockets": socks, "coverage": summary, "policy_check": check, "why_not": why_not},
+            out,
+            indent=2,
+        )
         out.write("\n")
         return 0
 
@@ -541,4 +660,64 @@ def run(args: argparse.Namespace, out=None) -> int:
         if s["policy_from"]:
             line += f" [policy: {s['policy_from']}]"
         print("  " + line, file=out)
+    print_policy_check(checks, unreachable, why_not, out)
     return 0
+
+
+def _policy_check_or_reason(pin_dir: str | None):
+    """(checks, unreachable, None), or (None, None, why the check cannot run)."""
+    from bpfkeep.enforcer import has_bpf_privileges
+    from bpfkeep.errors import BpfkeepError
+
+    if not has_bpf_privileges():
+        return None, None, "run as root to read the values in force on each socket"
+    try:
+        checks, unreachable = policy_check(pin_dir)
+    except BpfkeepError as e:
+        return None, None, str(e)
+    return checks, unreachable, None
+
+
+def check_summary(checks: list[PolicyCheck]) -> dict[str, dict[str, int]]:
+    """policy cgroup -> counts of sockets by verdict."""
+    out: dict[str, dict[str, int]] = {}
+    for c in checks:
+        d = out.setdefault(c.policy_cgroup, {OK: 0, OWN: 0, OFF: 0})
+        d[c.verdict] += 1
+    return out
+
+
+def print_policy_check(checks, unreachable, why_not, out) -> None:
+    print("\npolicy check (values in force, read from the kernel):", file=out)
+    if why_not:
+        print(f"  not available: {why_not}", file=out)
+        return
+    if not checks:
+        print("  no TCP socket under a bpfkeep policy", file=out)
+    for cg, counts in sorted(check_summary(checks).items()):
+        total = sum(counts.values())
+        line = f"  {cg}: {counts[OK]}/{total} sockets at the policy"
+        extra = []
+        if counts[OWN]:
+            extra.append(f"{counts[OWN]} with the program's own values (set mode)")
+        if counts[OFF]:
+            extra.append(f"{counts[OFF]} off-policy")
+        print(line + (f" ({'; '.join(extra)})" if extra else ""), file=out)
+    odd = [c for c in checks if c.verdict != OK]
+    if odd:
+        rows = [
+            [
+                c.state,
+                c.local,
+                c.remote,
+                " ".join(str(c.values[k]) for k in CHECKED),
+                c.verdict,
+                c.reason,
+            ]
+            for c in odd
+        ]
+        print("", file=out)
+        header = ["STATE", "LOCAL", "REMOTE", "KA IDLE INTVL CNT UT", "VERDICT", "WHY"]
+        _table(rows, header, out)
+    for what, why in sorted((unreachable or {}).items()):
+        print(f"  {what}: not checked: {why}", file=out)

@@ -361,7 +361,9 @@ class Enforcer:
     # -- existing sockets --------------------------------------------------------
 
     @contextlib.contextmanager
-    def _sweeper(self) -> Iterator[sweep.Sweeper]:
+    def sweeper(self) -> Iterator[sweep.Sweeper]:
+        """The sweep program and its maps, under the pin directory's lock
+        (the work list is shared by every bpfkeep process)."""
         with self._lock(), self._objects() as objs:
             yield sweep.Sweeper(objs, objs.get(loader.PROG_SWEEP))
 
@@ -374,14 +376,14 @@ class Enforcer:
         their descendants to the policy that covers it (bpfkeep.sweep).
         Raises SweepUnavailable on a kernel that cannot."""
         self.prepare()
-        with self._sweeper() as sw:
+        with self.sweeper() as sw:
             sc = sweep.scope(cgs, self.live_ids())
             return sweep.sweep(sw, sc, sweep.apply_entry)
 
     def _sweep_after_detach(self, cg: Cgroup, policy: Policy) -> sweep.Report:
         live = self.live_ids()
         above = _nearest_ancestor(cg, live)
-        with self._sweeper() as sw:
+        with self.sweeper() as sw:
             if above is not None:
                 sc = sweep.scope([cg], live, owner=above)
                 return sweep.sweep(sw, sc, sweep.apply_entry)

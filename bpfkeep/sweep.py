@@ -86,6 +86,7 @@ class Target:
 class Outcome:
     target: Target
     entry: bpfmaps.SweepEntry
+    netns: str = ""  # "net:[INODE]"
 
 
 @dataclasses.dataclass
@@ -119,8 +120,8 @@ class Report:
             parts.append(f"{self.app_own} kept their program's own keepalive (set mode)")
         if self.failed:
             parts.append(f"{self.failed} refused an option (see bpfkeep status)")
-        for ns, why in sorted(self.unreachable.items()):
-            parts.append(f"network namespace {ns} unreachable: {why}")
+        for what, why in sorted(self.unreachable.items()):
+            parts.append(f"{what} unreachable: {why}")
         return "; ".join(parts)
 
 
@@ -185,14 +186,23 @@ def held_sockets(pids: dict[int, int], proc: str = "/proc") -> dict[int, int]:
     return held
 
 
-def namespaces(pids: Iterable[int], proc: str = "/proc") -> dict[int, int | None]:
-    """netns inode -> a pid living in it (None: our own namespace)."""
+def namespaces(
+    pids: Iterable[int], proc: str = "/proc", hidden: dict[str, str] | None = None
+) -> dict[int, int | None]:
+    """netns inode -> a pid living in it (None: our own namespace).
+
+    Processes whose namespace we may not see are noted in ``hidden``."""
     out: dict[int, int | None] = {}
     with contextlib.suppress(OSError):
         out[os.stat(f"{proc}/self/ns/net").st_ino] = None
     for pid in pids:
-        with contextlib.suppress(OSError):
+        try:
             out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, pid)
+        except OSError as e:
+            if hidden is not None and e.errno in (errno.EACCES, errno.EPERM):
+                hidden[f"process {pid}"] = (
+                    "its network namespace is hidden from us (needs CAP_SYS_PTRACE)"
+                )
     return out
 
 
@@ -364,7 +374,7 @@ def sweep(
         return owner if owner is not None else held.get(ino)
 
     sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
-    for ns, pid in namespaces(sc.owner_of_pid).items():
+    for ns, pid in namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
 
         def work() -> list[Outcome]:
             targets = [t for t in _targets(_list_sockets(), pick) if t.state in states]
@@ -380,9 +390,12 @@ def sweep(
         except OSError as e:
             if e.errno in (errno.ESRCH, errno.ENOENT):
                 continue  # the process left meanwhile
-            report.unreachable[f"net:[{ns}]"] = e.strerror or str(e)
+            hint = " (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
+            report.unreachable[f"network namespace net:[{ns}]"] = f"{e.strerror or e}{hint}"
             continue
         report.namespaces += 1
+        for o in outcomes:  # type: ignore[union-attr]
+            o.netns = f"net:[{ns}]"
         report.outcomes += outcomes  # type: ignore[arg-type]
     return report
 

@@ -243,3 +243,32 @@ def test_detach_hands_the_sockets_to_the_ancestors_policy(bk, cgroups, spawn, pr
     srv.send_line()
     with socket.create_connection(("127.0.0.1", port)):
         assert srv.values("accepted")["keepidle"] == 100
+
+
+def test_audit_checks_the_values_in_force_against_the_policy(bk, cgroups, spawn, probes):
+    """After attach, 100 % of the cgroup at the policy, connections made
+    before the attach included; sockets left alone are named with why."""
+    app, other = cgroups.make("app"), cgroups.make("other")
+    srv, cli, _port = pair(spawn, probes, app)
+    cli.values("client")
+    _osrv, ocli, _ = pair(spawn, probes, other, client_extra=("set", "keepalive=1"))
+    ocli.values("client-after")
+    bk("attach", "--cgroup", cgroups.rel(app), "--mode", "enforce", *policy_args(**POLICY))
+    bk("attach", "--cgroup", cgroups.rel(other), "--no-existing", *policy_args(**POLICY))
+    report = json.loads(bk("audit", "--json").stdout)["policy_check"]
+    summary = report["summary"]
+    assert summary["/" + cgroups.rel(app)] == {
+        "at-policy": 3,
+        "program's own (set mode)": 0,
+        "off-policy": 0,
+    }
+    mine = [s for s in report["sockets"] if s["policy_cgroup"] == "/" + cgroups.rel(other)]
+    assert {s["state"] for s in mine} == {"LISTEN", "ESTABLISHED"}
+    # Not swept: the listener and the accepted socket are off-policy, the
+    # client that turned keepalive on itself is too (never reached).
+    assert all(s["verdict"] == "off-policy" for s in mine), mine
+    assert all("not swept" in s["reason"] for s in mine), mine
+    assert {s["values"]["keepidle"] for s in mine} == {7200}
+    text = bk("audit").stdout
+    assert f"/{cgroups.rel(app)}: 3/3 sockets at the policy" in text, text
+    assert f"/{cgroups.rel(other)}: 0/3 sockets at the policy (3 off-policy)" in text, text
