@@ -249,7 +249,7 @@ def test_audit_checks_the_values_in_force_against_the_policy(bk, cgroups, spawn,
     """After attach, 100 % of the cgroup at the policy, connections made
     before the attach included; sockets left alone are named with why."""
     app, other = cgroups.make("app"), cgroups.make("other")
-    srv, cli, _port = pair(spawn, probes, app)
+    _srv, cli, _port = pair(spawn, probes, app)
     cli.values("client")
     _osrv, ocli, _ = pair(spawn, probes, other, client_extra=("set", "keepalive=1"))
     ocli.values("client-after")
