@@ -49,15 +49,15 @@ def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -
     g.add_argument(
         "--mode",
         choices=MODES,
-        default="set",
-        help="set: applications may change the values afterwards; enforce: "
+        default=None,
+        help="set (default): applications may change the values afterwards; enforce: "
         "they cannot turn keepalive off or raise the times above the policy",
     )
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
     values = {o.key: getattr(args, o.key, None) for o in TUNABLE}
-    values["mode"] = args.mode
+    values["mode"] = args.mode or "set"
     return Policy.from_mapping(values)
 
 
@@ -214,6 +214,30 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
     return 0
 
 
+def _current_policy(enf, cg) -> Policy | None:
+    from bpfkeep.enforcer import has_bpf_privileges
+
+    if not has_bpf_privileges():
+        return None  # attach will say so
+    return next((a.policy for a in enf.attachments({cg.id: cg}) if a.cgroup_id == cg.id), None)
+
+
+def _reset_by_default(before: Policy | None, after: Policy, args: argparse.Namespace) -> str:
+    """Options an update changed only because the command line left them out."""
+    if before is None:
+        return ""
+    changed = []
+    if args.mode is None and before.mode != after.mode:
+        changed.append(f"mode={after.mode} (was {before.mode})")
+    for opt in TUNABLE:
+        if not opt.bpf or getattr(args, opt.key, None) is not None:
+            continue
+        old, new = getattr(before, opt.key), getattr(after, opt.key)
+        if old != new:
+            changed.append(f"{opt.key}={new} (was {old})")
+    return ", ".join(changed)
+
+
 def _sweep(enf, cg) -> None:
     """Bring the sockets that exist already to the policy just attached."""
     from bpfkeep.sweep import SweepUnavailable
@@ -288,8 +312,14 @@ def dispatch(args: argparse.Namespace) -> int:
     cg = cgroups.resolve(args.cgroup, force_root=args.force)
     if args.command == "attach":
         policy = policy_from_args(args)
+        before = _current_policy(enf, cg)
         what = enf.attach(cg, policy)
         print(f"{what} {cg.display}: {_fmt_policy(policy)} mode={policy.mode}")
+        reset = _reset_by_default(before, policy, args)
+        if reset:
+            # attach sets the whole policy: say what the update changed
+            # although the command line did not name it.
+            print(f"  not given, back to the default: {reset}")
         if not args.no_existing:
             _sweep(enf, cg)
         return 0

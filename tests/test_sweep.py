@@ -272,3 +272,13 @@ def test_audit_checks_the_values_in_force_against_the_policy(bk, cgroups, spawn,
     text = bk("audit").stdout
     assert f"/{cgroups.rel(app)}: 3/3 sockets at the policy" in text, text
     assert f"/{cgroups.rel(other)}: 0/3 sockets at the policy (3 off-policy)" in text, text
+
+
+def test_attach_again_says_what_it_reset(bk, cgroups):
+    app = cgroups.make("app")
+    bk("attach", "--cgroup", cgroups.rel(app), "--mode", "enforce", "--keepidle", "50")
+    out = bk("attach", "--cgroup", cgroups.rel(app), "--keepintvl", "5").stdout
+    assert "not given, back to the default: mode=set (was enforce)" in out, out
+    assert "keepidle=15 (was 50)" in out, out
+    again = bk("attach", "--cgroup", cgroups.rel(app), "--keepintvl", "5").stdout
+    assert "not given" not in again, again
