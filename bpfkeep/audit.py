@@ -6,9 +6,10 @@ current network namespace, with the cgroup that owns it
 For a socket past the handshake the only user of ``sk_timer`` is the
 keepalive timer, and an established socket with SO_KEEPALIVE always has it
 armed (it re-arms itself after every run), so ``idiag_timer == 2`` is
-"keepalive on" and 0 is "off".  It is a view from outside: sockets that
-were established before a policy was attached show as uncovered, which is
-exactly what an operator needs to see before restarting a service.
+"keepalive on" and 0 is "off".  It is a view from outside, and needs no
+privileges.  With privileges, :func:`policy_check` reads the values in
+force on every socket under a policy (a read-only pass of the sweep
+program) and compares them with the policy.
 
 Two cases where the kernel cannot tell us:
 

@@ -238,7 +238,7 @@ def _reset_by_default(before: Policy | None, after: Policy, args: argparse.Names
     return ", ".join(changed)
 
 
-def _sweep(enf, cg) -> None:
+def _sweep(enf, cg) -> int:
     """Bring the sockets that exist already to the policy just attached."""
     from bpfkeep.sweep import SweepUnavailable
 
@@ -246,8 +246,16 @@ def _sweep(enf, cg) -> None:
         report = enf.sweep([cg])
     except SweepUnavailable as e:
         print(f"bpfkeep: notice: {e}", file=sys.stderr)
-        return
+        return 0
+    except OSError as e:
+        print(
+            f"bpfkeep: the policy is attached, but the sockets that already exist were not "
+            f"swept ({e}); bpfkeep audit lists them",
+            file=sys.stderr,
+        )
+        return 1
     print(f"  {report.summary()}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,9 +328,7 @@ def dispatch(args: argparse.Namespace) -> int:
             # attach sets the whole policy: say what the update changed
             # although the command line did not name it.
             print(f"  not given, back to the default: {reset}")
-        if not args.no_existing:
-            _sweep(enf, cg)
-        return 0
+        return 0 if args.no_existing else _sweep(enf, cg)
     if args.command == "detach":
         if enf.detach(cg, existing=not args.no_existing):
             print(f"detached {cg.display}")

@@ -478,13 +478,13 @@ class Daemon:
         ours).  The periodic sweep reaches sockets that no callback and no
         earlier sweep saw: listeners handed over to a service later on."""
         assert self.cfg
+        t0 = time.thread_time()
         with self._lock:
             known = [k.cgroup for k in self.known.values()]
         self._sweep([cg for cg in known if _sweeps_existing(self.cfg.policy_for(cg.rel))])
         try:
             from bpfkeep import audit
 
-            t0 = time.thread_time()
             cov = audit.established_coverage()
             missing = [i for i in cov if i not in self._rel_cache]
             if missing:
@@ -494,8 +494,9 @@ class Daemon:
             self.audit_errors += 1
             log.warning("socket audit failed: %s", e)
             return
-        # Keep the audit below ~0.1 % of a CPU however many sockets the host
-        # has: the next pass waits at least 1000 times this one's CPU time.
+        # Keep the sweep and audit below ~0.1 % of a CPU however many sockets
+        # the host has: the next pass waits at least 1000 times this one's
+        # CPU time.
         self.audit_cost = time.thread_time() - t0
         with self._lock:
             known = dict(self.known)
