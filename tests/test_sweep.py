@@ -6,6 +6,7 @@ with ss from outside."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -282,3 +283,23 @@ def test_attach_again_says_what_it_reset(bk, cgroups):
     assert "keepidle=15 (was 50)" in out, out
     again = bk("attach", "--cgroup", cgroups.rel(app), "--keepintvl", "5").stdout
     assert "not given" not in again, again
+
+
+def test_kernel_without_the_sweep_gets_one_notice(bk, cgroups, spawn, probes, pin_dir):
+    """As on a kernel before 5.15, where the iter/tcp program does not load:
+    the loader pins everything else, attach says so once, audit too."""
+    from bpfkeep import loader
+    from bpfkeep.enforcer import Enforcer
+
+    os.unlink(os.path.join(Enforcer(pin_dir).obj_dir, loader.PROG_SWEEP))
+    app = cgroups.make("app")
+    _srv, cli, _port = pair(spawn, probes, app)
+    cli.values("client")
+    out = bk("attach", "--cgroup", cgroups.rel(app), "--keepidle", "31")
+    assert out.stderr.count("notice: existing sockets keep their values") == 1, out.stderr
+    assert "Linux 5.15" in out.stderr
+    assert now(cli, "client")["keepalive"] == 0  # left as it was, and said so
+    new = spawn([probes["static"], "connect", "127.0.0.1", str(_port), "hold"], cgroup=app)
+    assert new.values("client")["keepidle"] == 31
+    report = json.loads(bk("audit", "--json").stdout)
+    assert report["policy_check"] is None and "Linux 5.15" in report["why_not"]
