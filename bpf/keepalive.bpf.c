@@ -511,23 +511,25 @@ BPF_ITER(tcp)
 	if (!(e->in_flags & BK_SWI_SYN_SENT))
 		want[BK_OPT_SYNCNT] = -1; /* only counts before the handshake */
 	if (enforce) {
-		/* A tighter value the program chose stands. */
+		/* A tighter value the program chose itself while bpfkeep
+		 * watched stands.  A socket whose history is unknown (made
+		 * before any bpfkeep program saw it) ends at the policy. */
 		int cur;
 
 		cur = BK_GET(tp, KEEPIDLE);
-		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPIDLE))) &&
+		if (known && (s->app & BK_BIT(BK_OPT_KEEPIDLE)) &&
 		    bk_within(cur, p->val[BK_OPT_KEEPIDLE], BK_OPT_KEEPIDLE))
 			want[BK_OPT_KEEPIDLE] = -1;
 		cur = BK_GET(tp, KEEPINTVL);
-		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPINTVL))) &&
+		if (known && (s->app & BK_BIT(BK_OPT_KEEPINTVL)) &&
 		    bk_within(cur, p->val[BK_OPT_KEEPINTVL], BK_OPT_KEEPINTVL))
 			want[BK_OPT_KEEPINTVL] = -1;
 		cur = BK_GET(tp, KEEPCNT);
-		if ((!known || (s->app & BK_BIT(BK_OPT_KEEPCNT))) &&
+		if (known && (s->app & BK_BIT(BK_OPT_KEEPCNT)) &&
 		    bk_within(cur, p->val[BK_OPT_KEEPCNT], BK_OPT_KEEPCNT))
 			want[BK_OPT_KEEPCNT] = -1;
 		cur = BK_GET(tp, USER_TIMEOUT);
-		if ((!known || (s->app & BK_BIT(BK_OPT_USER_TIMEOUT))) &&
+		if (known && (s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) &&
 		    bk_within(cur, p->val[BK_OPT_USER_TIMEOUT],
 			      BK_OPT_USER_TIMEOUT))
 			want[BK_OPT_USER_TIMEOUT] = -1;
