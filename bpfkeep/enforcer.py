@@ -487,6 +487,47 @@ class Enforcer:
         """Cgroup ids with bpfkeep links pinned (alive or not)."""
         return self._pinned_ids()
 
+    def link_pins(self) -> dict[int, set[str]]:
+        """Cgroup id -> hooks with a link pinned (one listing: cheap enough
+        for the daemon's periodic check that nothing was unpinned)."""
+        out: dict[int, set[str]] = {}
+        try:
+            names = os.listdir(self.link_dir)
+        except FileNotFoundError:
+            return out
+        hooks = {h for h, _, _ in HOOKS}
+        for name in names:
+            stem, _, hook = name.partition("_")
+            if stem.isdigit() and hook in hooks:
+                out.setdefault(int(stem), set()).add(hook)
+        return out
+
+    def pinned_hooks(self, cgroup_id: int) -> set[str]:
+        """Hooks of one cgroup with a link pinned."""
+        return {h for h, _, _ in HOOKS if os.path.exists(self._link_path(cgroup_id, h))}
+
+    def objects_missing(self) -> list[str]:
+        """This version's pinned programs and maps that are not there."""
+        return [n for n in loader.OBJECTS if not os.path.exists(os.path.join(self.obj_dir, n))]
+
+    def policy_entry(self, cgroup_id: int) -> tuple[Policy, bool] | None:
+        """(policy, managed by the daemon) as this version's maps hold it for
+        one cgroup, or None; no walk of the cgroup tree."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.obj_dir, loader.MAP_POLICIES))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        try:
+            raw = bpfsys.map_lookup(fd, struct.pack("=Q", cgroup_id), bpfmaps.POLICY_SIZE)
+        finally:
+            os.close(fd)
+        if raw is None:
+            return None
+        _, flags, policy = bpfmaps.decode_policy(raw)
+        return policy, bool(flags & bpfmaps.F_MANAGED)
+
     def attachments(self, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
         """Every cgroup with a bpfkeep policy, read from bpffs and the kernel.
 
