@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 from bpfkeep import bpfmaps, bpfsys, loader
 from bpfkeep.cgroups import Cgroup, by_ids, cgroup2_mount
-from bpfkeep.errors import EnvironmentProblem, PermissionProblem
+from bpfkeep.errors import EnvironmentProblem, PermissionProblem, UsageError
 from bpfkeep.options import Policy
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
@@ -40,6 +40,8 @@ HOOKS = (
     ("sockops", bpfsys.BPF_CGROUP_SOCK_OPS, loader.PROG_SOCKOPS),
     ("setsockopt", bpfsys.BPF_CGROUP_SETSOCKOPT, loader.PROG_SETSOCKOPT),
 )
+
+NAME_MAX = 255  # bytes per path component (include/uapi/linux/limits.h)
 
 # Capability bits (include/uapi/linux/capability.h)
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
@@ -160,13 +162,48 @@ class Enforcer:
 
     # -- setup -----------------------------------------------------------
 
+    def check_pin_dir(self) -> None:
+        """One line naming the problem and the fix for a pin directory that
+        bpffs cannot hold, instead of an OSError from deep inside."""
+        fix = "choose another with --pin-dir or BPFKEEP_PIN_DIR"
+        where = f"pin directory {self.pin_dir}"
+        for part in self.pin_dir.split("/"):
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise UsageError(
+                    f"{where}: the name {part[:20]}... is {len(os.fsencode(part))} bytes, "
+                    f"longer than the {NAME_MAX} a file name may have; {fix}"
+                )
+        # The deepest part that exists must be a directory; what bpfkeep
+        # creates below it must be a name bpffs accepts (no ".": the kernel
+        # refuses it with EPERM, see bpf_lookup in kernel/bpf/inode.c).
+        path, to_make = self.pin_dir, []
+        while not os.path.lexists(path) and path != "/":
+            path, name = os.path.split(path)
+            to_make.append(name)
+        if not os.path.isdir(path):
+            raise UsageError(
+                f"{where}: {path} is not a directory (a pinned BPF program or map, or a "
+                f"file); {fix}"
+            )
+        dotted = [n for n in to_make if "." in n]
+        if dotted and _is_bpffs(path):
+            raise UsageError(f"{where}: bpffs does not allow '.' in names ({dotted[-1]}); {fix}")
+
+    def _pin_dir_error(self, e: OSError) -> Exception:
+        self.check_pin_dir()  # raises when it can name the problem better
+        return EnvironmentProblem(f"pin directory {self.pin_dir}: {e.strerror or e}")
+
     def prepare(self) -> None:
         """Privileges, bpffs, directories and loaded programs."""
         if self._prepared and os.path.isdir(self.obj_dir):
             return
         require_privileges()
+        self.check_pin_dir()
         ensure_bpffs(self.pin_dir)
-        os.makedirs(self.link_dir, exist_ok=True)
+        try:
+            os.makedirs(self.link_dir, exist_ok=True)
+        except OSError as e:
+            raise self._pin_dir_error(e) from None
         with self._lock():
             loader.load(self.obj_dir)
             self._recover_next_pins()
@@ -218,7 +255,14 @@ class Enforcer:
                 self._write_policy(objs, key, value)
                 return "updated"
             created: list[tuple[int, str]] = []
-            cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                raise UsageError(
+                    f"{cg.display}: the cgroup was removed while attaching; nothing was attached"
+                ) from None
+            except OSError as e:
+                raise self._explain(e, cg) from None
             try:
                 for hook, atype, prog in HOOKS:
                     if hook in alive:
@@ -269,6 +313,7 @@ class Enforcer:
     def detach(self, cg: Cgroup) -> bool:
         """Remove bpfkeep's programs from a cgroup; others' stay."""
         require_privileges()
+        self.check_pin_dir()
         if not os.path.isdir(self.link_dir):
             return False
         with self._lock():
@@ -485,6 +530,7 @@ class Enforcer:
 
     def pinned_ids(self) -> set[int]:
         """Cgroup ids with bpfkeep links pinned (alive or not)."""
+        self.check_pin_dir()
         return self._pinned_ids()
 
     def link_pins(self) -> dict[int, set[str]]:
@@ -533,6 +579,7 @@ class Enforcer:
 
         ``paths`` saves the walk of the cgroup tree when the caller already
         knows where the cgroups are (the daemon)."""
+        self.check_pin_dir()
         ids = sorted(self._pinned_ids())
         if not ids:
             return []
@@ -607,6 +654,7 @@ class Enforcer:
 
     def destroy(self) -> None:
         """Detach everything and remove the pin directory (tests, uninstall)."""
+        self.check_pin_dir()
         if not os.path.isdir(self.pin_dir):
             return
         with self._lock():
