@@ -317,7 +317,12 @@ class Enforcer:
         if not os.path.isdir(self.link_dir):
             return False
         with self._lock():
-            return self._detach_id(cg.id)
+            found = self._detach_id(cg.id)
+            # Like attach: forget the attachments of removed cgroups.
+            if os.path.isdir(self.obj_dir):
+                with self._objects() as objs:
+                    self._prune(objs)
+            return found
 
     def detach_id(self, cgroup_id: int) -> bool:
         """Detach by cgroup id (the cgroup may already be gone)."""
