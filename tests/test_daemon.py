@@ -493,28 +493,33 @@ def test_out_of_descriptors_is_logged_counted_and_retried(
     import resource
 
     cgroups.make("a.service")
+    base = cgroups.rel(cgroups.base)
     port = free_port()
-    cfg = write_config(
-        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=62)
-    )
+    rules = rule(f"{base}/*.service", keepidle=62) + rule(f"{base}/*/*.service", keepidle=62)
+    cfg = write_config(tmp_path / "c.toml", port, rules)
     d = daemon(cfg)
     d.start()
     pid = d.proc.pid
     before = sample(scrape(port), "bpfkeep_reconcile_errors_total")
     limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    fds = open_fds(pid)
-    lowest_free = min(set(range(max(fds) + 2)) - fds)
-    # Every new descriptor now fails with EMFILE.
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
+    # Every new descriptor now fails with EMFILE; open ones keep working.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, limits[1]))
     try:
-        b = cgroups.make("b.service")
+        b = cgroups.make("b.service")  # attaching it fails
         line = d.wait_log("Too many open files", timeout=30)
         assert cgroups.rel(b) in line, line
+        # Listing g fails: only a retry of the walk can find g/c.service.
+        c = cgroups.make("g/c.service")
+        line = d.wait_log(f"walking the cgroup tree at {os.path.dirname(c)}:", timeout=30)
+        assert "Too many open files" in line, line
         assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
-    assert wait_until(lambda: bpftool_prog_ids(b, "cgroup_sock_ops"), timeout=60), d.log.read_text()
-    assert keepidle_of_new_connection(spawn, probes, b, listener) == 62
+    for cg in (b, c):
+        assert wait_until(lambda cg=cg: bpftool_prog_ids(cg, "cgroup_sock_ops"), timeout=90), (
+            d.log.read_text()
+        )
+        assert keepidle_of_new_connection(spawn, probes, cg, listener) == 62
     assert sample(scrape(port), "bpfkeep_reconcile_errors_total") > before
     assert d.proc.poll() is None
     assert d.stop() == 0
