@@ -579,6 +579,28 @@ class Enforcer:
         _, flags, policy = bpfmaps.decode_policy(raw)
         return policy, bool(flags & bpfmaps.F_MANAGED)
 
+    def policy_entries(self) -> dict[int, tuple[Policy, bool]]:
+        """Cgroup id -> (policy, managed by the daemon) for every entry of
+        this version's policy map: what the daemon needs to tell its own
+        attachments from hand-made ones, without the per-link and counter
+        reads of attachments() (10,000 cgroups: 2 syscalls each, not 10)."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.obj_dir, loader.MAP_POLICIES))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return {}
+            raise
+        out = {}
+        try:
+            for key in bpfsys.map_keys(fd, 8):
+                raw = bpfsys.map_lookup(fd, key, bpfmaps.POLICY_SIZE)
+                if raw is not None:
+                    _, flags, policy = bpfmaps.decode_policy(raw)
+                    out[struct.unpack("=Q", key)[0]] = (policy, bool(flags & bpfmaps.F_MANAGED))
+        finally:
+            os.close(fd)
+        return out
+
     def attachments(self, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
         """Every cgroup with a bpfkeep policy, read from bpffs and the kernel.
 
