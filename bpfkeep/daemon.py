@@ -203,6 +203,18 @@ HEAL_EVERY = 5.0  # seconds between checks that our pins and links are all there
 HEAL_SETTLE = 0.5  # seconds after the last change under the pin directory
 
 
+def in_force(
+    entry: tuple[Policy, bool] | None, hooks: set[str]
+) -> tuple[Policy | None, bool] | None:
+    """What a cgroup has from bpfkeep: None, or (policy, managed by the
+    daemon).  Links pinned without a policy entry in this version's map
+    are not the daemon's (hand-made halfway, or another layout): unknown
+    policy, not managed."""
+    if not hooks:
+        return None
+    return entry if entry is not None else (None, False)
+
+
 @dataclasses.dataclass
 class Known:
     cgroup: cgroups.Cgroup
@@ -257,7 +269,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self._guard("reconcile", self.full_reconcile)
+        self._guard("reconcile", lambda: self.full_reconcile(prune=True))
         self._watch_pins()
         self.notifier.send(f"READY=1\nSTATUS={self._status()}")
         log.info(
@@ -387,7 +399,7 @@ class Daemon:
             delay = self.retry[path][1]
             self.retry[path] = (math.inf, delay)  # a new failure re-arms it
             if path is None:
-                self._guard("reconcile", self.full_reconcile)
+                self._guard("reconcile", lambda: self.full_reconcile(prune=True))
             else:
                 self._guard("rescan", lambda p=path: self._scan(p))
             if self.retry.get(path, (0.0, 0.0))[0] == math.inf:
@@ -396,9 +408,11 @@ class Daemon:
 
     # -- reconcile -------------------------------------------------------------
 
-    def full_reconcile(self) -> None:
+    def full_reconcile(self, prune: bool = False) -> None:
         """Walk the directories that can hold matches (watching them), then
-        make the kernel match the config."""
+        make the kernel match the config.  ``prune``: also forget the pins
+        of cgroups removed while no daemon watched (at start, and after
+        inotify lost events); at run time their removal is seen."""
         assert self.cfg and self.inotify
         failures = self._walk_failures
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
@@ -408,32 +422,30 @@ class Daemon:
                 desired[cg.id] = (cg, rule.policy)
         # Adopt what a previous daemon left (it kept working all along);
         # leave alone what was attached by hand.
-        atts = {
-            a.cgroup_id: a
-            for a in self.enforcer.attachments(paths={i: c for i, (c, _) in desired.items()})
-        }
+        entries = self.enforcer.policy_entries()
+        pins = self.enforcer.link_pins()
         with self._lock:
             self.expected = {i: c.display for i, (c, _) in desired.items()}
         for cg_id, (cg, policy) in desired.items():
-            a = atts.get(cg_id)
-            in_force = (a.policy, a.managed) if a and a.link_ids else None
-            self._ensure(cg, policy, in_force, hooks=set(a.link_ids) if a else set())
-        owned = {i for i, a in atts.items() if a.managed}
+            hooks = pins.get(cg_id, set())
+            self._ensure(cg, policy, in_force(entries.get(cg_id), hooks), hooks)
+        owned = {i for i, (_, managed) in entries.items() if managed and i in pins}
         if self._walk_failures == failures:
             # Only a complete walk tells what the config no longer wants.
             for cg_id in (owned | set(self.known)) - set(desired):
-                self._forget(cg_id, detach=cg_id in owned)
+                self._forget(cg_id, "unwanted" if cg_id in owned else "released")
             self.retry.pop(None, None)
         else:
             self._retry_later(None)
         for cg_id in set(self.foreign) - set(desired):
             with self._lock:
                 self.foreign.pop(cg_id, None)
-        try:
-            self.enforcer.prune()
-        except (OSError, BpfkeepError) as e:
-            self.reconcile_errors += 1
-            log.warning("pruning removed cgroups' pins failed: %s", e)
+        if prune:
+            try:
+                self.enforcer.prune()
+            except (OSError, BpfkeepError) as e:
+                self.reconcile_errors += 1
+                log.warning("pruning removed cgroups' pins failed: %s", e)
         self.reconciles += 1
 
     def _scan(self, top: str) -> None:
@@ -452,7 +464,7 @@ class Daemon:
             except OSError as e:
                 self._failed(cg.path, cg.display, e)
                 continue
-            self._ensure(cg, rule.policy, entry if hooks else None, hooks=hooks)
+            self._ensure(cg, rule.policy, in_force(entry, hooks), hooks)
 
     def _walk(self, top: str) -> typing.Iterator[cgroups.Cgroup]:
         """Cgroups at or below ``top`` that a rule could match; watches
@@ -464,13 +476,13 @@ class Daemon:
         in between is missed; stat and inotify need no file descriptor, so
         even out of descriptors a new cgroup is still seen and attempted."""
         assert self.cfg and self.inotify
-        stack = [top]
+        prefix = self.mount.rstrip("/") + "/"
+        stack = [os.path.normpath(top)]
         while stack:
             path = stack.pop()
-            rel = os.path.relpath(path, self.mount)
-            rel = "" if rel == "." else rel
-            if rel.startswith(".."):
+            if path != self.mount and not path.startswith(prefix):
                 continue
+            rel = path[len(prefix) :] if path != self.mount else ""
             if rel:
                 try:
                     ino = os.stat(path).st_ino
@@ -554,17 +566,21 @@ class Daemon:
             self.foreign[cg.id] = Known(cg, policy)
         self.rel_to_id[cg.rel] = cg.id
 
-    def _forget(self, cg_id: int, *, detach: bool) -> None:
+    def _forget(self, cg_id: int, why: str) -> None:
+        """Stop tracking a cgroup.  ``why``: "unwanted" (ours, and the config
+        no longer matches it: detach), "removed" (the cgroup is gone: the
+        kernel took its programs, drop our pins), "released" (no longer
+        ours: touch nothing)."""
         with self._lock:
             k = self.known.pop(cg_id, None)
             self.expected.pop(cg_id, None)
             hand = self.foreign.pop(cg_id, None)
         if k or hand:
             self.rel_to_id.pop((k or hand).cgroup.rel, None)
-        if hand or not (k or detach):
-            return  # not ours: the cgroup's removal already took its programs
+        if hand or why == "released":
+            return
         try:
-            if self.enforcer.detach_id(cg_id) and detach:
+            if self.enforcer.detach_id(cg_id) and why == "unwanted":
                 log.info("detached %s (no longer in the config)", k.cgroup.display if k else cg_id)
         except (BpfkeepError, OSError) as e:
             self._failed(None, f"detach cgroup id {cg_id}", e)
@@ -594,9 +610,9 @@ class Daemon:
                 gone = [i for r, i in self.rel_to_id.items() if r == rel or r.startswith(rel + "/")]
                 for cg_id in gone:
                     log.info("cgroup /%s removed; forgetting it", printable(rel))
-                    self._forget(cg_id, detach=False)
+                    self._forget(cg_id, "removed")
         if rescan:
-            self.full_reconcile()
+            self.full_reconcile(prune=True)
 
     # -- healing ---------------------------------------------------------------
 

@@ -626,3 +626,29 @@ def test_daemon_restores_removed_pins(daemon, cgroups, spawn, probes, listener, 
     assert sample(scrape(port), "bpfkeep_reconcile_errors_total") > after_link
     assert len(bpftool_prog_ids(a, "cgroup_sock_ops")) == 1
     assert d.stop() == 0
+
+
+def test_hand_attach_over_a_daemon_cgroup_is_then_left_alone(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk
+):
+    """An operator re-attaches a daemon-managed cgroup by hand: from then on
+    it is theirs; neither a reload that still matches nor one that no
+    longer does changes or detaches it."""
+    a = cgroups.make("a.service")
+    base = cgroups.rel(cgroups.base)
+    cfg = write_config(tmp_path / "c.toml", free_port(), rule(f"{base}/*.service", keepidle=25))
+    d = daemon(cfg)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 25
+    bk("attach", "--cgroup", a, "--keepidle", "40")
+    matching = cfg.read_text()
+    cfg.write_text(matching.replace("*.service", "*.worker"))
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 40
+    cfg.write_text(matching)
+    d.signal(signal.SIGHUP)
+    assert "1 attached by hand" in d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 40
+    assert "detached" not in d.log.read_text()
+    assert d.stop() == 0
