@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import gzip
+import os
 import platform
 import resource
 import selectors
@@ -228,6 +229,8 @@ class MetricsServer:
         self.refused = 0  # connections closed to stay within the limits
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.sock, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # for close()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._accept_paused_until = 0.0
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -240,12 +243,16 @@ class MetricsServer:
 
     def close(self) -> None:
         self._stop = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         if self._thread:
             self._thread.join(timeout=5)
         for c in list(self.conns.values()):
             self._drop(c)
         self._sel.close()
         self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def limit(self) -> int:
         """Connections allowed now: max_connections, and at most an eighth
@@ -275,6 +282,8 @@ class MetricsServer:
             except OSError:  # EINTR is retried by Python; anything else: go on
                 events = []
             for key, mask in events:
+                if key.data == "wake":
+                    continue
                 if key.data is None:
                     self._accept()
                 elif self.conns.get(key.fd) is key.data:  # not dropped meanwhile
@@ -340,8 +349,8 @@ class MetricsServer:
         end = c.inbuf.find(b"\r\n\r\n")
         if end < 0:
             if len(c.inbuf) > self.MAX_REQUEST:
-                self._respond(c, "431 Request Header Fields Too Large", b"request too large\n")
                 c.close_after = True
+                self._respond(c, "431 Request Header Fields Too Large", b"request too large\n")
             return
         head, c.inbuf = c.inbuf[:end], b""
         self._handle(c, head)
@@ -354,8 +363,8 @@ class MetricsServer:
             name, _, value = ln.partition(":")
             headers[name.strip().lower()] = value.strip()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            self._respond(c, "400 Bad Request", b"bad request\n")
             c.close_after = True
+            self._respond(c, "400 Bad Request", b"bad request\n")
             return
         method, target, version = parts
         conn_hdr = headers.get("connection", "").lower()
