@@ -317,8 +317,11 @@ class Daemon:
         finally:
             signal.set_wakeup_fd(-1)
         if self.cfg.detach_on_exit or self.detach_on_exit_flag:
-            for cg_id in list(self.known):
-                self.enforcer.detach_id(cg_id)
+            for cg_id, k in list(self.known.items()):
+                try:
+                    self.enforcer.detach_id(cg_id)
+                except (BpfkeepError, OSError) as e:
+                    log.error("detaching %s at exit failed: %s", k.cgroup.display, e)
             log.info("stopped; detached %d cgroup(s) as configured", len(self.known))
         else:
             log.info("stopped; %d cgroup(s) stay enforced by the kernel", len(self.known))
@@ -402,8 +405,9 @@ class Daemon:
                 self._guard("reconcile", lambda: self.full_reconcile(prune=True))
             else:
                 self._guard("rescan", lambda p=path: self._scan(p))
-            if self.retry.get(path, (0.0, 0.0))[0] == math.inf:
-                del self.retry[path]
+            left = self.retry.get(path)
+            if left is None or left[0] == math.inf:  # nothing failed again
+                self.retry.pop(path, None)
                 log.info("retry of %s succeeded", printable(path) if path else "the full reconcile")
 
     # -- reconcile -------------------------------------------------------------
@@ -660,6 +664,12 @@ class Daemon:
                 self._failed(None, "restoring the pinned programs", e)
                 return
         pins = self.enforcer.link_pins()
+        if self.known and not os.path.isdir(self.enforcer.link_dir):
+            try:  # rm -rf of the links directory alone
+                os.makedirs(self.enforcer.link_dir, exist_ok=True)
+            except OSError as e:
+                self._failed(None, f"recreating {self.enforcer.link_dir}", e)
+                return
         for cg_id, k in list(self.known.items()):
             have = pins.get(cg_id, set())
             if len(have) == len(HOOKS) or not os.path.isdir(k.cgroup.path):

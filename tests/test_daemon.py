@@ -619,6 +619,13 @@ def test_daemon_restores_removed_pins(daemon, cgroups, spawn, probes, listener, 
     after_link = sample(scrape(port), "bpfkeep_reconcile_errors_total")
     assert after_link > errors
 
+    shutil.rmtree(os.path.dirname(link))  # every link, the objects stay
+    assert wait_until(restored, timeout=60, step=0.2), d.log.read_text()
+    assert wait_until(
+        lambda: sample(scrape(port), "bpfkeep_reconcile_errors_total") > after_link, 30, 0.2
+    )
+    after_link = sample(scrape(port), "bpfkeep_reconcile_errors_total")
+
     shutil.rmtree(pin_dir)
     assert wait_until(restored, timeout=120, step=0.5), d.log.read_text()
     d.wait_log("loading them again")
