@@ -96,3 +96,29 @@ def test_connections_are_capped_and_the_idle_ones_go_first(server):
     finally:
         for s in idle:
             s.close()
+
+
+def test_concurrent_scrapes_share_a_collection(server):
+    """Scrapes take at most half the time: requests that arrive while a
+    collection runs (or right after) are answered by one collection."""
+    import threading
+    import time
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    class Slow:
+        def collect(self):
+            time.sleep(0.3)  # a large host: collecting takes a while
+            yield GaugeMetricFamily("probe_slow", "slow", value=1)
+
+    srv = server()
+    srv.registry.register(Slow())
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(get(srv)[0])) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200] * 6
+    assert srv.collections < 6
+    print(f"6 concurrent scrapes, {srv.collections} collections")
