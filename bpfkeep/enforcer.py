@@ -318,9 +318,10 @@ class Enforcer:
             return False
         with self._lock():
             found = self._detach_id(cg.id)
-            # Like attach: forget the attachments of removed cgroups.
+            # Like attach: forget the attachments of removed cgroups (best
+            # effort: the detach itself is done).
             if os.path.isdir(self.obj_dir):
-                with self._objects() as objs:
+                with contextlib.suppress(OSError), self._objects() as objs:
                     self._prune(objs)
             return found
 
