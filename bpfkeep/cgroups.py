@@ -47,9 +47,18 @@ def cgroup2_mount(mounts: Mounts | None = None) -> str:
     return mounts.cgroup2
 
 
+def printable(path: str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 become ``\\xff``.
+
+    Cgroup names are bytes; Python keeps undecodable ones as surrogates
+    (os.fsdecode), which is right for the filesystem and wrong for text
+    that leaves the process (a Prometheus label must be UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cgroup:
-    path: str  # absolute filesystem path
+    path: str  # absolute filesystem path (os.fsdecode: bytes kept as surrogates)
     rel: str  # path relative to the cgroup2 mount ("" for the root)
     id: int  # kernel cgroup id (the directory's inode number on cgroup2)
 
@@ -59,7 +68,8 @@ class Cgroup:
 
     @property
     def display(self) -> str:
-        return "/" + self.rel
+        """For people and labels: always valid UTF-8 (see printable)."""
+        return "/" + printable(self.rel)
 
 
 def _under(path: str, mount: str) -> bool:

@@ -24,6 +24,7 @@ import ctypes.util
 import dataclasses
 import errno
 import logging
+import math
 import os
 import select
 import signal
@@ -34,9 +35,11 @@ import threading
 import time
 import typing
 
-from bpfkeep import cgroups, config
-from bpfkeep.enforcer import Enforcer
+from bpfkeep import cgroups, config, loader
+from bpfkeep.cgroups import printable
+from bpfkeep.enforcer import HOOKS, Enforcer
 from bpfkeep.errors import BpfkeepError
+from bpfkeep.metrics import MetricsServer
 from bpfkeep.options import Policy
 from bpfkeep.sweep import SweepUnavailable
 
@@ -47,6 +50,7 @@ IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW = 0x400, 0x8000, 0x40000000, 0x4000
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 WATCH_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF
+PIN_MASK = IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF  # under the pin directory
 # A new cgroup is swept right after its attach and once more this much
 # later, when the service systemd started in it has joined with the
 # listeners it was handed.
@@ -71,6 +75,32 @@ def sd_notify(message: str, environ: dict[str, str] | None = None) -> bool:
         return True
     except OSError:
         return False
+
+
+class Notifier:
+    """sd_notify over one socket opened at start: a notification (above all
+    WATCHDOG=1) must not need a new file descriptor, or a daemon out of
+    descriptors would also be killed by its watchdog."""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        env = os.environ if environ is None else environ
+        self.raw = env.get("NOTIFY_SOCKET") or ""
+        self.addr = "\0" + self.raw[1:] if self.raw.startswith("@") else self.raw
+        self.sock: socket.socket | None = None
+        if self.addr:
+            with contextlib.suppress(OSError):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, message: str) -> bool:
+        if not self.addr:
+            return False
+        if self.sock is None:  # could not open one at start: try once more
+            return sd_notify(message, {"NOTIFY_SOCKET": self.raw})
+        try:
+            self.sock.sendto(message.encode(), self.addr)
+            return True
+        except OSError:
+            return False
 
 
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
@@ -128,10 +158,10 @@ class Inotify:
         self.paths: dict[int, str] = {}  # wd -> absolute path
         self.wds: dict[str, int] = {}
 
-    def watch(self, path: str) -> bool:
+    def watch(self, path: str, mask: int = WATCH_MASK) -> bool:
         if path in self.wds:
             return True
-        wd = self._add(self.fd, os.fsencode(path), WATCH_MASK)
+        wd = self._add(self.fd, os.fsencode(path), mask)
         if wd < 0:
             err = ctypes.get_errno()
             if err in (errno.ENOENT, errno.ENOTDIR):
@@ -151,7 +181,9 @@ class Inotify:
             off = 0
             while off < len(buf):
                 wd, mask, _cookie, length = struct.unpack_from("iIII", buf, off)
-                name = buf[off + 16 : off + 16 + length].split(b"\0", 1)[0].decode(errors="replace")
+                # Names are bytes: keep them as the os module does (surrogates),
+                # so that a cgroup whose name is not UTF-8 is still found.
+                name = os.fsdecode(buf[off + 16 : off + 16 + length].split(b"\0", 1)[0])
                 off += 16 + length
                 if mask & IN_Q_OVERFLOW:
                     out.append((None, mask, ""))
@@ -171,11 +203,27 @@ class Inotify:
 
 # -- the daemon -------------------------------------------------------------------
 
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff of a failed walk or attach, seconds
+HEAL_EVERY = 5.0  # seconds between checks that our pins and links are all there
+HEAL_SETTLE = 0.5  # seconds after the last change under the pin directory
+
+
+def in_force(
+    entry: tuple[Policy, bool] | None, hooks: set[str]
+) -> tuple[Policy | None, bool] | None:
+    """What a cgroup has from bpfkeep: None, or (policy, managed by the
+    daemon).  Links pinned without a policy entry in this version's map
+    are not the daemon's (hand-made halfway, or another layout): unknown
+    policy, not managed."""
+    if not hooks:
+        return None
+    return entry if entry is not None else (None, False)
+
 
 @dataclasses.dataclass
 class Known:
     cgroup: cgroups.Cgroup
-    policy: Policy
+    policy: Policy | None
 
 
 class Daemon:
@@ -186,14 +234,26 @@ class Daemon:
         self.cfg: config.Config | None = None
         self.mount = ""
         self.inotify: Inotify | None = None
-        self.known: dict[int, Known] = {}  # cgroup id -> attached by us
+        self.notifier = Notifier()
+        self.metrics: MetricsServer | None = None
+        self.known: dict[int, Known] = {}  # cgroup id -> attached and owned by us
+        # Cgroups the config matches that carry an attachment made by hand
+        # (bpfkeep attach, no "managed" flag): never modified or detached.
+        self.foreign: dict[int, Known] = {}
         self.rel_to_id: dict[str, int] = {}
         self.expected: dict[int, str] = {}  # cgroup id -> label, per the config
+        # What failed and is tried again: path to walk again (None: the
+        # whole tree) -> (when, current backoff).
+        self.retry: dict[str | None, tuple[float, float]] = {}
         self.reconcile_errors = 0
         self.reconciles = 0
         self.audit_errors = 0
         self.coverage: dict[str, tuple[int, int]] | None = None
         self.audit_cost = 0.0  # CPU seconds of the last socket audit
+        self.heal_cost = 0.0  # seconds of the last check of pins and links
+        self._heal_at: float | None = None  # a check after pin events settled
+        self._objects_broken = False  # logged once until they are back
+        self._walk_failures = 0
         self._rel_cache: dict[int, str] = {}  # socket cgroup id -> path (ids are not reused)
         self._lock = threading.Lock()  # guards what the scrape thread reads
         self._stop = False
@@ -216,8 +276,9 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.full_reconcile()
-        sd_notify(f"READY=1\nSTATUS={self._status()}")
+        self._guard("reconcile", lambda: self.full_reconcile(prune=True))
+        self._watch_pins()
+        self.notifier.send(f"READY=1\nSTATUS={self._status()}")
         log.info(
             "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
             len(self.known),
@@ -227,24 +288,34 @@ class Daemon:
         wd_every = watchdog_interval()
         next_wd = time.monotonic()
         next_audit = time.monotonic() + 1.0
+        next_heal = time.monotonic() + HEAL_EVERY
         try:
             while not self._stop:
                 now = time.monotonic()
                 if wd_every and now >= next_wd:
-                    sd_notify("WATCHDOG=1")
+                    self.notifier.send("WATCHDOG=1")
                     next_wd = now + wd_every
                 if self.cfg.audit_interval and now >= next_audit:
                     self._audit()
                     wait = max(self.cfg.audit_interval, 1000 * self.audit_cost)
                     next_audit = time.monotonic() + wait
+                if now >= next_heal or (self._heal_at is not None and now >= self._heal_at):
+                    self._heal_at = None
+                    self._guard("check of pins and links", self._heal)
+                    # Cheap, and kept so: at most ~0.2 % of a CPU.
+                    next_heal = time.monotonic() + max(HEAL_EVERY, 500 * self.heal_cost)
+                self._run_retries()
                 if self._resweep and self._resweep[0][0] <= now:
                     _, due = self._resweep.pop(0)
                     self._sweep([cg for cg in due if cg.id in self.known])
-                deadlines = [next_audit if self.cfg.audit_interval else now + 3600]
-                if wd_every:
-                    deadlines.append(next_wd)
+                deadlines = [next_audit if self.cfg.audit_interval else now + 3600, next_heal]
                 if self._resweep:
                     deadlines.append(self._resweep[0][0])
+                if self._heal_at is not None:
+                    deadlines.append(self._heal_at)
+                deadlines += [due for due, _ in self.retry.values()]
+                if wd_every:
+                    deadlines.append(next_wd)
                 timeout = max(0.0, min(deadlines) - time.monotonic())
                 r, _, _ = select.select([self.inotify.fd, rfd], [], [], timeout)
                 if rfd in r:
@@ -252,18 +323,21 @@ class Daemon:
                         os.read(rfd, 4096)
                 if self._reload:
                     self._reload = False
-                    self.reload()
+                    self._guard("reload", self.reload)
                 if self.inotify.fd in r:
-                    self._handle_events()
+                    self._guard("cgroup event", self._handle_events)
         finally:
             signal.set_wakeup_fd(-1)
         if self.cfg.detach_on_exit or self.detach_on_exit_flag:
-            for cg_id in list(self.known):
-                self.enforcer.detach_id(cg_id)
+            for cg_id, k in list(self.known.items()):
+                try:
+                    self.enforcer.detach_id(cg_id)
+                except (BpfkeepError, OSError) as e:
+                    log.error("detaching %s at exit failed: %s", k.cgroup.display, e)
             log.info("stopped; detached %d cgroup(s) as configured", len(self.known))
         else:
             log.info("stopped; %d cgroup(s) stay enforced by the kernel", len(self.known))
-        sd_notify("STOPPING=1")
+        self.notifier.send("STOPPING=1")
         return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -272,23 +346,35 @@ class Daemon:
         else:
             self._stop = True
 
+    def _guard(self, what: str, fn: typing.Callable[[], None]) -> None:
+        """Run one step of the loop; whatever it raises is logged, counted
+        and answered with a full reconcile later -- never a dead daemon."""
+        try:
+            fn()
+        except Exception as e:
+            self.reconcile_errors += 1
+            log.error("%s failed: %s", what, e)
+            self._retry_later(None)
+
     def _start_metrics(self, listen: tuple[str, int]) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         from bpfkeep.metrics import Collector
 
         registry = CollectorRegistry(auto_describe=True)
         registry.register(Collector(self.snapshot))
         try:
-            start_http_server(listen[1], addr=listen[0], registry=registry)
+            self.metrics = MetricsServer(registry, listen[0], listen[1])
         except OSError as e:
             raise BpfkeepError(
                 f"metrics: cannot listen on {listen[0]}:{listen[1]} ({e.strerror}); "
                 "change [metrics] listen in the config"
             ) from None
+        self.metrics.start()
 
     def _status(self) -> str:
-        return f"enforcing {len(self.known)} cgroup(s), {self.reconcile_errors} error(s)"
+        hand = f", {len(self.foreign)} attached by hand left alone" if self.foreign else ""
+        return f"enforcing {len(self.known)} cgroup(s){hand}, {self.reconcile_errors} error(s)"
 
     # -- config --------------------------------------------------------------
 
@@ -297,45 +383,88 @@ class Daemon:
             new = config.load(self.config_path)
         except config.ConfigError as e:
             log.error("reload rejected, old policies stay in force: %s", e)
-            sd_notify(f"STATUS=reload rejected: {e}")
+            self.notifier.send(f"STATUS=reload rejected: {e}")
             return
         if new.listen != (self.cfg.listen if self.cfg else None):
             log.warning("metrics.listen changed: takes effect at the next restart")
         self.cfg = dataclasses.replace(new, listen=self.cfg.listen if self.cfg else new.listen)
         log.info("reloaded %s: %d policy rule(s)", self.config_path, len(new.rules))
         self.full_reconcile()
-        sd_notify(f"STATUS={self._status()}")
+        self.notifier.send(f"STATUS={self._status()}")
+
+    # -- errors and retries ----------------------------------------------------
+
+    def _failed(self, path: str | None, what: str, err: object) -> None:
+        """Log and count an error, and walk ``path`` again later (backoff)."""
+        self.reconcile_errors += 1
+        delay = self._retry_later(path)
+        log.error("%s: %s (trying again in %.0f s)", what, err, delay)
+
+    def _retry_later(self, path: str | None) -> float:
+        _, delay = self.retry.get(path, (0.0, RETRY_FIRST / 2))
+        delay = min(delay * 2, RETRY_MAX)
+        self.retry[path] = (time.monotonic() + delay, delay)
+        return delay
+
+    def _run_retries(self) -> None:
+        now = time.monotonic()
+        for path in [p for p, (due, _) in self.retry.items() if due <= now]:
+            if path not in self.retry:
+                continue  # done by a full reconcile just now
+            delay = self.retry[path][1]
+            self.retry[path] = (math.inf, delay)  # a new failure re-arms it
+            if path is None:
+                self._guard("reconcile", lambda: self.full_reconcile(prune=True))
+            else:
+                self._guard("rescan", lambda p=path: self._scan(p))
+            left = self.retry.get(path)
+            if left is None or left[0] == math.inf:  # nothing failed again
+                self.retry.pop(path, None)
+                log.info("retry of %s succeeded", printable(path) if path else "the full reconcile")
 
     # -- reconcile -------------------------------------------------------------
 
-    def full_reconcile(self) -> None:
+    def full_reconcile(self, prune: bool = False) -> None:
         """Walk the directories that can hold matches (watching them), then
-        make the kernel match the config."""
+        make the kernel match the config.  ``prune``: also forget the pins
+        of cgroups removed while no daemon watched (at start, and after
+        inotify lost events); at run time their removal is seen."""
         assert self.cfg and self.inotify
+        failures = self._walk_failures
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
         sweep: list[cgroups.Cgroup] = []
         for cg in self._walk(self.mount):
             rule = self.cfg.policy_for(cg.rel)
             if rule:
                 desired[cg.id] = (cg, rule.policy)
-                if _sweeps_existing(rule):
+                if rule.existing:
                     sweep.append(cg)
-        # Adopt what a previous daemon left (it kept working all along).
-        owned: dict[int, Policy | None] = {}
-        for att in self.enforcer.attachments(paths={i: c for i, (c, _) in desired.items()}):
-            if att.managed:
-                owned[att.cgroup_id] = att.policy
+        # Adopt what a previous daemon left (it kept working all along);
+        # leave alone what was attached by hand.
+        entries = self.enforcer.policy_entries()
+        pins = self.enforcer.link_pins()
         with self._lock:
             self.expected = {i: c.display for i, (c, _) in desired.items()}
-        pinned = self.enforcer.pinned_ids()
         for cg_id, (cg, policy) in desired.items():
-            current = owned.get(cg_id, self._known_policy(cg_id))
-            self._ensure(cg, policy, current=current if cg_id in pinned else None)
-        for cg_id in set(owned) | set(self.known):
-            if cg_id not in desired:
-                self._forget(cg_id, detach=True)
-        with contextlib.suppress(OSError, BpfkeepError):
-            self.enforcer.prune()
+            hooks = pins.get(cg_id, set())
+            self._ensure(cg, policy, in_force(entries.get(cg_id), hooks), hooks)
+        owned = {i for i, (_, managed) in entries.items() if managed and i in pins}
+        if self._walk_failures == failures:
+            # Only a complete walk tells what the config no longer wants.
+            for cg_id in (owned | set(self.known)) - set(desired):
+                self._forget(cg_id, "unwanted" if cg_id in owned else "released")
+            self.retry.pop(None, None)
+        else:
+            self._retry_later(None)
+        for cg_id in set(self.foreign) - set(desired):
+            with self._lock:
+                self.foreign.pop(cg_id, None)
+        if prune:
+            try:
+                self.enforcer.prune()
+            except (OSError, BpfkeepError) as e:
+                self.reconcile_errors += 1
+                log.warning("pruning removed cgroups' pins failed: %s", e)
         # At start, after adoption and after a reload: the sockets that
         # exist carry the policies too (idempotent: sockets already under
         # their policy are left alone).
@@ -360,96 +489,255 @@ class Daemon:
         if report.swept or report.unreachable:
             log.info("%s (%d cgroup(s))", report.summary(), len(cgs))
 
-    def _known_policy(self, cg_id: int) -> Policy | None:
-        k = self.known.get(cg_id)
-        return k.policy if k else None
-
-    def _walk(self, top: str):
-        """Cgroups at or below ``top`` that a rule could match; watches
-        every directory that could contain a match."""
-        assert self.cfg and self.inotify
-        for dirpath, dirnames, _ in os.walk(top):
-            rel = os.path.relpath(dirpath, self.mount)
-            rel = "" if rel == "." else rel
-            if rel and not rel.startswith(".."):
-                try:
-                    yield cgroups.Cgroup(dirpath, rel, os.stat(dirpath).st_ino)
-                except FileNotFoundError:
-                    dirnames[:] = []
-                    continue
-            if self.cfg.watch(rel):
-                self.inotify.watch(dirpath)
-            else:
-                dirnames[:] = []
-
-    def _ensure(self, cg: cgroups.Cgroup, policy: Policy, current: Policy | None) -> None:
-        """Attach or update unless ``current`` (what is in force) already matches."""
-        if current == policy:
+    def _scan(self, top: str) -> None:
+        """Attach what a rule matches at or below ``top`` (a new directory,
+        or one whose walk or attach failed before)."""
+        assert self.cfg
+        fresh = []
+        for cg in self._walk(top):
+            rule = self.cfg.policy_for(cg.rel)
+            if not rule:
+                continue
             with self._lock:
-                self.known[cg.id] = Known(cg, policy)
-            self.rel_to_id[cg.rel] = cg.id
+                self.expected[cg.id] = cg.display
+            try:
+                entry = self.enforcer.policy_entry(cg.id)
+                hooks = self.enforcer.pinned_hooks(cg.id)
+            except OSError as e:
+                self._failed(cg.path, cg.display, e)
+                continue
+            self._ensure(cg, rule.policy, in_force(entry, hooks), hooks)
+            if rule.existing and cg.id in self.known:
+                fresh.append(cg)
+        # A process may connect in the cgroup's first microseconds, before
+        # the attach: sweep right away.  A service started by systemd joins
+        # its cgroup just after it is made, with the listeners it was
+        # handed: sweep once more a moment later.
+        self._sweep(fresh)
+        if fresh:
+            self._resweep.append((time.monotonic() + RESWEEP_AFTER, fresh))
+
+    def _walk(self, top: str) -> typing.Iterator[cgroups.Cgroup]:
+        """Cgroups at or below ``top`` that a rule could match; watches
+        every directory that could contain a match.
+
+        Every error is logged, counted and retried: a directory that could
+        not be listed (EMFILE, ENOMEM, ...) is walked again later.  A
+        directory is watched before it is listed, so that nothing created
+        in between is missed; stat and inotify need no file descriptor, so
+        even out of descriptors a new cgroup is still seen and attempted."""
+        assert self.cfg and self.inotify
+        prefix = self.mount.rstrip("/") + "/"
+        stack = [os.path.normpath(top)]
+        while stack:
+            path = stack.pop()
+            if path != self.mount and not path.startswith(prefix):
+                continue
+            rel = path[len(prefix) :] if path != self.mount else ""
+            if rel:
+                try:
+                    ino = os.stat(path).st_ino
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                except OSError as e:
+                    self._walk_failed(path, e)
+                    continue
+                yield cgroups.Cgroup(path, rel, ino)
+            if not self.cfg.watch(rel):
+                continue
+            try:
+                self.inotify.watch(path)
+            except OSError as e:
+                self._walk_failed(path, e)  # list it anyway
+            try:
+                with os.scandir(path) as it:
+                    subdirs = [d.path for d in it if d.is_dir(follow_symlinks=False)]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                self._walk_failed(path, e)
+                continue
+            stack.extend(sorted(subdirs, reverse=True))
+
+    def _walk_failed(self, path: str, e: OSError) -> None:
+        self._walk_failures += 1
+        self._failed(path, f"walking the cgroup tree at {printable(path)}", e.strerror or e)
+
+    def _ensure(
+        self,
+        cg: cgroups.Cgroup,
+        policy: Policy,
+        in_force: tuple[Policy | None, bool] | None,
+        hooks: set[str],
+    ) -> None:
+        """Attach or update unless what is in force already matches.
+
+        ``in_force`` is (policy, managed) of a bpfkeep attachment already on
+        the cgroup, or None.  One made by hand (not managed) is the
+        operator's: it is left exactly as it is."""
+        if in_force is not None and not in_force[1]:
+            self._leave_alone(cg, in_force[0])
             return
+        if cg.id in self.foreign:
+            with self._lock:
+                self.foreign.pop(cg.id, None)
+            log.info("%s: the hand-made attachment is gone; the daemon manages it", cg.display)
+        if in_force is not None and in_force[0] == policy and len(hooks) == len(HOOKS):
+            self._remember(cg, policy)
+            return
+        self._attach(cg, policy)
+
+    def _attach(self, cg: cgroups.Cgroup, policy: Policy) -> bool:
         try:
             what = self.enforcer.attach(cg, policy, managed=True, prune=False)
         except (BpfkeepError, OSError) as e:
             if not os.path.isdir(cg.path):
-                return  # gone meanwhile
-            self.reconcile_errors += 1
-            log.error("%s: %s", cg.display, e)
-            return
+                return False  # gone meanwhile
+            self._failed(cg.path, cg.display, e)
+            return False
+        self._remember(cg, policy)
+        log.info("%s %s (%s)", what, cg.display, policy.mode)
+        return True
+
+    def _remember(self, cg: cgroups.Cgroup, policy: Policy) -> None:
         with self._lock:
             self.known[cg.id] = Known(cg, policy)
         self.rel_to_id[cg.rel] = cg.id
-        log.info("%s %s (%s)", what, cg.display, policy.mode)
 
-    def _forget(self, cg_id: int, *, detach: bool) -> None:
+    def _leave_alone(self, cg: cgroups.Cgroup, policy: Policy | None) -> None:
+        if cg.id not in self.foreign:
+            log.warning(
+                "%s: has a policy attached by hand (bpfkeep attach); the daemon leaves it "
+                "alone (bpfkeep detach --cgroup %s lets the daemon manage it)",
+                cg.display,
+                cg.display,
+            )
+        with self._lock:
+            self.known.pop(cg.id, None)
+            self.foreign[cg.id] = Known(cg, policy)
+        self.rel_to_id[cg.rel] = cg.id
+
+    def _forget(self, cg_id: int, why: str) -> None:
+        """Stop tracking a cgroup.  ``why``: "unwanted" (ours, and the config
+        no longer matches it: detach), "removed" (the cgroup is gone: the
+        kernel took its programs, drop our pins), "released" (no longer
+        ours: touch nothing)."""
         with self._lock:
             k = self.known.pop(cg_id, None)
             self.expected.pop(cg_id, None)
-        if k:
-            self.rel_to_id.pop(k.cgroup.rel, None)
+            hand = self.foreign.pop(cg_id, None)
+        if k or hand:
+            self.rel_to_id.pop((k or hand).cgroup.rel, None)
+        if hand or why == "released":
+            return
         try:
-            if self.enforcer.detach_id(cg_id) and detach:
+            if self.enforcer.detach_id(cg_id) and why == "unwanted":
                 log.info("detached %s (no longer in the config)", k.cgroup.display if k else cg_id)
         except (BpfkeepError, OSError) as e:
-            self.reconcile_errors += 1
-            log.error("detach cgroup id %d: %s", cg_id, e)
+            self._failed(None, f"detach cgroup id {cg_id}", e)
 
     def _handle_events(self) -> None:
         assert self.cfg and self.inotify
         rescan = False
         for path, mask, name in self.inotify.events():
-            if path is None or mask & (IN_MOVED_FROM | IN_MOVED_TO):
-                rescan = True  # overflow or rename: start over
+            if path is None:
+                rescan = True  # overflow: start over
+                continue
+            if path in self._pin_dirs():
+                # Something under the pin directory went: check once it
+                # settles (rm -rf takes a moment; halfway is no state to act on).
+                self._heal_at = time.monotonic() + HEAL_SETTLE
+                continue
+            if mask & (IN_MOVED_FROM | IN_MOVED_TO):
+                rescan = True  # rename: start over
                 continue
             if not mask & IN_ISDIR:
                 continue
             child = os.path.join(path, name)
             if mask & IN_CREATE:
-                fresh = []
-                for cg in self._walk(child):
-                    rule = self.cfg.policy_for(cg.rel)
-                    if rule:
-                        with self._lock:
-                            self.expected[cg.id] = cg.display
-                        self._ensure(cg, rule.policy, current=None)
-                        if _sweeps_existing(rule) and cg.id in self.known:
-                            fresh.append(cg)
-                # A process may connect in the cgroup's first microseconds,
-                # before the attach: sweep right away.  A service started by
-                # systemd joins its cgroup just after it is made, with the
-                # listeners it was handed: sweep once more a moment later.
-                self._sweep(fresh)
-                if fresh:
-                    self._resweep.append((time.monotonic() + RESWEEP_AFTER, fresh))
+                self._scan(child)
             elif mask & IN_DELETE:
                 rel = os.path.relpath(child, self.mount)
                 gone = [i for r, i in self.rel_to_id.items() if r == rel or r.startswith(rel + "/")]
                 for cg_id in gone:
-                    log.info("cgroup /%s removed; forgetting it", rel)
-                    self._forget(cg_id, detach=False)
+                    log.info("cgroup /%s removed; forgetting it", printable(rel))
+                    self._forget(cg_id, "removed")
         if rescan:
-            self.full_reconcile()
+            self.full_reconcile(prune=True)
+
+    # -- healing ---------------------------------------------------------------
+
+    def _pin_dirs(self) -> tuple[str, str, str]:
+        e = self.enforcer
+        return (e.pin_dir, e.link_dir, e.obj_dir)
+
+    def _watch_pins(self) -> None:
+        """inotify on the pin directory: an unpinned link or object is
+        noticed at once (the periodic check is the backstop)."""
+        assert self.inotify
+        for d in self._pin_dirs():
+            with contextlib.suppress(OSError):
+                self.inotify.watch(d, PIN_MASK)
+
+    def _heal(self) -> None:
+        """Restore what was unpinned under us.  Unpinning a link (rm, or
+        rm -rf of the whole pin directory) detaches it: the kernel frees a
+        bpf_link with its last reference.  Nothing else would tell."""
+        t0 = time.monotonic()
+        missing = self.enforcer.objects_missing()
+        if missing and len(missing) < len(loader.OBJECTS):
+            # Attaching needs the whole set; the links keep what they hold.
+            if not self._objects_broken:
+                self.reconcile_errors += 1
+                log.error(
+                    "pinned objects %s are missing under %s while others remain; the "
+                    "attachments keep working, new ones fail until bpfkeep detach --all "
+                    "and a restart",
+                    ", ".join(missing),
+                    self.enforcer.obj_dir,
+                )
+            self._objects_broken = True
+            self.heal_cost = time.monotonic() - t0
+            return
+        self._objects_broken = False
+        if missing and self.known:
+            self.reconcile_errors += 1
+            log.error(
+                "the pinned programs under %s are gone; loading them again", self.enforcer.obj_dir
+            )
+            try:
+                self.enforcer.prepare()
+            except (BpfkeepError, OSError) as e:
+                self._failed(None, "restoring the pinned programs", e)
+                return
+        pins = self.enforcer.link_pins()
+        if self.known and not os.path.isdir(self.enforcer.link_dir):
+            try:  # rm -rf of the links directory alone
+                os.makedirs(self.enforcer.link_dir, exist_ok=True)
+            except OSError as e:
+                self._failed(None, f"recreating {self.enforcer.link_dir}", e)
+                return
+        for cg_id, k in list(self.known.items()):
+            have = pins.get(cg_id, set())
+            if len(have) == len(HOOKS) or not os.path.isdir(k.cgroup.path):
+                continue
+            gone = sorted({h for h, _, _ in HOOKS} - have)
+            self.reconcile_errors += 1
+            log.error(
+                "%s: link pin(s) %s removed under the daemon (its enforcement went with "
+                "them); restoring",
+                k.cgroup.display,
+                ", ".join(gone),
+            )
+            if k.policy is not None and self._attach(k.cgroup, k.policy):
+                log.info("%s: restored", k.cgroup.display)
+        for cg_id, k in list(self.foreign.items()):
+            if cg_id not in pins:  # the hand-made attachment was detached
+                with self._lock:
+                    self.foreign.pop(cg_id, None)
+                self._scan(k.cgroup.path)
+        self._watch_pins()
+        self.heal_cost = time.monotonic() - t0
 
     # -- metrics & audit -----------------------------------------------------
 
@@ -457,19 +745,27 @@ class Daemon:
         from bpfkeep.metrics import Row, Snapshot
 
         with self._lock:
-            known = dict(self.known)
+            known = {**self.foreign, **self.known}
+            unmanaged = sorted(k.cgroup.display for k in self.foreign.values())
             expected = sorted(self.expected.values())
             coverage = dict(self.coverage) if self.coverage is not None else None
         rows = []
         # The counters live in cgroup storage, which the kernel frees when
         # the last bpfkeep program leaves the cgroup: reading them is also
-        # the check that the policy is still attached.
+        # the check that the policy is still attached.  Hand-made
+        # attachments the config matches are shown too: they do enforce.
         counters = self.enforcer.read_counters(list(known))
         for cg_id, k in sorted(known.items(), key=lambda kv: kv[1].cgroup.display):
             if cg_id in counters:
                 rows.append(Row(k.cgroup.display, k.policy, counters[cg_id]))
         return Snapshot(
-            rows, expected, self.reconcile_errors, self.reconciles, coverage, self.audit_errors
+            rows,
+            expected,
+            self.reconcile_errors,
+            self.reconciles,
+            coverage,
+            self.audit_errors,
+            unmanaged,
         )
 
     def _audit(self) -> None:

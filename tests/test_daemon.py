@@ -429,3 +429,236 @@ def test_sockets_older_than_the_policy_are_swept_and_audited(
     assert wait_until(gauges, timeout=10, step=0.2) == (3.0, 0.0), scrape(port)
     old.send_line()
     assert old.values("now-client")["keepidle"] == 15
+
+
+# -- a hostile local user and a broken environment ------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def open_fds(pid: int) -> set[int]:
+    return {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+
+
+def test_idle_metrics_connections_cannot_starve_the_daemon(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    """500 idle connections to /metrics: the daemon keeps a bounded number
+    of threads and descriptors, a new cgroup still gets its programs, and a
+    normal scrape still works."""
+    cgroups.make("a.service")
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=61)
+    )
+    d = daemon(cfg)
+    d.start()
+    pid = d.proc.pid
+    idle = []
+    try:
+        for _ in range(500):
+            s = socket.socket()
+            s.setblocking(False)  # a full backlog must not block the test
+            s.connect_ex(("127.0.0.1", port))
+            idle.append(s)
+        # Let the daemon see them all (it accepts in a loop of its own).
+        wait_until(lambda: False, timeout=1.0, step=0.1)
+        threads, fds = proc_status(pid, "Threads"), len(open_fds(pid))
+        print(f"with 500 idle connections: {threads} threads, {fds} descriptors")
+        assert threads <= 4
+        assert fds <= 64
+        b = cgroups.make("b.service")
+        assert wait_until(lambda: bpftool_prog_ids(b, "cgroup_sock_ops"), timeout=30), (
+            d.log.read_text()
+        )
+        assert keepidle_of_new_connection(spawn, probes, b, listener) == 61
+        m = scrape(port)
+        assert sample(m, "bpfkeep_policy_attached", cgroup="/" + cgroups.rel(b), mode="set") == 1
+        assert proc_status(pid, "Threads") <= 4 and len(open_fds(pid)) <= 64
+    finally:
+        for s in idle:
+            s.close()
+    assert d.stop() == 0
+
+
+def test_out_of_descriptors_is_logged_counted_and_retried(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    """The daemon's RLIMIT_NOFILE is lowered so that a new cgroup cannot be
+    walked or attached: the error is logged and counted, and the cgroup is
+    attached once descriptors are available again."""
+    import resource
+
+    cgroups.make("a.service")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    rules = rule(f"{base}/*.service", keepidle=62) + rule(f"{base}/*/*.service", keepidle=62)
+    cfg = write_config(tmp_path / "c.toml", port, rules)
+    d = daemon(cfg)
+    d.start()
+    pid = d.proc.pid
+    before = sample(scrape(port), "bpfkeep_reconcile_errors_total")
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # Every new descriptor now fails with EMFILE; open ones keep working.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, limits[1]))
+    try:
+        b = cgroups.make("b.service")  # attaching it fails
+        line = d.wait_log("Too many open files", timeout=30)
+        assert cgroups.rel(b) in line, line
+        # Listing g fails: only a retry of the walk can find g/c.service.
+        c = cgroups.make("g/c.service")
+        line = d.wait_log(f"walking the cgroup tree at {os.path.dirname(c)}:", timeout=30)
+        assert "Too many open files" in line, line
+        assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    for cg in (b, c):
+        assert wait_until(lambda cg=cg: bpftool_prog_ids(cg, "cgroup_sock_ops"), timeout=90), (
+            d.log.read_text()
+        )
+        assert keepidle_of_new_connection(spawn, probes, cg, listener) == 62
+    assert sample(scrape(port), "bpfkeep_reconcile_errors_total") > before
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+def test_cgroup_names_that_are_not_utf8(daemon, cgroups, spawn, probes, listener, tmp_path):
+    """Names are bytes: one made before the start and one made at run time
+    are both attached, and scrapes carry them as escaped UTF-8 labels."""
+    at_start = cgroups.make(os.fsdecode(b"old\xff.service"))
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=63)
+    )
+    d = daemon(cfg)
+    d.start()
+    at_run = cgroups.make(os.fsdecode(b"new\xfe.service"))
+    assert wait_until(lambda: bpftool_prog_ids(at_run, "cgroup_sock_ops"), timeout=30), (
+        d.log.read_text()
+    )
+    m = scrape(port)  # was an HTTP 500
+    base = cgroups.rel(cgroups.base)
+    for path, label in ((at_start, "old\\xff.service"), (at_run, "new\\xfe.service")):
+        assert keepidle_of_new_connection(spawn, probes, path, listener) == 63
+        assert sample(m, "bpfkeep_policy_attached", cgroup=f"/{base}/{label}", mode="set") == 1
+        assert sample(m, "bpfkeep_policy_expected", cgroup=f"/{base}/{label}") == 1
+    assert d.stop() == 0
+
+
+def test_hand_made_attachment_is_left_alone(daemon, cgroups, spawn, probes, listener, tmp_path, bk):
+    """``bpfkeep attach --mode enforce --keepidle 50`` by hand, then a daemon
+    whose rule matches the same cgroup: the attachment keeps its mode and
+    values, and a reload whose rule no longer matches does not detach it."""
+    m_cg = cgroups.make("m.service")
+    bk("attach", "--cgroup", m_cg, "--mode", "enforce", "--keepidle", "50")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", port, rule(f"{base}/*.service", keepidle=25))
+    d = daemon(cfg)
+    d.start()
+    label = "/" + cgroups.rel(m_cg)
+
+    def enforced_50() -> None:
+        # A program raising its keepidle is capped: enforce mode, 50.
+        cli = spawn(
+            [probes["static"], "connect", "127.0.0.1", str(listener), "set", "keepidle=900",
+             "hold"], cgroup=m_cg,
+        )  # fmt: skip
+        assert cli.values("client")["keepidle"] == 50
+        assert keepidle_of_new_connection(spawn, probes, m_cg, listener) == 50
+        (att,) = json.loads(bk("status", "--json").stdout)
+        assert not att["managed_by_daemon"]
+        assert att["policy"]["keepidle"] == 50 and att["policy"]["mode"] == "enforce"
+
+    enforced_50()
+    assert "attached by hand" in d.wait_log(label)
+    m = scrape(port)
+    assert sample(m, "bpfkeep_policy_unmanaged", cgroup=label) == 1
+    assert sample(m, "bpfkeep_policy_attached", cgroup=label, mode="enforce") == 1
+
+    d.signal(signal.SIGHUP)  # same config: still left alone, logged only once
+    assert "attached by hand" in d.wait_message("STATUS=")
+    cfg.write_text(cfg.read_text().replace("*.service", "*.worker"))
+    d.signal(signal.SIGHUP)  # the rule no longer matches
+    d.wait_message("STATUS=")
+    enforced_50()
+    assert len(bpftool_prog_ids(m_cg, "cgroup_sock_ops")) == 1
+    log = d.log.read_text()
+    assert log.count("attached by hand") == 1, log
+    assert "detached" not in log, log
+    assert sample(scrape(port), "bpfkeep_policy_unmanaged", cgroup=label) is None
+    assert d.stop() == 0
+    enforced_50()
+
+
+def test_daemon_restores_removed_pins(daemon, cgroups, spawn, probes, listener, tmp_path, pin_dir):
+    """One link pin, then the whole pin directory, removed under a running
+    daemon: enforcement is restored, logged and counted."""
+    from bpfkeep.enforcer import Enforcer
+
+    a = cgroups.make("a.service")
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=64)
+    )
+    d = daemon(cfg)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 64
+    errors = sample(scrape(port), "bpfkeep_reconcile_errors_total")
+
+    def restored() -> bool:
+        return keepidle_of_new_connection(spawn, probes, a, listener) == 64
+
+    link = os.path.join(Enforcer(pin_dir).link_dir, f"{os.stat(a).st_ino}_sockops")
+    os.unlink(link)  # the kernel detaches the link with its last reference
+    assert wait_until(restored, timeout=60, step=0.2), d.log.read_text()
+    assert "sockops" in d.wait_log("removed under the daemon")
+    after_link = sample(scrape(port), "bpfkeep_reconcile_errors_total")
+    assert after_link > errors
+
+    shutil.rmtree(os.path.dirname(link))  # every link, the objects stay
+    assert wait_until(restored, timeout=60, step=0.2), d.log.read_text()
+    assert wait_until(
+        lambda: sample(scrape(port), "bpfkeep_reconcile_errors_total") > after_link, 30, 0.2
+    )
+    after_link = sample(scrape(port), "bpfkeep_reconcile_errors_total")
+
+    shutil.rmtree(pin_dir)
+    assert wait_until(restored, timeout=120, step=0.5), d.log.read_text()
+    d.wait_log("loading them again")
+    d.wait_log(f"/{cgroups.rel(a)}: restored")
+    assert sample(scrape(port), "bpfkeep_reconcile_errors_total") > after_link
+    assert len(bpftool_prog_ids(a, "cgroup_sock_ops")) == 1
+    assert d.stop() == 0
+
+
+def test_hand_attach_over_a_daemon_cgroup_is_then_left_alone(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk
+):
+    """An operator re-attaches a daemon-managed cgroup by hand: from then on
+    it is theirs; neither a reload that still matches nor one that no
+    longer does changes or detaches it."""
+    a = cgroups.make("a.service")
+    base = cgroups.rel(cgroups.base)
+    cfg = write_config(tmp_path / "c.toml", free_port(), rule(f"{base}/*.service", keepidle=25))
+    d = daemon(cfg)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 25
+    bk("attach", "--cgroup", a, "--keepidle", "40")
+    matching = cfg.read_text()
+    cfg.write_text(matching.replace("*.service", "*.worker"))
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 40
+    cfg.write_text(matching)
+    d.signal(signal.SIGHUP)
+    assert "1 attached by hand" in d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 40
+    assert "detached" not in d.log.read_text()
+    assert d.stop() == 0
