@@ -489,11 +489,13 @@ class Daemon:
         if report.swept or report.unreachable:
             log.info("%s (%d cgroup(s))", report.summary(), len(cgs))
 
-    def _scan(self, top: str) -> None:
+    def _scan(self, top: str, fresh: list[cgroups.Cgroup] | None = None) -> None:
         """Attach what a rule matches at or below ``top`` (a new directory,
-        or one whose walk or attach failed before)."""
+        or one whose walk or attach failed before), then sweep them -- or,
+        given ``fresh``, add them there for the caller to sweep at once."""
         assert self.cfg
-        fresh = []
+        mine = fresh is None
+        fresh = [] if fresh is None else fresh
         for cg in self._walk(top):
             rule = self.cfg.policy_for(cg.rel)
             if not rule:
@@ -509,12 +511,16 @@ class Daemon:
             self._ensure(cg, rule.policy, in_force(entry, hooks), hooks)
             if rule.existing and cg.id in self.known:
                 fresh.append(cg)
-        # A process may connect in the cgroup's first microseconds, before
-        # the attach: sweep right away.  A service started by systemd joins
-        # its cgroup just after it is made, with the listeners it was
-        # handed: sweep once more a moment later.
-        self._sweep(fresh)
+        if mine:
+            self._sweep_new(fresh)
+
+    def _sweep_new(self, fresh: list[cgroups.Cgroup]) -> None:
+        """A process may connect in a new cgroup's first microseconds,
+        before the attach: sweep right away.  A service started by systemd
+        joins its cgroup just after it is made, with the listeners it was
+        handed: sweep once more a moment later."""
         if fresh:
+            self._sweep(fresh)
             self._resweep.append((time.monotonic() + RESWEEP_AFTER, fresh))
 
     def _walk(self, top: str) -> typing.Iterator[cgroups.Cgroup]:
@@ -639,6 +645,7 @@ class Daemon:
     def _handle_events(self) -> None:
         assert self.cfg and self.inotify
         rescan = False
+        fresh: list[cgroups.Cgroup] = []  # one sweep for a burst of new cgroups
         for path, mask, name in self.inotify.events():
             if path is None:
                 rescan = True  # overflow: start over
@@ -655,13 +662,14 @@ class Daemon:
                 continue
             child = os.path.join(path, name)
             if mask & IN_CREATE:
-                self._scan(child)
+                self._scan(child, fresh)
             elif mask & IN_DELETE:
                 rel = os.path.relpath(child, self.mount)
                 gone = [i for r, i in self.rel_to_id.items() if r == rel or r.startswith(rel + "/")]
                 for cg_id in gone:
                     log.info("cgroup /%s removed; forgetting it", printable(rel))
                     self._forget(cg_id, "removed")
+        self._sweep_new([cg for cg in fresh if cg.id in self.known])
         if rescan:
             self.full_reconcile(prune=True)
 

@@ -103,6 +103,21 @@ class Collector(_CollectorBase):
             "Application setsockopt calls rewritten in enforce mode",
             labels=["cgroup", "option"],
         )
+        sweep_kept = CounterMetricFamily(
+            "bpfkeep_sweep_kept_program_values",
+            "Existing sockets the sweep left with their program's own keepalive (set mode)",
+            labels=["cgroup"],
+        )
+        sweep_applied = CounterMetricFamily(
+            "bpfkeep_sweep_options_applied",
+            "Socket options the sweep set on sockets that already existed",
+            labels=["cgroup", "option"],
+        )
+        sweep_failed = CounterMetricFamily(
+            "bpfkeep_sweep_option_failures",
+            "Socket options the kernel refused to the sweep, by errno",
+            labels=["cgroup", "option", "errno"],
+        )
         for row in snap.rows:
             mode = row.policy.mode if row.policy else "unknown"
             attached.add_metric([row.cgroup, mode], 1)
@@ -121,6 +136,15 @@ class Collector(_CollectorBase):
                 failed.add_metric([row.cgroup, opt, err], n)
             for opt, n in c.rewritten.items():
                 rewritten.add_metric([row.cgroup, opt], n)
+            if c.sweep is not None:
+                # The sweep counts as one more "callback": sockets that
+                # existed before the policy (or its last update).
+                sockets.add_metric([row.cgroup, "sweep"], c.sweep.swept)
+                sweep_kept.add_metric([row.cgroup], c.sweep.app_own)
+                for opt, n in c.sweep.applied.items():
+                    sweep_applied.add_metric([row.cgroup, opt], n)
+                for (opt, err), n in c.sweep.failed.items():
+                    sweep_failed.add_metric([row.cgroup, opt, err], n)
         for cg in snap.expected:
             expected.add_metric([cg], 1)
         unmanaged = GaugeMetricFamily(
@@ -141,6 +165,9 @@ class Collector(_CollectorBase):
             applied,
             failed,
             rewritten,
+            sweep_kept,
+            sweep_applied,
+            sweep_failed,
         )
 
         yield GaugeMetricFamily(
@@ -158,7 +185,7 @@ class Collector(_CollectorBase):
         audit = GaugeMetricFamily(
             "bpfkeep_audit_sockets",
             "Established TCP sockets per attached cgroup, by keepalive timer state "
-            "(inet_diag; sockets older than the policy show as off)",
+            "(inet_diag; sockets the policy has not reached show as off)",
             labels=["cgroup", "keepalive"],
         )
         for cg, (armed, total) in sorted((snap.coverage or {}).items()):

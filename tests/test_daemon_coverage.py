@@ -57,7 +57,7 @@ def test_first_connection_of_100_new_cgroups_gets_keepalive(
             f.write(str(c.proc.pid))
         c.send_line()
     at_connect = sum(c.values("client")["keepidle"] == 37 for c in clients)
-    deadline = time.monotonic() + 10  # for all of them together
+    deadline = time.monotonic() + 30  # for all of them together (a bound, not a target)
     got = [_wait_keepidle(c, 37, deadline) for c in clients]
     missed = [(i, clients[i].lines[-1]) for i, k in enumerate(got) if k != 37]
     print(f"{at_connect}/100 covered at connect, the rest by the sweep after the attach")
