@@ -78,6 +78,7 @@ struct bk_counters {
 
 /* bk_sweep.in_flags */
 #define BK_SWI_SYN_SENT 0x1 /* still connecting: TCP_SYNCNT matters */
+#define BK_SWI_HELD 0x2	    /* made elsewhere, held by the policy's processes */
 /* bk_sweep.result */
 #define BK_SWR_SEEN 0x1	      /* the iterator found the socket */
 #define BK_SWR_APP_OWN 0x2    /* set mode: the program's own values kept */

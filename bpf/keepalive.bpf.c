@@ -123,6 +123,15 @@ static __always_inline __u32 bk_derived_ut(__u32 idle, __u32 intvl, __u32 cnt)
 	return ms > BK_INT_MAX ? BK_INT_MAX : (__u32)ms;
 }
 
+/* A keepalive time the kernel will accept (TCP_KEEPIDLE, TCP_KEEPINTVL
+ * 1..32767 s, TCP_KEEPCNT 1..127): only then does the user timeout follow. */
+static __always_inline int bk_valid_time(int id, int v)
+{
+	if (id == BK_OPT_KEEPCNT)
+		return v >= BK_KEEPCNT_MIN && v <= BK_KEEPCNT_MAX;
+	return v >= BK_KEEPIDLE_MIN && v <= BK_KEEPIDLE_MAX;
+}
+
 /* Read one option; -1 when the kernel does not say. */
 #define BK_GET(sk, KEY)                                                        \
 	({                                                                     \
@@ -258,8 +267,8 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	BK_APPLY(ops, p, c, mask, MAXSEG);
 	BK_APPLY(ops, p, c, mask, WINDOW_CLAMP);
 	BK_APPLY(ops, p, c, mask, KEEPALIVE);
-	if (mask && bk_follow_ut(ops, p, mask) == 0)
-		c->applied[BK_OPT_USER_TIMEOUT]++;
+	if (mask)
+		bk_follow_ut(ops, p, mask); /* UT counted above already */
 	return 1;
 }
 
@@ -269,7 +278,7 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	struct bk_counters *c;
 	struct bk_sk *s;
 	struct bpf_sock *sk;
-	int id, *v;
+	int id, *v, rewritten;
 
 	if (ctx->level == BK_KEEPALIVE_LEVEL &&
 	    ctx->optname == BK_KEEPALIVE_OPTNAME)
@@ -311,6 +320,7 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optlen < (int)sizeof(*v) || (void *)(v + 1) > ctx->optval_end)
 		goto pass;
 	s->app |= BK_BIT(id);
+	rewritten = 0;
 	if (own->flags & BK_F_ENFORCE) {
 		if (id == BK_OPT_KEEPALIVE) {
 			if (*v != 0)
@@ -325,6 +335,7 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 				goto pass; /* invalid: the kernel refuses it */
 			*v = cap;
 		}
+		rewritten = 1;
 		c = (struct bk_counters *)bk_counters.get_local_storage(0);
 		if (c)
 			c->rewritten[id & 7]++;
@@ -335,7 +346,7 @@ follow:
 	 * socket's other two times. */
 	if ((BK_TIME_BITS & BK_BIT(id)) && (own->flags & BK_F_UT_DERIVED) &&
 	    own->val[BK_OPT_USER_TIMEOUT] &&
-	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && *v > 0) {
+	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && bk_valid_time(id, *v)) {
 		int idle = id == BK_OPT_KEEPIDLE ? *v : BK_GET(sk, KEEPIDLE);
 		int intvl = id == BK_OPT_KEEPINTVL ? *v : BK_GET(sk, KEEPINTVL);
 		int cnt = id == BK_OPT_KEEPCNT ? *v : BK_GET(sk, KEEPCNT);
@@ -348,6 +359,10 @@ follow:
 				       sizeof(ut));
 		}
 	}
+	/* Above a page the kernel ignores the program's buffer unless optlen
+	 * says how much of it to use: a rewritten value must not be lost. */
+	if (ctx->optlen > 4096)
+		ctx->optlen = rewritten ? (int)sizeof(*v) : 0;
 	return 1;
 
 pass:
@@ -377,7 +392,8 @@ struct bpf_iter__tcp {
 #define BK_SWEEP_SET(tp, e, st, mask, KEY)                                     \
 	do {                                                                   \
 		int v_ = want[BK_OPT_##KEY];                                   \
-		if (v_ >= 0 && !((mask)&BK_BIT(BK_OPT_##KEY))) {               \
+		if (v_ >= 0 && !((mask)&BK_BIT(BK_OPT_##KEY)) &&               \
+		    BK_GET(tp, KEY) != v_) {                                   \
 			int err_ = bpf_setsockopt(tp, BK_##KEY##_LEVEL,        \
 						  BK_##KEY##_OPTNAME, &v_,     \
 						  sizeof(v_));                 \
@@ -481,15 +497,29 @@ BPF_ITER(tcp)
 		e->result |= BK_SWR_NO_STORAGE;
 		goto read;
 	}
-	if (s->owner == owner && s->gen == p->gen) {
-		/* Already under this very policy (its callbacks or an earlier
-		 * sweep): what the program did since stands. */
-		e->result |= BK_SWR_CURRENT;
-		goto read;
+	if ((e->in_flags & BK_SWI_HELD) && s->owner && s->owner != owner) {
+		/* Held by a process of this policy, but made in a cgroup whose
+		 * own (active) policy owns it: that one rules. */
+		struct bk_policy *o = bk_policies.lookup(&s->owner);
+
+		if (o && (o->flags & BK_F_ACTIVE)) {
+			e->result |= BK_SWR_CURRENT;
+			goto read;
+		}
 	}
 	st = bk_sweepstats.lookup(&owner);
-	if (st)
+	if (s->owner == owner && s->gen == p->gen) {
+		/* Already under this very policy (its callbacks or an earlier
+		 * sweep).  Set mode: what the program did since stands. Enforce
+		 * mode checks the values every time (only what differs is set):
+		 * a socket whose cgroup has no setsockopt hook (accepted from a
+		 * handed-over listener) may have changed them. */
+		e->result |= BK_SWR_CURRENT;
+		if (!(p->flags & BK_F_ENFORCE))
+			goto read;
+	} else if (st) {
 		__sync_fetch_and_add(&st->swept, 1);
+	}
 	enforce = p->flags & BK_F_ENFORCE;
 	ka = BK_GET(tp, KEEPALIVE);
 	/* Which options the program chose itself is known only for sockets a

@@ -676,6 +676,8 @@ def _policy_check_or_reason(pin_dir: str | None):
         checks, unreachable = policy_check(pin_dir)
     except BpfkeepError as e:
         return None, None, str(e)
+    except OSError as e:  # e.g. only another bpfkeep version's objects pinned
+        return None, None, f"cannot read bpfkeep's objects ({e}); run bpfkeep attach or doctor"
     return checks, unreachable, None
 
 

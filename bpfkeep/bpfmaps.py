@@ -38,6 +38,7 @@ SWEEP_FMT = f"=QIIIHHQIHH{NOPT}I"
 SWEEP_SIZE = struct.calcsize(SWEEP_FMT)
 SWEEP_APPLY, SWEEP_UNDO, SWEEP_READ = 1, 2, 3
 SWI_SYN_SENT = 0x1
+SWI_HELD = 0x2  # made elsewhere, held by the policy's processes
 SWR_SEEN, SWR_APP_OWN, SWR_NO_POLICY, SWR_NO_STORAGE, SWR_CURRENT = 0x1, 0x2, 0x4, 0x8, 0x10
 _NCB = len(CALLBACKS)
 _NERR = len(ERRNO_BUCKETS)
@@ -70,12 +71,28 @@ def encode_policy(
     level: int = 1,
     active: bool = True,
     managed: bool = False,
+    gen: int | None = None,
 ) -> bytes:
     """A bk_policy value; ``level`` is the cgroup's depth below the root,
-    so that the most specific of nested policies wins."""
+    so that the most specific of nested policies wins.  ``gen`` defaults to
+    one derived from the values (see :func:`fresh_gen` for attachments)."""
     flags = policy_flags(policy) | (F_ACTIVE if active else 0) | (F_MANAGED if managed else 0)
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
-    return struct.pack(POLICY_FMT, cgroup_id, flags, policy_gen(policy), level, *vals, 0)
+    gen = policy_gen(policy) if gen is None else gen
+    return struct.pack(POLICY_FMT, cgroup_id, flags, gen, level, *vals, 0)
+
+
+def policy_gen_of(raw: bytes) -> int:
+    return struct.unpack_from(POLICY_FMT, raw)[2]
+
+
+def fresh_gen() -> int:
+    """A new generation for a new attachment or changed values: random, so
+    that the same policy attached again after a detach is not mistaken for
+    the one before (sockets may have changed meanwhile).  Never 0."""
+    import secrets
+
+    return secrets.randbits(32) or 1
 
 
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:

@@ -467,8 +467,10 @@ class Daemon:
                 log.warning("pruning removed cgroups' pins failed: %s", e)
         # At start, after adoption and after a reload: the sockets that
         # exist carry the policies too (idempotent: sockets already under
-        # their policy are left alone).
-        self._sweep([cg for cg in sweep if cg.id in self.known])
+        # their policy are left alone).  Right after this pass -- after
+        # READY=1 at start: new sockets are covered already, and a large
+        # sweep must not hold up the start or a reload.
+        self._resweep.insert(0, (0.0, [cg for cg in sweep if cg.id in self.known]))
         self.reconciles += 1
 
     def _sweep(self, cgs: list[cgroups.Cgroup]) -> None:

@@ -314,11 +314,20 @@ class Enforcer:
         """
         self.prepare()
         key = struct.pack("=Q", cg.id)
-        value = bpfmaps.encode_policy(cg.id, policy, level=cgroup_level(cg), managed=managed)
         with self._lock(), self._objects() as objs:
             if prune:
                 self._prune(objs)
             alive = self._link_progs(cg.id)
+            gen = bpfmaps.fresh_gen()
+            if len(alive) == len(HOOKS):
+                # The same values again keep their generation: the sockets
+                # under them are current.
+                old = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+                if old is not None and bpfmaps.decode_policy(old)[2] == policy:
+                    gen = bpfmaps.policy_gen_of(old)
+            value = bpfmaps.encode_policy(
+                cg.id, policy, level=cgroup_level(cg), managed=managed, gen=gen
+            )
             if len(alive) == len(HOOKS):
                 self._write_policy(objs, key, value)
                 return "updated"
@@ -439,7 +448,14 @@ class Enforcer:
                 sc = sweep.scope([cg], live, owner=above)
                 return sweep.sweep(sw, sc, sweep.apply_entry)
             sc = sweep.scope([cg], live)
-            return sweep.sweep(sw, sc, sweep.undo_entry(policy), states=(sweep.LISTEN,))
+            # Only what this policy owned: descendants keep their own.
+            sc = sweep.Scope(
+                {k: v for k, v in sc.owner_of_cgroup.items() if v == cg.id},
+                {k: v for k, v in sc.owner_of_pid.items() if v == cg.id},
+            )
+            return sweep.sweep(
+                sw, sc, sweep.undo_entry(policy), states=(sweep.LISTEN,), count=False
+            )
 
     def detach_id(self, cgroup_id: int) -> bool:
         """Detach by cgroup id (the cgroup may already be gone)."""

@@ -74,6 +74,7 @@ class Target:
 
     cookie: int
     owner: int  # cgroup id of the policy to apply (0 for READ)
+    held: bool  # made in another cgroup, held by a process in scope
     state: int
     cgroup_id: int
     inode: int
@@ -286,17 +287,21 @@ class Sweeper:
         try:
             for cookie, e in entries.items():
                 bpfsys.map_update(fd, keys[cookie], e.encode())
+            todo = set(entries)
             for _pass in range(2):  # a socket can be skipped before 6.17
-                bpfsys.iter_run(self.prog)
-                missing = 0
-                for cookie in entries:
+                _iter_with_deadline(self.prog)
+                for cookie in list(todo):
                     raw = bpfsys.map_lookup(fd, keys[cookie], bpfmaps.SWEEP_SIZE)
                     if raw is None:
                         continue
                     got = bpfmaps.SweepEntry.decode(raw)
                     out[cookie] = got
-                    missing += not got.result & bpfmaps.SWR_SEEN
-                if not missing:
+                    if got.result & bpfmaps.SWR_SEEN:
+                        # Done: a second pass must not act on it again.
+                        todo.discard(cookie)
+                        with contextlib.suppress(OSError):
+                            bpfsys.map_delete(fd, keys[cookie])
+                if not todo:
                     break
         finally:
             for cookie in entries:
@@ -330,18 +335,57 @@ class Sweeper:
 
 BPF_NOEXIST = 1
 MAX_BATCH = 65536  # BK_MAX_SWEEP
+# The kernel's TCP iterator takes each socket's lock in turn, every socket
+# of the namespace, not only ours: a process stuck holding one (a send()
+# from a page whose fault never completes: userfaultfd, a hung FUSE file)
+# would hold the sweep -- and the pin directory's lock -- forever, in an
+# uninterruptible wait.  The pass runs in a thread of its own and is given
+# up after this long; the stuck thread is left behind.
+ITER_DEADLINE = 10.0
 
 
-def _targets(raws: list[audit._Raw], pick: Callable[[int, int], int | None]) -> list[Target]:
+class SweepStuck(OSError):
+    """The kernel's iterator did not finish: a socket's lock is held."""
+
+
+def _iter_with_deadline(prog_fd: int, deadline: float = ITER_DEADLINE) -> None:
+    box: dict[str, BaseException] = {}
+
+    def body() -> None:
+        try:
+            bpfsys.iter_run(prog_fd)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    # A new thread inherits the network namespace of the thread that makes
+    # it: the iterator walks the same namespace.
+    t = threading.Thread(target=body, name="bpfkeep-iter", daemon=True)
+    t.start()
+    t.join(deadline)
+    if t.is_alive():
+        raise SweepStuck(
+            errno.ETIMEDOUT,
+            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
+            "page fault inside send()?); the rest of this namespace was not swept",
+        )
+    if "error" in box:
+        raise box["error"]
+
+
+def _targets(
+    raws: list[audit._Raw], pick: Callable[[int, int], tuple[int, bool] | None]
+) -> list[Target]:
     out = []
     for fam, st, _timer, sport, dport, src, dst, ino, cg, cookie in raws:
-        owner = pick(cg, ino)
-        if owner is None:
+        picked = pick(cg, ino)
+        if picked is None:
             continue
+        owner, held = picked
         out.append(
             Target(
                 cookie,
                 owner,
+                held,
                 st,
                 cg,
                 ino,
@@ -359,6 +403,7 @@ def sweep(
     make: Callable[[Target, dict[str, int]], bpfmaps.SweepEntry],
     *,
     states: tuple[int, ...] = SWEPT_STATES,
+    count: bool = True,
 ) -> Report:
     """Sweep every socket of the scope, in every namespace it lives in.
 
@@ -369,11 +414,15 @@ def sweep(
         return report
     held = held_sockets(sc.owner_of_pid)
 
-    def pick(cg: int, ino: int) -> int | None:
+    def pick(cg: int, ino: int) -> tuple[int, bool] | None:
         owner = sc.owner_of_cgroup.get(cg)
-        return owner if owner is not None else held.get(ino)
+        if owner is not None:
+            return owner, False
+        owner = held.get(ino)
+        return None if owner is None else (owner, True)
 
-    sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
+    if count:
+        sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
     for ns, pid in namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
 
         def work() -> list[Outcome]:
@@ -402,6 +451,7 @@ def sweep(
 
 def apply_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
     flags = bpfmaps.SWI_SYN_SENT if target.state == SYN_SENT else 0
+    flags |= bpfmaps.SWI_HELD if target.held else 0
     return bpfmaps.SweepEntry(target.owner, bpfmaps.SWEEP_APPLY, flags)
 
 

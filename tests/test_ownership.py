@@ -182,3 +182,79 @@ def test_set_mode_dead_peer_time_follows_the_programs_own_times(
     # Idle since the handshake, just before the cut: about 7 s, well past
     # the policy's own 5 s.
     assert 6.0 <= float(fields["elapsed"]) <= 7.5, res
+
+
+def test_enforce_holds_with_an_option_buffer_above_a_page(bk, cgroups):
+    """setsockopt with optlen > 4096: the kernel ignores a program's buffer
+    unless the program says how much of it to use."""
+    cg = cgroups.make("big")
+    bk("attach", "--cgroup", cgroups.rel(cg), *ENFORCE)
+    code = (
+        "import socket, struct, sys\n"
+        "open(sys.argv[1] + '/cgroup.procs', 'w').write('0')\n"
+        "srv = socket.create_server(('127.0.0.1', 0))\n"
+        "c = socket.create_connection(srv.getsockname())\n"
+        "c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, bytes(8192))\n"
+        "big = struct.pack('i', 30000) + bytes(8188)\n"
+        "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, big)\n"
+        "print(c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),"
+        " c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, cg], capture_output=True, text=True)
+    assert out.stdout.split() == ["1", "7"], out
+
+
+def test_enforce_sweep_rechecks_sockets_outside_the_hooks(bk, cgroups, spawn):
+    """An accepted socket of a listener made elsewhere (socket activation)
+    has no setsockopt hook: the program can change it freely.  Each sweep in
+    enforce mode checks such sockets again."""
+    import socket
+
+    svc = cgroups.make("svc")
+    lst = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(lst.getsockname())
+    acc, _ = lst.accept()
+    holder = spawn(["sleep", "60"], cgroup=svc, pass_fds=(acc.fileno(),))
+    assert holder.proc.poll() is None
+    bk("attach", "--cgroup", cgroups.rel(svc), *ENFORCE)
+    assert acc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    acc.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)  # no hook stops it here
+    acc.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 3000)
+    bk("attach", "--cgroup", cgroups.rel(svc), *ENFORCE)  # same policy: a sweep
+    assert acc.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert acc.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+    for s in (acc, cli, lst):
+        s.close()
+
+
+def test_a_held_socket_keeps_the_policy_of_the_cgroup_it_was_made_in(bk, cgroups, spawn):
+    strict, lax = cgroups.make("strict"), cgroups.make("lax")
+    bk("attach", "--cgroup", cgroups.rel(strict), *ENFORCE)
+    code = (
+        "import socket, sys\n"
+        "open(sys.argv[1] + '/cgroup.procs', 'w').write('0')\n"
+        "srv = socket.create_server(('127.0.0.1', 0))\n"
+        "c = socket.create_connection(srv.getsockname())\n"
+        "open(sys.argv[2] + '/cgroup.procs', 'w').write('0')\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print('keepidle', c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), flush=True)\n"
+    )
+    p = spawn([sys.executable, "-c", code, strict, lax])
+    p.expect("ready")
+    bk("attach", "--cgroup", cgroups.rel(lax), "--keepidle", "100")
+    p.send_line()
+    assert p.expect("keepidle").split()[1] == "7"
+
+
+def test_detaching_a_parent_leaves_the_childs_listeners_alone(bk, cgroups, spawn, probes):
+    parent, child = cgroups.make("b"), cgroups.make("b/c")
+    bk("attach", "--cgroup", cgroups.rel(parent), "--keepidle", "100")
+    bk("attach", "--cgroup", cgroups.rel(child), "--keepidle", "200")
+    srv, _port = listen(spawn, probes, child, mode="listen")
+    assert srv.values("listener")["keepidle"] == 200
+    bk("detach", "--cgroup", cgroups.rel(parent))
+    connect(spawn, probes, _port).values("client")
+    srv.values("accepted")
+    srv.send_line()
+    assert srv.values("now-listener")["keepidle"] == 200
