@@ -22,19 +22,33 @@ def host_line(meta: dict) -> str:
     )
 
 
-def cost_table(cost: dict) -> list[str]:
-    p = cost["params"]
+COST_INTRO = (
+    "Loopback connect + accept + close in one process: the listener, the client "
+    "and the accepted socket all live in the variant's own cgroup (so the policy "
+    "covers both ends), pinned to one CPU. CPU time of that process per "
+    "connection: loopback packets are processed in the sending system call, so it "
+    "holds the kernel's work on both ends. × none = median of the per-round ratios "
+    'to the "none" run of the same round, with the 95 % confidence interval of '
+    "that median (bootstrap) and the interquartile range of the rounds."
+)
+
+# The two methods side by side: what differs, in one paragraph.
+METHODS_EXPLAINED = (
+    "Both methods count the same process's CPU time (both ends, one process, "
+    "one cgroup); they differ in how a connection ends. The bench's method "
+    "(rst) puts SO_LINGER {1, 0} on the listener and closes the accepted socket "
+    "first: one RST ends both sockets and nothing enters TIME_WAIT. The plain "
+    "method (fin) closes the client first with no linger: FIN and ACK both "
+    "ways, and the client socket becomes a TIME_WAIT socket. The work a "
+    "keepalive tool adds is the same in both (options set at connect, listen, "
+    "accept; a keepalive timer armed and deleted); the connection it is added "
+    "to is not, so the ratios differ, and so does noise: each method has its "
+    "own run-to-run spread."
+)
+
+
+def _cost_rows(cost: dict) -> list[str]:
     lines = [
-        "## What it costs a connection",
-        "",
-        f"Loopback connect + accept + close, {p['conns']} connections per run, "
-        f"{p['rounds']} interleaved rounds, every variant in its own cgroup, pinned to "
-        f"CPU {p['cpu']}. CPU time of the workload process per connection (the kernel's "
-        "work on both ends of the loopback connection included); × none = median "
-        'of the per-round ratios to the "none" run of the same round, with the 95 % '
-        "confidence interval of that median (bootstrap) and the interquartile range "
-        "of the rounds.",
-        "",
         "| variant | CPU µs / conn | × none | 95 % CI | IQR | wall µs / conn "
         "| wall × none | target |",
         "|---|---:|---:|---|---|---:|---:|---|",
@@ -48,6 +62,11 @@ def cost_table(cost: dict) -> list[str]:
             f"{lo:.3f}–{hi:.3f} | {r['ratio_p25']:.3f}–{r['ratio_p75']:.3f} | "
             f"{w['median_us']:.2f} | {w['ratio']:.3f}× | {target} |"
         )
+    return lines
+
+
+def _cost_checks(cost: dict) -> list[str]:
+    lines: list[str] = []
     c = cost.get("checks", {})
     names = {"preload-shim": "defaults, five options", "preload-shim-4": "the same four options"}
     for key, what in names.items():
@@ -60,8 +79,71 @@ def cost_table(cost: dict) -> list[str]:
                 f"{chk['ratio']:.3f}× (95 % CI {lo:.3f}–{hi:.3f}; target: no slower, "
                 f"i.e. the interval reaches 1: {_ok(chk['no_slower'])}).",
             ]
+    pairs = {
+        "bpf-default_vs_prev-default": ("the previous programs (946e221)", None),
+        "bpf-default_vs_app-setsockopt": (
+            "the application setting the options itself",
+            "below, i.e. the whole interval under 1",
+        ),
+    }
+    for key, (what, target) in pairs.items():
+        chk = c.get(key)
+        if isinstance(chk, dict):
+            lo, hi = chk["ratio_ci95"]
+            tail = f"; target: {target}: {_ok(chk['below'])}" if target else ""
+            lines += [
+                "",
+                f"bpfkeep BPF, default policy, vs {what}, paired per round: "
+                f"{chk['ratio']:.3f}× (95 % CI {lo:.3f}–{hi:.3f}{tail}).",
+            ]
+    return lines
+
+
+def _method_line(cost: dict) -> str:
+    p = cost["params"]
+    label = p.get("method_label", "bench method: RST close")
+    note = p.get("method_note", "")
+    return (
+        f"**{label}** ({p.get('method', 'rst')}): {note}. {p['conns']} connections "
+        f"per run, {p['rounds']} interleaved rounds, CPU {p['cpu']}."
+    )
+
+
+def cost_table(cost: dict, heading: bool = True) -> list[str]:
+    lines = ["## What it costs a connection", "", COST_INTRO, ""] if heading else []
+    lines += [_method_line(cost), ""]
+    lines += _cost_rows(cost)
+    lines += _cost_checks(cost)
     lines += ["", "Variants:", ""]
     lines += [f"- **{r['label']}**: {r['note']}" for r in cost["variants"] if r["note"]]
+    return lines
+
+
+def methods_table(costs: list[dict]) -> list[str]:
+    """The same variants measured by each method, side by side."""
+    lines = [
+        "### The two methods side by side",
+        "",
+        METHODS_EXPLAINED,
+        "",
+        "| variant | "
+        + " | ".join(f"{c['params'].get('method', 'rst')}: × none (95 % CI)" for c in costs)
+        + " |",
+        "|---|" + "---:|" * len(costs),
+    ]
+    rows = {
+        c["params"].get("method", "rst"): {r["variant"]: r for r in c["variants"]} for c in costs
+    }
+    for r in costs[0]["variants"]:
+        cells = []
+        for c in costs:
+            x = rows[c["params"].get("method", "rst")].get(r["variant"])
+            cells.append(
+                "–"
+                if x is None
+                else f"{x['ratio']:.3f}× ({x['ratio_ci95'][0]:.3f}–{x['ratio_ci95'][1]:.3f})"
+            )
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -199,9 +281,14 @@ def daemon_table(dm: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     lines = ["# bpfkeep benchmark results", "", host_line(results["meta"]), ""]
-    if "cost" in results:
-        lines += [*cost_table(results["cost"]), ""]
-        lines += ["![connection cost](cost.png)", ""]
+    costs = [results[k] for k in ("cost", "cost-fin") if k in results]
+    for i, (key, png) in enumerate(
+        (k, p) for k, p in (("cost", "cost.png"), ("cost-fin", "cost-fin.png")) if k in results
+    ):
+        lines += [*cost_table(results[key], heading=i == 0), ""]
+        lines += [f"![connection cost, {results[key]['params'].get('method', 'rst')}]({png})", ""]
+    if len(costs) > 1:
+        lines += [*methods_table(costs), ""]
     if "detect" in results:
         lines += [*detect_table(results["detect"]), ""]
         lines += ["![time to detect a dead peer](detect.png)", ""]
@@ -254,7 +341,8 @@ def cost_chart(cost: dict, path: Path) -> None:
     right = max(r["ratio_p75"] for r in rows) + 0.04
     ax.set_xlim(left, right)
     ax.set_xlabel("CPU time per connection, × no keepalive tool (median, IQR)")
-    ax.set_title("What keepalive costs a loopback connect+accept+close")
+    label = cost["params"].get("method_label", "bench method: RST close")
+    ax.set_title(f"What keepalive costs a loopback connect+accept+close ({label})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -311,9 +399,10 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
     try:
-        if "cost" in results:
-            cost_chart(results["cost"], out_dir / "cost.png")
-            written.append(out_dir / "cost.png")
+        for key, png in (("cost", "cost.png"), ("cost-fin", "cost-fin.png")):
+            if key in results:
+                cost_chart(results[key], out_dir / png)
+                written.append(out_dir / png)
         if "detect" in results:
             detect_chart(results["detect"], out_dir / "detect.png")
             written.append(out_dir / "detect.png")
