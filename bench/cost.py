@@ -205,17 +205,27 @@ def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
     return vs
 
 
+# What an accepted socket inherits from its listener (or gets from the
+# tool at accept): checked on the first accepted socket too.
+ACCEPTED_KEYS = ("keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout")
+
+
 def _check(v: Variant, out: str) -> dict[str, int]:
     """The first connection's client options, checked against what the
-    variant promises (a tool that silently did nothing would look free)."""
+    variant promises (a tool that silently did nothing would look free);
+    the accepted socket's keepalive options too (it lives in the same
+    cgroup as its listener, so the policy covers both ends)."""
     got = {k: int(x) for k, x in parse_kv(line_starting(out, "client ")).items()}
+    acc = {k: int(x) for k, x in parse_kv(line_starting(out, "accepted ")).items()}
     for key, want in v.expect.items():
         # TCP_MAXSEG reads back as the MSS in use: the value set less the
         # TCP options (timestamps: 12 bytes).
         ok = got.get(key, 0) <= want if key == "maxseg" else got.get(key) == want
         if not ok:
             raise BenchError(f"{v.name}: client socket has {key}={got.get(key)}, expected {want}")
-    if not v.expect and got.get("keepalive") != 0:
+        if key in ACCEPTED_KEYS and acc.get(key) != want:
+            raise BenchError(f"{v.name}: accepted socket has {key}={acc.get(key)}, expected {want}")
+    if not v.expect and (got.get("keepalive") != 0 or acc.get("keepalive") != 0):
         raise BenchError(f"{v.name}: keepalive is on although nothing should set it")
     return got
 

@@ -160,7 +160,7 @@ def test_report_writes_json_markdown_and_charts(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| bpfkeep BPF, set mode, default policy |" in md
     # The new programs against the previous ones, paired per round.
-    assert "vs the previous programs (946e221), paired per round: 1.010×" in md
+    assert "vs the previous programs (946e221), paired per round: 1.011×" in md
     assert "### The two methods side by side" in md
     assert "| previous BPF programs (946e221), default policy | 1.010× (" in md
     assert "| keepalive 2/1/3 | bpf | 5.0 | 5.09 |" in md
