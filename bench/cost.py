@@ -83,7 +83,7 @@ METHODS = {
         conns=5000,
         warmup=0,
         note="no SO_LINGER, the client closes first: FIN/ACK both ways, the client "
-        "socket goes to TIME_WAIT; no warm-up (the independent measurement's method)",
+        "socket goes to TIME_WAIT; no warm-up (issue 8's independent measurement, as described)",
     ),
 }
 
