@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("rst", "fin"),
         help="cost: how connections end: rst (the bench's: SO_LINGER 0, server "
         "closes first) or fin (plain close, client first, TIME_WAIT: the independent "
-        "measurement's); repeatable; default both (quick: rst)",
+        "measurement's); repeatable; default both",
     )
     p.add_argument(
         "--cpu",
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     cpu = args.cpu if args.cpu is not None else (os.cpu_count() or 1) - 1
     results: dict = {"meta": _meta(quick), "notes": []}
     t0 = time.monotonic()
-    methods = args.method or (["rst"] if quick else ["rst", "fin"])
+    methods = args.method or ["rst", "fin"]
 
     def run_cost(s: common.Session) -> dict:
         out = {}
@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         "daemon": lambda s: daemonbench.run(s, connloop, quick=quick),
     }
     with common.session() as s:
+        # What this run makes (removed again at the end, whatever happens).
+        results["meta"]["scratch"] = [s.cg_base, s.pin_dir, f"{s.pin_dir}-prev"]
         for name in SECTIONS:
             if name not in sections:
                 continue

@@ -179,13 +179,6 @@ def test_tiny_cost_run_end_to_end(tmp_path, capsys):
     """Three variants, both methods, one round, a few hundred connections:
     the whole path (build, scratch cgroups, private pin dirs, the previous
     programs compiled from git and attached, run, report)."""
-    from bpfkeep.cgroups import cgroup2_mount
-
-    def ours() -> set[Path]:  # other tests may run meanwhile: look at ours only
-        dirs = [*Path(cgroup2_mount()).iterdir(), *Path("/sys/fs/bpf").iterdir()]
-        return {d for d in dirs if d.name.startswith("bpfkeep-bench-")}
-
-    before = ours()
     argv = ["--only", "cost", "--rounds", "1", "--conns", "300", "--method", "rst"]
     argv += ["--method", "fin", "--variants", "none,prev-default,bpf-default"]
     assert bench("cli").main([*argv, "--out", str(tmp_path)]) == 0
@@ -203,5 +196,9 @@ def test_tiny_cost_run_end_to_end(tmp_path, capsys):
     assert "| bpfkeep BPF, set mode, default policy |" in md
     assert "### The two methods side by side" in md
     assert "What it costs a connection" in capsys.readouterr().out
-    # Everything made was removed again.
-    assert ours() <= before
+    # Everything this run made (its scratch cgroups, its pin dir and the
+    # previous programs' pin dir) was removed again.  Other runs may go on
+    # meanwhile: look at this run's own paths only.
+    scratch = results["meta"]["scratch"]
+    assert len(scratch) == 3 and all("bpfkeep-bench-" in p for p in scratch)
+    assert [p for p in scratch if Path(p).exists()] == []
