@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. none,empty-sockops,bpf-default",
     )
     p.add_argument(
+        "--method",
+        action="append",
+        choices=("rst", "fin"),
+        help="cost: how connections end: rst (the bench's: SO_LINGER 0, server "
+        "closes first) or fin (plain close, client first, TIME_WAIT: the independent "
+        "measurement's); repeatable; default both",
+    )
+    p.add_argument(
         "--cpu",
         type=int,
         default=None,
@@ -123,25 +131,41 @@ def run(args: argparse.Namespace) -> dict:
     cpu = args.cpu if args.cpu is not None else (os.cpu_count() or 1) - 1
     results: dict = {"meta": _meta(quick), "notes": []}
     t0 = time.monotonic()
+    methods = args.method or ["rst", "fin"]
+
+    def run_cost(s: common.Session) -> dict:
+        out = {}
+        for m in methods:
+            meth = cost.METHODS[m]
+            out[m] = cost.run(
+                s,
+                connloop,
+                shim,
+                rounds=args.rounds or (4 if quick else meth.rounds),
+                conns=args.conns or (2000 if quick else meth.conns),
+                warmup=meth.warmup,
+                cpu=cpu,
+                names=args.variants.split(",") if args.variants else None,
+                method=m,
+            )
+        return out
+
     steps = {
-        "cost": lambda s: cost.run(
-            s,
-            connloop,
-            shim,
-            rounds=args.rounds or (4 if quick else 60),
-            conns=args.conns or (2000 if quick else 4000),
-            warmup=200,
-            cpu=cpu,
-            names=args.variants.split(",") if args.variants else None,
-        ),
+        "cost": run_cost,
         "detect": lambda s: detect.run(s, connloop, shim, reps=args.reps or (1 if quick else 3)),
         "daemon": lambda s: daemonbench.run(s, connloop, quick=quick),
     }
     with common.session() as s:
+        # What this run makes (removed again at the end, whatever happens).
+        results["meta"]["scratch"] = [s.cg_base, s.pin_dir, f"{s.pin_dir}-prev"]
         for name in SECTIONS:
             if name not in sections:
                 continue
             try:
+                if name == "cost":  # one section per method: cost, cost-fin
+                    for m, res in run_cost(s).items():
+                        results["cost" if m == "rst" else f"cost-{m}"] = res
+                    continue
                 results[name] = steps[name](s)
             except BenchError as e:  # report it, run the other sections
                 log(f"{name}: {e}")
@@ -154,7 +178,7 @@ def publish(out: Path) -> None:
     """Copy the table and charts next to bench/README.md."""
     import shutil
 
-    for name in ("results.md", "cost.png", "detect.png"):
+    for name in ("results.md", "cost.png", "cost-fin.png", "detect.png"):
         src = out / name
         if src.exists():
             shutil.copy2(src, BENCH / name)

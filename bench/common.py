@@ -247,6 +247,7 @@ class Session:
         self._cleanups: list[Callable[[], None]] = []
         self._procs: list[subprocess.Popen] = []
         self._enforcer = None
+        self._prev = None
         os.mkdir(self.cg_base)
         self.defer(self._remove_cgroups)
 
@@ -307,6 +308,15 @@ class Session:
             enf.prepare()
             self._enforcer = enf
         return self._enforcer
+
+    def prev_programs(self):
+        """The previous BPF programs (bench/prev.py), compiled on first use
+        and pinned in a pin directory of their own."""
+        from bench.prev import Programs
+
+        if self._prev is None:
+            self._prev = Programs(self, f"{self.pin_dir}-prev")
+        return self._prev
 
     def attach(self, path: str, policy) -> None:
         from bpfkeep.cgroups import Cgroup

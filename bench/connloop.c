@@ -5,12 +5,12 @@
  * comes from the tool under test (BPF, an LD_PRELOAD library) or from --set
  * (the "changed the application" baseline).
  *
- *   connloop loop [-n N] [-w WARMUP] [--set OPT=VAL]...
+ *   connloop loop [-n N] [-w WARMUP] [--close rst|fin] [--set OPT=VAL]...
  *       N loopback connections, one after the other: socket, connect,
- *       accept, close both.  Prints the client and accepted sockets'
- *       options of the first connection, then "result conns=N seconds=S
- *       cpu_seconds=S ns_per_conn=X cpu_ns_per_conn=X" (wall clock, and
- *       the CPU time the process had).
+ *       accept, close both (see --close below).  Prints the client and
+ *       accepted sockets' options of the first connection, then "result
+ *       conns=N seconds=S cpu_seconds=S ns_per_conn=X cpu_ns_per_conn=X"
+ *       (wall clock, and the CPU time the process had).
  *   connloop rate -r PER_SECOND -t SECONDS [--set OPT=VAL]...
  *       The same, paced at PER_SECOND connections a second.
  *   connloop hold -n N [--set OPT=VAL]...
@@ -35,7 +35,11 @@
  * The loop modes put SO_LINGER {1, 0} on their listener (inherited by
  * every accepted socket): the server side closes first with a RST, so
  * neither side goes through TIME_WAIT and ports never run out.  That is
- * the one option connloop sets itself.
+ * the one option connloop sets itself.  "--close fin" (loop mode) is the
+ * plain way instead: no SO_LINGER, the client closes first, the
+ * connection ends with FIN/ACK both ways and the client socket stays in
+ * TIME_WAIT (what a naive workload does; each run listens on a new port, so
+ * a few thousand connections a run never run out of ports).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -78,6 +82,7 @@ struct setting {
 
 static struct setting sets[MAXSET];
 static int nsets;
+static int close_fin; /* --close fin: no SO_LINGER, client closes first */
 
 static void die(const char *what)
 {
@@ -88,7 +93,8 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: connloop loop [-n N] [-w WARMUP] [--set OPT=VAL]...\n"
+		"usage: connloop loop [-n N] [-w WARMUP] [--close rst|fin] "
+		"[--set OPT=VAL]...\n"
 		"       connloop rate -r PER_SECOND -t SECONDS [--set ...]\n"
 		"       connloop hold -n N [--set ...]\n"
 		"       connloop deadpeer ADDR PORT [--send BYTES] [--set "
@@ -197,7 +203,8 @@ static int loop_listener(struct sockaddr_in *a, int backlog)
 	make_addr("127.0.0.1", 0, a);
 	if (bind(fd, (struct sockaddr *)a, sizeof(*a)))
 		die("bind");
-	if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)))
+	if (!close_fin &&
+	    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)))
 		die("SO_LINGER");
 	apply_sets(fd);
 	if (listen(fd, backlog))
@@ -222,9 +229,15 @@ static void connect_pair(int lfd, const struct sockaddr_in *a, int *cfd,
 		die("accept");
 }
 
-/* Server side first: its RST (SO_LINGER 0, inherited) closes both. */
+/* Server side first: its RST (SO_LINGER 0, inherited) closes both.  With
+ * --close fin the client closes first, then the server: FIN both ways. */
 static void close_pair(int cfd, int afd)
 {
+	if (close_fin) {
+		close(cfd);
+		close(afd);
+		return;
+	}
 	close(afd);
 	close(cfd);
 }
@@ -454,7 +467,13 @@ int main(int argc, char **argv)
 			rate = number(argv[++i]);
 		else if (i + 1 < argc && !strcmp(a, "-t"))
 			seconds = number(argv[++i]);
-		else if (i + 1 < argc && !strcmp(a, "--send"))
+		else if (i + 1 < argc && !strcmp(a, "--close")) {
+			const char *how = argv[++i];
+
+			if (strcmp(how, "fin") && strcmp(how, "rst"))
+				usage();
+			close_fin = !strcmp(how, "fin");
+		} else if (i + 1 < argc && !strcmp(a, "--send"))
 			send_bytes = number(argv[++i]);
 		else if (a[0] != '-' && npos < 2)
 			pos[npos++] = a;

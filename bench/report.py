@@ -22,19 +22,48 @@ def host_line(meta: dict) -> str:
     )
 
 
-def cost_table(cost: dict) -> list[str]:
-    p = cost["params"]
+COST_INTRO = (
+    "Loopback connect + accept + close in one process: the listener, the client "
+    "and the accepted socket all live in the variant's own cgroup (so the policy "
+    "covers both ends), pinned to one CPU. CPU time of that process per "
+    "connection: loopback packets are processed in the sending system call, so it "
+    "holds the kernel's work on both ends. × none = median of the per-round ratios "
+    'to the "none" run of the same round, with the 95 % confidence interval of '
+    "that median (bootstrap) and the interquartile range of the rounds."
+)
+
+# The two methods side by side: what differs, in one paragraph.
+METHODS_EXPLAINED = (
+    "Both methods count the same thing: the CPU time of one process that holds "
+    "the listener, the client and the accepted socket, all in the variant's "
+    "cgroup (the accepted socket belongs to its listener's cgroup), i.e. both "
+    "ends of every connection. They differ only in how a connection ends. The "
+    "bench's method (rst) puts SO_LINGER {1, 0} on the listener and closes the "
+    "accepted socket first: one RST ends both sockets and nothing enters "
+    "TIME_WAIT. The plain method (fin) closes the client first with no linger: "
+    "FIN and ACK both ways, and the client socket becomes a TIME_WAIT socket. "
+    "That makes the bare connection dearer, while the work a keepalive tool adds "
+    "(options set at connect, listen and accept; a timer armed and deleted) stays "
+    "the same: the µs added per connection agree between the methods, the "
+    "ratios do not (ratio = 1 + added / bare connection)."
+)
+
+
+def _added_us(cost: dict) -> dict[str, float]:
+    """Per variant: median over the rounds of (variant - none), in µs."""
+    import statistics
+
+    base = next(r for r in cost["variants"] if r["variant"] == "none")["cpu_ns_per_conn"]
+    return {
+        r["variant"]: statistics.median(
+            (x - b) / 1000 for x, b in zip(r["cpu_ns_per_conn"], base, strict=True)
+        )
+        for r in cost["variants"]
+    }
+
+
+def _cost_rows(cost: dict) -> list[str]:
     lines = [
-        "## What it costs a connection",
-        "",
-        f"Loopback connect + accept + close, {p['conns']} connections per run, "
-        f"{p['rounds']} interleaved rounds, every variant in its own cgroup, pinned to "
-        f"CPU {p['cpu']}. CPU time of the workload process per connection (the kernel's "
-        "work on both ends of the loopback connection included); × none = median "
-        'of the per-round ratios to the "none" run of the same round, with the 95 % '
-        "confidence interval of that median (bootstrap) and the interquartile range "
-        "of the rounds.",
-        "",
         "| variant | CPU µs / conn | × none | 95 % CI | IQR | wall µs / conn "
         "| wall × none | target |",
         "|---|---:|---:|---|---|---:|---:|---|",
@@ -48,6 +77,11 @@ def cost_table(cost: dict) -> list[str]:
             f"{lo:.3f}–{hi:.3f} | {r['ratio_p25']:.3f}–{r['ratio_p75']:.3f} | "
             f"{w['median_us']:.2f} | {w['ratio']:.3f}× | {target} |"
         )
+    return lines
+
+
+def _cost_checks(cost: dict) -> list[str]:
+    lines: list[str] = []
     c = cost.get("checks", {})
     names = {"preload-shim": "defaults, five options", "preload-shim-4": "the same four options"}
     for key, what in names.items():
@@ -60,8 +94,83 @@ def cost_table(cost: dict) -> list[str]:
                 f"{chk['ratio']:.3f}× (95 % CI {lo:.3f}–{hi:.3f}; target: no slower, "
                 f"i.e. the interval reaches 1: {_ok(chk['no_slower'])}).",
             ]
+    pairs = {
+        "bpf-default_vs_prev-default": ("the previous programs (946e221)", None),
+        "bpf-default_vs_app-setsockopt": (
+            "the application setting the options itself",
+            "below, i.e. the whole interval under 1",
+        ),
+    }
+    for key, (what, target) in pairs.items():
+        chk = c.get(key)
+        if isinstance(chk, dict):
+            lo, hi = chk["ratio_ci95"]
+            tail = f"; target: {target}: {_ok(chk['below'])}" if target else ""
+            lines += [
+                "",
+                f"bpfkeep BPF, default policy, vs {what}, paired per round: "
+                f"{chk['ratio']:.3f}× (95 % CI {lo:.3f}–{hi:.3f}{tail}).",
+            ]
+    return lines
+
+
+def _method_line(cost: dict) -> str:
+    p = cost["params"]
+    label = p.get("method_label", "bench method: RST close")
+    note = p.get("method_note", "")
+    return (
+        f"**{label}** ({p.get('method', 'rst')}): {note}. {p['conns']} connections "
+        f"per run, {p['rounds']} interleaved rounds, CPU {p['cpu']}."
+    )
+
+
+def cost_table(cost: dict, heading: bool = True) -> list[str]:
+    lines = ["## What it costs a connection", "", COST_INTRO, ""] if heading else []
+    lines += [_method_line(cost), ""]
+    lines += _cost_rows(cost)
+    lines += _cost_checks(cost)
     lines += ["", "Variants:", ""]
     lines += [f"- **{r['label']}**: {r['note']}" for r in cost["variants"] if r["note"]]
+    return lines
+
+
+def methods_table(costs: list[dict]) -> list[str]:
+    """The same variants measured by each method, side by side: the ratio
+    to "none" and the CPU time added per connection."""
+
+    def name(c: dict) -> str:
+        return c["params"].get("method", "rst")
+
+    head = " | ".join(f"{name(c)}: × none (95 % CI) | {name(c)}: + µs / conn" for c in costs)
+    bare = ", ".join(
+        f"{name(c)} {next(r for r in c['variants'] if r['variant'] == 'none')['median_us']:.2f} µs"
+        for c in costs
+    )
+    lines = [
+        "### The two methods side by side",
+        "",
+        METHODS_EXPLAINED,
+        "",
+        f"The bare connection (no keepalive tool), CPU time: {bare}.",
+        "",
+        f"| variant | {head} |",
+        "|---|" + "---:|---:|" * len(costs),
+    ]
+    rows = {name(c): {r["variant"]: r for r in c["variants"]} for c in costs}
+    added = {name(c): _added_us(c) for c in costs}
+    for r in costs[0]["variants"]:
+        cells = []
+        for c in costs:
+            x = rows[name(c)].get(r["variant"])
+            if x is None:
+                cells += ["–", "–"]
+                continue
+            lo, hi = x["ratio_ci95"]
+            cells += [
+                f"{x['ratio']:.3f}× ({lo:.3f}–{hi:.3f})",
+                f"{added[name(c)][r['variant']]:+.2f}",
+            ]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -199,9 +308,14 @@ def daemon_table(dm: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     lines = ["# bpfkeep benchmark results", "", host_line(results["meta"]), ""]
-    if "cost" in results:
-        lines += [*cost_table(results["cost"]), ""]
-        lines += ["![connection cost](cost.png)", ""]
+    costs = [results[k] for k in ("cost", "cost-fin") if k in results]
+    for i, (key, png) in enumerate(
+        (k, p) for k, p in (("cost", "cost.png"), ("cost-fin", "cost-fin.png")) if k in results
+    ):
+        lines += [*cost_table(results[key], heading=i == 0), ""]
+        lines += [f"![connection cost, {results[key]['params'].get('method', 'rst')}]({png})", ""]
+    if len(costs) > 1:
+        lines += [*methods_table(costs), ""]
     if "detect" in results:
         lines += [*detect_table(results["detect"]), ""]
         lines += ["![time to detect a dead peer](detect.png)", ""]
@@ -235,6 +349,7 @@ def cost_chart(cost: dict, path: Path) -> None:
     hi = [r["ratio_p75"] - r["ratio"] for r in rows]
     colors = [
         "#888888" if r["variant"] in ("none", "empty-sockops") else
+        "#9ecae1" if r["variant"].startswith("prev") else
         "#1f77b4" if r["variant"].startswith("bpf") else
         "#2ca02c" if r["variant"].startswith("preload") else "#d62728"
         for r in rows
@@ -254,7 +369,9 @@ def cost_chart(cost: dict, path: Path) -> None:
     right = max(r["ratio_p75"] for r in rows) + 0.04
     ax.set_xlim(left, right)
     ax.set_xlabel("CPU time per connection, × no keepalive tool (median, IQR)")
-    ax.set_title("What keepalive costs a loopback connect+accept+close")
+    method = cost["params"].get("method", "rst")
+    how = {"rst": "RST close", "fin": "plain close, FIN + TIME_WAIT"}.get(method, method)
+    ax.set_title(f"What keepalive costs a loopback connect+accept+close ({how})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -311,9 +428,10 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
     try:
-        if "cost" in results:
-            cost_chart(results["cost"], out_dir / "cost.png")
-            written.append(out_dir / "cost.png")
+        for key, png in (("cost", "cost.png"), ("cost-fin", "cost-fin.png")):
+            if key in results:
+                cost_chart(results[key], out_dir / png)
+                written.append(out_dir / png)
         if "detect" in results:
             detect_chart(results["detect"], out_dir / "detect.png")
             written.append(out_dir / "detect.png")
