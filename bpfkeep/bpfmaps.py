@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import struct
 import zlib
+from collections.abc import Iterator
 
 from bpfkeep.options import BPF_OPTIONS, Policy, default_user_timeout
 
@@ -195,14 +196,7 @@ class SweepStats:
         words = struct.unpack_from(f"={SWEEPSTATS_WORDS}Q", raw)
         it = iter(words)
         swept, app_own = next(it), next(it)
-        names = [o.key for o in BPF_OPTIONS]
-        applied = {n: next(it) for n in names}
-        failed = {}
-        for n in names:
-            for e in ERRNO_BUCKETS:
-                v = next(it)
-                if v:
-                    failed[(n, e)] = v
+        applied, failed = _applied_and_failed(it)
         return cls(swept, app_own, applied, failed)
 
     def as_dict(self) -> dict[str, object]:
@@ -259,6 +253,16 @@ def decode_counters(raw: bytes) -> Counters:
     it = iter(words)
     seen = {cb: next(it) for cb in CALLBACKS}
     inherited = next(it)
+    applied, failed = _applied_and_failed(it)
+    rewritten = {o.key: next(it) for o in BPF_OPTIONS}
+    return Counters(seen, inherited, applied, failed, rewritten)
+
+
+def _applied_and_failed(
+    it: Iterator[int],
+) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """The ``applied[NOPT]`` and ``failed[NOPT][NERR]`` arrays that both
+    counter structs carry, in their order."""
     names = [o.key for o in BPF_OPTIONS]
     applied = {n: next(it) for n in names}
     failed = {}
@@ -267,5 +271,4 @@ def decode_counters(raw: bytes) -> Counters:
             v = next(it)
             if v:
                 failed[(n, e)] = v
-    rewritten = {n: next(it) for n in names}
-    return Counters(seen, inherited, applied, failed, rewritten)
+    return applied, failed

@@ -87,11 +87,10 @@ class NetnsPair:
         self.cleanup()
 
 
-def load_empty_sockops(name: bytes = b"empty_sockops") -> int:
-    """Load ``r0 = 1; exit`` as a sock_ops program ("another tool", or the
-    cost floor of any sock_ops program); returns its fd."""
+def load_sockops(insns: list[int], name: bytes) -> int:
+    """Load raw BPF instructions as a sock_ops program, as a foreign tool's
+    object would be loaded (no bcc); returns its fd."""
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    insns = (ctypes.c_uint64 * 2)(0x00000001000000B7, 0x0000000000000095)
     lib.bpf_prog_load.restype = ctypes.c_int
     lib.bpf_prog_load.argtypes = [
         ctypes.c_int,
@@ -101,10 +100,17 @@ def load_empty_sockops(name: bytes = b"empty_sockops") -> int:
         ctypes.c_size_t,
         ctypes.c_void_p,
     ]
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, name, b"GPL", insns, 2, None)
+    buf = (ctypes.c_uint64 * len(insns))(*insns)
+    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, name, b"GPL", buf, len(insns), None)
     if fd < 0:
-        raise OSError(-fd, f"loading an empty sock_ops program: {os.strerror(-fd)}")
+        raise OSError(-fd, f"loading sock_ops program {name.decode()}: {os.strerror(-fd)}")
     return fd
+
+
+def load_empty_sockops(name: bytes = b"empty_sockops") -> int:
+    """Load ``r0 = 1; exit`` as a sock_ops program ("another tool", or the
+    cost floor of any sock_ops program); returns its fd."""
+    return load_sockops([0x00000001000000B7, 0x0000000000000095], name)
 
 
 class LineReader:

@@ -9,13 +9,12 @@ every callback (the kernel's samples/bpf/tcp_synrto_kern.c idiom), one sets
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator
 
 from bpfkeep import bpfsys
+from bpfkeep.testing import load_sockops
 
-BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_FUNC_SOCK_OPS_CB_FLAGS_SET = 59
 BPF_SOCK_OPS_RTO_CB_FLAG = 1
 REPLY_OFFSET = 4  # struct bpf_sock_ops: __u32 op; union { ..., __u32 reply; ... }
@@ -41,29 +40,11 @@ CB_FLAGS_SETTER = [
 KINDS = {"writes-reply": REPLY_WRITER, "sets-cb-flags": CB_FLAGS_SETTER}
 
 
-def load(insns: list[int], name: bytes) -> int:
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_void_p,
-    ]
-    buf = (ctypes.c_uint64 * len(insns))(*insns)
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, name, b"GPL", buf, len(insns), None)
-    if fd < 0:
-        raise OSError(-fd, f"loading {name.decode()}: {os.strerror(-fd)}")
-    return fd
-
-
 @contextlib.contextmanager
 def attached(kind: str, cgroup: str) -> Iterator[int]:
     """A neighbour program on ``cgroup`` (legacy multi attach, as most tools
     still do), detached afterwards; yields its program id."""
-    fd = load(KINDS[kind], kind.replace("-", "_").encode()[:15])
+    fd = load_sockops(KINDS[kind], kind.replace("-", "_").encode()[:15])
     cgfd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         bpfsys.prog_attach(fd, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
