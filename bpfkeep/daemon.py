@@ -34,7 +34,7 @@ import threading
 import time
 import typing
 
-from bpfkeep import cgroups, config
+from bpfkeep import cgroups, config, runner
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.options import Policy
@@ -336,6 +336,8 @@ class Daemon:
                 self._forget(cg_id, detach=True)
         with contextlib.suppress(OSError, BpfkeepError):
             self.enforcer.prune()
+        with contextlib.suppress(OSError, BpfkeepError):
+            runner.reap_stale_runs()  # what killed `bpfkeep run`s left behind
         # At start, after adoption and after a reload: the sockets that
         # exist carry the policies too (idempotent: sockets already under
         # their policy are left alone).
