@@ -32,7 +32,7 @@ def _syns_sent(ns: str) -> int:
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
     header, values = lines[0].split(), lines[1].split()
-    return 1 + int(dict(zip(header, values))["TCPSynRetrans"])
+    return 1 + int(dict(zip(header, values, strict=True))["TCPSynRetrans"])
 
 
 @pytest.mark.parametrize(
