@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "exited, to what is left in the cgroup); no process is ever moved out.  Exit "
         "status: the main process's; 127 command not found, 126 not executable, 128+N "
         "killed by signal N.  If bpfkeep run itself is killed, the next run, status or "
-        "the daemon detaches the policy and removes the cgroup once it is empty (runs "
-        "are recorded in /run/bpfkeep/runs).",
+        "the daemon (at start and on reload) detaches the policy and removes the "
+        "cgroup once it is empty (runs are recorded in /run/bpfkeep/runs).",
     )
     r.add_argument(
         "--via",

@@ -61,9 +61,9 @@ def _exec_failure_status(err: int) -> int:
 
 def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> int:
     """Replace this process with COMMAND under the LD_PRELOAD shim."""
-    from bpfkeep.preload import preload_env, unreachable_reason
+    from bpfkeep.preload import preload_env
 
-    reason = unreachable_reason(cmd[0])
+    reason = _unreachable(cmd[0])
     if reason:
         _notice(
             f"warning: {cmd[0]} is {reason}: the LD_PRELOAD shim cannot "
@@ -76,6 +76,17 @@ def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> in
         _notice(f"cannot run {cmd[0]}: {e.strerror}")
         return _exec_failure_status(e.errno or 0)
     return NOT_FOUND  # not reached
+
+
+def _unreachable(program: str) -> str | None:
+    """Why the shim cannot reach the program; None also when the program
+    cannot be read: exec then reports it, with the shell's exit status."""
+    from bpfkeep.preload import unreachable_reason
+
+    try:
+        return unreachable_reason(program)
+    except UsageError:
+        return None
 
 
 def run(policy: Policy, cmd: list[str], *, via: str = "auto", pin_dir: str | None = None) -> int:
@@ -107,17 +118,18 @@ def _refuse_useless_fallback(program: str, e: BpfkeepError) -> None:
     """The shim cannot reach every program: falling back to it for one of
     those would run the program with no policy at all.  That is an error,
     with what to do instead."""
-    from bpfkeep.preload import unreachable_reason
-
-    reason = unreachable_reason(program)
+    reason = _unreachable(program)
     if not reason:
         return
+    if isinstance(e, PermissionProblem):
+        why = "BPF needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+    else:
+        why = f"BPF is unavailable: {e}"
+    msg = f"{program} is {reason}: the LD_PRELOAD shim cannot reach it, and {why}"
     hint = cgroups.netns_hint()
-    how = f"; or {hint}" if hint else ""
-    raise type(e)(
-        f"{e} -- and {program} is {reason}, so the LD_PRELOAD shim cannot reach it "
-        f"either: fix the above and use bpfkeep run --via bpf{how}"
-    )
+    if hint and hint not in msg:
+        msg += f"; {hint}"
+    raise type(e)(msg)
 
 
 # -- what a run owns -------------------------------------------------------------
