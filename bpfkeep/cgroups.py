@@ -8,7 +8,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from bpfkeep.errors import EnvironmentProblem, UsageError
 
@@ -17,10 +17,12 @@ from bpfkeep.errors import EnvironmentProblem, UsageError
 class Mounts:
     cgroup2: str | None
     v1: tuple[str, ...]
+    # "/proc/PID/root" when the mounts are another mount namespace's, seen
+    # through that process's root (see read_mounts); "" for our own.
+    via: str = ""
 
 
-def read_mounts(proc_mounts: str = "/proc/mounts") -> Mounts:
-    """The cgroup2 mount point and the cgroup v1 mount points."""
+def _parse_mounts(proc_mounts: str, via: str = "") -> Mounts:
     cg2 = None
     v1: list[str] = []
     with open(proc_mounts) as f:
@@ -28,17 +30,104 @@ def read_mounts(proc_mounts: str = "/proc/mounts") -> Mounts:
             fields = line.split()
             if len(fields) < 3:
                 continue
-            where = fields[1].replace("\\040", " ")
+            where = via + fields[1].replace("\\040", " ")
             if fields[2] == "cgroup2" and cg2 is None:
                 cg2 = where
             elif fields[2] == "cgroup":
                 v1.append(where)
-    return Mounts(cg2, tuple(v1))
+    return Mounts(cg2, tuple(v1), via)
+
+
+def host_views() -> Iterator[tuple[str, str]]:
+    """("/proc/PID/root", "/proc/PID/mounts") of processes that may see the
+    host's mounts when ours lack them: PID 1, then our ancestors.
+
+    ``ip netns exec`` unshares the mount namespace and mounts a fresh sysfs
+    on /sys (the one of the new network namespace), which hides the cgroup2
+    and bpf filesystems mounted below /sys.  Those are still reachable
+    through /proc/PID/root of a process in the original mount namespace:
+    path lookup there continues in that process's mounts.  Reaching it
+    needs ptrace access (root); PID 1 may refuse even root (a PID 1 with
+    capabilities we lack), our parent (the shell that ran ip netns exec)
+    usually does not."""
+    yield "/proc/1/root", "/proc/1/mounts"
+    pid, steps = os.getppid(), 0
+    while pid > 1 and steps < 64:
+        yield f"/proc/{pid}/root", f"/proc/{pid}/mounts"
+        pid, steps = _ppid(pid), steps + 1
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def read_mounts(proc_mounts: str | None = None) -> Mounts:
+    """The cgroup2 mount point and the cgroup v1 mount points.
+
+    Without ``proc_mounts``: our own mount table, or -- when it has no
+    cgroup2 (under ``ip netns exec``) -- the first reachable host view's
+    (see host_views), with its paths prefixed by /proc/PID/root."""
+    if proc_mounts is not None:
+        return _parse_mounts(proc_mounts)
+    own = _parse_mounts("/proc/self/mounts")
+    if own.cgroup2:
+        return own
+    for via, table in host_views():
+        try:
+            other = _parse_mounts(table, via)
+        except OSError:
+            continue
+        if other.cgroup2 and os.access(other.cgroup2, os.R_OK | os.X_OK):
+            return other
+    return own
+
+
+def hidden_mount(fstype: str, tables: Iterable[str] = ("/proc/1/mounts",)) -> str | None:
+    """Where PID 1's mount table has a filesystem of this type (readable even
+    when /proc/1/root is not): the mount our namespace does not show."""
+    for table in tables:
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[2] == fstype:
+                    return fields[1]
+    return None
+
+
+def netns_hint() -> str | None:
+    """What to run instead when ``ip netns exec`` hid cgroup2 or bpffs:
+    nsenter enters only the network namespace and keeps our mounts.  None
+    when nothing is hidden."""
+    if _parse_mounts("/proc/self/mounts").cgroup2 or not hidden_mount("cgroup2"):
+        return None
+    name = "NAME"
+    with contextlib.suppress(OSError):
+        ours = os.stat("/proc/self/ns/net").st_ino
+        for entry in sorted(os.listdir("/run/netns")):
+            with contextlib.suppress(OSError):
+                if os.stat(os.path.join("/run/netns", entry)).st_ino == ours:
+                    name = entry
+                    break
+    return (
+        f"this mount namespace hides the host's /sys mounts (ip netns exec remounts /sys): "
+        f"instead of ip netns exec, run nsenter --net=/run/netns/{name} bpfkeep ..."
+    )
 
 
 def cgroup2_mount(mounts: Mounts | None = None) -> str:
     mounts = mounts or read_mounts()
     if not mounts.cgroup2:
+        hint = netns_hint()
+        if hint:
+            raise EnvironmentProblem(
+                f"no cgroup2 filesystem in this mount namespace, and the host's "
+                f"(at {hidden_mount('cgroup2')}) is out of reach: {hint} (or as root)"
+            )
         raise EnvironmentProblem(
             "no cgroup2 filesystem is mounted: mount it "
             "(mount -t cgroup2 none /sys/fs/cgroup) or boot with "
@@ -93,6 +182,8 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
     if not spec or "\0" in spec:
         raise UsageError("--cgroup: empty path; give a path under " + mount)
     raw = _shown(spec)
+    if mounts.via and _under(os.path.normpath(spec), mount[len(mounts.via) :]):
+        spec = mounts.via + spec  # a host path, seen from under ip netns exec
     if os.path.isabs(spec):
         path = os.path.normpath(spec)
         for v1 in mounts.v1:

@@ -111,7 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="cgroups with a bpfkeep policy, with counters")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    r = sub.add_parser("run", help="run COMMAND in a fresh cgroup with the policy attached")
+    r = sub.add_parser(
+        "run",
+        help="run COMMAND in a fresh cgroup with the policy attached",
+        description="Run COMMAND in a fresh child cgroup with the policy attached, like "
+        "systemd-run --scope --wait: the cgroup and the policy stay until no process is "
+        "left in it, so a program that daemonizes stays covered.  SIGTERM, SIGINT, "
+        "SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 go to the main process (once it has "
+        "exited, to what is left in the cgroup); no process is ever moved out.  Exit "
+        "status: the main process's; 127 command not found, 126 not executable, 128+N "
+        "killed by signal N.  If bpfkeep run itself is killed, the next run, status or "
+        "the daemon (at start and on reload) detaches the policy and removes the "
+        "cgroup once it is empty (runs are recorded in /run/bpfkeep/runs).",
+    )
     r.add_argument(
         "--via",
         choices=("auto", "bpf", "preload"),
@@ -176,6 +188,9 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
             "status reads bpfkeep's BPF maps: run it as root (or with CAP_BPF, CAP_PERFMON and "
             "CAP_NET_ADMIN); bpfkeep audit shows sockets' keepalive without privileges"
         )
+    from bpfkeep.runner import reap_stale_runs
+
+    reap_stale_runs()  # what killed `bpfkeep run`s left behind
     atts = enf.attachments()
     if as_json:
         json.dump([a.as_dict() for a in atts], out, indent=2)

@@ -35,7 +35,7 @@ import threading
 import time
 import typing
 
-from bpfkeep import cgroups, config, loader
+from bpfkeep import cgroups, config, loader, runner
 from bpfkeep.cgroups import printable
 from bpfkeep.enforcer import HOOKS, Enforcer
 from bpfkeep.errors import BpfkeepError
@@ -465,6 +465,8 @@ class Daemon:
             except (OSError, BpfkeepError) as e:
                 self.reconcile_errors += 1
                 log.warning("pruning removed cgroups' pins failed: %s", e)
+        with contextlib.suppress(OSError, BpfkeepError):
+            runner.reap_stale_runs()  # what killed `bpfkeep run`s left behind
         # At start, after adoption and after a reload: the sockets that
         # exist carry the policies too (idempotent: sockets already under
         # their policy are left alone).  Right after this pass -- after

@@ -37,6 +37,7 @@ MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options fr
 # due to net_prio or net_cls activation"): programs on child cgroups would
 # no longer see their sockets.
 MIXED_V1_FIXED = (5, 15)
+CGROUP_ID_IN_DIAG = (5, 7)  # INET_DIAG_CGROUP_ID (commit b1f3e43dbfac)
 SYSCTL_DIR = "/proc/sys/net/ipv4"
 KEEPALIVE_SYSCTLS = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
 
@@ -206,9 +207,18 @@ def _v1_controllers(proc_mounts: str = "/proc/mounts") -> set[str]:
 
 
 def check_cgroup2(version: tuple[int, int]) -> Check:
-    from bpfkeep.cgroups import read_mounts
+    from bpfkeep.cgroups import hidden_mount, netns_hint, read_mounts
 
     mounts = read_mounts()
+    hint = netns_hint()
+    if not mounts.cgroup2 and hint:
+        return Check(
+            "cgroup2",
+            FAIL,
+            "no cgroup2 filesystem in this mount namespace, and the host's "
+            f"(at {hidden_mount('cgroup2')}) is out of reach",
+            hint,
+        )
     if not mounts.cgroup2:
         return Check(
             "cgroup2",
@@ -218,10 +228,13 @@ def check_cgroup2(version: tuple[int, int]) -> Check:
             "systemd.unified_cgroup_hierarchy=1)",
         )
     details: dict[str, object] = {"mount": mounts.cgroup2, "hybrid": bool(mounts.v1)}
+    where = mounts.cgroup2
+    if mounts.via:
+        where += " (the host's, through " + mounts.via + ": this mount namespace hides it)"
     if not mounts.v1:
-        return Check("cgroup2", OK, f"cgroup2 at {mounts.cgroup2} (unified)", None, details)
+        return Check("cgroup2", OK, f"cgroup2 at {where} (unified)", None, details)
     msg = (
-        f"cgroup2 at {mounts.cgroup2}; hybrid layout ({len(mounts.v1)} cgroup v1 "
+        f"cgroup2 at {where}; hybrid layout ({len(mounts.v1)} cgroup v1 "
         "hierarchies too): give --cgroup paths under the cgroup2 mount"
     )
     risky = sorted(_v1_controllers() & {"net_cls", "net_prio"})
@@ -239,9 +252,11 @@ def check_cgroup2(version: tuple[int, int]) -> Check:
 
 
 def check_bpffs(pin_dir: str) -> Check:
-    from bpfkeep.enforcer import _is_bpffs
+    from bpfkeep.cgroups import hidden_mount, netns_hint
+    from bpfkeep.enforcer import _is_bpffs, bpffs_view
 
-    parent = os.path.dirname(os.path.abspath(pin_dir))
+    pin_dir = bpffs_view(pin_dir)
+    parent = os.path.dirname(pin_dir)
     details: dict[str, object] = {"pin_dir": pin_dir, "mounted": False}
     if _is_bpffs(parent):
         details["mounted"] = True
@@ -249,6 +264,16 @@ def check_bpffs(pin_dir: str) -> Check:
             "bpffs", OK, f"bpffs mounted at {parent} (pins under {pin_dir})", None, details
         )
     fstab = f"bpf {parent} bpf defaults 0 0"
+    hint = netns_hint()
+    if hint and hidden_mount("bpf"):
+        return Check(
+            "bpffs",
+            FAIL,
+            f"{parent} is not on a bpf filesystem in this mount namespace, and the host's "
+            f"bpffs (at {hidden_mount('bpf')}) is out of reach",
+            hint,
+            details,
+        )
     if parent == "/sys/fs/bpf" and os.path.isdir(parent):
         return Check(
             "bpffs",
@@ -406,7 +431,7 @@ def check_preload() -> Check:
     )
 
 
-def check_audit() -> Check:
+def check_audit(version: tuple[int, int]) -> Check:
     from bpfkeep import audit
     from bpfkeep.errors import BpfkeepError
 
@@ -415,13 +440,16 @@ def check_audit() -> Check:
     except BpfkeepError as e:
         return Check("audit", WARN, f"bpfkeep audit cannot work: {e}", "modprobe tcp_diag")
     with_id = sum(1 for r in records if r.cgroup_id)
-    if records and not with_id:
+    # Judged from the version, not from the sockets: a socket may have no
+    # cgroup id on any kernel (an orphan in FIN-WAIT-2 has lost its owner).
+    if version < CGROUP_ID_IN_DIAG:
         return Check(
             "audit",
             WARN,
-            f"inet_diag lists {len(records)} TCP sockets but no cgroup ids (Linux < 5.7): "
-            "bpfkeep audit cannot attribute sockets to cgroups",
-            "use Linux >= 5.7 for per-cgroup audit",
+            f"Linux < {CGROUP_ID_IN_DIAG[0]}.{CGROUP_ID_IN_DIAG[1]}: inet_diag reports no "
+            "cgroup ids, so bpfkeep audit cannot attribute sockets to cgroups",
+            f"use Linux >= {CGROUP_ID_IN_DIAG[0]}.{CGROUP_ID_IN_DIAG[1]} for per-cgroup audit",
+            {"sockets": len(records)},
         )
     return Check(
         "audit",
@@ -478,7 +506,7 @@ def checks(pin_dir: str) -> list[Check]:
         check_bcc(loaded),
         check_headers(loaded),
         check_preload(),
-        check_audit(),
+        check_audit(version),
         check_sysctls(),
     ]
 

@@ -110,26 +110,50 @@ def require_privileges() -> None:
 
 
 def _is_bpffs(path: str) -> bool:
-    # os.statvfs has no f_type; ask stat(1)-free via /proc/mounts instead.
-    path = os.path.realpath(path)
-    best = ("", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            where = fields[1]
-            if (path == where or path.startswith(where.rstrip("/") + "/")) and len(where) > len(
-                best[0]
-            ):
-                best = (where, fields[2])
-    return best[1] == "bpf"
+    """Whether path is on a bpf filesystem: statfs(2)'s f_type (os.statvfs
+    has none).  Works for /proc/PID/root/... paths too, which a mount table
+    lookup would not."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == BPF_FS_MAGIC
+
+
+def bpffs_view(pin_dir: str) -> str:
+    """pin_dir as this process can reach it.  Under ``ip netns exec`` our
+    /sys is a fresh sysfs without the host's bpffs; the host's is reached
+    through a process in the host's mount namespace (cgroups.host_views).
+    Pinning into a bpffs mounted in our private namespace instead would
+    lose the pins -- and detach the policies -- when it goes away."""
+    from bpfkeep.cgroups import host_views
+
+    pin_dir = os.path.abspath(pin_dir)
+    parent = os.path.dirname(pin_dir)
+    if _is_bpffs(parent):
+        return pin_dir
+    for via, _ in host_views():
+        if _is_bpffs(via + parent):
+            return via + pin_dir
+    return pin_dir
 
 
 def ensure_bpffs(pin_dir: str) -> None:
     """Make sure pin_dir's parent is on a bpf filesystem; mount it if the
     conventional /sys/fs/bpf is simply not mounted yet."""
+    from bpfkeep.cgroups import hidden_mount, netns_hint
+
     parent = os.path.dirname(os.path.abspath(pin_dir))
     if _is_bpffs(parent):
         return
+    hint = netns_hint()
+    if hint and hidden_mount("bpf"):
+        raise EnvironmentProblem(
+            f"{parent} is not on a bpf filesystem in this mount namespace, and the "
+            f"host's bpffs (at {hidden_mount('bpf')}) is out of reach: {hint} (or as root)"
+        )
     if parent == "/sys/fs/bpf" and os.path.isdir(parent):
         proc = subprocess.run(
             ["mount", "-t", "bpf", "bpf", parent],
@@ -212,7 +236,7 @@ class Enforcer:
     """bpfkeep's attachments under one pin directory."""
 
     def __init__(self, pin_dir: str | None = None, version: str | None = None):
-        self.pin_dir = os.path.abspath(pin_dir or pin_dir_default())
+        self.pin_dir = bpffs_view(pin_dir or pin_dir_default())
         self.version = version or loader.source_version()
         self.obj_dir = os.path.join(self.pin_dir, f"obj-{self.version}")
         self.link_dir = os.path.join(self.pin_dir, "links")

@@ -130,7 +130,8 @@ OPTIONS: tuple[Option, ...] = (
         ("TCP_USER_TIMEOUT",),
         "both",
         "how long sent data may stay unacknowledged; "
-        "default (keepidle + keepintvl * keepcnt) * 1000",
+        "default (keepidle + keepintvl * keepcnt) * 1000.  It also bounds the "
+        "handshake, in place of the time --syncnt implies (0: keep that)",
     ),
     Option(
         "syncnt",
@@ -146,7 +147,10 @@ OPTIONS: tuple[Option, ...] = (
         False,
         ("TCP_SYNCNT",),
         "connect",
-        "SYN retransmits before connect() gives up",
+        "SYN retransmits before connect() gives up.  A user timeout (the derived "
+        "default too) replaces the time this implies: to a blackholed peer "
+        "--syncnt 2 gives up after ~11 s and 7 SYNs, with --user-timeout 0 after "
+        "~7 s and 6 SYNs (Linux 6.18)",
     ),
     Option(
         "maxseg",

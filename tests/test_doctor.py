@@ -303,3 +303,60 @@ def test_parsers():
     assert doctor.kernel_config_values(
         "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n", ["CONFIG_A", "CONFIG_B", "CONFIG_C"]
     ) == {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": "m"}
+
+
+# -- the kernel is judged from its version, not from sockets --------------------
+
+_HOLD_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen(1)
+print("ready", s.getsockname()[1], flush=True)
+c, _ = s.accept()
+sys.stdin.read()  # holds the connection (CLOSE-WAIT) until stdin closes
+"""
+
+_ORPHAN_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.shutdown(socket.SHUT_WR)
+while s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[0] != 5:  # until FIN_WAIT2
+    pass  # the peer's ACK of our FIN is a round trip away
+s.close()  # an orphan now: the kernel keeps it in FIN-WAIT-2, with no owner
+"""
+
+
+@pytest.mark.kernel
+def test_doctor_judges_the_kernel_by_version_not_by_an_orphan(netns_pair, spawn):
+    """The only TCP socket of a namespace is an orphan in FIN-WAIT-2 (a
+    timewait sock: no cgroup id on any kernel).  doctor used to conclude
+    "Linux < 5.7" from it."""
+    srv = spawn([sys.executable, "-c", _HOLD_SERVER, netns_pair.server_ip], netns=netns_pair.server)
+    port = srv.expect("ready").split()[1]
+    subprocess.run(
+        ["ip", "netns", "exec", netns_pair.client, sys.executable, "-c", _ORPHAN_CLIENT,
+         netns_pair.server_ip, port],
+        check=True, timeout=60,
+    )  # fmt: skip
+    ss = subprocess.run(
+        ["ip", "netns", "exec", netns_pair.client, "ss", "-tanH"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert len(ss) == 1 and ss[0].startswith("FIN-WAIT-2"), ss
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns_pair.client, *doctor_cmd("--json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    audit = {c["name"]: c for c in json.loads(out.stdout)["checks"]}["audit"]
+    assert audit["status"] == OK, audit
+    assert "5.7" not in audit["message"]
+
+
+def test_audit_check_by_version(monkeypatch):
+    from bpfkeep import audit
+
+    monkeypatch.setattr(audit, "scan", lambda **_kw: [])
+    assert doctor.check_audit((6, 18)).status == OK
+    old = doctor.check_audit((5, 4))
+    assert old.status == WARN and "Linux < 5.7" in old.message

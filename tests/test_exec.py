@@ -145,7 +145,7 @@ def test_exec_without_command():
 
 def test_exec_missing_program():
     out = cli("exec", "--", "/no/such/program")
-    assert out.returncode != 0
+    assert out.returncode == 127  # as shells and env say "not found"
     assert out.stderr.strip().splitlines() == [
         "bpfkeep: cannot run /no/such/program: No such file or directory"
     ]
@@ -329,3 +329,39 @@ def test_tcp_fast_open_client_gets_the_policy(path, how, request, listener):
             pytest.skip("net.ipv4.tcp_fastopen has client mode off")
     got = _probe_under(path, request, "tfo", "127.0.0.1", str(listener), how)
     assert (got["keepalive"], got["keepidle"], got["keepcnt"]) == (1, 7, 9), got
+
+
+def test_exec_not_executable(tmp_path):
+    data = tmp_path / "data"
+    data.write_text("not a program\n")
+    data.chmod(0o644)
+    out = cli("exec", "--", str(data))
+    assert out.returncode == 126
+    assert out.stderr.strip().splitlines() == [f"bpfkeep: cannot run {data}: Permission denied"]
+
+
+@pytest.mark.kernel
+def test_run_via_auto_refuses_the_shim_for_a_static_program(probes, port):
+    """Without privileges run used to fall back to the shim, which cannot
+    reach a static program: it ran with no policy and a warning."""
+    shared = tempfile.mkdtemp(prefix="bpfkeep-exec-")
+    os.chmod(shared, 0o755)
+    probe = shutil.copy(probes["static"], shared)
+    try:
+        out = subprocess.run(
+            as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--keepidle", "45",
+                                  "--", probe, "connect", "127.0.0.1", port)),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        missing = subprocess.run(
+            as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--", "/no/such/program")),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(shared)
+    assert out.returncode != 0 and "client " not in out.stdout
+    assert out.stderr.strip().splitlines() == [
+        f"bpfkeep: {probe} is statically linked: the LD_PRELOAD shim cannot reach it, "
+        "and BPF needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+    ]
+    assert missing.returncode == 127, missing.stderr
