@@ -377,7 +377,16 @@ class Enforcer:
                     lfd = bpfsys.link_create(objs[prog], cgfd, atype)
                     created.append((lfd, path))
                     bpfsys.obj_pin(lfd, path)
-                # The new storage starts zeroed (inactive): until this write
+                # The kernel keeps a cgroup's storage across a detach and a
+                # new attach: a new attachment counts from zero.
+                with contextlib.suppress(OSError):
+                    bpfsys.map_update(
+                        objs[loader.MAP_COUNTERS],
+                        key,
+                        bytes(bpfmaps.percpu_value_size(bpfmaps.COUNTERS_SIZE)),
+                        bpfsys.BPF_EXIST,
+                    )
+                # Until this write the policy storage is zeroed or inactive:
                 # an ancestor's policy, if any, still covers the cgroup.
                 self._write_policy(objs, key, value)
             except OSError as e:

@@ -316,3 +316,17 @@ def test_kernel_without_the_sweep_gets_one_notice(bk, cgroups, spawn, probes, pi
     assert new.values("client")["keepidle"] == 31
     report = json.loads(bk("audit", "--json").stdout)
     assert report["policy_check"] is None and "Linux 5.15" in report["why_not"]
+
+
+def test_counters_start_at_zero_for_a_new_attachment(bk, cgroups, spawn, probes):
+    app = cgroups.make("app")
+    bk("attach", "--cgroup", cgroups.rel(app))
+    _srv, cli, _port = pair(spawn, probes, app)
+    cli.values("client")
+    seen = json.loads(bk("status", "--json").stdout)[0]["counters"]["seen"]
+    assert seen["connect"] == 1
+    bk("detach", "--cgroup", cgroups.rel(app))
+    bk("attach", "--cgroup", cgroups.rel(app), "--no-existing")
+    counters = json.loads(bk("status", "--json").stdout)[0]["counters"]
+    assert counters["seen"] == {"connect": 0, "listen": 0, "passive_established": 0}
+    assert counters["sweep"] is None or counters["sweep"]["swept"] == 0
