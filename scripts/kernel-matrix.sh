@@ -3,7 +3,7 @@
 # 6.1) booted in QEMU, besides the kernel this host runs.  Run as root, after
 # scripts/setup.sh (the venv must hold the installed package).
 #
-#   scripts/kernel-matrix.sh                 the CI subset (see KMATRIX_TESTS)
+#   scripts/kernel-matrix.sh                 the whole suite, as CI runs it
 #   scripts/kernel-matrix.sh tests/test_x.py pytest arguments of your own
 #   scripts/kernel-matrix.sh --fetch         only download the kernel (setup.sh)
 #
@@ -20,18 +20,11 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
-# The subset CI runs under TCG (~10x slower than the host): attach, a static
-# program getting every option, nested cgroups, enforce mode, dead-peer
-# detection (test_enforcer.py), the sweep of existing sockets
-# (test_sweep.py), the daemon killed with -9 and restarted, and its sweep.
-KMATRIX_TESTS=(
-    "$REPO/tests/test_enforcer.py"
-    "$REPO/tests/test_sweep.py"
-    "$REPO/tests/test_daemon.py::test_kill9_restart_adopts_without_gap_or_duplicates"
-    "$REPO/tests/test_daemon.py::test_removed_rule_detached_and_detach_on_exit"
-    "$REPO/tests/test_daemon.py::test_sockets_older_than_the_policy_are_swept_and_audited"
-    "$REPO/tests/test_installed.py"
-)
+# CI runs the whole suite there (tests/): under TCG it takes ~8 min on a
+# 2-CPU host, inside the 15 min we allow the matrix.  To run less, pass
+# pytest arguments, e.g. the core kernel tests in ~2.5 min:
+#   tests/test_enforcer.py tests/test_sweep.py tests/test_installed.py \
+#   tests/test_daemon.py::test_kill9_restart_adopts_without_gap_or_duplicates
 PACKAGE=${KMATRIX_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 CACHE=${KMATRIX_CACHE:-/var/cache/bpfkeep-kmatrix}
 SMP=${KMATRIX_SMP:-2}
@@ -74,7 +67,7 @@ for l in bin lib lib64 sbin; do [ -L "/$l" ] && ln -s "usr/$l" "$stage/$l"; done
 ln -s /run "$stage/var/run"
 cp "$REPO/scripts/qemu/guest-init.sh" "$stage/kmatrix/init"
 chmod 755 "$stage/kmatrix/init"
-if [ $# -eq 0 ]; then set -- "${KMATRIX_TESTS[@]}"; fi
+if [ $# -eq 0 ]; then set -- "$REPO/tests"; fi
 args=()
 for a in "$@"; do  # the guest runs pytest from /tmp: make test paths absolute
     if [ -e "${a%%::*}" ]; then a="$(cd "$(dirname "${a%%::*}")" && pwd)/$(basename "$a")"; fi
@@ -140,6 +133,10 @@ if [ -z "$verdict" ]; then
     exit 3
 fi
 echo "kernel-matrix: guest ran ${elapsed} s"
+case "$verdict" in
+    *" $release rc="*) ;;
+    *) echo "kernel-matrix: the guest ran another kernel than $release: $verdict"; exit 3 ;;
+esac
 case "$verdict" in
     "KMATRIX RESULT: PASS "*) echo "$verdict"; exit 0 ;;
     *)
