@@ -20,6 +20,7 @@ pkgs=(
     libkeepalive0                                    # the peer the shim is compared with
     prometheus                                       # promtool + a real server for the tests
     systemd                                          # systemd-analyze verify of the unit
+    qemu-system-x86 e2fsprogs busybox-static         # scripts/kernel-matrix.sh (Debian 12's 6.1)
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -46,4 +47,6 @@ fi
 # Reinstall our own package every time so the venv matches this checkout.
 .venv/bin/pip install -q --no-deps --force-reinstall .
 .venv/bin/python -c 'import bcc, pyroute2, prometheus_client, bpfkeep' 
+# The kernel the matrix boots: Debian 12's linux-image-cloud-amd64, cached.
+bash scripts/kernel-matrix.sh --fetch
 echo "setup.sh: ready (.venv/bin/bpfkeep)"

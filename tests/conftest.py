@@ -74,8 +74,27 @@ def as_nobody(argv: list[str]) -> list[str]:
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", *argv]
 
 
+# The venv's console script, not ``python -m bpfkeep``: the tests exercise
+# what ``pip install`` put in the venv (entry point, BPF sources, option
+# header, libbpfkeep.so), never the checkout's bpfkeep/ directory.
+BPFKEEP = str(Path(sys.executable).parent / "bpfkeep")
+
+
 def bpfkeep_cmd(pin_dir: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "bpfkeep", "--pin-dir", pin_dir, *args]
+    return [BPFKEEP, "--pin-dir", pin_dir, *args]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_checkout(tmp_path_factory) -> Iterator[None]:
+    """Every process a test starts runs with its working directory outside
+    the checkout, so that ``python -c``/``-m`` cannot import the checkout's
+    bpfkeep/ from the current directory (tests/test_installed.py checks)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 @pytest.fixture()
