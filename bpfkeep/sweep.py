@@ -262,8 +262,15 @@ def _sysctl_defaults() -> dict[str, int]:
 
 def _list_sockets() -> list[audit._Raw]:
     raws: list[audit._Raw] = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        raws += audit._dump(family, None, _STATE_MASK)
+    try:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            raws += audit._dump(family, None, _STATE_MASK)
+    except OSError as e:
+        # Not "the process left": without inet_diag nothing can be swept.
+        raise EnvironmentProblem(
+            f"cannot list TCP sockets through inet_diag ({e.strerror or e}): load the "
+            "modules (modprobe inet_diag tcp_diag)"
+        ) from None
     return raws
 
 
