@@ -87,7 +87,9 @@ class Programs:
                 capture_output=True,
                 text=True,
                 cwd=str(REPO),
-                env=bcc_environment(),  # kernel headers, as bpfkeep's own loader
+                # kernel headers, as bpfkeep's own loader; bench/ importable
+                # also when the caller runs with PYTHONSAFEPATH (the tests)
+                env={**bcc_environment(), "PYTHONPATH": str(REPO)},
                 check=False,
             )
         if proc.returncode:

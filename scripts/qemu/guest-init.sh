@@ -20,7 +20,12 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# A tmpfs /tmp, unless the checkout itself is under /tmp (CI may clone
+# there): the image's /tmp is written to a snapshot and thrown away anyway.
+case "$REPO" in
+/tmp/*) ;;
+*) mount -t tmpfs tmpfs /tmp ;;
+esac
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
