@@ -20,12 +20,6 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-# A tmpfs /tmp, unless the checkout itself is under /tmp (CI may clone
-# there): the image's /tmp is written to a snapshot and thrown away anyway.
-case "$REPO" in
-/tmp/*) ;;
-*) mount -t tmpfs tmpfs /tmp ;;
-esac
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
@@ -46,6 +40,12 @@ finish() {
 
 # shellcheck source=/dev/null
 . /kmatrix/env || finish FAIL 99
+# A tmpfs /tmp, unless the checkout itself is under /tmp (CI may clone
+# there): the image's /tmp is written to a snapshot and thrown away anyway.
+case "$REPO" in
+/tmp/*) ;;
+*) mount -t tmpfs tmpfs /tmp ;;
+esac
 
 # The kernel package's modules were copied in by the host; busybox's depmod
 # and modprobe stand in for kmod, also for the kernel's own requests (e.g.
