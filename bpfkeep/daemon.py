@@ -488,7 +488,8 @@ class Daemon:
             return
         except (BpfkeepError, OSError) as e:
             self.reconcile_errors += 1
-            log.error("sweeping existing sockets of %d cgroup(s): %s", len(cgs), e)
+            names = ", ".join(cg.display for cg in cgs[:3]) + (" ..." if len(cgs) > 3 else "")
+            log.error("sweeping the existing sockets of %s: %s", names, e)
             return
         if report.swept or report.unreachable:
             log.info("%s (%d cgroup(s))", report.summary(), len(cgs))

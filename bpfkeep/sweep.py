@@ -266,6 +266,8 @@ def _list_sockets() -> list[audit._Raw]:
         for family in (socket.AF_INET, socket.AF_INET6):
             raws += audit._dump(family, None, _STATE_MASK)
     except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EINVAL, errno.EPROTONOSUPPORT):
+            raise
         # Not "the process left": without inet_diag nothing can be swept.
         raise EnvironmentProblem(
             f"cannot list TCP sockets through inet_diag ({e.strerror or e}): load the "
