@@ -142,9 +142,13 @@ def keepidle_of_new_connection(spawn, probes, cgroup: str, port: int) -> int:
 
 
 @pytest.fixture()
-def listener(spawn, probes):
-    srv = spawn([probes["dynamic"], "listen", "127.0.0.1", "0", "hold"])
-    return int(srv.expect("ready").split()[1])
+def listener():
+    """A loopback listener whose accept queue holds every connection the
+    test makes (sockprobe's listens with a backlog of 16: a test that polls
+    by connecting filled it on slow kernels, and connect() then hung)."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    yield srv.getsockname()[1]
+    srv.close()
 
 
 def wait_until(pred, timeout: float, step: float = 0.01):

@@ -50,9 +50,15 @@ def _syns_sent(ns: str) -> int:
     ],
 )
 def test_syncnt_and_user_timeout_on_a_blackholed_handshake(bk, cgroups, netns_pair, flags, syns):
-    with open("/proc/sys/net/ipv4/tcp_syn_linear_timeouts") as f:
-        if int(f.read()) != 4:
-            pytest.skip("counts below assume net.ipv4.tcp_syn_linear_timeouts = 4")
+    try:
+        with open("/proc/sys/net/ipv4/tcp_syn_linear_timeouts") as f:
+            linear = int(f.read())
+    except FileNotFoundError:
+        # Before Linux 6.10 SYN retransmissions back off exponentially
+        # from the first: other counts and times.
+        pytest.skip("kernel without net.ipv4.tcp_syn_linear_timeouts (6.10+): counts differ")
+    if linear != 4:
+        pytest.skip("counts below assume net.ipv4.tcp_syn_linear_timeouts = 4")
     cg = cgroups.make("client")
     bk("attach", "--cgroup", cgroups.rel(cg), "--syncnt", "2", *flags)
     # The server's address stays resolved (a permanent neighbour entry), so
