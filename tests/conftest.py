@@ -7,8 +7,10 @@ when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -303,6 +305,22 @@ def netns_pair() -> Iterator[NetnsPair]:
     bpfkeep.testing.NetnsPair for why not a bare veth pair)."""
     with NetnsPair() as pair:
         yield pair
+
+
+@pytest.fixture()
+def netns():
+    """A network namespace with loopback up, removed at the end."""
+    name = f"bk-ns-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 # -- reading the kernel from outside ---------------------------------------

@@ -5,6 +5,7 @@ those capabilities) and the daemon run with nothing more."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from neighbours import attached
 from test_enforcer import assert_policy, assert_untouched
 
 from bpfkeep.enforcer import Enforcer
@@ -56,20 +58,6 @@ def fresh_pin_dir(bpffs):
         Enforcer(d).destroy()
 
 
-@pytest.fixture()
-def netns():
-    name = f"bk-unit-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            subprocess.run(["kill", "-9", pid], check=False)
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 def test_unit_grants_what_loading_and_the_sweep_need():
     caps = set(unit_capabilities())
     assert {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"} <= caps
@@ -78,10 +66,18 @@ def test_unit_grants_what_loading_and_the_sweep_need():
     assert "RestrictNamespaces=net" in text  # setns into network namespaces only
 
 
-def test_first_attach_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, probes, netns):
+@pytest.mark.parametrize("neighbour", [None, "writes-reply"])
+def test_first_attach_under_the_units_capabilities(
+    fresh_pin_dir, cgroups, spawn, probes, netns, neighbour, request
+):
     """Compile, load, pin and attach from nothing, then sweep a connection
-    that a process of another user holds in another network namespace."""
+    that a process of another user holds in another network namespace --
+    also beside another tool's sock_ops program that writes ops->reply."""
     app = cgroups.make("app")
+    if neighbour:
+        stack = contextlib.ExitStack()
+        request.addfinalizer(stack.close)  # detached before the cgroup goes
+        stack.enter_context(attached(neighbour, app))
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     srv = spawn([*nobody, probes["static"], "listen", "127.0.0.1", "0", "hold"], app, netns)
     port = int(srv.expect("ready").split()[1])

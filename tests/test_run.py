@@ -4,7 +4,6 @@ later, shell exit statuses; bpfkeep under `ip netns exec`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -246,22 +245,6 @@ def test_killed_run_is_cleaned_up_by_status(pin_dir, run_env, run_cgroups, tmp_p
 
 
 # -- network namespaces: ip netns exec ----------------------------------------------
-
-
-@pytest.fixture()
-def netns():
-    """A network namespace with loopback up, removed at the end."""
-    name = f"bkrun-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in out.stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _in_netns(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
