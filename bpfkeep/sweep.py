@@ -224,24 +224,41 @@ def in_netns(pid: int | None, fn: Callable[[], object]) -> object:
     """
     if pid is None:
         return fn()
+
+    def entered() -> object:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc().setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return fn()
+
+    return _in_thread(entered, f"bpfkeep-netns-{pid}")
+
+
+def _in_thread(fn: Callable[[], object], name: str, deadline: float | None = None) -> object:
+    """``fn()`` in a thread of its own (which starts in the caller's network
+    namespace); its result or exception is the caller's.  After
+    ``deadline`` seconds the thread is left behind: SweepStuck."""
     box: dict[str, object] = {}
 
     def body() -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc().setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
-            finally:
-                os.close(fd)
             box["value"] = fn()
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=body, name=f"bpfkeep-netns-{pid}", daemon=True)
+    t = threading.Thread(target=body, name=name, daemon=True)
     t.start()
-    t.join()
+    t.join(deadline)
+    if t.is_alive():
+        raise SweepStuck(
+            errno.ETIMEDOUT,
+            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
+            "page fault inside send()?); the rest of this namespace was not swept",
+        )
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box.get("value")
@@ -358,27 +375,7 @@ class SweepStuck(OSError):
 
 
 def _iter_with_deadline(prog_fd: int, deadline: float = ITER_DEADLINE) -> None:
-    box: dict[str, BaseException] = {}
-
-    def body() -> None:
-        try:
-            bpfsys.iter_run(prog_fd)
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    # A new thread inherits the network namespace of the thread that makes
-    # it: the iterator walks the same namespace.
-    t = threading.Thread(target=body, name="bpfkeep-iter", daemon=True)
-    t.start()
-    t.join(deadline)
-    if t.is_alive():
-        raise SweepStuck(
-            errno.ETIMEDOUT,
-            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
-            "page fault inside send()?); the rest of this namespace was not swept",
-        )
-    if "error" in box:
-        raise box["error"]
+    _in_thread(lambda: bpfsys.iter_run(prog_fd), "bpfkeep-iter", deadline)
 
 
 def _targets(
