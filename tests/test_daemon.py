@@ -36,7 +36,8 @@ class DaemonProc:
         self.notify_path = str(tmp / "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
-        self.messages: list[str] = []
+        self.messages: list[str] = []  # received, not yet matched
+        self.consumed: list[str] = []  # matched by wait_message, in order
 
     def start(self, **extra_env: str) -> float:
         """Start; return seconds until systemd's READY=1 arrived."""
@@ -57,6 +58,7 @@ class DaemonProc:
             for m in self.messages:
                 if needle in m:
                     self.messages.remove(m)
+                    self.consumed.append(m)
                     return m
             exited = self.proc is not None and self.proc.poll() is not None
             # Once the daemon is gone, only drain what it already sent.
@@ -300,8 +302,9 @@ def test_systemd_notify_status_and_watchdog(daemon, cgroups, tmp_path):
     )
     d = daemon(cfg)
     d.start(WATCHDOG_USEC="400000")  # WatchdogSec=0.4s: a ping every 0.2 s
-    ready = [m for m in d.messages if "STATUS=" in m]
-    assert ready == [] or "enforcing 1 cgroup(s)" in ready[0]
+    # The message start() waited for: READY=1 comes with the first STATUS=.
+    (ready,) = [m for m in d.consumed if "READY=1" in m]
+    assert "STATUS=enforcing 1 cgroup(s)" in ready, ready
     for _ in range(3):
         d.wait_message("WATCHDOG=1", timeout=2)
     d.signal(signal.SIGHUP)
