@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids
+from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids, host_sysctl
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.kernel
@@ -176,9 +176,9 @@ def test_daemon_reconciles_scrapes_and_reloads(daemon, cgroups, spawn, probes, l
 
     # Attached at start, enforced on a real static program.
     assert keepidle_of_new_connection(spawn, probes, a, listener) == 61
-    assert (
-        keepidle_of_new_connection(spawn, probes, cgroups.make("not-a-service"), listener) == 7200
-    )
+    assert keepidle_of_new_connection(
+        spawn, probes, cgroups.make("not-a-service"), listener
+    ) == host_sysctl("tcp_keepalive_time")
     for _ in range(2):
         keepidle_of_new_connection(spawn, probes, a, listener)
     m = scrape(port)
