@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids, host_sysctl
+from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids, host_keepalive, host_sysctl
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.kernel
@@ -311,6 +311,34 @@ def test_systemd_notify_status_and_watchdog(daemon, cgroups, tmp_path):
     assert "enforcing 1 cgroup(s)" in d.wait_message("STATUS=")
     assert d.stop() == 0
     d.wait_message("STOPPING=1")
+
+
+def test_dead_peer_gauge_counts_a_time_left_at_zero_as_the_hosts(daemon, cgroups, tmp_path):
+    """A time left at 0 is the host's sysctl (per network namespace; the
+    daemon's here): keepcnt 0 with 60/10 is 60 + 10 x tcp_keepalive_probes
+    (150 s on a default host), not 60; keepidle 0 is tcp_keepalive_time
+    plus the probes, not left out."""
+    cnt0, idle0 = cgroups.make("cnt0.service"), cgroups.make("idle0.service")
+    full = cgroups.make("full.service")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    rules = (
+        rule(f"{base}/cnt0.service", keepidle=60, keepintvl=10, keepcnt=0)
+        + rule(f"{base}/idle0.service", keepidle=0)
+        + rule(f"{base}/full.service", keepidle=2, keepintvl=1, keepcnt=3)
+    )
+    d = daemon(write_config(tmp_path / "c.toml", port, rules))
+    d.start()
+    m = scrape(port)
+    time_, _intvl, probes = host_keepalive()
+
+    def bound(cg: str) -> float | None:
+        return sample(m, "bpfkeep_policy_dead_peer_bound_seconds", cgroup="/" + cgroups.rel(cg))
+
+    assert bound(cnt0) == 60 + 10 * probes
+    assert bound(idle0) == time_ + 15 * 9
+    assert bound(full) == 5
+    assert d.stop() == 0
 
 
 def test_bad_config_at_start_is_one_line_and_exit_2(pin_dir, tmp_path):
