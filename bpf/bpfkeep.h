@@ -1,8 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Structures shared by bpfkeep's BPF programs (keepalive.bpf.c) and its
- * userspace (bpfkeep/bpfmaps.py mirrors them with ctypes; a test checks
- * the sizes agree).  Fixed-width types only, no padding holes.
+ * Structures and constants shared by bpfkeep's BPF programs
+ * (keepalive.bpf.c) and its userspace: bpfkeep/bpfmaps.py reads this very
+ * file (the installed copy) for the flags, callback and errno names and the
+ * struct layouts, and tests/test_layout.py compares them with the BTF of the
+ * compiled programs' maps.  So that it can: integer #defines, structs of
+ * fixed-width types (__u8..__u64 and arrays of them), no padding holes; the
+ * names after BK_CB_ and BK_ERR_ are the metric labels.
  */
 #ifndef BPFKEEP_H
 #define BPFKEEP_H
@@ -40,13 +44,15 @@ struct bk_sk {
 	__u16 app;   /* bit per option id: the application set it itself */
 };
 
-/* Socket callbacks counted in bk_counters.seen[] */
+/* Socket callbacks counted in bk_counters.seen[]; the metric's callback
+ * label is the name in lower case */
 #define BK_CB_CONNECT 0 /* BPF_SOCK_OPS_TCP_CONNECT_CB: before the SYN */
 #define BK_CB_LISTEN 1	/* BPF_SOCK_OPS_TCP_LISTEN_CB */
-#define BK_CB_PASSIVE 2 /* BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB */
+#define BK_CB_PASSIVE_ESTABLISHED 2 /* BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB */
 #define BK_NCB 3
 
-/* errno buckets of bk_counters.failed[][] (bpfkeep/bpfmaps.py names them) */
+/* errno buckets of bk_counters.failed[][]; the metric's errno label is
+ * the name (OTHER: "other") */
 #define BK_ERR_OTHER 0
 #define BK_ERR_EPERM 1
 #define BK_ERR_EINVAL 2

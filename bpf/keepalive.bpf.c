@@ -204,7 +204,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 		cb = BK_CB_LISTEN;
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		cb = BK_CB_PASSIVE;
+		cb = BK_CB_PASSIVE_ESTABLISHED;
 		break;
 	default:
 		return 1;
@@ -223,7 +223,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 		return 1;
 	c->seen[cb]++;
 
-	if (cb == BK_CB_PASSIVE) {
+	if (cb == BK_CB_PASSIVE_ESTABLISHED) {
 		/* The record came with the listener (BPF_F_CLONE).  A listener
 		 * that carries this very policy passed every value on
 		 * (sk_clone_lock copies them): nothing to do, no helper call.

@@ -474,7 +474,7 @@ def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]
     out = []
     for o in report.outcomes:
         att = atts.get(o.target.owner)
-        if att is None or not o.entry.result & 1:
+        if att is None or not o.entry.result & bpfmaps.SWR_SEEN:
             continue
         v, why = verdict(att.policy, bpfmaps.policy_flags(att.policy), o.entry)
         out.append(

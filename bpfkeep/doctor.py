@@ -28,7 +28,7 @@ from bpfkeep.enforcer import (
     missing_load_caps,
     own_capabilities,
 )
-from bpfkeep.options import OPTIONS
+from bpfkeep.options import KEEPALIVE_SYSCTLS, OPTIONS, dead_peer_seconds
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options from sock_ops
@@ -39,7 +39,6 @@ MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options fr
 MIXED_V1_FIXED = (5, 15)
 CGROUP_ID_IN_DIAG = (5, 7)  # INET_DIAG_CGROUP_ID (commit b1f3e43dbfac)
 SYSCTL_DIR = "/proc/sys/net/ipv4"
-KEEPALIVE_SYSCTLS = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
 
 
 @dataclasses.dataclass
@@ -71,9 +70,8 @@ def format_duration(seconds: int) -> str:
 
 
 def worst_case(time: int, intvl: int, probes: int) -> int:
-    """Seconds from the last packet until keepalive drops a dead peer: the
-    idle time, then ``probes`` unanswered probes ``intvl`` apart."""
-    return time + probes * intvl
+    """Seconds from the last packet until keepalive drops a dead peer."""
+    return dead_peer_seconds(time, intvl, probes)
 
 
 def keepalive_summary(time: int, intvl: int, probes: int) -> str:

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector as _CollectorBase
 
 from bpfkeep import __version__
 from bpfkeep.bpfmaps import Counters
-from bpfkeep.options import Policy
+from bpfkeep.options import Policy, dead_peer_bound, host_keepalive
 
 
 @dataclasses.dataclass
@@ -48,8 +48,15 @@ class Snapshot:
 class Collector(_CollectorBase):
     """Yields bpfkeep's metric families from a snapshot source."""
 
-    def __init__(self, source: Callable[[], Snapshot]):
+    def __init__(
+        self,
+        source: Callable[[], Snapshot],
+        keepalive_sysctls: Callable[[], tuple[int, int, int]] = host_keepalive,
+    ):
         self._source = source
+        # What a policy's keepalive time left at 0 is: the host's sysctl,
+        # read at scrape time.
+        self._sysctls = keepalive_sysctls
 
     def describe(self) -> Iterator:
         # Lets the registry learn the names without reading the maps.
@@ -75,9 +82,11 @@ class Collector(_CollectorBase):
         )
         bound = GaugeMetricFamily(
             "bpfkeep_policy_dead_peer_bound_seconds",
-            "keepidle + keepintvl * keepcnt of the attached policy",
+            "keepidle + keepintvl * keepcnt of the attached policy "
+            "(a time left at 0: the host's net.ipv4.tcp_keepalive_* sysctl)",
             labels=["cgroup"],
         )
+        host = self._sysctls() if any(r.policy for r in snap.rows) else (0, 0, 0)
         sockets = CounterMetricFamily(
             "bpfkeep_sockets",
             "TCP sockets the policy was applied to, by socket callback",
@@ -121,9 +130,8 @@ class Collector(_CollectorBase):
         for row in snap.rows:
             mode = row.policy.mode if row.policy else "unknown"
             attached.add_metric([row.cgroup, mode], 1)
-            if row.policy and row.policy.keepidle and row.policy.keepintvl:
-                p = row.policy
-                bound.add_metric([row.cgroup], p.keepidle + p.keepintvl * p.keepcnt)
+            if row.policy:
+                bound.add_metric([row.cgroup], dead_peer_bound(row.policy, host))
             c = row.counters
             if c is None:
                 continue

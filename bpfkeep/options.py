@@ -253,6 +253,17 @@ def parse_value(opt: Option, raw: object) -> int:
     return value
 
 
+def dead_peer_seconds(keepidle: int, keepintvl: int, keepcnt: int) -> int:
+    """Seconds from the last packet until keepalive drops a dead peer: the
+    idle time, then ``keepcnt`` unanswered probes ``keepintvl`` apart.
+    The one place of this formula in Python: the derived user timeout,
+    the metrics' bound, audit and doctor all use it.  The BPF programs
+    (bk_derived_ut in bpf/keepalive.bpf.c) and the shim
+    (derive_user_timeout in preload/policy.c) have their own in C;
+    tests/test_dead_peer.py checks all three through the kernel."""
+    return keepidle + keepintvl * keepcnt
+
+
 def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
     """The time keepalive needs to drop a dead peer, in ms; 0 (kernel
     default) when any of the three is left to the host's sysctls.
@@ -265,7 +276,33 @@ def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
         return 0
     # Parenthesised on purpose: libkeepalive once shipped
     # ``idle + intvl * cnt * 1000``.
-    return min((keepidle + keepintvl * keepcnt) * 1000, BY_KEY["user_timeout"].maximum)
+    return min(dead_peer_seconds(keepidle, keepintvl, keepcnt) * 1000, INT_MAX)
+
+
+# What a socket gets for a keepalive time bpfkeep leaves at 0: the sysctls
+# of its network namespace (kernel defaults 7200 s, 75 s, 9 probes).
+KEEPALIVE_SYSCTLS = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
+
+
+def host_keepalive(root: str = "/proc/sys/net/ipv4") -> tuple[int, int, int]:
+    """(time, intvl, probes) of the calling thread's network namespace."""
+    vals = []
+    for name in KEEPALIVE_SYSCTLS:
+        with open(f"{root}/{name}") as f:
+            vals.append(int(f.read()))
+    return vals[0], vals[1], vals[2]
+
+
+def dead_peer_bound(policy: Policy, host: tuple[int, int, int]) -> int:
+    """Seconds until a socket under ``policy`` drops a dead idle peer:
+    keepidle + keepintvl x keepcnt, a time left at 0 being the host's
+    sysctl (``host``: :func:`host_keepalive`) -- keepcnt 0 with 60/10
+    and the default 9 probes is 150 s, not 60."""
+    idle, intvl, cnt = (
+        v or h
+        for v, h in zip((policy.keepidle, policy.keepintvl, policy.keepcnt), host, strict=True)
+    )
+    return dead_peer_seconds(idle, intvl, cnt)
 
 
 def _default(key: str) -> int:

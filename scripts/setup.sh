@@ -16,6 +16,7 @@ pkgs=(
     "linux-headers-$arch"                            # bcc compiles against any header set
     iproute2 bpftool strace                          # ss/ip netns, kernel views, shim tests
     gcc make libc6-dev                               # the preload shim, static test programs
+    clang-format                                     # scripts/lint.sh: C formatting (.clang-format)
     ncat curl nginx-light                            # real client/server programs in tests
     libkeepalive0                                    # the peer the shim is compared with
     prometheus                                       # promtool + a real server for the tests

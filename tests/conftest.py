@@ -326,6 +326,32 @@ def netns():
 # -- reading the kernel from outside ---------------------------------------
 
 
+def host_sysctl(name: str, netns: str | None = None) -> int:
+    """``net.ipv4.NAME`` of this network namespace (or of ``netns``): the
+    value a socket gets when nothing sets the option.  These sysctls are
+    per network namespace, and a tuned host differs from the kernel's
+    compiled-in 7200/75/9 and 6 SYN retries: tests never hard-code them."""
+    if netns is None:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read())
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", f"/proc/sys/net/ipv4/{name}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def host_keepalive(netns: str | None = None) -> tuple[int, int, int]:
+    """(tcp_keepalive_time, tcp_keepalive_intvl, tcp_keepalive_probes)."""
+    return (
+        host_sysctl("tcp_keepalive_time", netns),
+        host_sysctl("tcp_keepalive_intvl", netns),
+        host_sysctl("tcp_keepalive_probes", netns),
+    )
+
+
 def ss_keepalive_timers(port: int, netns: str | None = None) -> list[str]:
     """Timer fields of established TCP sockets on a port, as ss shows them."""
     cmd = ["ss", "-tinoH", "state", "established", f"( sport = :{port} or dport = :{port} )"]

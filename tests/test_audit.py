@@ -8,7 +8,6 @@ and formatting tests below also run unprivileged.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -32,24 +31,8 @@ kernel = pytest.mark.kernel
 
 
 def audit_cli(pin_dir: str, *args: str, netns: str | None = None) -> subprocess.CompletedProcess:
-    """``bpfkeep audit ...`` in its own process: the real CLI once audit is
-    wired into cli.py, until then the same subparser around audit.run."""
-    from bpfkeep.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["audit"])
-        cmd = bpfkeep_cmd(pin_dir, "audit", *args)
-    except SystemExit:
-        shim = (
-            "import argparse, sys\n"
-            "from bpfkeep import audit\n"
-            "p = argparse.ArgumentParser(prog='bpfkeep')\n"
-            "p.add_argument('--pin-dir')\n"
-            "audit.add_parser(p.add_subparsers(dest='command'))\n"
-            "sys.exit(audit.run(p.parse_args(sys.argv[1:])))\n"
-        )
-        cmd = [sys.executable, "-c", shim, "--pin-dir", pin_dir, "audit", *args]
+    """``bpfkeep audit ...``: the installed console script, in its own process."""
+    cmd = bpfkeep_cmd(pin_dir, "audit", *args)
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

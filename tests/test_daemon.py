@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids
+from conftest import REPO, bpfkeep_cmd, bpftool_prog_ids, host_keepalive, host_sysctl
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.kernel
@@ -36,7 +36,8 @@ class DaemonProc:
         self.notify_path = str(tmp / "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
-        self.messages: list[str] = []
+        self.messages: list[str] = []  # received, not yet matched
+        self.consumed: list[str] = []  # matched by wait_message, in order
 
     def start(self, **extra_env: str) -> float:
         """Start; return seconds until systemd's READY=1 arrived."""
@@ -57,6 +58,7 @@ class DaemonProc:
             for m in self.messages:
                 if needle in m:
                     self.messages.remove(m)
+                    self.consumed.append(m)
                     return m
             exited = self.proc is not None and self.proc.poll() is not None
             # Once the daemon is gone, only drain what it already sent.
@@ -174,9 +176,9 @@ def test_daemon_reconciles_scrapes_and_reloads(daemon, cgroups, spawn, probes, l
 
     # Attached at start, enforced on a real static program.
     assert keepidle_of_new_connection(spawn, probes, a, listener) == 61
-    assert (
-        keepidle_of_new_connection(spawn, probes, cgroups.make("not-a-service"), listener) == 7200
-    )
+    assert keepidle_of_new_connection(
+        spawn, probes, cgroups.make("not-a-service"), listener
+    ) == host_sysctl("tcp_keepalive_time")
     for _ in range(2):
         keepidle_of_new_connection(spawn, probes, a, listener)
     m = scrape(port)
@@ -300,14 +302,43 @@ def test_systemd_notify_status_and_watchdog(daemon, cgroups, tmp_path):
     )
     d = daemon(cfg)
     d.start(WATCHDOG_USEC="400000")  # WatchdogSec=0.4s: a ping every 0.2 s
-    ready = [m for m in d.messages if "STATUS=" in m]
-    assert ready == [] or "enforcing 1 cgroup(s)" in ready[0]
+    # The message start() waited for: READY=1 comes with the first STATUS=.
+    (ready,) = [m for m in d.consumed if "READY=1" in m]
+    assert "STATUS=enforcing 1 cgroup(s)" in ready, ready
     for _ in range(3):
         d.wait_message("WATCHDOG=1", timeout=2)
     d.signal(signal.SIGHUP)
     assert "enforcing 1 cgroup(s)" in d.wait_message("STATUS=")
     assert d.stop() == 0
     d.wait_message("STOPPING=1")
+
+
+def test_dead_peer_gauge_counts_a_time_left_at_zero_as_the_hosts(daemon, cgroups, tmp_path):
+    """A time left at 0 is the host's sysctl (per network namespace; the
+    daemon's here): keepcnt 0 with 60/10 is 60 + 10 x tcp_keepalive_probes
+    (150 s on a default host), not 60; keepidle 0 is tcp_keepalive_time
+    plus the probes, not left out."""
+    cnt0, idle0 = cgroups.make("cnt0.service"), cgroups.make("idle0.service")
+    full = cgroups.make("full.service")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    rules = (
+        rule(f"{base}/cnt0.service", keepidle=60, keepintvl=10, keepcnt=0)
+        + rule(f"{base}/idle0.service", keepidle=0)
+        + rule(f"{base}/full.service", keepidle=2, keepintvl=1, keepcnt=3)
+    )
+    d = daemon(write_config(tmp_path / "c.toml", port, rules))
+    d.start()
+    m = scrape(port)
+    time_, _intvl, probes = host_keepalive()
+
+    def bound(cg: str) -> float | None:
+        return sample(m, "bpfkeep_policy_dead_peer_bound_seconds", cgroup="/" + cgroups.rel(cg))
+
+    assert bound(cnt0) == 60 + 10 * probes
+    assert bound(idle0) == time_ + 15 * 9
+    assert bound(full) == 5
+    assert d.stop() == 0
 
 
 def test_bad_config_at_start_is_one_line_and_exit_2(pin_dir, tmp_path):

@@ -4,7 +4,6 @@ itself), unprivileged, and its pure helpers."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -33,24 +32,8 @@ CHECKS = (
 
 
 def doctor_cmd(*args: str, pin_dir: str = "/sys/fs/bpf/bpfkeep") -> list[str]:
-    """The real CLI once doctor is wired into cli.py; until then the same
-    subparser around doctor.run."""
-    from bpfkeep.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["doctor"])
-        return bpfkeep_cmd(pin_dir, "doctor", *args)
-    except SystemExit:
-        shim = (
-            "import argparse, sys\n"
-            "from bpfkeep import doctor\n"
-            "p = argparse.ArgumentParser(prog='bpfkeep')\n"
-            "p.add_argument('--pin-dir')\n"
-            "doctor.add_parser(p.add_subparsers(dest='command'))\n"
-            "sys.exit(doctor.run(p.parse_args(sys.argv[1:])))\n"
-        )
-        return [sys.executable, "-c", shim, "--pin-dir", pin_dir, "doctor", *args]
+    """``bpfkeep doctor ...``: the installed console script."""
+    return bpfkeep_cmd(pin_dir, "doctor", *args)
 
 
 def parse_lines(text: str) -> dict[str, tuple[str, str]]:

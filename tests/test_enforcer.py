@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import bpftool_prog_ids, ss_keepalive_timers
+from conftest import bpftool_prog_ids, host_keepalive, host_sysctl, ss_keepalive_timers
 
 from bpfkeep.testing import load_empty_sockops
 
@@ -49,9 +49,11 @@ def assert_policy(v: dict[str, int], keepidle=31, keepintvl=7, keepcnt=4, user_t
     assert v["user_timeout"] == user_timeout
 
 
-def assert_untouched(v: dict[str, int]):
+def assert_untouched(v: dict[str, int], netns: str | None = None):
+    """Nothing set: keepalive off, the times of the socket's network
+    namespace (``netns``; default: this one)."""
     assert v["keepalive"] == 0
-    assert v["keepidle"] == 7200 and v["keepintvl"] == 75 and v["keepcnt"] == 9
+    assert (v["keepidle"], v["keepintvl"], v["keepcnt"]) == host_keepalive(netns)
     assert v["user_timeout"] == 0
 
 
@@ -73,7 +75,11 @@ def test_static_client_gets_every_option_only_inside(bk, cgroups, spawn, probes,
     outside = client(spawn, probes, port, host)
     w = outside.values("client")
     assert_untouched(w)
-    assert w["syncnt"] == 6 and w["maxseg"] > 1200 and w["window_clamp"] > 40000
+    assert (
+        w["syncnt"] == host_sysctl("tcp_syn_retries")
+        and w["maxseg"] > 1200
+        and w["window_clamp"] > 40000
+    )
 
     # From outside, through inet_diag: the connection made inside has its
     # keepalive timer armed (31 s); the one from outside has none.
@@ -345,7 +351,7 @@ def test_refused_option_is_counted_per_errno_and_the_rest_still_apply(
     _, port = server(spawn, probes)
     v = client(spawn, probes, port, cgroup=cg).values("client")
     assert v["keepalive"] == 1 and v["keepidle"] == 25 and v["user_timeout"] == 4000
-    assert v["keepcnt"] == 9  # refused: kernel default
+    assert v["keepcnt"] == host_sysctl("tcp_keepalive_probes")  # refused: the default
     (att,) = json.loads(bk("status", "--json").stdout)
     assert att["counters"]["failed"] == {"keepcnt/EINVAL": 1}
     assert att["counters"]["applied"]["keepidle"] == 1

@@ -27,7 +27,15 @@ from hypothesis import strategies as st
 from bpfkeep import cli, config
 from bpfkeep.config import ConfigError, loads
 from bpfkeep.errors import UsageError
-from bpfkeep.options import BY_KEY, INT_MAX, MODES, TUNABLE, parse_value
+from bpfkeep.options import (
+    BY_KEY,
+    INT_MAX,
+    MODES,
+    TUNABLE,
+    Policy,
+    default_user_timeout,
+    parse_value,
+)
 
 PROPS = settings(
     max_examples=300,
@@ -358,3 +366,35 @@ def test_cli_policy_flags_are_valid_or_one_line(pairs, command):
     for opt, value in dict(pairs).items():  # the last of a repeated flag wins
         assert getattr(policy, opt.key) == model(BY_KEY[opt.key], value)
     assert policy.user_timeout <= INT_MAX
+
+
+def _valid(opt) -> st.SearchStrategy[int]:
+    edges = st.sampled_from([0, opt.minimum, opt.maximum])
+    return edges | st.integers(opt.minimum, opt.maximum)
+
+
+policy_values = st.fixed_dictionaries(
+    {},
+    optional={
+        **{o.key: _valid(o) for o in TUNABLE},
+        "mode": st.sampled_from(MODES),
+    },
+)
+
+
+@given(policy_values)
+def test_policy_constructor_and_from_mapping_agree_for_every_option(values):
+    """One set of fields and defaults: ``Policy(**v)`` is what
+    ``from_mapping(v)`` derives, for any subset of the options (the user
+    timeout included: Policy(keepidle=60).user_timeout was 150000 while
+    from_mapping derived 195000), from ints and from the strings a config
+    or the CLI gives; and a policy survives as_dict()."""
+    p = Policy(**values)
+    assert p == Policy.from_mapping(values)
+    assert p == Policy.from_mapping({k: str(v) for k, v in values.items()})
+    assert Policy.from_mapping(p.as_dict()) == p
+    for opt in TUNABLE:
+        if opt.key not in values and opt.default is not None:
+            assert getattr(p, opt.key) == opt.default, opt.key
+    if "user_timeout" not in values:
+        assert p.user_timeout == default_user_timeout(p.keepidle, p.keepintvl, p.keepcnt)

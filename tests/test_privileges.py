@@ -82,7 +82,7 @@ def test_first_attach_under_the_units_capabilities(
     srv = spawn([*nobody, probes["static"], "listen", "127.0.0.1", "0", "hold"], app, netns)
     port = int(srv.expect("ready").split()[1])
     cli = spawn([*nobody, probes["static"], "connect", "127.0.0.1", str(port), "hold"], app, netns)
-    assert_untouched(cli.values("client"))
+    assert_untouched(cli.values("client"), netns)
 
     argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", fresh_pin_dir, "attach"]
     policy = ["--keepidle", "31", "--keepintvl", "7", "--keepcnt", "4", "--user-timeout", "12345"]
