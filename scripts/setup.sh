@@ -21,6 +21,7 @@ pkgs=(
     prometheus                                       # promtool + a real server for the tests
     systemd                                          # systemd-analyze verify of the unit
     qemu-system-x86 e2fsprogs busybox-static         # scripts/kernel-matrix.sh (Debian 12's 6.1)
+    mmdebstrap podman runc python3-yaml              # scripts/build-image.sh, tests/test_image.py
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -49,4 +50,7 @@ fi
 .venv/bin/python -c 'import bcc, pyroute2, prometheus_client, bpfkeep' 
 # The kernel the matrix boots: Debian 12's linux-image-cloud-amd64, cached.
 bash scripts/kernel-matrix.sh --fetch
+# The container image's Debian root file system, cached for
+# tests/test_image.py (which builds the image itself from it).
+bash scripts/build-image.sh --rootfs-only
 echo "setup.sh: ready (.venv/bin/bpfkeep)"
