@@ -16,7 +16,7 @@ apt_cfg=${MMDEBSTRAP_APT_CONFIG:?run me as an mmdebstrap hook}
 # set works on any kernel (the daemon in this image was tested with
 # Debian 12's 6.1 headers on a 6.18 node): it is baked in, and a node needs
 # no headers of its own.  linux-headers-amd64 is only unpacked: installing
-# it would pull gcc, binutils and perl (~250 MB) that bcc never runs.
+# it would pull gcc, binutils and perl (~220 MB) that bcc never runs.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 arch=$(dpkg --print-architecture)
