@@ -21,7 +21,8 @@ pkgs=(
     prometheus                                       # promtool + a real server for the tests
     systemd                                          # systemd-analyze verify of the unit
     qemu-system-x86 e2fsprogs busybox-static         # scripts/kernel-matrix.sh (Debian 12's 6.1)
-    mmdebstrap podman runc python3-yaml              # scripts/build-image.sh, tests/test_image.py
+    mmdebstrap podman runc                           # scripts/build-image.sh, tests/test_image.py
+    python3-yaml python3-kubernetes                  # tests/test_image.py: the manifests
 )
 missing=()
 for p in "${pkgs[@]}"; do
