@@ -69,3 +69,38 @@ def test_ready_after_the_first_reconcile_and_not_without_pins(
     assert status == 503, body
     assert body == f"not ready: pinned objects missing under {obj_dir}: {loader.MAP_POLICIES}\n"
     assert d.proc and d.proc.poll() is None  # still serving
+
+
+def test_ready_again_once_the_daemon_restored_its_pins(
+    daemon,  # noqa: F811 - the fixture imported above
+    pin_dir,
+    cgroups,
+    tmp_path,
+):
+    """rm -rf of the pin directory detaches everything; the daemon notices,
+    loads and attaches again, and /ready is 200 again only once every kept
+    cgroup's links are back."""
+    import shutil
+
+    from test_daemon import wait_until
+
+    from bpfkeep.enforcer import HOOKS, Enforcer
+
+    a = cgroups.make("a.service")
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "bpfkeep.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service")
+    )
+    d = daemon(cfg)
+    d.start()
+    assert get_ready(port)[0] == 200
+    shutil.rmtree(pin_dir)
+    cg_id = os.stat(a).st_ino
+    enforcer = Enforcer(pin_dir)
+
+    def restored() -> bool:
+        status, _ = get_ready(port)
+        return status == 200 and len(enforcer.link_pins().get(cg_id, ())) == len(HOOKS)
+
+    assert wait_until(restored, timeout=60, step=0.1), d.log.read_text()
+    assert "restoring" in d.log.read_text() or "loading them again" in d.log.read_text()
