@@ -407,10 +407,12 @@ class Podman:
         return int(out.strip())
 
     def cleanup(self) -> None:
+        """Idempotent: a fixture that must outlive the containers calls it early."""
         for name in self.containers:
             subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
         for tag in self.images:
             subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+        self.containers, self.images = [], []
 
 
 @pytest.fixture()

@@ -222,13 +222,15 @@ def podman_args(config_dir: Path, *, host_pid: bool | None = None) -> tuple[list
 
 
 @pytest.fixture()
-def image_pin_dir(bpffs):
+def image_pin_dir(bpffs, podman):
     """A pin directory of its own for the daemon in the container (never
-    the host's /sys/fs/bpf/bpfkeep); everything under it detached at the end."""
+    the host's /sys/fs/bpf/bpfkeep); everything under it detached at the
+    end -- after the containers are gone, or the daemon would restore it."""
     from bpfkeep.enforcer import Enforcer
 
     d = os.path.join(bpffs, f"bpfkeep-test-img-{uuid.uuid4().hex[:8]}")
     yield d
+    podman.cleanup()
     if os.path.isdir(d):
         Enforcer(d).destroy()
 
