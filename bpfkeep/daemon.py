@@ -260,6 +260,7 @@ class Daemon:
         self._reload = False
         self._sweep_unavailable = False
         self._resweep: list[tuple[float, list[cgroups.Cgroup]]] = []  # (due, cgroups)
+        self._ready = False  # the first reconcile is done (READY=1)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -278,6 +279,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_signal)
         self._guard("reconcile", lambda: self.full_reconcile(prune=True))
         self._watch_pins()
+        self._ready = True
         self.notifier.send(f"READY=1\nSTATUS={self._status()}")
         log.info(
             "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
@@ -364,13 +366,38 @@ class Daemon:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(Collector(self.snapshot))
         try:
-            self.metrics = MetricsServer(registry, listen[0], listen[1])
+            self.metrics = MetricsServer(registry, listen[0], listen[1], ready=self.readiness)
         except OSError as e:
             raise BpfkeepError(
                 f"metrics: cannot listen on {listen[0]}:{listen[1]} ({e.strerror}); "
                 "change [metrics] listen in the config"
             ) from None
         self.metrics.start()
+
+    def readiness(self) -> str | None:
+        """None when the daemon is doing its job, else why not: for
+        ``GET /ready`` (a Kubernetes readiness probe).  Ready means the first
+        reconcile is done (systemd's READY=1), this version's programs are
+        pinned, and every cgroup the daemon keeps has all its links pinned
+        (an unpinned link is detached: see _heal).  Called from the metrics
+        thread: reads the pins, never the daemon's loop state unlocked."""
+        if not self._ready:
+            return "starting: the first reconcile has not finished"
+        missing = self.enforcer.objects_missing()
+        if missing:
+            return f"pinned objects missing under {self.enforcer.obj_dir}: {', '.join(missing)}"
+        with self._lock:
+            kept = [(i, k.cgroup) for i, k in self.known.items()]
+        pins = self.enforcer.link_pins()
+        unpinned = [
+            cg.display
+            for i, cg in kept
+            if len(pins.get(i, ())) < len(HOOKS) and os.path.isdir(cg.path)
+        ]
+        if unpinned:
+            more = f" and {len(unpinned) - 3} more" if len(unpinned) > 3 else ""
+            return f"links not pinned for {', '.join(unpinned[:3])}{more}"
+        return None
 
     def _status(self) -> str:
         hand = f", {len(self.foreign)} attached by hand left alone" if self.foreign else ""

@@ -246,6 +246,10 @@ class MetricsServer:
       would otherwise slow the reconcile loop down without limit.
 
     The text is prometheus_client's ``generate_latest`` of the registry.
+
+    ``/ready`` answers from ``ready()`` (None: ready, else the reason) with
+    200 or 503, at once and without a collection: a readiness probe
+    (Kubernetes) must not wait behind scrapes.
     """
 
     MAX_REQUEST = 8192
@@ -258,8 +262,10 @@ class MetricsServer:
         *,
         max_connections: int = 32,
         timeout: float = 10.0,
+        ready: Callable[[], str | None] = lambda: None,
     ):
         self.registry = registry
+        self.ready = ready
         self.max_connections = max_connections
         self.timeout = timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -424,8 +430,21 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             self._respond(c, "405 Method Not Allowed", b"only GET\n", head_only=False)
             return
+        if path == "/ready":
+            try:
+                reason = self.ready()
+            except Exception as e:  # never take the server down
+                reason = f"readiness check failed: {e}"
+            if reason is None:
+                self._respond(c, "200 OK", b"ready\n", head_only=method == "HEAD")
+            else:
+                body = f"not ready: {reason}\n".encode("utf-8", "backslashreplace")
+                self._respond(c, "503 Service Unavailable", body, head_only=method == "HEAD")
+            return
         if path not in ("/metrics", "/"):
-            self._respond(c, "404 Not Found", b"see /metrics\n", head_only=method == "HEAD")
+            self._respond(
+                c, "404 Not Found", b"see /metrics or /ready\n", head_only=method == "HEAD"
+            )
             return
         c.waiting = (method == "HEAD", "gzip" in headers.get("accept-encoding", ""))
         self._waiting.append(c)

@@ -22,6 +22,8 @@ pkgs=(
     prometheus                                       # promtool + a real server for the tests
     systemd                                          # systemd-analyze verify of the unit
     qemu-system-x86 e2fsprogs busybox-static         # scripts/kernel-matrix.sh (Debian 12's 6.1)
+    mmdebstrap podman runc                           # scripts/build-image.sh, tests/test_image.py
+    python3-yaml python3-kubernetes                  # tests/test_image.py: the manifests
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -50,4 +52,7 @@ fi
 .venv/bin/python -c 'import bcc, pyroute2, prometheus_client, bpfkeep' 
 # The kernel the matrix boots: Debian 12's linux-image-cloud-amd64, cached.
 bash scripts/kernel-matrix.sh --fetch
+# The container image's Debian root file system, cached for
+# tests/test_image.py (which builds the image itself from it).
+bash scripts/build-image.sh --rootfs-only
 echo "setup.sh: ready (.venv/bin/bpfkeep)"

@@ -381,3 +381,98 @@ def bpftool_prog_ids(cgroup_path: str, hook: str) -> list[int]:
         check=True,
     ).stdout
     return [p["id"] for p in json.loads(out.strip() or "[]") if p.get("attach_type") == hook]
+
+
+# -- containers (podman) ------------------------------------------------------
+
+# Always with these: crun refuses this machine's hybrid cgroup layout, and
+# root here lacks CAP_SYS_RESOURCE to raise the limits podman asks for.
+PODMAN_RUN = [
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+]
+
+
+def in_kmatrix_guest() -> bool:
+    """scripts/qemu/guest-init.sh names the kernel-matrix guest so."""
+    return os.uname().nodename == "kmatrix-guest"
+
+
+class Podman:
+    """Containers and images a test makes, removed at the end (also when
+    the test fails or a ``podman run`` client was killed)."""
+
+    def __init__(self) -> None:
+        self.containers: list[str] = []
+        self.images: list[str] = []
+
+    def name(self, what: str) -> str:
+        name = f"bpfkeep-test-{what}-{uuid.uuid4().hex[:8]}"
+        self.containers.append(name)
+        return name
+
+    def run_argv(self, name: str, *args: str) -> list[str]:
+        return ["podman", "run", "--rm", "--name", name, *PODMAN_RUN, *args]
+
+    def import_tar(self, tar: str, tag: str) -> str:
+        self.images.append(tag)
+        subprocess.run(["podman", "import", "-q", tar, tag], check=True, capture_output=True)
+        return tag
+
+    def pid(self, name: str) -> int:
+        out = subprocess.run(
+            ["podman", "inspect", "--format", "{{.State.Pid}}", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return int(out.strip())
+
+    def cleanup(self) -> None:
+        """Idempotent: a fixture that must outlive the containers calls it early."""
+        for name in self.containers:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
+        for tag in self.images:
+            subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+        self.containers, self.images = [], []
+
+
+@pytest.fixture()
+def podman() -> Iterator[Podman]:
+    if in_kmatrix_guest():
+        pytest.skip("no container runtime state in the kernel-matrix guest (QEMU)")
+    if not shutil.which("podman") or not shutil.which("runc"):
+        if os.environ.get("CI"):
+            pytest.fail("podman and runc are missing: scripts/setup.sh installs them")
+        pytest.skip("podman and runc are missing: run scripts/setup.sh")
+    p = Podman()
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture(scope="session")
+def daemon_image() -> Iterator[str]:
+    """bpfkeep's image built by scripts/build-image.sh from this checkout
+    (the Debian root file system comes from its cache, which setup.sh
+    fills), under a name of its own; removed at the end."""
+    if in_kmatrix_guest():
+        pytest.skip("no container runtime state in the kernel-matrix guest (QEMU)")
+    tag = f"localhost/bpfkeep-test-{uuid.uuid4().hex[:8]}:latest"
+    try:
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "build-image.sh"), "--tag", tag],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        print(proc.stdout.strip().splitlines()[-1])  # "built TAG (N MB)"
+        yield tag
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
