@@ -35,7 +35,7 @@ import threading
 import time
 import typing
 
-from bpfkeep import cgroups, config, loader, runner
+from bpfkeep import cgroups, config, containers, loader, runner
 from bpfkeep.cgroups import printable
 from bpfkeep.enforcer import HOOKS, Enforcer
 from bpfkeep.errors import BpfkeepError
@@ -260,6 +260,11 @@ class Daemon:
         self._reload = False
         self._sweep_unavailable = False
         self._resweep: list[tuple[float, list[cgroups.Cgroup]]] = []  # (due, cgroups)
+        # Containers (workload rules): the runtimes' answers by cgroup id,
+        # asked off the loop (bpfkeep.containers.Lookups).
+        self.lookups: containers.Lookups | None = None
+        self.workloads: dict[int, tuple[str, containers.Workload]] = {}  # id -> (rel, workload)
+        self._unresolved: dict[int, str] = {}  # id -> rel no runtime knew: asked again on reload
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -271,6 +276,7 @@ class Daemon:
         self.enforcer.prepare()
         self._start_metrics(self.cfg.listen)
         self.inotify = Inotify()
+        self.lookups = containers.Lookups(self.cfg.runtimes)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGHUP, self._on_signal)
@@ -317,7 +323,7 @@ class Daemon:
                 if wd_every:
                     deadlines.append(next_wd)
                 timeout = max(0.0, min(deadlines) - time.monotonic())
-                r, _, _ = select.select([self.inotify.fd, rfd], [], [], timeout)
+                r, _, _ = select.select([self.inotify.fd, rfd, self.lookups.fd], [], [], timeout)
                 if rfd in r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 4096)
@@ -326,6 +332,8 @@ class Daemon:
                     self._guard("reload", self.reload)
                 if self.inotify.fd in r:
                     self._guard("cgroup event", self._handle_events)
+                if self.lookups.fd in r:
+                    self._guard("container lookup", self._lookup_results)
         finally:
             signal.set_wakeup_fd(-1)
         if self.cfg.detach_on_exit or self.detach_on_exit_flag:
@@ -388,6 +396,9 @@ class Daemon:
         if new.listen != (self.cfg.listen if self.cfg else None):
             log.warning("metrics.listen changed: takes effect at the next restart")
         self.cfg = dataclasses.replace(new, listen=self.cfg.listen if self.cfg else new.listen)
+        if self.lookups is not None:
+            self.lookups.sources = new.runtimes
+        self._unresolved.clear()  # ask the runtimes again
         log.info("reloaded %s: %d policy rule(s)", self.config_path, len(new.rules))
         self.full_reconcile()
         self.notifier.send(f"STATUS={self._status()}")
@@ -433,8 +444,10 @@ class Daemon:
         failures = self._walk_failures
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
         sweep: list[cgroups.Cgroup] = []
+        seen: set[int] = set()
         for cg in self._walk(self.mount):
-            rule = self.cfg.policy_for(cg.rel)
+            seen.add(cg.id)
+            rule = self._rule_for(cg)
             if rule:
                 desired[cg.id] = (cg, rule.policy)
                 if rule.existing:
@@ -453,6 +466,7 @@ class Daemon:
             # Only a complete walk tells what the config no longer wants.
             for cg_id in (owned | set(self.known)) - set(desired):
                 self._forget(cg_id, "unwanted" if cg_id in owned else "released")
+            self._forget_workloads(lambda i, _rel: i not in seen)
             self.retry.pop(None, None)
         else:
             self._retry_later(None)
@@ -502,7 +516,7 @@ class Daemon:
         mine = fresh is None
         fresh = [] if fresh is None else fresh
         for cg in self._walk(top):
-            rule = self.cfg.policy_for(cg.rel)
+            rule = self._rule_for(cg)
             if not rule:
                 continue
             with self._lock:
@@ -554,7 +568,7 @@ class Daemon:
                     self._walk_failed(path, e)
                     continue
                 yield cgroups.Cgroup(path, rel, ino)
-            if not self.cfg.watch(rel):
+            if not self._watches(rel):
                 continue
             try:
                 self.inotify.watch(path)
@@ -647,6 +661,65 @@ class Daemon:
         except (BpfkeepError, OSError) as e:
             self._failed(None, f"detach cgroup id {cg_id}", e)
 
+    # -- containers ----------------------------------------------------------------
+
+    def _watches(self, rel: str) -> bool:
+        """Watch ``rel`` for new cgroups: a cgroup rule could match below
+        it, or (with workload rules) a runtime could put a container there."""
+        assert self.cfg
+        if self.cfg.watch(rel):
+            return True
+        return bool(self.cfg.workload_rules) and containers.may_hold_containers(rel)
+
+    def _rule_for(self, cg: cgroups.Cgroup) -> config.Rule | None:
+        """The rule for a cgroup.  For a container's cgroup with workload
+        rules in the config: the runtime is asked (off the loop); until it
+        answers only the cgroup rules apply, and the answer attaches the
+        policy and sweeps the sockets made meanwhile (_lookup_results)."""
+        assert self.cfg
+        if not self.cfg.workload_rules:
+            return self.cfg.policy_for(cg.rel)
+        with self._lock:
+            known = self.workloads.get(cg.id)
+        if known is None and self.lookups is not None and cg.id not in self._unresolved:
+            self.lookups.submit(cg.id, cg.rel)
+        return self.cfg.workload_rule(cg.rel, known[1] if known else None)
+
+    def _lookup_results(self) -> None:
+        assert self.lookups
+        for cg_id, rel, res in self.lookups.results():
+            path = os.path.join(self.mount, rel)
+            try:
+                if os.stat(path).st_ino != cg_id:
+                    continue  # removed (and maybe made again) meanwhile
+            except OSError:
+                continue
+            if res.workload is None:
+                self._unresolved[cg_id] = rel
+                why = "; ".join(res.problems) or "no runtime knows it"
+                log.warning(
+                    "/%s: container not found by any runtime after %.0f s (%s); its workload "
+                    "rules apply after a reload ([containers] in the config says where the "
+                    "runtimes are)",
+                    printable(rel),
+                    containers.GIVE_UP_AFTER,
+                    why,
+                )
+                continue
+            with self._lock:
+                self.workloads[cg_id] = (rel, res.workload)
+            self._scan(path)
+
+    def _forget_workloads(self, gone: typing.Callable[[int, str], bool]) -> None:
+        with self._lock:
+            drop = [i for i, (rel, _) in self.workloads.items() if gone(i, rel)]
+            for i in drop:
+                del self.workloads[i]
+        for i in [i for i, rel in self._unresolved.items() if gone(i, rel)]:
+            del self._unresolved[i]
+        if self.lookups is not None:
+            self.lookups.cancel(gone)
+
     def _handle_events(self) -> None:
         assert self.cfg and self.inotify
         rescan = False
@@ -674,6 +747,7 @@ class Daemon:
                 for cg_id in gone:
                     log.info("cgroup /%s removed; forgetting it", printable(rel))
                     self._forget(cg_id, "removed")
+                self._forget_workloads(lambda _i, r, rel=rel: r == rel or r.startswith(rel + "/"))
         self._sweep_new([cg for cg in fresh if cg.id in self.known])
         if rescan:
             self.full_reconcile(prune=True)
@@ -759,6 +833,11 @@ class Daemon:
 
         with self._lock:
             known = {**self.foreign, **self.known}
+            workloads = {
+                known[i].cgroup.display: w.metric_labels()
+                for i, (_, w) in self.workloads.items()
+                if i in known
+            }
             unmanaged = sorted(k.cgroup.display for k in self.foreign.values())
             expected = sorted(self.expected.values())
             coverage = dict(self.coverage) if self.coverage is not None else None
@@ -779,6 +858,8 @@ class Daemon:
             coverage,
             self.audit_errors,
             unmanaged,
+            workloads=workloads,
+            workload_labels=self.cfg.workload_labels if self.cfg else "container",
         )
 
     def _audit(self) -> None:
@@ -790,7 +871,7 @@ class Daemon:
         t0 = time.thread_time()
         with self._lock:
             known = [k.cgroup for k in self.known.values()]
-        self._sweep([cg for cg in known if _sweeps_existing(self.cfg.policy_for(cg.rel))])
+        self._sweep([cg for cg in known if _sweeps_existing(self._rule_for(cg))])
         try:
             from bpfkeep import audit
 
