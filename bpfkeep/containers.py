@@ -593,6 +593,10 @@ class Lookups:
         with self._lock:
             self._cancelled |= {k for k, rel in self._pending.items() if which(k, rel)}
 
+    def is_pending(self, key: int) -> bool:
+        with self._lock:
+            return key in self._pending
+
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)

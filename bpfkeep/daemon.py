@@ -445,9 +445,12 @@ class Daemon:
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
         sweep: list[cgroups.Cgroup] = []
         seen: set[int] = set()
+        asking: set[int] = set()  # containers whose runtime has not answered yet
         for cg in self._walk(self.mount):
             seen.add(cg.id)
             rule = self._rule_for(cg)
+            if rule is None and self._asking(cg.id):
+                asking.add(cg.id)
             if rule:
                 desired[cg.id] = (cg, rule.policy)
                 if rule.existing:
@@ -464,7 +467,10 @@ class Daemon:
         owned = {i for i, (_, managed) in entries.items() if managed and i in pins}
         if self._walk_failures == failures:
             # Only a complete walk tells what the config no longer wants.
-            for cg_id in (owned | set(self.known)) - set(desired):
+            # A container's attachment stays while its runtime is asked (at
+            # start: what the previous daemon attached keeps working);
+            # the answer decides (_lookup_results).
+            for cg_id in (owned | set(self.known)) - set(desired) - asking:
                 self._forget(cg_id, "unwanted" if cg_id in owned else "released")
             self._forget_workloads(lambda i, _rel: i not in seen)
             self.retry.pop(None, None)
@@ -685,8 +691,11 @@ class Daemon:
             self.lookups.submit(cg.id, cg.rel)
         return self.cfg.workload_rule(cg.rel, known[1] if known else None)
 
+    def _asking(self, cg_id: int) -> bool:
+        return self.lookups is not None and self.lookups.is_pending(cg_id)
+
     def _lookup_results(self) -> None:
-        assert self.lookups
+        assert self.lookups and self.cfg
         for cg_id, rel, res in self.lookups.results():
             path = os.path.join(self.mount, rel)
             try:
@@ -706,9 +715,30 @@ class Daemon:
                     why,
                 )
                 continue
+            w = res.workload
             with self._lock:
-                self.workloads[cg_id] = (rel, res.workload)
-            self._scan(path)
+                self.workloads[cg_id] = (rel, w)
+            rule = self.cfg.workload_rule(rel, w)
+            if rule is not None:
+                log.info(
+                    "container %s (%s, /%s): policy[%d]",
+                    printable(w.name or w.id[:12]),
+                    w.runtime,
+                    printable(rel),
+                    rule.index,
+                )
+                self._scan(path)
+                continue
+            # No rule: an attachment a previous daemon made for it (kept
+            # while the runtime was asked) goes.
+            try:
+                entry = self.enforcer.policy_entry(cg_id)
+                managed = entry is not None and entry[1] and self.enforcer.pinned_hooks(cg_id)
+            except OSError as e:
+                self._failed(path, f"/{printable(rel)}", e)
+                continue
+            if managed or cg_id in self.known:
+                self._forget(cg_id, "unwanted")
 
     def _forget_workloads(self, gone: typing.Callable[[int, str], bool]) -> None:
         with self._lock:

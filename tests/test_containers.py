@@ -482,8 +482,20 @@ def test_names_and_labels_select_containers(runtime, daemon, tmp_path, spawn, cg
     out = nsenter_ss(pid, "-tinoH", "state", "established", f"( dport = :{PORT} )")
     assert "timer:(keepalive" in out, out
     log = d.log.read_text()
-    assert runtime.cgroup(f"bk-web-{t}-1") in log
+    web_rel = runtime.cgroup(f"bk-web-{t}-1")
+    assert web_rel in log
     assert runtime.cgroup(f"bk-plain-{t}") not in log
+
+    # A restart adopts the attachment and keeps it while the runtime is
+    # asked again: never detached, never attached anew.
+    assert d.stop() == 0
+    d2 = daemon(d.config)
+    d2.start()
+    d2.wait_log(f"container bk-web-{t}-1 ({runtime.name}, /{web_rel}): policy[0]", timeout=30)
+    log = d2.log.read_text()
+    assert "detached" not in log and f"attached /{web_rel}" not in log, log
+    web.send_line()
+    assert web.values("now-client", consume=True)["keepidle"] == 7
 
 
 @pytest.mark.kernel
