@@ -345,7 +345,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         if args.check:
             cfg = config.load(args.config)
-            print(f"{args.config}: ok, {len(cfg.rules)} policy rule(s)")
+            print(f"{args.config}: ok, {len(cfg.rules) + len(cfg.workload_rules)} policy rule(s)")
             return 0
         return daemon.main(args.config, args.pin_dir, args.detach_on_exit)
 

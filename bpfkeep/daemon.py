@@ -399,7 +399,11 @@ class Daemon:
         if self.lookups is not None:
             self.lookups.sources = new.runtimes
         self._unresolved.clear()  # ask the runtimes again
-        log.info("reloaded %s: %d policy rule(s)", self.config_path, len(new.rules))
+        log.info(
+            "reloaded %s: %d policy rule(s)",
+            self.config_path,
+            len(new.rules) + len(new.workload_rules),
+        )
         self.full_reconcile()
         self.notifier.send(f"STATUS={self._status()}")
 

@@ -358,6 +358,54 @@ def test_namespace_aggregation_of_series():
     assert reg.get_sample_value("bpfkeep_policy_attached", {"cgroup": a, "mode": "set"}) == 1
 
 
+@pytest.mark.kernel
+def test_a_stalled_runtime_does_not_hold_up_the_daemon(daemon, cgroups, tmp_path):  # noqa: F811
+    """A runtime that accepts and never answers: while the daemon's lookup
+    of a container waits on it, a new cgroup is attached (the lookup's
+    connection is still open when the attach is logged)."""
+    sock = str(tmp_path / "stalled.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock)
+    srv.listen(8)
+    open_conns: list[socket.socket] = []
+    closed = threading.Event()
+
+    def serve():
+        with contextlib.suppress(OSError):
+            c, _ = srv.accept()
+            open_conns.append(c)
+            while c.recv(4096):
+                pass
+            closed.set()  # the daemon gave up on it
+
+    threading.Thread(target=serve, daemon=True).start()
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\naudit_interval = 0\n'
+        f'[containers]\ndocker_socket = "{sock}"\npodman_socket = ""\n'
+        'containerd_root = ""\ncrio_root = ""\ntimeout = 10\n'
+        '[[policy]]\ncontainer = "nothing-here"\n'
+        f'[[policy]]\ncgroup = "{base}/svc*"\nkeepidle = 5\n'
+    )
+    d = daemon(conf)
+    d.start()
+    try:
+        cgroups.make(ID)  # looks like a container's cgroup (bare id)
+        deadline = time.monotonic() + 30
+        while not open_conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert open_conns, "the daemon never asked the runtime"
+        cgroups.make("svc1")
+        d.wait_log(f"attached /{base}/svc1", timeout=30)
+        assert not closed.is_set()
+    finally:
+        srv.close()
+        for c in open_conns:
+            c.close()
+
+
 # -- real runtimes ----------------------------------------------------------------
 
 PORT = 7000
