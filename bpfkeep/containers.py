@@ -338,7 +338,7 @@ def _ask_api(runtime: str, sock_path: str, cid: str, timeout: float) -> Workload
         raise BadAnswer(f"HTTP {status}")
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise BadAnswer("answer is not JSON") from None
     if not isinstance(data, dict):
         raise BadAnswer("answer is not a JSON object")
@@ -366,7 +366,7 @@ def _annotations(path: str) -> dict[str, str] | None:
         data = json.loads(_read_bounded(path))
     except FileNotFoundError:
         return None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadAnswer(f"{path}: not JSON") from None
     if not isinstance(data, dict):
         raise BadAnswer(f"{path}: not an OCI spec")
@@ -578,6 +578,7 @@ class Lookups:
             return False
         with self._lock:
             if key in self._pending:
+                self._cancelled.discard(key)  # wanted again before the worker dropped it
                 return True
             self._pending[key] = rel
             self._cancelled.discard(key)

@@ -336,6 +336,7 @@ class Daemon:
                     self._guard("container lookup", self._lookup_results)
         finally:
             signal.set_wakeup_fd(-1)
+            self.lookups.close()
         if self.cfg.detach_on_exit or self.detach_on_exit_flag:
             for cg_id, k in list(self.known.items()):
                 try:

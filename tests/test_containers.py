@@ -224,6 +224,10 @@ def test_a_stalled_or_flooding_runtime_is_bounded(fake_runtime):
         containers.http_get(fake_runtime(drip), "/containers/x/json", 0.5)
     with pytest.raises(containers.BadAnswer, match="larger than"):
         containers.http_get(fake_runtime(flood), "/containers/x/json", 30)
+    deep = fake_runtime(lambda c, _p: reply(c, 200, b"[" * 100_000))
+    src = containers.Sources(docker_socket=deep, podman_socket="", containerd_root="", crio_root="")
+    res = containers.lookup(CgroupInfo("docker", ID), src)
+    assert res.workload is None and "not JSON" in res.problems[0]
     src = containers.Sources(
         docker_socket=fake_runtime(drip), podman_socket="", containerd_root="", crio_root="",
         timeout=0.3,
