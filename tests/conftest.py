@@ -405,6 +405,21 @@ def remove_cgroup_everywhere(rel: str, timeout: float = 10) -> bool:
         time.sleep(0.1)
 
 
+def cgroup_dirs_to_make(parent: str) -> list[str]:
+    """A --cgroup-parent and each of its ancestors that does not exist
+    yet: the runtime makes them and leaves them behind (remove them
+    deepest first)."""
+    from bpfkeep.cgroups import cgroup2_mount
+
+    parts = parent.strip("/").split("/")
+    out = []
+    for i in range(len(parts), 0, -1):
+        rel = "/".join(parts[:i])
+        if i == len(parts) or not os.path.isdir(os.path.join(cgroup2_mount(), rel)):
+            out.append(rel)
+    return out
+
+
 def _default_parent_made(rel: str) -> typing.Callable[[], None]:
     """For a runtime's default cgroup parent (docker, libpod_parent): a
     function that removes it at the end if it did not exist before and is
@@ -488,17 +503,9 @@ class Runtime:
         for k, v in (labels or {}).items():
             args += ["--label", f"{k}={v}"]
         if cgroup_parent:
-            # The parent and each ancestor that does not exist yet: the
-            # runtime makes them and leaves them behind.
-            from bpfkeep.cgroups import cgroup2_mount
-
-            parts = cgroup_parent.strip("/").split("/")
-            for i in range(len(parts), 0, -1):
-                rel = "/".join(parts[:i])
-                if rel not in self.pod_parents and (
-                    i == len(parts) or not os.path.isdir(os.path.join(cgroup2_mount(), rel))
-                ):
-                    self.pod_parents.append(rel)
+            self.pod_parents += [
+                p for p in cgroup_dirs_to_make(cgroup_parent) if p not in self.pod_parents
+            ]
             args += ["--cgroup-parent", cgroup_parent]
         return [*args, IMAGE, *cmd]
 

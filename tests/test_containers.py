@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import bpftool_prog_ids
+from conftest import IMAGE, bpftool_prog_ids, cgroup_dirs_to_make, remove_cgroup_everywhere
 from prometheus_client import CollectorRegistry
 from test_daemon import daemon, free_port, scrape  # noqa: F401 - the fixture
 
@@ -718,3 +718,89 @@ def test_attach_and_detach_by_container_and_pod_name(runtime, bk, tmp_path, spaw
     assert unreachable.returncode == 69, unreachable.stderr
     assert "could not ask" in unreachable.stderr and "nothing.sock" in unreachable.stderr
     assert unreachable.stderr.count("\n") == 1
+
+
+@pytest.fixture()
+def containerd_k8s(docker_rt):
+    """The containerd dockerd runs (its socket under the exec root), in the
+    namespace the CRI plugin uses (k8s.io), with the test image imported
+    from docker.  Tasks made here are killed and removed after the test:
+    their shims outlive containerd."""
+    import shutil
+
+    ctr = shutil.which("ctr")
+    if not ctr:
+        pytest.skip("ctr (containerd) is not installed (docker.io brings it)")
+    sock = f"{docker_rt.base}/exec/containerd/containerd.sock"
+    base = [ctr, "-a", sock, "-n", "k8s.io"]
+    save = subprocess.Popen([*docker_rt.cli, "save", IMAGE], stdout=subprocess.PIPE)
+    subprocess.run([*base, "images", "import", "-"], stdin=save.stdout, check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    save.stdout.close()
+    assert save.wait() == 0
+    image = subprocess.run(
+        [*base, "images", "ls", "-q"], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    made: list[str] = []
+    parents: list[str] = []
+
+    def run_args(cid: str, cgroup: str, annotations: dict[str, str], netns: str, *cmd: str):
+        made.append(cid)
+        parents.extend(
+            p for p in cgroup_dirs_to_make(cgroup.rpartition("/")[0]) if p not in parents
+        )
+        ann = [a for k, v in annotations.items() for a in ("--annotation", f"{k}={v}")]
+        return [
+            *base, "run", "--rm", *ann, "--cgroup", cgroup,
+            "--with-ns", f"network:{netns}", image, cid, *cmd,
+        ]  # fmt: skip
+
+    yield run_args
+    for cid in made:
+        subprocess.run([*base, "task", "kill", "-s", "SIGKILL", cid], capture_output=True)
+        for _ in range(50):  # the task goes once its process is reaped
+            if subprocess.run([*base, "task", "rm", "-f", cid], capture_output=True).returncode:
+                break
+            time.sleep(0.1)
+        subprocess.run([*base, "container", "rm", cid], capture_output=True)
+    subprocess.run([*base, "images", "rm", image], capture_output=True)
+    for p in sorted(parents, key=lambda p: -p.count("/")):
+        remove_cgroup_everywhere(p)
+
+
+@pytest.mark.kernel
+def test_containerd_cri_annotations_select_pods(docker_rt, containerd_k8s, daemon, tmp_path, spawn):  # noqa: F811
+    """containerd without its gRPC API: the task's OCI bundle, which
+    containerd (here dockerd's own, 1.6) writes under its state directory
+    before the cgroup exists, with the annotations containerd's CRI plugin
+    sets on a pod's containers (set here with ctr run --annotation: no
+    kubelet can run here), in the kubelet's cgroupfs layout."""
+    t = tag()
+    ns = f"bk-{t}"
+    port = free_port()
+    rules = workload_rule(pod=f"{ns}/api-*/app", keepidle=6, keepintvl=2, keepcnt=3)
+    d = daemon(runtime_config(tmp_path / "c.toml", docker_rt, rules, port))
+    d.start()
+    srv = f"bk-srv-{t}"
+    try:
+        pid = start_server(docker_rt, srv)
+        cid = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as CRI's ids
+        cgroup = f"/kubepods/besteffort/pod{uuid.uuid4()}/{cid}"
+        annotations = {
+            containers.CRI_NAMESPACE: ns,
+            containers.CRI_POD: "api-1",
+            containers.CRI_CONTAINER: "app",
+        }
+        probe = spawn(containerd_k8s(
+            cid, cgroup, annotations, f"/proc/{pid}/ns/net",
+            "/sockprobe", "connect", "127.0.0.1", str(PORT), "hold",
+        ))  # fmt: skip
+        probe.expect("ready", timeout=60)
+        v = settle(probe, 6)
+        assert (v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"]) == (1, 6, 2, 3)
+        d.wait_log(f"container app (containerd, {cgroup}): policy[0]")
+        bundle = Path(docker_rt.base, "exec/containerd/daemon/io.containerd.runtime.v2.task/k8s.io")
+        spec = json.loads((bundle / cid / "config.json").read_text())
+        assert spec["linux"]["cgroupsPath"] == cgroup
+    finally:
+        docker_rt.cleanup_test()
