@@ -54,7 +54,6 @@ CRI_POD_UID = "io.kubernetes.cri.sandbox-uid"
 
 MAX_BODY = 4 << 20  # bytes of one runtime answer or config.json (an OCI spec is ~10-50 KiB)
 DEFAULT_TIMEOUT = 1.0  # seconds for one runtime call, connect to last byte
-RUNTIMES = ("docker", "podman", "containerd", "crio")
 
 # -- the cgroup path -----------------------------------------------------------
 
@@ -415,10 +414,12 @@ def _from_crio(root: str, cid: str) -> Workload | None:
 
 def lookup(info: CgroupInfo, sources: Sources) -> Lookup:
     """Ask the runtimes about one container: the one the cgroup names
-    first, then the others.  Never raises; at most ~timeout per socket
-    asked."""
+    first, then the others.  Never raises (an answer we cannot use is a
+    problem of that runtime); at most ~timeout per socket asked."""
     problems: list[str] = []
-    order = list(RUNTIMES)
+    # A bare id (kubelet's cgroupfs layout, a custom parent): the bundles
+    # first, a file read each, then the sockets.
+    order = ["containerd", "crio", "docker", "podman"]
     if info.runtime in order:
         order.remove(info.runtime)
         order.insert(0, info.runtime)
