@@ -75,7 +75,7 @@ _POD_CGROUPFS = re.compile(
 _POD_SYSTEMD = re.compile(
     r"kubepods(?:-[a-z]+)?-pod(?P<uid>[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})\.slice"
 )
-# Where a bare id is a docker container (cgroupfs driver, its default parent).
+# Whose a bare id is under the runtimes' default parents (cgroupfs driver).
 _PARENT_HINT = {"docker": "docker", "libpod_parent": "podman"}
 
 # Directories below which the runtimes put containers by default (first
@@ -404,7 +404,7 @@ def _from_crio(root: str, cid: str) -> Workload | None:
     if not ann or K8S_NAMESPACE not in ann:
         return None  # podman keeps a config.json there too, without them
     labels = {}
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, RecursionError):
         labels = _str_map(json.loads(ann.get("io.kubernetes.cri-o.Labels", "{}")))
     for k in (K8S_NAMESPACE, K8S_POD, K8S_CONTAINER, K8S_POD_UID):
         if k in ann:

@@ -288,6 +288,12 @@ def test_containerd_and_crio_bundles(tmp_path):
     assert w is not None and (w.namespace, w.pod, w.container) == ("shop", "db-0", "postgres")
     assert Selector(labels=(("tier", "db"),)).matches(w)
     # A huge or broken spec is an answer we cannot use, not a crash.
+    deep = "d" * 64
+    _spec(
+        crio / "overlay-containers" / deep / "userdata",
+        {containers.K8S_NAMESPACE: "x", "io.kubernetes.cri-o.Labels": "[" * 100_000},
+    )
+    assert containers.lookup(CgroupInfo("crio", deep), src).workload.namespace == "x"
     big = "b" * 64
     p = ctrd / "io.containerd.runtime.v2.task" / "k8s.io" / big
     p.mkdir(parents=True)
