@@ -785,7 +785,8 @@ def test_containerd_cri_annotations_select_pods(docker_rt, containerd_k8s, daemo
     ns = f"bk-{t}"
     port = free_port()
     rules = workload_rule(pod=f"{ns}/api-*/app", keepidle=6, keepintvl=2, keepcnt=3)
-    d = daemon(runtime_config(tmp_path / "c.toml", docker_rt, rules, port))
+    per_ns = 'workload_labels = "namespace"\n'
+    d = daemon(runtime_config(tmp_path / "c.toml", docker_rt, rules, port, per_ns))
     d.start()
     srv = f"bk-srv-{t}"
     try:
@@ -808,5 +809,10 @@ def test_containerd_cri_annotations_select_pods(docker_rt, containerd_k8s, daemo
         bundle = Path(docker_rt.base, "exec/containerd/daemon/io.containerd.runtime.v2.task/k8s.io")
         spec = json.loads((bundle / cid / "config.json").read_text())
         assert spec["linux"]["cgroupsPath"] == cgroup
+        # workload_labels = "namespace": one series for the namespace.
+        m = scrape(port)
+        key = (("cgroup", ""), ("mode", "set"), ("namespace", ns))
+        assert m.get(("bpfkeep_policy_attached", key)) == 1
+        assert not [k for k in m if ("cgroup", cgroup) in k[1]]
     finally:
         docker_rt.cleanup_test()
