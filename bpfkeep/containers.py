@@ -40,6 +40,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+from bpfkeep.errors import EnvironmentProblem, UsageError
+
 # The kubelet's labels on every container of a pod (docker, podman, CRI-O
 # show them as labels or annotations; containerd's CRI plugin as the
 # io.kubernetes.cri.* annotations of the OCI spec, mapped to these).
@@ -484,8 +486,6 @@ def find(
     cgroup, which holds all its containers, restarted ones included), or
     of one container of a pod ``NAMESPACE/NAME/CONTAINER``.  One line
     naming the fix otherwise: not found, ambiguous, runtime unreachable."""
-    from bpfkeep.errors import EnvironmentProblem, UsageError
-
     want = f"container {container}" if container is not None else f"pod {pod}"
     ns = pname = cname = None
     if pod is not None:
