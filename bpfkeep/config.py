@@ -584,10 +584,10 @@ def _selector(at, table: dict) -> containers.Selector | None:
         raw = table["pod"]
         try:
             if not isinstance(raw, str):
-                raise ValueError(f'expected "NAMESPACE/POD" (globs allowed), got {show_value(raw)}')
+                raise ValueError(f'expected "NAMESPACE/POD", got {show_value(raw)}')
             pod = containers.parse_pod(raw)
         except ValueError as e:
-            raise ConfigError(f"{at('pod')}: {e}") from None
+            raise ConfigError(f"{at('pod')}: {e} (globs allowed)") from None
     return containers.Selector(ctr, labels, pod)
 
 

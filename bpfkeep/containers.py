@@ -226,9 +226,7 @@ def parse_pod(value: str) -> tuple[str, str, str | None]:
     """``NAMESPACE/POD`` or ``NAMESPACE/POD/CONTAINER`` (globs); ValueError."""
     parts = value.split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(
-            f'expected "NAMESPACE/POD" or "NAMESPACE/POD/CONTAINER" (globs allowed), got {value!r}'
-        )
+        raise ValueError(f'expected "NAMESPACE/POD" or "NAMESPACE/POD/CONTAINER", got {value!r}')
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
