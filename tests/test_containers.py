@@ -816,3 +816,55 @@ def test_containerd_cri_annotations_select_pods(docker_rt, containerd_k8s, daemo
         assert not [k for k in m if ("cgroup", cgroup) in k[1]]
     finally:
         docker_rt.cleanup_test()
+
+
+@pytest.mark.kernel
+def test_asking_the_runtimes_under_the_units_capabilities(
+    docker_rt, containerd_k8s, pin_dir, tmp_path, spawn
+):
+    """The daemon with only deploy/bpfkeep.service's capabilities (no
+    CAP_DAC_OVERRIDE) asks docker over its socket and reads containerd's
+    bundles: both selected containers get the policy."""
+    from test_privileges import BPFKEEP, as_unit
+
+    t = tag()
+    port = free_port()
+    rules = workload_rule(container=f"bk-cap-{t}", keepidle=8)
+    rules += workload_rule(pod=f"bk-{t}/api-1", keepidle=9)
+    conf = runtime_config(tmp_path / "c.toml", docker_rt, rules, port)
+    conf.chmod(0o600)
+    log = tmp_path / "daemon.log"
+    srv = f"bk-srv-{t}"
+    try:
+        pid = start_server(docker_rt, srv)
+        with open(log, "w") as err:
+            proc = subprocess.Popen(
+                as_unit([*BPFKEEP, "--pin-dir", pin_dir, "daemon", "--config", str(conf)]),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "enforcing" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            by_name = start_client(docker_rt, spawn, f"bk-cap-{t}", srv)
+            cid = uuid.uuid4().hex + uuid.uuid4().hex
+            annotations = {
+                containers.CRI_NAMESPACE: f"bk-{t}",
+                containers.CRI_POD: "api-1",
+                containers.CRI_CONTAINER: "app",
+            }
+            by_pod = spawn(containerd_k8s(
+                cid, f"/kubepods/besteffort/pod{uuid.uuid4()}/{cid}", annotations,
+                f"/proc/{pid}/ns/net", "/sockprobe", "connect", "127.0.0.1", str(PORT), "hold",
+            ))  # fmt: skip
+            by_pod.expect("ready", timeout=60)
+            assert settle(by_name, 8)["keepidle"] == 8, log.read_text()
+            assert settle(by_pod, 9)["keepidle"] == 9, log.read_text()
+            assert "Traceback" not in log.read_text() and "could not" not in log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    finally:
+        docker_rt.cleanup_test()
