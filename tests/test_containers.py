@@ -239,6 +239,45 @@ def test_a_stalled_or_flooding_runtime_is_bounded(fake_runtime):
     assert res.unreachable and "No such file" in res.problems[0]
 
 
+def test_find_by_name_errors(fake_runtime, tmp_path):
+    """attach --container/--pod: exactly one match, else one line naming
+    the fix (a directory tree stands in for the cgroup2 mount)."""
+    from bpfkeep.errors import EnvironmentProblem, UsageError
+
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    pod = f"kubepods/besteffort/pod{UID}"
+    for rel in (f"docker/{a}", f"docker/{b}", f"{pod}/{c}", "system.slice/x.service"):
+        (tmp_path / "cg" / rel).mkdir(parents=True)
+    kubelet = {
+        containers.K8S_NAMESPACE: "shop",
+        containers.K8S_POD: "db-0",
+        containers.K8S_CONTAINER: "pg",
+    }
+    names = {a: ("web", {}), b: ("web", {}), c: ("k8s_app", kubelet)}
+
+    def answer(conn, path):
+        cid = path.split("/")[2]
+        if cid not in names:
+            return reply(conn, 404, b"{}")
+        name, labels = names[cid]
+        reply(conn, 200, json.dumps({"Name": "/" + name, "Config": {"Labels": labels}}).encode())
+
+    src = containers.Sources(fake_runtime(answer), "", "", "")
+    mount = str(tmp_path / "cg")
+    with pytest.raises(UsageError, match=r"container web: 2 containers match .*name exactly one"):
+        containers.find(mount, src, container="web")
+    with pytest.raises(UsageError, match="container nope: no running container has it"):
+        containers.find(mount, src, container="nope")
+    assert containers.find(mount, src, container="k8s_app") == f"{pod}/{c}"
+    assert containers.find(mount, src, pod="shop/db-0") == pod
+    assert containers.find(mount, src, pod="shop/db-0/pg") == f"{pod}/{c}"
+    with pytest.raises(UsageError, match="no running container"):
+        containers.find(mount, src, pod="shop/db-0/other")
+    down = containers.Sources(str(tmp_path / "none.sock"), "", "", "")
+    with pytest.raises(EnvironmentProblem, match=r"not found, and could not ask docker at .*none"):
+        containers.find(mount, down, container="web")
+
+
 def dataclass_replace(obj, **kw):
     import dataclasses
 
