@@ -12,8 +12,8 @@ Two halves:
   ``io.kubernetes.pod.name``, ``io.kubernetes.container.name``).  docker
   and podman answer over their unix sockets (podman's docker-compatible
   API, served by ``podman system service``); containerd and CRI-O are read
-  without gRPC from the OCI bundle's ``config.json`` the runtime writes
-  before it creates the container's cgroup (annotations
+  without gRPC from the OCI bundle's ``config.json`` the runtime keeps
+  for each running container (annotations
   ``io.kubernetes.cri.sandbox-namespace``, ``...sandbox-name``,
   ``...container-name`` for containerd; the kubelet label names for
   CRI-O).
@@ -551,9 +551,9 @@ class Lookups:
 
     ``submit(key, rel)`` queues a container cgroup; the worker asks the
     runtimes and, while none knows the id yet (the cgroup appears before
-    the runtime marks the container running; CRI writes its bundle first,
-    but a busy runtime answers late), asks again with a backoff from 50 ms
-    to 2 s for at most GIVE_UP_AFTER seconds.  Results are collected with
+    the runtime marks the container running, and a busy runtime answers
+    late), asks again with a backoff from 50 ms to 2 s for at most
+    GIVE_UP_AFTER seconds.  Results are collected with
     ``results()``; ``fd`` becomes readable when there are some."""
 
     def __init__(self, sources: Sources, ask: Callable[[CgroupInfo, Sources], Lookup] = lookup):
