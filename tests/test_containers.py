@@ -7,6 +7,7 @@ container and ss from its network namespace."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -235,7 +236,7 @@ def test_a_stalled_or_flooding_runtime_is_bounded(fake_runtime):
     res = containers.lookup(CgroupInfo("docker", ID), src)
     assert res.workload is None and res.unreachable and "timed out" in res.problems[0]
     gone = containers.Sources(docker_socket="/nonexistent/docker.sock", podman_socket="")
-    res = containers.lookup(CgroupInfo(None, ID), dataclass_replace(gone, containerd_root=""))
+    res = containers.lookup(CgroupInfo(None, ID), dataclasses.replace(gone, containerd_root=""))
     assert res.unreachable and "No such file" in res.problems[0]
 
 
@@ -276,12 +277,6 @@ def test_find_by_name_errors(fake_runtime, tmp_path):
     down = containers.Sources(str(tmp_path / "none.sock"), "", "", "")
     with pytest.raises(EnvironmentProblem, match=r"not found, and could not ask docker at .*none"):
         containers.find(mount, down, container="web")
-
-
-def dataclass_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def _spec(path: Path, annotations: dict[str, str]) -> None:
