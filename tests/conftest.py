@@ -531,8 +531,11 @@ class Runtime:
         self.remove(*self.made)
         self.made.clear()
         # Deepest first: a parent made for one test, then its new ancestors.
+        busy = False
         for parent in sorted(self.pod_parents, key=lambda p: -p.count("/")):
-            if not remove_cgroup_everywhere(parent, timeout=2):
+            # Once one is still busy its ancestors are too: left for later.
+            busy = busy or not remove_cgroup_everywhere(parent, timeout=2)
+            if busy:
                 self.leftover.append(parent)
         self.pod_parents.clear()
 
