@@ -61,6 +61,37 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     return Policy.from_mapping(values)
 
 
+def _add_workload_arguments(p: argparse.ArgumentParser, group) -> None:
+    group.add_argument(
+        "--container",
+        metavar="NAME",
+        help="the cgroup of the running container of this exact name (docker, podman; "
+        "containerd and CRI-O: the kubelet's container name)",
+    )
+    group.add_argument(
+        "--pod",
+        metavar="NAMESPACE/NAME[/CONTAINER]",
+        help="a Kubernetes pod's cgroup (all its containers), or one container's",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="take where the container runtimes are from this daemon config's [containers] "
+        "table (default: their standard sockets and state directories)",
+    )
+
+
+def _workload_cgroup(args: argparse.Namespace) -> str:
+    """--cgroup, or the cgroup --container / --pod name."""
+    from bpfkeep import cgroups, config, containers
+
+    if args.cgroup is not None:
+        return args.cgroup
+    sources = config.load(args.config).runtimes if args.config else containers.Sources()
+    mount = cgroups.cgroup2_mount()
+    return containers.find(mount, sources, container=args.container, pod=args.pod)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bpfkeep",
@@ -76,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attach", help="apply a policy to a cgroup (or update it)")
-    a.add_argument(
+    where = a.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--cgroup",
-        required=True,
         metavar="PATH",
         help="cgroup v2 path, absolute or relative to the cgroup2 mount",
     )
+    _add_workload_arguments(a, where)
     a.add_argument("--force", action="store_true", help="allow the root cgroup")
     a.add_argument(
         "--no-existing",
@@ -94,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detach", help="remove bpfkeep's programs from a cgroup")
     target = d.add_mutually_exclusive_group(required=True)
     target.add_argument("--cgroup", metavar="PATH")
+    _add_workload_arguments(d, target)
     target.add_argument(
         "--all",
         action="store_true",
@@ -312,7 +345,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         if args.check:
             cfg = config.load(args.config)
-            print(f"{args.config}: ok, {len(cfg.rules)} policy rule(s)")
+            print(f"{args.config}: ok, {len(cfg.rules) + len(cfg.workload_rules)} policy rule(s)")
             return 0
         return daemon.main(args.config, args.pin_dir, args.detach_on_exit)
 
@@ -332,7 +365,7 @@ def dispatch(args: argparse.Namespace) -> int:
         enf.destroy()
         print(f"detached {n} cgroup(s); removed {enf.pin_dir}")
         return 0
-    cg = cgroups.resolve(args.cgroup, force_root=args.force)
+    cg = cgroups.resolve(_workload_cgroup(args), force_root=args.force)
     if args.command == "attach":
         policy = policy_from_args(args)
         before = _current_policy(enf, cg)

@@ -20,12 +20,16 @@ import stat
 import tomllib
 from collections.abc import Iterable
 
+from bpfkeep import containers
 from bpfkeep.errors import UsageError
 from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
 
 DEFAULT_LISTEN = ("127.0.0.1", 9977)
-POLICY_KEYS = {"cgroup", "mode", "existing"} | {o.key for o in TUNABLE if o.bpf}
-SECTIONS = {"metrics", "daemon", "policy"}
+WORKLOAD_KEYS = ("container", "labels", "pod")  # a rule names workloads instead of a cgroup
+POLICY_KEYS = {"cgroup", "mode", "existing", *WORKLOAD_KEYS} | {o.key for o in TUNABLE if o.bpf}
+SECTIONS = {"metrics", "daemon", "policy", "containers"}
+# [metrics] workload_labels: which workload labels the per-cgroup series carry.
+WORKLOAD_LABELS = ("container", "namespace", "none")
 # [daemon] audit_interval: 0 (off) or 1 s .. 1 day.  Below a second an
 # inet_diag dump of every socket would be most of the daemon's work; above a
 # day the gauge is stale; inf, nan and 1e308 made the loop's sleep overflow
@@ -131,6 +135,9 @@ class Rule:
     # Apply the policy to the TCP sockets that already exist when it is
     # attached (the sweep); false: only to sockets made afterwards.
     existing: bool = True
+    # A workload rule (container/labels/pod keys) instead of a cgroup
+    # pattern: ``pattern`` is then "" and the rule is in Config.workload_rules.
+    selector: containers.Selector | None = None
 
     def segments(self) -> list[str]:
         return _parts(self.pattern)
@@ -260,6 +267,25 @@ class Config:
     rules: tuple[Rule, ...]
     detach_on_exit: bool = False
     audit_interval: float = 15.0
+    # Rules that name containers or pods (see bpfkeep.containers), in file
+    # order; their Rule.index counts among all rules.
+    workload_rules: tuple[Rule, ...] = ()
+    runtimes: containers.Sources = dataclasses.field(default_factory=containers.Sources)
+    workload_labels: str = "container"
+
+    def workload_rule(self, rel: str, workload: containers.Workload | None) -> Rule | None:
+        """The rule for a container's cgroup: the first in the file among
+        the cgroup rules matching ``rel`` and the workload rules matching
+        ``workload`` (None: not known yet, only the cgroup rules)."""
+        rule = self.policy_for(rel)
+        if workload is None:
+            return rule
+        for w in self.workload_rules:
+            if rule is not None and w.index > rule.index:
+                break
+            if w.selector is not None and w.selector.matches(workload):
+                return w
+        return rule
 
     @functools.cached_property
     def _index(self) -> _RuleIndex:
@@ -434,7 +460,16 @@ def loads(text: str, path: str = "<config>") -> Config:
     metrics = data.get("metrics", {})
     if not isinstance(metrics, dict):
         raise ConfigError(f"{where('metrics', 'metrics')}: must be a table [metrics]")
+    workload_labels = "container"
     for key, value in metrics.items():
+        if key == "workload_labels":
+            if value not in WORKLOAD_LABELS:
+                raise ConfigError(
+                    f"{where(key, 'metrics.' + key, 'metrics')}: expected "
+                    f'"container", "namespace" or "none", got {show_value(value)}'
+                )
+            workload_labels = value
+            continue
         if key != "listen":
             raise ConfigError(f"{where(key, 'metrics.' + _name(key), 'metrics')}: unknown key")
         try:
@@ -474,7 +509,86 @@ def loads(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{where('policy', 'policy')}: write each policy as a [[policy]] table")
     for i, table in enumerate(policies):
         rules.append(_rule(where, i, table))
-    return Config(path, listen, tuple(rules), detach_on_exit, audit_interval)
+    sources = _containers(where, data.get("containers", {}))
+    return Config(
+        path,
+        listen,
+        tuple(r for r in rules if r.selector is None),
+        detach_on_exit,
+        audit_interval,
+        workload_rules=tuple(r for r in rules if r.selector is not None),
+        runtimes=sources,
+        workload_labels=workload_labels,
+    )
+
+
+CONTAINER_KEYS = {f.name for f in dataclasses.fields(containers.Sources)}
+LOOKUP_TIMEOUT_MAX = 10.0  # seconds; a lookup runs off the daemon's loop, but not forever
+
+
+def _containers(where: _Where, table: object) -> containers.Sources:
+    """[containers]: where the runtimes are (absolute paths, "" turns one
+    off) and the timeout of one call to a runtime."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where('containers', 'containers')}: must be a table [containers]")
+    values: dict[str, object] = {}
+    for key, value in table.items():
+        name = where(key, "containers." + _name(key), "containers")
+        if key not in CONTAINER_KEYS:
+            raise ConfigError(f"{name}: unknown key (expected {', '.join(sorted(CONTAINER_KEYS))})")
+        if key == "timeout":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0.01 <= value <= LOOKUP_TIMEOUT_MAX
+            ):
+                raise ConfigError(
+                    f"{name}: expected seconds, 0.01..{LOOKUP_TIMEOUT_MAX:g}, "
+                    f"got {show_value(value)}"
+                )
+            values[key] = float(value)
+            continue
+        if not isinstance(value, str) or (value and not value.startswith("/")) or "\0" in value:
+            raise ConfigError(
+                f'{name}: expected an absolute path, or "" to turn it off, got {show_value(value)}'
+            )
+        values[key] = value
+    return containers.Sources(**values)  # type: ignore[arg-type]
+
+
+def _selector(at, table: dict) -> containers.Selector | None:
+    """The workload keys of a [[policy]] table, or None if it has none."""
+    if not any(k in table for k in WORKLOAD_KEYS):
+        return None
+    ctr = table.get("container")
+    if ctr is not None and (not isinstance(ctr, str) or not ctr):
+        raise ConfigError(
+            f'{at("container")}: expected a container name or glob, e.g. "web-*", '
+            f"got {show_value(ctr)}"
+        )
+    labels: tuple[tuple[str, str], ...] = ()
+    if "labels" in table:
+        raw = table["labels"]
+        if (
+            not isinstance(raw, dict)
+            or not raw
+            or not all(isinstance(v, str) for v in raw.values())
+        ):
+            raise ConfigError(
+                f'{at("labels")}: expected a table of strings, e.g. {{ tier = "db" }}, '
+                f"got {show_value(raw)}"
+            )
+        labels = containers.by_labels(raw)
+    pod = None
+    if "pod" in table:
+        raw = table["pod"]
+        try:
+            if not isinstance(raw, str):
+                raise ValueError(f'expected "NAMESPACE/POD", got {show_value(raw)}')
+            pod = containers.parse_pod(raw)
+        except ValueError as e:
+            raise ConfigError(f"{at('pod')}: {e} (globs allowed)") from None
+    return containers.Selector(ctr, labels, pod)
 
 
 def _rule(where: _Where, i: int, table: object) -> Rule:
@@ -493,9 +607,18 @@ def _rule(where: _Where, i: int, table: object) -> Rule:
             if key in BY_KEY and not BY_KEY[key].bpf:
                 hint = " (the kernel refuses it from BPF; only the LD_PRELOAD shim sets it)"
             raise ConfigError(f"{at(key)}: unknown key{hint}")
-    if "cgroup" not in table:
-        raise ConfigError(f"{where('', name, 'policy', i)}: missing key cgroup")
-    pattern = table["cgroup"]
+    selector = _selector(at, table)
+    if selector is not None and "cgroup" in table:
+        other = next(k for k in WORKLOAD_KEYS if k in table)
+        raise ConfigError(
+            f"{at('cgroup')}: a rule names either a cgroup or workloads ({other}), not "
+            "both: split it into two [[policy]] tables"
+        )
+    if selector is None and "cgroup" not in table:
+        raise ConfigError(
+            f"{where('', name, 'policy', i)}: missing key cgroup (or container, labels, pod)"
+        )
+    pattern = table.get("cgroup", "-")
     if not isinstance(pattern, str) or not pattern.strip("/"):
         raise ConfigError(
             f"{at('cgroup')}: expected a non-empty path "
@@ -506,7 +629,7 @@ def _rule(where: _Where, i: int, table: object) -> Rule:
     values: dict[str, object] = {}
     existing = True
     for key, value in table.items():
-        if key == "cgroup":
+        if key == "cgroup" or key in WORKLOAD_KEYS:
             continue
         if key == "mode":
             if value not in ("set", "enforce"):
@@ -526,6 +649,8 @@ def _rule(where: _Where, i: int, table: object) -> Rule:
             values[key] = parse_value(BY_KEY[key], value)
         except UsageError as e:
             raise ConfigError(f"{at(key)}: {str(e).partition(': ')[2]}") from None
+    if selector is not None:
+        return Rule("", Policy.from_mapping(values), i, existing, selector)
     return Rule(pattern.strip("/"), Policy.from_mapping(values), i, existing)
 
 

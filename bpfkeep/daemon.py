@@ -35,7 +35,7 @@ import threading
 import time
 import typing
 
-from bpfkeep import cgroups, config, loader, runner
+from bpfkeep import cgroups, config, containers, loader, runner
 from bpfkeep.cgroups import printable
 from bpfkeep.enforcer import HOOKS, Enforcer
 from bpfkeep.errors import BpfkeepError
@@ -261,6 +261,11 @@ class Daemon:
         self._sweep_unavailable = False
         self._resweep: list[tuple[float, list[cgroups.Cgroup]]] = []  # (due, cgroups)
         self._ready = False  # the first reconcile is done (READY=1)
+        # Containers (workload rules): the runtimes' answers by cgroup id,
+        # asked off the loop (bpfkeep.containers.Lookups).
+        self.lookups: containers.Lookups | None = None
+        self.workloads: dict[int, tuple[str, containers.Workload]] = {}  # id -> (rel, workload)
+        self._unresolved: dict[int, str] = {}  # id -> rel no runtime knew: asked again on reload
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -272,6 +277,7 @@ class Daemon:
         self.enforcer.prepare()
         self._start_metrics(self.cfg.listen)
         self.inotify = Inotify()
+        self.lookups = containers.Lookups(self.cfg.runtimes)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGHUP, self._on_signal)
@@ -319,7 +325,7 @@ class Daemon:
                 if wd_every:
                     deadlines.append(next_wd)
                 timeout = max(0.0, min(deadlines) - time.monotonic())
-                r, _, _ = select.select([self.inotify.fd, rfd], [], [], timeout)
+                r, _, _ = select.select([self.inotify.fd, rfd, self.lookups.fd], [], [], timeout)
                 if rfd in r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(rfd, 4096)
@@ -328,8 +334,11 @@ class Daemon:
                     self._guard("reload", self.reload)
                 if self.inotify.fd in r:
                     self._guard("cgroup event", self._handle_events)
+                if self.lookups.fd in r:
+                    self._guard("container lookup", self._lookup_results)
         finally:
             signal.set_wakeup_fd(-1)
+            self.lookups.close()
         if self.cfg.detach_on_exit or self.detach_on_exit_flag:
             for cg_id, k in list(self.known.items()):
                 try:
@@ -415,7 +424,14 @@ class Daemon:
         if new.listen != (self.cfg.listen if self.cfg else None):
             log.warning("metrics.listen changed: takes effect at the next restart")
         self.cfg = dataclasses.replace(new, listen=self.cfg.listen if self.cfg else new.listen)
-        log.info("reloaded %s: %d policy rule(s)", self.config_path, len(new.rules))
+        if self.lookups is not None:
+            self.lookups.sources = new.runtimes
+        self._unresolved.clear()  # ask the runtimes again
+        log.info(
+            "reloaded %s: %d policy rule(s)",
+            self.config_path,
+            len(new.rules) + len(new.workload_rules),
+        )
         self.full_reconcile()
         self.notifier.send(f"STATUS={self._status()}")
 
@@ -460,8 +476,13 @@ class Daemon:
         failures = self._walk_failures
         desired: dict[int, tuple[cgroups.Cgroup, Policy]] = {}
         sweep: list[cgroups.Cgroup] = []
+        seen: set[int] = set()
+        asking: set[int] = set()  # containers whose runtime has not answered yet
         for cg in self._walk(self.mount):
-            rule = self.cfg.policy_for(cg.rel)
+            seen.add(cg.id)
+            rule = self._rule_for(cg)
+            if rule is None and self._asking(cg.id):
+                asking.add(cg.id)
             if rule:
                 desired[cg.id] = (cg, rule.policy)
                 if rule.existing:
@@ -478,8 +499,12 @@ class Daemon:
         owned = {i for i, (_, managed) in entries.items() if managed and i in pins}
         if self._walk_failures == failures:
             # Only a complete walk tells what the config no longer wants.
-            for cg_id in (owned | set(self.known)) - set(desired):
+            # A container's attachment stays while its runtime is asked (at
+            # start: what the previous daemon attached keeps working);
+            # the answer decides (_lookup_results).
+            for cg_id in (owned | set(self.known)) - set(desired) - asking:
                 self._forget(cg_id, "unwanted" if cg_id in owned else "released")
+            self._forget_workloads(lambda i, _rel: i not in seen)
             self.retry.pop(None, None)
         else:
             self._retry_later(None)
@@ -529,7 +554,7 @@ class Daemon:
         mine = fresh is None
         fresh = [] if fresh is None else fresh
         for cg in self._walk(top):
-            rule = self.cfg.policy_for(cg.rel)
+            rule = self._rule_for(cg)
             if not rule:
                 continue
             with self._lock:
@@ -581,7 +606,7 @@ class Daemon:
                     self._walk_failed(path, e)
                     continue
                 yield cgroups.Cgroup(path, rel, ino)
-            if not self.cfg.watch(rel):
+            if not self._watches(rel):
                 continue
             try:
                 self.inotify.watch(path)
@@ -674,6 +699,89 @@ class Daemon:
         except (BpfkeepError, OSError) as e:
             self._failed(None, f"detach cgroup id {cg_id}", e)
 
+    # -- containers ----------------------------------------------------------------
+
+    def _watches(self, rel: str) -> bool:
+        """Watch ``rel`` for new cgroups: a cgroup rule could match below
+        it, or (with workload rules) a runtime could put a container there."""
+        assert self.cfg
+        if self.cfg.watch(rel):
+            return True
+        return bool(self.cfg.workload_rules) and containers.may_hold_containers(rel)
+
+    def _rule_for(self, cg: cgroups.Cgroup) -> config.Rule | None:
+        """The rule for a cgroup.  For a container's cgroup with workload
+        rules in the config: the runtime is asked (off the loop); until it
+        answers only the cgroup rules apply, and the answer attaches the
+        policy and sweeps the sockets made meanwhile (_lookup_results)."""
+        assert self.cfg
+        if not self.cfg.workload_rules:
+            return self.cfg.policy_for(cg.rel)
+        with self._lock:
+            known = self.workloads.get(cg.id)
+        if known is None and self.lookups is not None and cg.id not in self._unresolved:
+            self.lookups.submit(cg.id, cg.rel)
+        return self.cfg.workload_rule(cg.rel, known[1] if known else None)
+
+    def _asking(self, cg_id: int) -> bool:
+        return self.lookups is not None and self.lookups.is_pending(cg_id)
+
+    def _lookup_results(self) -> None:
+        assert self.lookups and self.cfg
+        for cg_id, rel, res in self.lookups.results():
+            path = os.path.join(self.mount, rel)
+            try:
+                if os.stat(path).st_ino != cg_id:
+                    continue  # removed (and maybe made again) meanwhile
+            except OSError:
+                continue
+            if res.workload is None:
+                self._unresolved[cg_id] = rel
+                why = "; ".join(res.problems) or "no runtime knows it"
+                log.warning(
+                    "/%s: container not found by any runtime after %.0f s (%s); its workload "
+                    "rules apply after a reload ([containers] in the config says where the "
+                    "runtimes are)",
+                    printable(rel),
+                    containers.GIVE_UP_AFTER,
+                    why,
+                )
+                continue
+            w = res.workload
+            with self._lock:
+                self.workloads[cg_id] = (rel, w)
+            rule = self.cfg.workload_rule(rel, w)
+            if rule is not None:
+                log.info(
+                    "container %s (%s, /%s): policy[%d]",
+                    printable(w.name or w.id[:12]),
+                    w.runtime,
+                    printable(rel),
+                    rule.index,
+                )
+                self._scan(path)
+                continue
+            # No rule: an attachment a previous daemon made for it (kept
+            # while the runtime was asked) goes.
+            try:
+                entry = self.enforcer.policy_entry(cg_id)
+                managed = entry is not None and entry[1] and self.enforcer.pinned_hooks(cg_id)
+            except OSError as e:
+                self._failed(path, f"/{printable(rel)}", e)
+                continue
+            if managed or cg_id in self.known:
+                self._forget(cg_id, "unwanted")
+
+    def _forget_workloads(self, gone: typing.Callable[[int, str], bool]) -> None:
+        with self._lock:
+            drop = [i for i, (rel, _) in self.workloads.items() if gone(i, rel)]
+            for i in drop:
+                del self.workloads[i]
+        for i in [i for i, rel in self._unresolved.items() if gone(i, rel)]:
+            del self._unresolved[i]
+        if self.lookups is not None:
+            self.lookups.cancel(gone)
+
     def _handle_events(self) -> None:
         assert self.cfg and self.inotify
         rescan = False
@@ -701,6 +809,7 @@ class Daemon:
                 for cg_id in gone:
                     log.info("cgroup /%s removed; forgetting it", printable(rel))
                     self._forget(cg_id, "removed")
+                self._forget_workloads(lambda _i, r, rel=rel: r == rel or r.startswith(rel + "/"))
         self._sweep_new([cg for cg in fresh if cg.id in self.known])
         if rescan:
             self.full_reconcile(prune=True)
@@ -786,6 +895,11 @@ class Daemon:
 
         with self._lock:
             known = {**self.foreign, **self.known}
+            workloads = {
+                known[i].cgroup.display: w.metric_labels()
+                for i, (_, w) in self.workloads.items()
+                if i in known
+            }
             unmanaged = sorted(k.cgroup.display for k in self.foreign.values())
             expected = sorted(self.expected.values())
             coverage = dict(self.coverage) if self.coverage is not None else None
@@ -806,6 +920,8 @@ class Daemon:
             coverage,
             self.audit_errors,
             unmanaged,
+            workloads=workloads,
+            workload_labels=self.cfg.workload_labels if self.cfg else "container",
         )
 
     def _audit(self) -> None:
@@ -817,7 +933,7 @@ class Daemon:
         t0 = time.thread_time()
         with self._lock:
             known = [k.cgroup for k in self.known.values()]
-        self._sweep([cg for cg in known if _sweeps_existing(self.cfg.policy_for(cg.rel))])
+        self._sweep([cg for cg in known if _sweeps_existing(self._rule_for(cg))])
         try:
             from bpfkeep import audit
 

@@ -43,6 +43,12 @@ class Snapshot:
     coverage: dict[str, tuple[int, int]] | None = None  # cgroup -> (armed, established)
     audit_errors: int = 0
     unmanaged: list[str] = dataclasses.field(default_factory=list)  # attached by hand
+    # Containers: cgroup -> {"namespace", "pod", "container"} where the
+    # runtime told; "container" adds them to every per-cgroup series,
+    # "namespace" sums Kubernetes containers' series per namespace, "none"
+    # leaves them out (see with_workload_labels).
+    workloads: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    workload_labels: str = "container"
 
 
 class Collector(_CollectorBase):
@@ -63,7 +69,9 @@ class Collector(_CollectorBase):
         yield from self._families(Snapshot([], []))
 
     def collect(self) -> Iterator:
-        yield from self._families(self._source())
+        snap = self._source()
+        for family in self._families(snap):
+            yield with_workload_labels(family, snap.workloads, snap.workload_labels)
 
     def _families(self, snap: Snapshot) -> Iterator:
         info = InfoMetricFamily("bpfkeep_build", "bpfkeep version and running kernel")
@@ -203,6 +211,52 @@ class Collector(_CollectorBase):
         yield CounterMetricFamily(
             "bpfkeep_audit_errors", "Failed socket audits", value=snap.audit_errors
         )
+
+
+# -- workload labels -------------------------------------------------------------
+
+WORKLOAD_LABELS = ("namespace", "pod", "container")
+# Gauges whose per-namespace value is the largest of its cgroups', not the sum.
+_MAX_PER_NAMESPACE = {"bpfkeep_policy_dead_peer_bound_seconds"}
+
+
+def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str):
+    """A per-cgroup family with the workload labels added to its samples.
+
+    Cardinality stays bounded: only cgroups with a policy have series, and a
+    container's go with its cgroup.  ``mode``:
+
+    - "container": namespace, pod and container labels on the samples of
+      containers, those the runtime told (a plain cgroup's series keep
+      their labels; a container outside Kubernetes gets only container);
+    - "namespace": the series of Kubernetes containers are summed into one
+      per namespace (cgroup, pod and container ""; the dead-peer bound is
+      the namespace's largest).  A counter summed over containers falls
+      when one goes away: Prometheus's rate() reads that as a reset;
+    - "none": the family as it is.
+    """
+    if mode == "none" or not family.samples or "cgroup" not in family.samples[0].labels:
+        return family
+    merged: dict[tuple, list] = {}  # (name, labels) -> [first sample, labels, value]
+    for s in family.samples:
+        w = workloads.get(s.labels["cgroup"]) or {}
+        labels = dict(s.labels)
+        if mode == "namespace":
+            if w.get("namespace"):
+                labels["cgroup"] = ""
+                labels["namespace"] = w["namespace"]
+        else:
+            labels.update((k, w[k]) for k in WORKLOAD_LABELS if w.get(k))
+        key = (s.name, tuple(sorted(labels.items())))
+        hit = merged.get(key)
+        if hit is None:
+            merged[key] = [s, labels, s.value]
+        elif family.name in _MAX_PER_NAMESPACE:
+            hit[2] = max(hit[2], s.value)
+        else:
+            hit[2] += s.value
+    family.samples = [s._replace(labels=labels, value=v) for s, labels, v in merged.values()]
+    return family
 
 
 # -- the HTTP endpoint ----------------------------------------------------------

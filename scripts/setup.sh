@@ -22,9 +22,14 @@ pkgs=(
     prometheus                                       # promtool + a real server for the tests
     systemd                                          # systemd-analyze verify of the unit
     qemu-system-x86 e2fsprogs busybox-static         # scripts/kernel-matrix.sh (Debian 12's 6.1)
-    mmdebstrap podman runc                           # scripts/build-image.sh, tests/test_image.py
+    mmdebstrap podman runc                           # build-image.sh; tests/test_image.py, test_containers.py
     python3-yaml python3-kubernetes                  # tests/test_image.py: the manifests
 )
+# docker.io apart: its package would start the system's dockerd, which
+# changes the host's firewall (iptables) and adds a docker0 bridge.  The
+# tests start their own dockerd (--iptables=false --bridge=none) with
+# private state; the system's stays off unless it was there before.
+docker_pkgs=(docker.io)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +38,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup.sh: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! dpkg-query -W -f='${Status}' docker.io 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup.sh: installing ${docker_pkgs[*]} (its service left off)"
+    apt-get update -qq
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then  # invoke-rc.d and deb-systemd-invoke: start nothing
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also if the install fails
+        made_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${docker_pkgs[@]}" >/dev/null
+    if [ -n "$made_policy" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now docker.service docker.socket >/dev/null 2>&1 || true
+    fi
 fi
 
 # bpffs: bpfkeep pins its programs and links there.

@@ -13,6 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+import typing
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -476,3 +479,326 @@ def daemon_image() -> Iterator[str]:
         yield tag
     finally:
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+
+
+# -- container runtimes -----------------------------------------------------
+#
+# podman and Debian's docker.io, each with its own storage, state and
+# socket under a temporary directory (nothing of the host's runtimes is
+# used or touched), and an image made here from busybox-static and the
+# static sockprobe.  crun refuses this host's hybrid cgroup layout: runc.
+# Root here lacks CAP_SYS_RESOURCE: explicit ulimits.  Everything made is
+# removed at the end of the session, also when a test failed.
+
+ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
+IMAGE = "localhost/bpfkeep-test:1"
+
+
+def cgroup_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [ln.split()[1] for ln in f if ln.split()[2] in ("cgroup", "cgroup2")]
+
+
+def remove_cgroup_everywhere(rel: str, timeout: float = 10) -> bool:
+    """rmdir a cgroup path (and what is below it) in every hierarchy, v1
+    included: runtimes given --cgroup-parent make the parents and leave
+    them.  A monitor (podman's conmon) may still be leaving: retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for m in cgroup_mounts():
+            top = os.path.join(m, rel.strip("/"))
+            if not os.path.isdir(top):
+                continue
+            for d, _dirs, _files in sorted(os.walk(top), key=lambda t: -t[0].count("/")):
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        left.append(d)
+        if not left or time.monotonic() > deadline:
+            return not left
+        time.sleep(0.1)
+
+
+def cgroup_dirs_to_make(parent: str) -> list[str]:
+    """A --cgroup-parent and each of its ancestors that does not exist
+    yet: the runtime makes them and leaves them behind (remove them
+    deepest first)."""
+    from bpfkeep.cgroups import cgroup2_mount
+
+    parts = parent.strip("/").split("/")
+    out = []
+    for i in range(len(parts), 0, -1):
+        rel = "/".join(parts[:i])
+        if i == len(parts) or not os.path.isdir(os.path.join(cgroup2_mount(), rel)):
+            out.append(rel)
+    return out
+
+
+def _default_parent_made(rel: str) -> typing.Callable[[], None]:
+    """For a runtime's default cgroup parent (docker, libpod_parent): a
+    function that removes it at the end if it did not exist before and is
+    empty then (an rmdir, in every hierarchy; a parent in use stays)."""
+    from bpfkeep.cgroups import cgroup2_mount
+
+    existed = os.path.isdir(os.path.join(cgroup2_mount(), rel))
+
+    def cleanup() -> None:
+        if existed:
+            return
+        deadline = time.monotonic() + 3  # in use by another podman or docker: it stays
+        while True:
+            left = False
+            for m in cgroup_mounts():
+                for d in (os.path.join(m, rel, "conmon"), os.path.join(m, rel)):
+                    if not os.path.isdir(d):
+                        continue
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        left = True
+            if not left or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+
+    return cleanup
+
+
+def _unmount_below(path: str) -> None:
+    with open("/proc/mounts") as f:
+        points = [ln.split()[1] for ln in f if ln.split()[1].startswith(path.rstrip("/") + "/")]
+    for p in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", p], check=False, capture_output=True)
+
+
+def _image_tar(tmp: Path, probes: dict[str, str]) -> Path:
+    root = tmp / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "sleep", "cat"):
+        os.symlink("busybox", root / "bin" / applet)
+    shutil.copy(probes["static"], root / "sockprobe")
+    tar = tmp / "image.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    return tar
+
+
+class Runtime:
+    """One container runtime with private storage: its CLI, its API socket
+    (what bpfkeep asks), and the containers a test made."""
+
+    def __init__(self, name: str, cli: list[str], socket_path: str, base: str):
+        self.name, self.cli, self.socket, self.base = name, cli, socket_path, base
+        self.made: list[str] = []
+        self.pod_parents: list[str] = []  # --cgroup-parent given, with ancestors made for it
+        self.leftover: list[str] = []  # still busy after a test: tried again at the end
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 60):
+        proc = subprocess.run(
+            [*self.cli, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{self.name} {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def run_args(
+        self,
+        name: str,
+        *cmd: str,
+        labels: dict[str, str] | None = None,
+        network: str = "none",
+        cgroup_parent: str | None = None,
+        interactive: bool = False,
+    ) -> list[str]:
+        """argv of ``run`` (the caller starts it: detached or interactive)."""
+        self.made.append(name)
+        args = [*self.cli, "run", "--name", name, f"--network={network}", *ULIMITS]
+        args += ["-i"] if interactive else ["-d"]
+        for k, v in (labels or {}).items():
+            args += ["--label", f"{k}={v}"]
+        if cgroup_parent:
+            self.pod_parents += [
+                p for p in cgroup_dirs_to_make(cgroup_parent) if p not in self.pod_parents
+            ]
+            args += ["--cgroup-parent", cgroup_parent]
+        return [*args, IMAGE, *cmd]
+
+    def pid(self, name: str) -> int:
+        return int(self("inspect", "-f", "{{.State.Pid}}", name).stdout.strip())
+
+    def cgroup(self, name: str) -> str:
+        """The container's cgroup v2 path relative to the mount, from the
+        host's /proc/PID/cgroup (inside, a cgroup namespace shows /)."""
+        with open(f"/proc/{self.pid(name)}/cgroup") as f:
+            for ln in f:
+                if ln.startswith("0::"):
+                    return ln.strip()[3:].lstrip("/")
+        raise AssertionError(f"{name}: no cgroup v2 line")
+
+    def remove(self, *names: str) -> None:
+        """Kill and remove (podman's rm -f would first wait 10 s for a PID 1
+        that ignores SIGTERM)."""
+        if names:
+            self("rm", "-f", *(["-t", "0"] if self.name == "podman" else []), *names, check=False)
+
+    def cleanup_test(self) -> None:
+        self.remove(*self.made)
+        self.made.clear()
+        # Deepest first: a parent made for one test, then its new ancestors.
+        busy = False
+        for parent in sorted(self.pod_parents, key=lambda p: -p.count("/")):
+            # Once one is still busy its ancestors are too: left for later.
+            busy = busy or not remove_cgroup_everywhere(parent, timeout=2)
+            if busy:
+                self.leftover.append(parent)
+        self.pod_parents.clear()
+
+    def cleanup_session(self) -> None:
+        """What was still busy after its test (a monitor process such as
+        conmon leaving its cgroup late, or a zombie not yet reaped)."""
+        for parent in sorted(self.leftover, key=lambda p: -p.count("/")):
+            remove_cgroup_everywhere(parent, timeout=30)
+
+
+def _skip_unless_runtimes_can_run(what: str) -> None:
+    if not is_root():
+        pytest.skip("needs root: container runtimes")
+    if in_kmatrix_guest():
+        pytest.skip(
+            f"{what}: not run in the kernel-matrix QEMU guest (its root is a read-only "
+            "snapshot of the host with no runtime state, storage or daemons; not tried there)"
+        )
+
+
+@pytest.fixture(scope="session")
+def podman_rt(tmp_path_factory, probes) -> Iterator[Runtime]:
+    """podman with its own root, runroot and tmpdir, and its API socket
+    (podman system service: podman's docker-compatible API)."""
+    _skip_unless_runtimes_can_run("podman")
+    exe = shutil.which("podman")
+    if not exe:
+        pytest.skip("podman is not installed (scripts/setup.sh installs it)")
+    base = tempfile.mkdtemp(prefix="bk-podman-", dir="/tmp")
+    cli = [
+        exe,
+        "--root", f"{base}/root", "--runroot", f"{base}/run", "--tmpdir", f"{base}/tmp",
+        "--cgroup-manager", "cgroupfs", "--runtime", "runc", "--events-backend", "file",
+    ]  # fmt: skip
+    sock = f"{base}/podman.sock"
+    rt = Runtime("podman", cli, sock, base)
+    service = None
+    parent_cleanup = _default_parent_made("libpod_parent")
+    try:
+        tar = _image_tar(tmp_path_factory.mktemp("podman-image"), probes)
+        rt("import", str(tar), IMAGE)
+        probe = rt(
+            "run", "--rm", "--network=none", *ULIMITS, IMAGE, "/bin/sh", "-c", ":", check=False
+        )
+        if probe.returncode != 0:
+            pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[:300]}")
+        service = subprocess.Popen(
+            [*cli, "system", "service", "--time", "0", f"unix://{sock}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_api(sock, service)
+        yield rt
+    finally:
+        if service is not None:
+            service.terminate()
+            try:
+                service.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait()
+        subprocess.run([*cli, "rm", "-af", "-t", "0"], capture_output=True, check=False)
+        subprocess.run([*cli, "system", "reset", "-f"], capture_output=True, check=False)
+        _unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
+        rt.cleanup_session()
+        parent_cleanup()
+
+
+@pytest.fixture(scope="session")
+def docker_rt(tmp_path_factory, probes) -> Iterator[Runtime]:
+    """Debian's dockerd (docker.io) with the cgroupfs driver, no iptables
+    and no bridge, its own data root, exec root, pidfile and socket; its
+    own containerd (dockerd starts one under the exec root).  The docker
+    CLI on PATH may be another version: Debian's /usr/bin/docker."""
+    _skip_unless_runtimes_can_run("docker")
+    dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+    cli_exe = "/usr/bin/docker"
+    if not os.access(dockerd, os.X_OK) or not os.access(cli_exe, os.X_OK):
+        pytest.skip("docker.io is not installed (scripts/setup.sh installs it)")
+    base = tempfile.mkdtemp(prefix="bk-docker-", dir="/tmp")
+    sock = f"{base}/docker.sock"
+    rt = Runtime("docker", [cli_exe, "-H", f"unix://{sock}"], sock, base)
+    parent_cleanup = _default_parent_made("docker")
+    log = open(f"{base}/dockerd.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            dockerd,
+            "--exec-opt", "native.cgroupdriver=cgroupfs",
+            "--iptables=false", "--ip6tables=false", "--ip-masq=false", "--bridge=none",
+            "--data-root", f"{base}/data", "--exec-root", f"{base}/exec",
+            "--pidfile", f"{base}/dockerd.pid", "-H", f"unix://{sock}",
+        ],
+        stdout=log,
+        stderr=log,
+    )  # fmt: skip
+    try:
+        try:
+            _wait_api(sock, proc)
+        except AssertionError as e:
+            pytest.skip(f"dockerd does not start here: {e}")
+        tar = _image_tar(tmp_path_factory.mktemp("docker-image"), probes)
+        rt("import", str(tar), IMAGE)
+        yield rt
+    finally:
+        ids = rt("ps", "-aq", check=False).stdout.split() if proc.poll() is None else []
+        if ids:
+            rt("rm", "-f", *ids, check=False)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        _unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
+        rt.cleanup_session()
+        parent_cleanup()
+
+
+def _wait_api(sock: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until GET /_ping on the runtime's socket answers 200."""
+    from bpfkeep.containers import http_get
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with status {proc.returncode}")
+        try:
+            status, _ = http_get(sock, "/_ping", 2.0)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"no answer on {sock} within {timeout} s ({last})")
+
+
+@pytest.fixture(params=["podman", "docker"])
+def runtime(request) -> Iterator[Runtime]:
+    """Each test once with podman and once with docker; its containers
+    (and --cgroup-parent directories) removed after it."""
+    rt = request.getfixturevalue(f"{request.param}_rt")
+    try:
+        yield rt
+    finally:
+        rt.cleanup_test()

@@ -320,3 +320,74 @@ def test_line_numbers_count_newlines_only():
     text = '# a \u2029 b \u2028 c\n[[policy]]\ncgroup = "a"\nkeepcnt = 500\n'
     with pytest.raises(ConfigError, match=r"^f\.toml:4: policy\[0\]\.keepcnt"):
         loads(text, "f.toml")
+
+
+# -- containers and pods -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('[[policy]]\ncgroup = "a"\ncontainer = "web"\n',
+         "f.toml:2: policy[0].cgroup: a rule names either a cgroup or workloads (container)"),
+        ('[[policy]]\nlabels = { a = "b" }\ncgroup = "a"\n', "not both"),
+        ('[[policy]]\nkeepidle = 3\n', "missing key cgroup (or container, labels, pod)"),
+        ('[[policy]]\ncontainer = ""\n', "f.toml:2: policy[0].container: expected a container"),
+        ('[[policy]]\ncontainer = 3\n', "policy[0].container: expected a container name"),
+        ('[[policy]]\nlabels = {}\n', "f.toml:2: policy[0].labels: expected a table of strings"),
+        ('[[policy]]\nlabels = { a = 1 }\n', "policy[0].labels: expected a table of strings"),
+        ('[[policy]]\nlabels = "a=b"\n', "policy[0].labels: expected a table of strings"),
+        ('[[policy]]\npod = "payments"\n', 'f.toml:2: policy[0].pod: expected "NAMESPACE/POD"'),
+        ('[[policy]]\npod = "a/b/c/d"\n', "policy[0].pod: expected"),
+        ('[[policy]]\npod = 1\n', "policy[0].pod: expected"),
+        ('[[policy]]\ncontainer = "a"\nkeepidle = 0x7fffffff\n', "policy[0].keepidle"),
+        ('[containers]\ndocker = "/x"\n', "f.toml:2: containers.docker: unknown key (expected"),
+        ('[containers]\ndocker_socket = "run/docker.sock"\n', "expected an absolute path"),
+        ('[containers]\ntimeout = 0\n', "f.toml:2: containers.timeout: expected seconds, 0.01..10"),
+        ('[containers]\ntimeout = "1"\n', "containers.timeout: expected seconds"),
+        ("containers = 1\n", "containers: must be a table [containers]"),
+        ('[metrics]\nworkload_labels = "pod"\n',
+         'f.toml:2: metrics.workload_labels: expected "container", "namespace" or "none"'),
+    ],
+)  # fmt: skip
+def test_workload_rule_errors(text, expect):
+    with pytest.raises(ConfigError) as e:
+        loads(text, "f.toml")
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_workload_rules_and_precedence():
+    """A container's cgroup gets the first rule in the file among the
+    cgroup rules matching its path and the workload rules matching the
+    runtime's answer; until the runtime answers, the cgroup rules alone."""
+    from bpfkeep.containers import K8S_CONTAINER, K8S_NAMESPACE, K8S_POD, Workload
+
+    cfg = loads(
+        '[metrics]\nworkload_labels = "namespace"\n'
+        '[containers]\ndocker_socket = ""\npodman_socket = "/run/p.sock"\ntimeout = 0.5\n'
+        '[[policy]]\ncontainer = "web-*"\nkeepidle = 1\n'
+        '[[policy]]\ncgroup = "docker/*"\nkeepidle = 2\n'
+        '[[policy]]\nlabels = { tier = "db" }\nkeepidle = 3\n'
+        '[[policy]]\npod = "payments/api-*/app"\nmode = "enforce"\nkeepidle = 4\n'
+    )
+    assert [r.index for r in cfg.rules] == [1]
+    assert [r.index for r in cfg.workload_rules] == [0, 2, 3]
+    assert cfg.workload_labels == "namespace"
+    assert cfg.runtimes.docker_socket == "" and cfg.runtimes.podman_socket == "/run/p.sock"
+    assert cfg.runtimes.timeout == 0.5 and cfg.runtimes.containerd_root == "/run/containerd"
+    cid = "a" * 64
+
+    def w(name, **labels):
+        return Workload(cid, "docker", name, tuple(sorted(labels.items())))
+
+    docker, other = f"docker/{cid}", f"libpod_parent/libpod-{cid}"
+    assert cfg.workload_rule(docker, None).index == 1  # not known yet: the cgroup rule
+    assert cfg.workload_rule(docker, w("web-1")).index == 0  # earlier in the file
+    assert cfg.workload_rule(docker, w("db", tier="db")).index == 1  # later: the cgroup rule
+    assert cfg.workload_rule(other, w("db", tier="db")).index == 2
+    assert cfg.workload_rule(other, w("x")) is None
+    pod = {K8S_NAMESPACE: "payments", K8S_POD: "api-7f", K8S_CONTAINER: "app"}
+    rule = cfg.workload_rule(other, w("k8s_app", **pod))
+    assert rule.index == 3 and rule.policy.mode == "enforce"
+    assert cfg.workload_rule(other, w("k8s_app", **{**pod, K8S_CONTAINER: "side"})) is None
+    assert cfg.policy_for(docker).index == 1  # policy_for: cgroup rules only
