@@ -97,6 +97,9 @@ def test_manifests_parse_and_hold_what_a_cluster_needs():
     svc_port = m["Service"]["spec"]["ports"][0]
     assert svc_port["targetPort"] == port["name"]
     assert m["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == svc_port["name"]
+    # The workload series carry namespace/pod/container of the workload
+    # they count: the operator must not overwrite them with bpfkeep's own.
+    assert m["ServiceMonitor"]["spec"]["endpoints"][0].get("honorLabels") is True
     # Workloads are chosen by the documented keys.
     keys = {k for rule in cfg["policy"] for k in rule}
     assert {"pod", "labels", "container"} <= keys
