@@ -208,7 +208,7 @@ HEAL_EVERY = 5.0  # seconds between checks that our pins and links are all there
 HEAL_SETTLE = 0.5  # seconds after the last change under the pin directory
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Known:
     cgroup: cgroups.Cgroup
     policy: Policy | None
@@ -302,8 +302,8 @@ class Daemon:
                     next_heal = time.monotonic() + max(HEAL_EVERY, 500 * self.heal_cost)
                 self._run_retries()
                 if self._resweep and self._resweep[0][0] <= now:
-                    _, due = self._resweep.pop(0)
-                    self._sweep([cg for cg in due if cg.id in self.known])
+                    # (Not kept in a local: 10,000 cgroups held until the next sweep.)
+                    self._sweep([cg for cg in self._resweep.pop(0)[1] if cg.id in self.known])
                 deadlines = [next_audit if self.cfg.audit_interval else now + 3600, next_heal]
                 if self._resweep:
                     deadlines.append(self._resweep[0][0])
@@ -656,6 +656,14 @@ class Daemon:
         return True
 
     def _remember(self, cg: cgroups.Cgroup, policy: Policy, existing: bool = True) -> None:
+        old = self.known.get(cg.id)
+        if old is not None and old.cgroup == cg:
+            # Keep the objects made when it was first seen (rel_to_id's key
+            # among them): each pass's walk makes new ones, and holding both
+            # was ~0.5 kB a cgroup.
+            if old.policy == policy and old.existing == existing:
+                return
+            cg = old.cgroup
         with self._lock:
             self.known[cg.id] = Known(cg, policy, existing)
         self.rel_to_id[cg.rel] = cg.id
