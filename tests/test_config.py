@@ -375,3 +375,21 @@ def test_line_numbers_count_newlines_only():
     text = '# a \u2029 b \u2028 c\n[[policy]]\ncgroup = "a"\nkeepcnt = 500\n'
     with pytest.raises(ConfigError, match=r"^f\.toml:4: policy\[0\]\.keepcnt"):
         loads(text, "f.toml")
+
+
+def test_a_reconcile_logs_a_line_per_change_or_one_for_many(caplog):
+    """10,000 updated cgroups are one log line with their number, not
+    10,000 lines; a few are a line each (what an operator greps for)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="bpfkeep")
+    daemon._log_changes([("updated", f"/s/u{i}", "set") for i in range(3)])
+    assert [r.getMessage() for r in caplog.records] == [f"updated /s/u{i} (set)" for i in range(3)]
+    caplog.clear()
+    daemon._log_changes(
+        [("updated", f"/s/u{i}", "enforce") for i in range(10_000)] + [("attached", "/s/n", "set")]
+    )
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[1] == "attached /s/n (set)"
+    assert lines[0].startswith("updated 10000 cgroups: /s/u0 (enforce), /s/u1 (enforce)")
+    assert lines[0].endswith("... and 9990 more")

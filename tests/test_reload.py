@@ -212,3 +212,25 @@ def test_reload_puts_back_policies_changed_by_hand(
     assert keepidle_of_new_connection(spawn, probes, b, listener) == 33
     assert status() == {"/" + cgroups.rel(a): 33, "/" + cgroups.rel(b): 33}
     assert d.stop() == 0
+
+
+def test_policy_hash_is_written_and_read_in_batches(pin_dir):
+    """BPF_MAP_UPDATE_BATCH and BPF_MAP_LOOKUP_BATCH on the real policy
+    hash, across several read chunks: every entry comes back once."""
+    fd = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.MAP_POLICIES))
+    base = 1 << 62  # no cgroup has such an id
+    keys = [struct.pack("=Q", base + i) for i in range(2500)]
+    values = [struct.pack("=Q", base + i) + bytes(bpfmaps.POLICY_SIZE - 8) for i in range(2500)]
+    try:
+        bpfsys.map_update_batch(fd, keys, values)
+        got = {
+            k: v
+            for k, v in bpfsys.map_items(fd, 8, bpfmaps.POLICY_SIZE, chunk=1000)
+            if k in set(keys)
+        }
+        assert got == dict(zip(keys, values, strict=True))
+        assert len(bpfsys.map_items(fd, 8, bpfmaps.POLICY_SIZE)) == len(bpfsys.map_keys(fd, 8))
+    finally:
+        for k in keys:
+            bpfsys.map_delete(fd, k)
+        os.close(fd)
