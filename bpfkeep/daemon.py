@@ -454,7 +454,9 @@ class Daemon:
         sweep: list[cgroups.Cgroup] = []
         self._changes = []
         try:
-            with self.enforcer.batch() as batch:
+            # (Nothing to attach: no lock, and no loading of the programs.)
+            batching = self.enforcer.batch() if desired else contextlib.nullcontext()
+            with batching as batch:
                 for cg_id, (cg, rule) in desired.items():
                     before = self.known.get(cg_id)
                     hooks = pins.get(cg_id, set())
