@@ -562,20 +562,24 @@ class Daemon:
         even out of descriptors a new cgroup is still seen and attempted."""
         assert self.cfg and self.inotify
         prefix = self.mount.rstrip("/") + "/"
-        stack = [os.path.normpath(top)]
+        # (path, cgroup id if known).  On cgroup2 (kernfs) a directory
+        # entry's inode number is the cgroup id, as stat's is: the listing
+        # gives it, and 10,000 cgroups cost no stat each.
+        stack: list[tuple[str, int | None]] = [(os.path.normpath(top), None)]
         while stack:
-            path = stack.pop()
+            path, ino = stack.pop()
             if path != self.mount and not path.startswith(prefix):
                 continue
             rel = path[len(prefix) :] if path != self.mount else ""
             if rel:
-                try:
-                    ino = os.stat(path).st_ino
-                except FileNotFoundError:
-                    continue  # removed meanwhile
-                except OSError as e:
-                    self._walk_failed(path, e)
-                    continue
+                if ino is None:
+                    try:
+                        ino = os.stat(path).st_ino
+                    except FileNotFoundError:
+                        continue  # removed meanwhile
+                    except OSError as e:
+                        self._walk_failed(path, e)
+                        continue
                 yield cgroups.Cgroup(path, rel, ino)
             if not self.cfg.watch(rel):
                 continue
@@ -585,7 +589,7 @@ class Daemon:
                 self._walk_failed(path, e)  # list it anyway
             try:
                 with os.scandir(path) as it:
-                    subdirs = [d.path for d in it if d.is_dir(follow_symlinks=False)]
+                    subdirs = [(d.path, d.inode()) for d in it if d.is_dir(follow_symlinks=False)]
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
