@@ -55,6 +55,11 @@ def _lib() -> ctypes.CDLL:
         "bpf_prog_attach": (c_int, [c_int, c_int, c_uint, c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_uint]),
         "bpf_iter_create": (c_int, [c_int]),
+        "bpf_map_update_batch": (c_int, [c_int, c_void_p, c_void_p, u32p, c_void_p]),
+        "bpf_map_lookup_batch": (
+            c_int,
+            [c_int, c_void_p, c_void_p, c_void_p, c_void_p, u32p, c_void_p],
+        ),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -144,6 +149,65 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
         keys.append(nxt.raw)
         prev = ctypes.create_string_buffer(nxt.raw, key_size)
     return keys
+
+
+# Errors meaning "this kernel has no batch operations for this map type"
+# (BPF_MAP_*_BATCH: Linux 5.6 for hash maps): do it one element at a time.
+_NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}  # 524: ENOTSUPP (kernel-internal)
+
+
+def map_update_batch(fd: int, keys: list[bytes], values: list[bytes]) -> None:
+    """BPF_MAP_UPDATE_BATCH: every (key, value) in one bpf() call (BPF_ANY).
+    Not atomic: on an error the elements before it are written."""
+    if not keys:
+        return
+    count = ctypes.c_uint32(len(keys))
+    ret = _lib().bpf_map_update_batch(fd, b"".join(keys), b"".join(values), count, None)
+    if ret < 0 and abs(ret if ret != -1 else ctypes.get_errno()) in _NO_BATCH:
+        for k, v in zip(keys, values, strict=True):
+            map_update(fd, k, v)
+        return
+    _check(ret, f"map update batch ({count.value} of {len(keys)} written)")
+
+
+def map_items(
+    fd: int, key_size: int, value_size: int, chunk: int = 4096
+) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, BPF_MAP_LOOKUP_BATCH: one bpf() call
+    per ``chunk`` entries instead of two per entry."""
+    out: list[tuple[bytes, bytes]] = []
+    token = ctypes.create_string_buffer(8)  # hash maps: a bucket index (u32)
+    first = True
+    while True:
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        count = ctypes.c_uint32(chunk)
+        ret = _lib().bpf_map_lookup_batch(
+            fd, None if first else token, token, keys, values, count, None
+        )
+        err = 0 if ret >= 0 else (-ret if ret != -1 else ctypes.get_errno())
+        if err == errno.ENOSPC and chunk < 1 << 20:
+            chunk *= 4  # one bucket holds more than a chunk: retry bigger
+            continue
+        if err and err != errno.ENOENT:
+            if first and err in _NO_BATCH:
+                return [
+                    (k, v)
+                    for k in map_keys(fd, key_size)
+                    if (v := map_lookup(fd, k, value_size)) is not None
+                ]
+            _check(ret, "map lookup batch")
+        kraw, vraw = keys.raw, values.raw
+        for i in range(count.value):
+            out.append(
+                (
+                    kraw[i * key_size : (i + 1) * key_size],
+                    vraw[i * value_size : (i + 1) * value_size],
+                )
+            )
+        if err == errno.ENOENT:  # the end of the map
+            return out
+        first = False
 
 
 def _info(fd: int, size: int) -> bytes:
