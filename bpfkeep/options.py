@@ -297,12 +297,24 @@ def dead_peer_bound(policy: Policy, host: tuple[int, int, int]) -> int:
     """Seconds until a socket under ``policy`` drops a dead idle peer:
     keepidle + keepintvl x keepcnt, a time left at 0 being the host's
     sysctl (``host``: :func:`host_keepalive`) -- keepcnt 0 with 60/10
-    and the default 9 probes is 150 s, not 60."""
+    and the default 9 probes is 150 s, not 60.  An explicit user timeout
+    replaces the probe count."""
     idle, intvl, cnt = (
         v or h
         for v, h in zip((policy.keepidle, policy.keepintvl, policy.keepcnt), host, strict=True)
     )
-    return dead_peer_seconds(idle, intvl, cnt)
+    ut = policy.user_timeout
+    if not ut:
+        return dead_peer_seconds(idle, intvl, cnt)
+    # With TCP_USER_TIMEOUT set the probe count no longer decides
+    # (tcp_keepalive_timer, Linux 6.1 and 6.18 alike): the keepalive timer
+    # fires at keepidle and then every keepintvl, and drops the connection
+    # at the first firing where a probe is out and the time since the last
+    # packet received has reached the user timeout -- so after
+    # ceil((user_timeout - keepidle) / keepintvl) probes, at least one.
+    # (The derived user timeout gives keepcnt probes, as without it.)
+    probes = max(1, -(-(ut - idle * 1000) // (intvl * 1000)))
+    return dead_peer_seconds(idle, intvl, probes)
 
 
 def _default(key: str) -> int:

@@ -341,6 +341,50 @@ def test_dead_peer_gauge_counts_a_time_left_at_zero_as_the_hosts(daemon, cgroups
     assert d.stop() == 0
 
 
+def test_dead_peer_gauge_with_a_user_timeout_is_what_the_kernel_does(
+    daemon, cgroups, tmp_path, spawn, probes, netns_pair
+):
+    """An explicit user timeout replaces the probe count: the kernel drops
+    a dead idle peer at the first keepalive timer where a probe is out and
+    the user timeout has passed.  The gauge must say when that is, which
+    the kernel shows as the probes the socket sent before its reset:
+    bound = keepidle + keepintvl x probes."""
+    ut, derived = cgroups.make("ut.service"), cgroups.make("derived.service")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    values = dict(keepidle=2, keepintvl=1, keepcnt=6)
+    rules = rule(f"{base}/ut.service", user_timeout=4000, **values) + rule(
+        f"{base}/derived.service", **values
+    )
+    d = daemon(write_config(tmp_path / "c.toml", port, rules))
+    d.start()
+    srv = spawn(
+        [probes["static"], "listen", netns_pair.server_ip, "0", "hold"], netns=netns_pair.server
+    )
+    srv_port = srv.expect("ready").split()[1]
+    clients = {}
+    for cg in (ut, derived):
+        clients[cg] = spawn(
+            [probes["static"], "wait", netns_pair.server_ip, srv_port],
+            cgroup=cg,
+            netns=netns_pair.client,
+        )
+        srv.expect("accepted")
+    assert clients[ut].values("client")["user_timeout"] == 4000
+    netns_pair.cut_server()
+    for c in clients.values():
+        c.send_line()
+    m = scrape(port)
+    for cg, c in clients.items():
+        res = c.expect("recv", timeout=30)
+        fields = dict(f.split("=") for f in res.split()[1:])
+        assert fields["errno"] == "ETIMEDOUT", res
+        sent_probes = int(fields["segs"]) - 1  # the last one is the reset
+        bound = sample(m, "bpfkeep_policy_dead_peer_bound_seconds", cgroup="/" + cgroups.rel(cg))
+        assert bound == 2 + 1 * sent_probes, (cg, res, bound)
+    assert d.stop() == 0
+
+
 def test_bad_config_at_start_is_one_line_and_exit_2(pin_dir, tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[[policy]]\ncgroup = "x/*.service"\nkeepcnt = 500\n')

@@ -140,6 +140,21 @@ static void hold(const char *role1, int fd1, const char *role2, int fd2)
 	}
 }
 
+/* tcpi_segs_out: every segment the socket sent, pure ACKs, keepalive
+ * probes and resets included.  glibc's struct tcp_info stops before it;
+ * in the kernel's (uapi linux/tcp.h, stable ABI) it is at byte 136. */
+static unsigned segs_out(int fd)
+{
+	unsigned char info[256];
+	socklen_t len = sizeof(info);
+	unsigned v = 0;
+	memset(info, 0, sizeof(info));
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) == 0 &&
+	    len >= 140)
+		memcpy(&v, info + 136, sizeof(v));
+	return v;
+}
+
 static double now(void)
 {
 	struct timespec ts;
@@ -218,13 +233,16 @@ int main(int argc, char **argv)
 			}
 		}
 		char buf[16];
+		unsigned segs0 = segs_out(fd);
 		ssize_t rc = recv(fd, buf, sizeof(buf), 0);
 		int err = rc < 0 ? errno : 0;
-		printf("recv rc=%zd errno=%s elapsed=%.3f\n", rc,
+		/* segs: segments the socket sent while it waited (keepalive
+		 * probes, then the reset it ends with). */
+		printf("recv rc=%zd errno=%s elapsed=%.3f segs=%u\n", rc,
 		       err == ETIMEDOUT ? "ETIMEDOUT"
 		       : err		? strerror(err)
 					: "0",
-		       now() - t0);
+		       now() - t0, segs_out(fd) - segs0);
 		return 0;
 	}
 
