@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import as_nobody, bpfkeep_cmd
@@ -233,7 +234,18 @@ def _nginx_keepalive(cmd: list[str], ports: dict[str, int]) -> dict[str, float |
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     conns = []
     give_up = time.monotonic() + 60  # a guard against hanging, not a measurement
+    # nginx listens, then sets its so_keepalive on the listeners, then
+    # writes its pid file: a connection made before that is accepted (by
+    # the kernel) from a listener without nginx's values -- as it would be
+    # without bpfkeep.  Connect once nginx has configured its listeners.
+    pid_file = Path(cmd[cmd.index("-p") + 1]) / "nginx.pid"
     try:
+        while not pid_file.exists():
+            if p.poll() is not None:
+                pytest.fail(f"{cmd} exited {p.returncode}: {p.stderr.read()}")
+            if time.monotonic() > give_up:
+                pytest.fail(f"nginx never wrote {pid_file}")
+            time.sleep(0.05)
         for port in ports.values():
             while True:  # until nginx listens (or dies)
                 if p.poll() is not None:
