@@ -15,6 +15,14 @@ F_ACTIVE = 0x1
 F_ENFORCE = 0x2
 F_MANAGED = 0x4  # owned by the daemon; the BPF programs ignore it
 F_UT_DERIVED = 0x8  # the user timeout follows the keepalive times in force
+F_HAS_ANCESTOR = 0x10  # an ancestor cgroup has a policy: sockets get a record
+F_HAS_DESCENDANT = 0x20  # a descendant has a policy: its records are looked for
+F_PREV = 0x40  # prev[]: the values sockets carried before the last change
+F_NESTING = F_HAS_ANCESTOR | F_HAS_DESCENDANT
+# bk_policy.prev[] and bk_sweep.fp[]: the keepalive values that tell
+# bpfkeep's sockets from those whose program chose its own (BK_FP_*)
+FP_KEYS = ("keepidle", "keepintvl", "keepcnt", "user_timeout")
+NFP = len(FP_KEYS)
 
 CALLBACKS = ("connect", "listen", "passive_established")
 # Index = BK_ERR_* bucket in bpfkeep.h
@@ -29,17 +37,18 @@ ERRNO_BUCKETS = (
     "EBUSY",
 )
 
-POLICY_FMT = f"=QIII{NOPT}II"  # cgroup_id, flags, gen, level, val[], pad
+POLICY_FMT = f"=QIII{NOPT}I{NFP}II"  # cgroup_id, flags, gen, level, val[], prev[], pad
 POLICY_SIZE = struct.calcsize(POLICY_FMT)
 # struct bk_sk: owner, gen, level, app
 SK_FMT = "=QIHH"
 # struct bk_sweep: owner, action, in_flags, result, applied, failed,
-# rec_owner, rec_gen, rec_app, rec_level, val[]
-SWEEP_FMT = f"=QIIIHHQIHH{NOPT}I"
+# rec_owner, rec_gen, rec_app, rec_level, val[], fp[]
+SWEEP_FMT = f"=QIIIHHQIHH{NOPT}I{NFP}I"
 SWEEP_SIZE = struct.calcsize(SWEEP_FMT)
 SWEEP_APPLY, SWEEP_UNDO, SWEEP_READ = 1, 2, 3
 SWI_SYN_SENT = 0x1
 SWI_HELD = 0x2  # made elsewhere, held by the policy's processes
+SWI_FP = 0x4  # fp[] holds values bpfkeep gave the socket (UNDO, a former owner's)
 SWR_SEEN, SWR_APP_OWN, SWR_NO_POLICY, SWR_NO_STORAGE, SWR_CURRENT = 0x1, 0x2, 0x4, 0x8, 0x10
 _NCB = len(CALLBACKS)
 _NERR = len(ERRNO_BUCKETS)
@@ -73,18 +82,49 @@ def encode_policy(
     active: bool = True,
     managed: bool = False,
     gen: int | None = None,
+    nesting: int = 0,
+    prev: Policy | None = None,
 ) -> bytes:
     """A bk_policy value; ``level`` is the cgroup's depth below the root,
     so that the most specific of nested policies wins.  ``gen`` defaults to
-    one derived from the values (see :func:`fresh_gen` for attachments)."""
+    one derived from the values (see :func:`fresh_gen` for attachments).
+    ``nesting``: F_HAS_ANCESTOR / F_HAS_DESCENDANT.  ``prev``: the policy
+    whose values the sockets carried until now (before an update, or an
+    ancestor's), recognised as bpfkeep's on sockets without a record."""
     flags = policy_flags(policy) | (F_ACTIVE if active else 0) | (F_MANAGED if managed else 0)
+    flags |= nesting & F_NESTING
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
     gen = policy_gen(policy) if gen is None else gen
-    return struct.pack(POLICY_FMT, cgroup_id, flags, gen, level, *vals, 0)
+    fp = (0,) * NFP
+    if prev is not None and prev_differs(prev, policy):
+        flags |= F_PREV
+        fp = fingerprint(prev)
+    return struct.pack(POLICY_FMT, cgroup_id, flags, gen, level, *vals, *fp, 0)
+
+
+def fingerprint(policy: Policy) -> tuple[int, ...]:
+    """The values (bk_policy.prev[], bk_sweep.fp[]) a socket carries when
+    this policy set them; 0: left at the kernel default, any value."""
+    return tuple(policy.value(k) for k in FP_KEYS)
+
+
+def prev_differs(prev: Policy, policy: Policy) -> bool:
+    """Whether a socket at ``prev``'s values can be told from one at
+    ``policy``'s: only then is it worth looking for (BK_F_PREV)."""
+    return any(a and a != b for a, b in zip(fingerprint(prev), fingerprint(policy), strict=True))
 
 
 def policy_gen_of(raw: bytes) -> int:
     return struct.unpack_from(POLICY_FMT, raw)[2]
+
+
+def policy_raw_flags(raw: bytes) -> int:
+    return struct.unpack_from(POLICY_FMT, raw)[1]
+
+
+def with_flags(raw: bytes, flags: int) -> bytes:
+    """The same bk_policy value with other flags."""
+    return raw[:8] + struct.pack("=I", flags) + raw[12:]
 
 
 def fresh_gen() -> int:
@@ -98,22 +138,27 @@ def fresh_gen() -> int:
 
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
     """(cgroup id, flags, policy) from a bk_policy value."""
-    cgroup_id, flags, _gen, _level, *vals = struct.unpack_from(POLICY_FMT, raw)
+    cgroup_id, flags, _gen, _level, *vals = struct.unpack_from(POLICY_FMT, raw)[:4 + NOPT]
     values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
     return cgroup_id, flags, Policy(**values, mode=mode)
 
 
-# The bk_policy layout of bpfkeep 0.1 (no gen, no level): attachments
-# made by it are migrated (Enforcer._migrate_one).
+# The bk_policy layout of bpfkeep 0.1 (no gen, no level), and the one
+# before prev[]: attachments made by them are migrated
+# (Enforcer._migrate_one).
 LEGACY_POLICY_FMT = f"=QI{NOPT}II"
 LEGACY_POLICY_SIZE = struct.calcsize(LEGACY_POLICY_FMT)
+NOPREV_POLICY_FMT = f"=QIII{NOPT}II"
+NOPREV_POLICY_SIZE = struct.calcsize(NOPREV_POLICY_FMT)
 
 
 def decode_any_policy(raw: bytes) -> tuple[int, int, Policy] | None:
     """decode_policy for this layout or an earlier one; None if unknown."""
     if len(raw) == POLICY_SIZE:
         return decode_policy(raw)
+    if len(raw) == NOPREV_POLICY_SIZE:
+        return decode_policy(raw[:-4] + bytes(4 * NFP) + raw[-4:])
     if len(raw) == LEGACY_POLICY_SIZE:
         cgroup_id, flags, *vals = struct.unpack_from(LEGACY_POLICY_FMT, raw)
         values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
@@ -141,6 +186,7 @@ class SweepEntry:
     rec_app: int = 0
     rec_level: int = 0
     val: tuple[int, ...] = (0,) * NOPT  # in force afterwards; -1: unknown
+    fp: tuple[int, ...] = (0,) * NFP  # in: values bpfkeep gave (SWI_FP)
 
     def encode(self) -> bytes:
         return struct.pack(
@@ -156,13 +202,14 @@ class SweepEntry:
             0,
             0,
             *(v & 0xFFFFFFFF for v in self.val),
+            *self.fp,
         )
 
     @classmethod
     def decode(cls, raw: bytes) -> SweepEntry:
         f = struct.unpack_from(SWEEP_FMT, raw)
-        vals = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in f[10:])
-        return cls(*f[:10], val=vals)
+        vals = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in f[10 : 10 + NOPT])
+        return cls(*f[:10], val=vals, fp=f[10 + NOPT :])
 
     def values(self) -> dict[str, int]:
         return {o.key: v for o, v in zip(BPF_OPTIONS, self.val, strict=True)}

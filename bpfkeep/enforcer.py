@@ -202,6 +202,26 @@ def _nearest_ancestor(cg: Cgroup, live: set[int]) -> int | None:
     return None
 
 
+def _owners(ids: set[int], live: set[int]) -> dict[int, int]:
+    """cgroup id -> the nearest cgroup at or above it with a policy (in
+    ``live``), for the cgroups of sockets held across cgroups (walks the
+    cgroup tree to find them: only for such sockets)."""
+    mount = cgroup2_mount()
+    out = {}
+    for cg_id, cg in by_ids(ids, mount).items():
+        path = cg.path
+        while True:
+            with contextlib.suppress(OSError):
+                ino = os.stat(path).st_ino
+                if ino in live:
+                    out[cg_id] = ino
+                    break
+            if len(path) <= len(mount.rstrip("/")) or path == "/":
+                break
+            path = os.path.dirname(path)
+    return out
+
+
 def _sweepstats(map_fd: int, cgroup_id: int) -> bpfmaps.SweepStats | None:
     with contextlib.suppress(OSError):
         raw = bpfsys.map_lookup(map_fd, struct.pack("=Q", cgroup_id), bpfmaps.SWEEPSTATS_SIZE)
@@ -343,15 +363,44 @@ class Enforcer:
                 self._prune(objs)
             alive = self._link_progs(cg.id)
             gen = bpfmaps.fresh_gen()
-            if len(alive) == len(HOOKS):
-                # The same values again keep their generation: the sockets
-                # under them are current.
-                old = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
-                if old is not None and bpfmaps.decode_policy(old)[2] == policy:
-                    gen = bpfmaps.policy_gen_of(old)
-            value = bpfmaps.encode_policy(
-                cg.id, policy, level=cgroup_level(cg), managed=managed, gen=gen
+            ancestors, descendants = self._nesting(objs, cg)
+            nesting = (bpfmaps.F_HAS_ANCESTOR if ancestors else 0) | (
+                bpfmaps.F_HAS_DESCENDANT if descendants else 0
             )
+            # What the cgroup's sockets carry until now: the nearest
+            # ancestor's policy for a new attachment, the old values for an
+            # update.  Sockets without a record are told by them.
+            prev = self._policy_of(objs, ancestors[0][0]) if ancestors else None
+            old = None
+            if len(alive) == len(HOOKS):
+                old = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+                if old is not None:
+                    prev = bpfmaps.decode_policy(old)[2]
+                    # The same values again keep their generation: the
+                    # sockets under them are current.
+                    if prev == policy:
+                        gen = bpfmaps.policy_gen_of(old)
+            value = bpfmaps.encode_policy(
+                cg.id,
+                policy,
+                level=cgroup_level(cg),
+                managed=managed,
+                gen=gen,
+                nesting=nesting,
+                prev=prev,
+            )
+            if old is not None and bpfmaps.policy_gen_of(old) == gen:
+                # Unchanged values: what the sockets carried before them
+                # still counts as bpfkeep's until a sweep.
+                flags = bpfmaps.policy_raw_flags(value) & ~bpfmaps.F_PREV
+                flags |= bpfmaps.policy_raw_flags(old) & bpfmaps.F_PREV
+                value = bpfmaps.with_flags(value[: -4 * (bpfmaps.NFP + 1)] + old[-4 * (bpfmaps.NFP + 1) :], flags)
+            # The neighbours first: an ancestor steps aside, a descendant
+            # records its sockets, before this policy is in force.
+            for anc, _path in ancestors:
+                self._add_flags(objs, anc, bpfmaps.F_HAS_DESCENDANT)
+            for desc, _path in descendants:
+                self._add_flags(objs, desc, bpfmaps.F_HAS_ANCESTOR)
             if len(alive) == len(HOOKS):
                 self._write_policy(objs, key, value)
                 return "updated"
@@ -404,6 +453,84 @@ class Enforcer:
                     os.close(lfd)
             return "attached"
 
+    # -- nested policies ---------------------------------------------------------
+
+    @staticmethod
+    def _policy_of(objs: dict[str, int], cgroup_id: int) -> Policy | None:
+        raw = bpfsys.map_lookup(
+            objs[loader.MAP_POLICIES], struct.pack("=Q", cgroup_id), bpfmaps.POLICY_SIZE
+        )
+        return None if raw is None else bpfmaps.decode_policy(raw)[2]
+
+    @staticmethod
+    def _nesting(
+        objs: dict[str, int], cg: Cgroup, *, skip: int | None = None
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(cgroup id, path) of the ancestors (nearest first) and of the
+        descendants of ``cg`` that have an active policy (this version's
+        map; ``skip``: one to leave out).  One map lookup per ancestor and
+        per descendant directory: the walk is of cg's own subtree only."""
+        fd = objs[loader.MAP_POLICIES]
+
+        def live(path: str) -> int | None:
+            try:
+                ino = os.stat(path).st_ino
+            except OSError:
+                return None
+            if ino == skip:
+                return None
+            raw = bpfsys.map_lookup(fd, struct.pack("=Q", ino), bpfmaps.POLICY_SIZE)
+            if raw is None or not bpfmaps.policy_raw_flags(raw) & bpfmaps.F_ACTIVE:
+                return None
+            return ino
+
+        mount = cg.path[: len(cg.path) - len(cg.rel)].rstrip("/") if cg.rel else cg.path
+        ancestors = []
+        path = cg.path
+        while len(path) > len(mount):
+            path = os.path.dirname(path)
+            ino = live(path)
+            if ino is not None:
+                ancestors.append((ino, path))
+        descendants = []
+        for dirpath, _dirs, _files in os.walk(cg.path):
+            if dirpath != cg.path:
+                ino = live(dirpath)
+                if ino is not None:
+                    descendants.append((ino, dirpath))
+        return ancestors, descendants
+
+    def _add_flags(self, objs: dict[str, int], cgroup_id: int, add: int, drop: int = 0) -> None:
+        """Change another attachment's nesting flags (one write per map)."""
+        key = struct.pack("=Q", cgroup_id)
+        raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+        if raw is None:
+            return
+        flags = bpfmaps.policy_raw_flags(raw)
+        new = (flags | add) & ~drop
+        if new != flags:
+            with contextlib.suppress(OSError):
+                self._write_policy(objs, key, bpfmaps.with_flags(raw, new))
+
+    def _drop_stale_nesting(self, objs: dict[str, int], cg: Cgroup) -> None:
+        """After ``cg``'s policy is gone: its nearest ancestor may have no
+        descendant with a policy left, its descendants no ancestor.  (A flag
+        left set costs time, never correctness: the record it asks for is
+        just not needed.)"""
+        ancestors, descendants = self._nesting(objs, cg, skip=cg.id)
+        if ancestors:
+            anc, path = ancestors[0]
+            rel = os.path.relpath(path, cg.path[: len(cg.path) - len(cg.rel)])
+            above = Cgroup(path, "" if rel == "." else rel, anc)
+            if not self._nesting(objs, above, skip=cg.id)[1]:
+                self._add_flags(objs, anc, 0, bpfmaps.F_HAS_DESCENDANT)
+            return  # the descendants keep an ancestor with a policy
+        mount = cg.path[: len(cg.path) - len(cg.rel)]
+        for desc, path in descendants:
+            below = Cgroup(path, os.path.relpath(path, mount), desc)
+            if not self._nesting(objs, below, skip=cg.id)[0]:
+                self._add_flags(objs, desc, 0, bpfmaps.F_HAS_ANCESTOR)
+
     @staticmethod
     def _write_policy(objs: dict[str, int], key: bytes, value: bytes) -> None:
         """The attachment's own storage first (sock_ops), then the hash the
@@ -444,6 +571,7 @@ class Enforcer:
             # effort: the detach itself is done).
             if os.path.isdir(self.obj_dir):
                 with contextlib.suppress(OSError), self._objects() as objs:
+                    self._drop_stale_nesting(objs, cg)
                     self._prune(objs)
         if found and existing and policy is not None:
             # Best effort: the detach itself is done.
@@ -470,8 +598,11 @@ class Enforcer:
         Raises SweepUnavailable on a kernel that cannot."""
         self.prepare()
         with self.sweeper() as sw:
-            sc = sweep.scope(cgs, self.live_ids())
-            return sweep.sweep(sw, sc, sweep.apply_entry)
+            live = self.live_ids()
+            sc = sweep.scope(cgs, live)
+            return sweep.sweep(
+                sw, sc, sweep.apply_entry, owners_elsewhere=lambda ids: _owners(ids, live)
+            )
 
     def _sweep_after_detach(self, cg: Cgroup, policy: Policy) -> sweep.Report:
         live = self.live_ids()
@@ -479,7 +610,12 @@ class Enforcer:
         with self.sweeper() as sw:
             if above is not None:
                 sc = sweep.scope([cg], live, owner=above)
-                return sweep.sweep(sw, sc, sweep.apply_entry)
+                return sweep.sweep(
+                    sw,
+                    sc,
+                    sweep.handover_entry(policy),
+                    owners_elsewhere=lambda ids: _owners(ids, live),
+                )
             sc = sweep.scope([cg], live)
             # Only what this policy owned: descendants keep their own.
             sc = sweep.Scope(
@@ -644,12 +780,19 @@ class Enforcer:
             if decoded is None:
                 return  # a layout this version does not know: left running as it is
             _, flags, policy = decoded
+            ancestors, descendants = self._nesting(cur, cg)
             raw = bpfmaps.encode_policy(
                 cg.id,
                 policy,
                 level=cgroup_level(cg),
                 managed=bool(flags & bpfmaps.F_MANAGED),
+                nesting=(bpfmaps.F_HAS_ANCESTOR if ancestors else 0)
+                | (bpfmaps.F_HAS_DESCENDANT if descendants else 0),
             )
+            for anc, _path in ancestors:
+                self._add_flags(cur, anc, bpfmaps.F_HAS_DESCENDANT)
+            for desc, _path in descendants:
+                self._add_flags(cur, desc, bpfmaps.F_HAS_ANCESTOR)
             cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
             new: list[tuple[str, int]] = []
             try:
