@@ -21,6 +21,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
+from bench.parts import FOUR, PARTS
 from bench.common import (
     BenchError,
     Session,
@@ -129,6 +130,16 @@ def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
             setup=lambda s, cg: s.prev_programs().attach(cg, _policy()),
             expect=keep,
             note="ownership in bpf_sock_ops.reply and the RTO_CB flag (before issue 8)",
+        ),
+        *(
+            Variant(
+                name,
+                label,
+                setup=lambda s, cg, name=name: s.parts().attach(name, cg),
+                expect=keep if parts & FOUR else {"keepalive": 1},
+                note=note,
+            )
+            for name, (parts, label, note) in PARTS.items()
         ),
         Variant(
             "bpf-default",

@@ -20,12 +20,16 @@
 /* Where other policies are (userspace keeps these current at every attach):
  * with neither, the policy's cgroup owns every socket its programs see and
  * no per-socket record is needed to say so. */
-#define BK_F_HAS_ANCESTOR 0x10	 /* an ancestor cgroup has a policy too: \
-				  * record the owner on every socket */
-#define BK_F_HAS_DESCENDANT 0x20 /* a descendant has a policy: look for \
-				  * its record and step aside */
-#define BK_F_PREV 0x40 /* prev[] holds the values sockets got before the   \
-			* last change (an update, or an ancestor's policy) */
+/* an ancestor cgroup has a policy too: record the owner on every socket */
+#define BK_F_HAS_ANCESTOR 0x10
+/* a descendant has a policy: look for its record and step aside */
+#define BK_F_HAS_DESCENDANT 0x20
+/* prev[] holds the values sockets got before the last change (an update,
+ * or an ancestor's policy) */
+#define BK_F_PREV 0x40
+/* A complete sweep ran since the last change: every listener of the policy
+ * carries its values or a record, so what it accepts needs nothing */
+#define BK_F_SWEPT 0x80
 
 /* The keepalive values that tell a socket bpfkeep configured from one whose
  * program chose its own, when the socket carries no record: indexes into

@@ -263,6 +263,17 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	c = (struct bk_counters *)bk_counters.get_local_storage(0);
 	if (!p || !c || !(p->flags & BK_F_ACTIVE))
 		return 1;
+	if (cb == BK_CB_PASSIVE &&
+	    (p->flags & (BK_F_SWEPT | BK_F_HAS_ANCESTOR |
+			 BK_F_HAS_DESCENDANT)) == BK_F_SWEPT) {
+		/* Every listener of this policy was configured by it, swept
+		 * since its last change or recorded (the program's own):
+		 * an accepted socket inherited all it should.  Nothing to
+		 * look at -- the common case, free as it was before records. */
+		c->seen[cb]++;
+		c->inherited++;
+		return 1;
+	}
 	/* A record exists only where it says something the values cannot
 	 * (see struct bk_sk).  Under an ancestor's policy every socket gets
 	 * one, so that the ancestor's programs, which run after ours, step

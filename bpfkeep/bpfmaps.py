@@ -18,6 +18,7 @@ F_UT_DERIVED = 0x8  # the user timeout follows the keepalive times in force
 F_HAS_ANCESTOR = 0x10  # an ancestor cgroup has a policy: sockets get a record
 F_HAS_DESCENDANT = 0x20  # a descendant has a policy: its records are looked for
 F_PREV = 0x40  # prev[]: the values sockets carried before the last change
+F_SWEPT = 0x80  # a complete sweep ran since the last change (accepted sockets: nothing to do)
 F_NESTING = F_HAS_ANCESTOR | F_HAS_DESCENDANT
 # bk_policy.prev[] and bk_sweep.fp[]: the keepalive values that tell
 # bpfkeep's sockets from those whose program chose its own (BK_FP_*)

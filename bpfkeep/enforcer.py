@@ -390,10 +390,11 @@ class Enforcer:
                 prev=prev,
             )
             if old is not None and bpfmaps.policy_gen_of(old) == gen:
-                # Unchanged values: what the sockets carried before them
-                # still counts as bpfkeep's until a sweep.
-                flags = bpfmaps.policy_raw_flags(value) & ~bpfmaps.F_PREV
-                flags |= bpfmaps.policy_raw_flags(old) & bpfmaps.F_PREV
+                # Unchanged values: the sockets are as they were (what they
+                # carried before still counts as bpfkeep's until a sweep).
+                keep = bpfmaps.F_PREV | bpfmaps.F_SWEPT
+                flags = bpfmaps.policy_raw_flags(value) & ~keep
+                flags |= bpfmaps.policy_raw_flags(old) & keep
                 value = bpfmaps.with_flags(value[: -4 * (bpfmaps.NFP + 1)] + old[-4 * (bpfmaps.NFP + 1) :], flags)
             # The neighbours first: an ancestor steps aside, a descendant
             # records its sockets, before this policy is in force.
@@ -566,6 +567,14 @@ class Enforcer:
             (a.policy for a in self.attachments({cg.id: cg}) if a.cgroup_id == cg.id), None
         )
         with self._lock():
+            if os.path.isdir(self.obj_dir):
+                with contextlib.suppress(OSError), self._objects() as objs:
+                    # The sockets go to the nearest ancestor's policy, its
+                    # listeners too: until a sweep, what they accept is
+                    # looked at again.
+                    ancestors = self._nesting(objs, cg, skip=cg.id)[0]
+                    if ancestors:
+                        self._add_flags(objs, ancestors[0][0], 0, bpfmaps.F_SWEPT)
             found = self._detach_id(cg.id)
             # Like attach: forget the attachments of removed cgroups (best
             # effort: the detach itself is done).
@@ -600,9 +609,32 @@ class Enforcer:
         with self.sweeper() as sw:
             live = self.live_ids()
             sc = sweep.scope(cgs, live)
-            return sweep.sweep(
+            owners = set(sc.owner_of_cgroup.values())
+            gens = {o: self._raw_policy(sw.objs, o) for o in owners}
+            report = sweep.sweep(
                 sw, sc, sweep.apply_entry, owners_elsewhere=lambda ids: _owners(ids, live)
             )
+            if not report.unreachable:
+                for owner, raw in gens.items():
+                    if raw is not None:
+                        self._swept(sw.objs, owner, bpfmaps.policy_gen_of(raw))
+            return report
+
+    @staticmethod
+    def _raw_policy(objs: dict[str, int], cgroup_id: int) -> bytes | None:
+        return bpfsys.map_lookup(
+            objs[loader.MAP_POLICIES], struct.pack("=Q", cgroup_id), bpfmaps.POLICY_SIZE
+        )
+
+    def _swept(self, objs: dict[str, int], cgroup_id: int, gen: int) -> None:
+        """After a complete sweep under this generation: every listener of
+        the policy carries it (or a record), so accepted sockets need no
+        look (BK_F_SWEPT), and the values before the last change are on
+        no socket any more (BK_F_PREV off)."""
+        raw = self._raw_policy(objs, cgroup_id)
+        if raw is None or bpfmaps.policy_gen_of(raw) != gen:
+            return  # changed meanwhile: the next sweep
+        self._add_flags(objs, cgroup_id, bpfmaps.F_SWEPT, bpfmaps.F_PREV)
 
     def _sweep_after_detach(self, cg: Cgroup, policy: Policy) -> sweep.Report:
         live = self.live_ids()
