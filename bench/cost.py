@@ -21,7 +21,6 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from bench.parts import FOUR, PARTS
 from bench.common import (
     BenchError,
     Session,
@@ -33,6 +32,7 @@ from bench.common import (
     quantile,
     run_to_end,
 )
+from bench.parts import FOUR, PARTS
 
 # The default policy's values (bpfkeep.options.Policy()): libkeepalive's.
 DEFAULT = {"keepidle": 15, "keepintvl": 15, "keepcnt": 9}

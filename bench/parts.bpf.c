@@ -9,11 +9,11 @@
 #include <uapi/linux/bpf.h>
 
 #define BK_P_KEEPALIVE 0x1 /* SO_KEEPALIVE */
-#define BK_P_FOUR 0x2	   /* TCP_KEEPIDLE, _KEEPINTVL, _KEEPCNT, _USER_TIMEOUT */
-#define BK_P_GETKA 0x4	   /* accept: bpf_getsockopt(SO_KEEPALIVE) */
-#define BK_P_LOOKUP 0x8	   /* connect, accept: socket storage lookup */
-#define BK_P_CREATE 0x10   /* connect: socket storage created */
-#define BK_P_CLONE 0x20	   /* listen: storage created, cloned to each child */
+#define BK_P_FOUR 0x2	 /* TCP_KEEPIDLE, _KEEPINTVL, _KEEPCNT, _USER_TIMEOUT */
+#define BK_P_GETKA 0x4	 /* accept: bpf_getsockopt(SO_KEEPALIVE) */
+#define BK_P_LOOKUP 0x8	 /* connect, accept: socket storage lookup */
+#define BK_P_CREATE 0x10 /* connect: socket storage created */
+#define BK_P_CLONE 0x20	 /* listen: storage created, cloned to each child */
 
 #ifndef BK_PARTS
 #define BK_PARTS 0
@@ -34,8 +34,9 @@ struct bk_rec {
 		int (*sk_storage_delete)(void *);                              \
 		u32 flags;                                                     \
 	};                                                                     \
-	__attribute__((section("maps/sk_storage"))) struct _name##_table_t     \
-		_name = {.flags = (_flags)};                                   \
+	__attribute__((                                                        \
+		section("maps/sk_storage"))) struct _name##_table_t _name = {  \
+		.flags = (_flags)};                                            \
 	BPF_ANNOTATE_KV_PAIR(_name, int, struct bk_rec)
 
 BK_SK_STORAGE(bk_rec, BPF_F_NO_PREALLOC);

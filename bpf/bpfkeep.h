@@ -106,7 +106,7 @@ struct bk_counters {
 /* bk_sweep.in_flags */
 #define BK_SWI_SYN_SENT 0x1 /* still connecting: TCP_SYNCNT matters */
 #define BK_SWI_HELD 0x2	    /* made elsewhere, held by the policy's processes */
-#define BK_SWI_FP 0x4	    /* fp[]: values that were bpfkeep's on this socket */
+#define BK_SWI_FP 0x4 /* fp[]: values that were bpfkeep's on this socket */
 /* bk_sweep.result */
 #define BK_SWR_SEEN 0x1	      /* the iterator found the socket */
 #define BK_SWR_APP_OWN 0x2    /* set mode: the program's own values kept */

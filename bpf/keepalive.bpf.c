@@ -382,7 +382,8 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 			/* The first option the program sets itself: from now
 			 * on the socket needs a record of it.  Were its values
 			 * the policy's until now?  Then it is current. */
-			int at = BK_GET(sk, KEEPALIVE) > 0 && BK_AT_POLICY(sk, own);
+			int at = BK_GET(sk, KEEPALIVE) > 0 &&
+				 BK_AT_POLICY(sk, own);
 
 			s = bk_sk.sk_storage_get(sk, 0,
 						 BPF_SK_STORAGE_GET_F_CREATE);
@@ -423,8 +424,8 @@ follow:
 	/* The kernel applies the program's value after this hook returns:
 	 * derive the user timeout from the value being written and the
 	 * socket's other two times. */
-	if (s && (BK_TIME_BITS & BK_BIT(id)) && (own->flags & BK_F_UT_DERIVED) &&
-	    own->val[BK_OPT_USER_TIMEOUT] &&
+	if (s && (BK_TIME_BITS & BK_BIT(id)) &&
+	    (own->flags & BK_F_UT_DERIVED) && own->val[BK_OPT_USER_TIMEOUT] &&
 	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && bk_valid_time(id, *v)) {
 		int idle = id == BK_OPT_KEEPIDLE ? *v : BK_GET(sk, KEEPIDLE);
 		int intvl = id == BK_OPT_KEEPINTVL ? *v : BK_GET(sk, KEEPINTVL);

@@ -60,8 +60,7 @@ COUNTERS_SIZE = 8 * COUNTERS_WORDS
 def policy_flags(policy: Policy) -> int:
     """The flags the BPF programs act on (not ACTIVE, not MANAGED)."""
     flags = F_ENFORCE if policy.mode == "enforce" else 0
-    derived = default_user_timeout(policy.keepidle, policy.keepintvl, policy.keepcnt)
-    if policy.user_timeout and policy.user_timeout == derived:
+    if policy.ut_derived:
         flags |= F_UT_DERIVED
     return flags
 
@@ -139,10 +138,11 @@ def fresh_gen() -> int:
 
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
     """(cgroup id, flags, policy) from a bk_policy value."""
-    cgroup_id, flags, _gen, _level, *vals = struct.unpack_from(POLICY_FMT, raw)[:4 + NOPT]
+    cgroup_id, flags, _gen, _level, *vals = struct.unpack_from(POLICY_FMT, raw)[: 4 + NOPT]
     values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
-    return cgroup_id, flags, Policy(**values, mode=mode)
+    derived = bool(flags & F_UT_DERIVED)
+    return cgroup_id, flags, Policy(**values, mode=mode, user_timeout_derived=derived)
 
 
 # The bk_policy layout of bpfkeep 0.1 (no gen, no level), and the one
@@ -164,7 +164,11 @@ def decode_any_policy(raw: bytes) -> tuple[int, int, Policy] | None:
         cgroup_id, flags, *vals = struct.unpack_from(LEGACY_POLICY_FMT, raw)
         values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=False) if o.key != "keepalive"}
         mode = "enforce" if flags & F_ENFORCE else "set"
-        return cgroup_id, flags, Policy(**values, mode=mode)
+        # 0.1 kept no flag: a user timeout equal to the derived one was derived.
+        derived = values["user_timeout"] == default_user_timeout(
+            values["keepidle"], values["keepintvl"], values["keepcnt"]
+        )
+        return cgroup_id, flags, Policy(**values, mode=mode, user_timeout_derived=derived)
     return None
 
 

@@ -395,7 +395,9 @@ class Enforcer:
                 keep = bpfmaps.F_PREV | bpfmaps.F_SWEPT
                 flags = bpfmaps.policy_raw_flags(value) & ~keep
                 flags |= bpfmaps.policy_raw_flags(old) & keep
-                value = bpfmaps.with_flags(value[: -4 * (bpfmaps.NFP + 1)] + old[-4 * (bpfmaps.NFP + 1) :], flags)
+                value = bpfmaps.with_flags(
+                    value[: -4 * (bpfmaps.NFP + 1)] + old[-4 * (bpfmaps.NFP + 1) :], flags
+                )
             # The neighbours first: an ancestor steps aside, a descendant
             # records its sockets, before this policy is in force.
             for anc, _path in ancestors:
