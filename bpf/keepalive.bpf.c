@@ -11,9 +11,13 @@
  * re-attach and no gap; the sweep (bk_sweep_tcp, an iter/tcp program)
  * brings the sockets that already exist to the new values.
  *
- * Who owns a socket is written in the socket itself (bk_sk, socket local
- * storage), never in shared context fields another tool's program may
- * also write (bpf_sock_ops.reply, the callback flags).
+ * Who owns a socket is never kept in shared context fields another tool's
+ * program may also write (bpf_sock_ops.reply, the callback flags).  With
+ * one policy over a socket's cgroup the owner is that policy; only under
+ * nested policies is it written in the socket itself (bk_sk, socket local
+ * storage), as is what a program chose itself.  Everything else is told
+ * by the values in force (see struct bk_sk): a record costs a connection
+ * more than the five options do (bench/: "the pieces").
  *
  * Only UAPI types are used (struct bpf_sock_ops, struct bpf_sockopt), and
  * no field of the kernel's struct sock is read: bcc applies no CO-RE
