@@ -214,7 +214,7 @@ class SweepEntry:
     def decode(cls, raw: bytes) -> SweepEntry:
         f = struct.unpack_from(SWEEP_FMT, raw)
         vals = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in f[10 : 10 + NOPT])
-        return cls(*f[:10], val=vals, fp=f[10 + NOPT :])
+        return cls(*f[:10], val=vals)  # fp is input only: not decoded
 
     def values(self) -> dict[str, int]:
         return {o.key: v for o, v in zip(BPF_OPTIONS, self.val, strict=True)}
