@@ -168,3 +168,16 @@ def test_detach_takes_the_window_clamp_off_listeners(bk, cgroups, spawn, probes)
         v = srv.values("accepted")
     assert v["window_clamp"] == untouched != 20000, (v, untouched)
     assert v["keepalive"] == 0
+
+
+def test_the_layout_before_prev_still_decodes():
+    """Attachments made by the previous version (bk_policy without prev[])
+    are migrated: their policy must read back as it was written."""
+    from bpfkeep import bpfmaps
+    from bpfkeep.options import Policy
+
+    p = Policy.from_mapping({"keepidle": 9, "mode": "enforce"})
+    vals = [p.value(o.key) for o in bpfmaps.BPF_OPTIONS]
+    flags = bpfmaps.F_ACTIVE | bpfmaps.F_ENFORCE | bpfmaps.F_UT_DERIVED
+    raw = struct.pack(bpfmaps.NOPREV_POLICY_FMT, 77, flags, 5, 2, *vals, 0)
+    assert bpfmaps.decode_any_policy(raw) == (77, flags, p)
