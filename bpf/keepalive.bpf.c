@@ -221,7 +221,9 @@ static __always_inline int bk_follow_ut(void *sk, struct bk_policy *p,
  * Set mode: keepalive off -- a listener bpfkeep never configured -- or the
  * values of the policy before its last change need it; keepalive on with
  * other values is the policy's or the program's own, and stays.  Enforce
- * mode: anything but the policy's values needs it. */
+ * mode: anything but the policy's values needs it.  Before Linux 6.1
+ * bpf_getsockopt cannot read SO_KEEPALIVE here: the policy is set again on
+ * every such socket (correct, at the application's cost). */
 static __always_inline int bk_passive_needs(struct bpf_sock_ops *ops,
 					    struct bk_policy *p)
 {
