@@ -248,6 +248,7 @@ class Session:
         self._procs: list[subprocess.Popen] = []
         self._enforcer = None
         self._prev = None
+        self._parts = None
         os.mkdir(self.cg_base)
         self.defer(self._remove_cgroups)
 
@@ -318,11 +319,23 @@ class Session:
             self._prev = Programs(self, f"{self.pin_dir}-prev")
         return self._prev
 
+    def parts(self):
+        """The piece programs (bench/parts.py), compiled on first use."""
+        from bench.parts import Parts
+
+        if self._parts is None:
+            self._parts = Parts(self, f"{self.pin_dir}-parts")
+        return self._parts
+
     def attach(self, path: str, policy) -> None:
         from bpfkeep.cgroups import Cgroup
 
         cg = Cgroup(path, self.rel(path), os.stat(path).st_ino)
-        self.enforcer().attach(cg, policy)
+        enf = self.enforcer()
+        enf.attach(cg, policy)
+        # As `bpfkeep attach` does by default: the sweep of the sockets
+        # that exist (none here), after which accepted sockets need no look.
+        enf.sweep([cg])
 
     def attach_empty_sockops(self, path: str) -> None:
         from bpfkeep import bpfsys

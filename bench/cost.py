@@ -32,6 +32,7 @@ from bench.common import (
     quantile,
     run_to_end,
 )
+from bench.parts import FOUR, PARTS
 
 # The default policy's values (bpfkeep.options.Policy()): libkeepalive's.
 DEFAULT = {"keepidle": 15, "keepintvl": 15, "keepcnt": 9}
@@ -129,6 +130,16 @@ def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
             setup=lambda s, cg: s.prev_programs().attach(cg, _policy()),
             expect=keep,
             note="ownership in bpf_sock_ops.reply and the RTO_CB flag (before issue 8)",
+        ),
+        *(
+            Variant(
+                name,
+                label,
+                setup=lambda s, cg, name=name: s.parts().attach(name, cg),
+                expect=keep if parts & FOUR else {"keepalive": 1},
+                note=note,
+            )
+            for name, (parts, label, note) in PARTS.items()
         ),
         Variant(
             "bpf-default",

@@ -350,6 +350,7 @@ def cost_chart(cost: dict, path: Path) -> None:
     colors = [
         "#888888" if r["variant"] in ("none", "empty-sockops") else
         "#9ecae1" if r["variant"].startswith("prev") else
+        "#bbbbbb" if r["variant"].startswith("part") else
         "#1f77b4" if r["variant"].startswith("bpf") else
         "#2ca02c" if r["variant"].startswith("preload") else "#d62728"
         for r in rows

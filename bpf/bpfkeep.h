@@ -21,6 +21,28 @@
 	0x8 /* val[USER_TIMEOUT] was derived from the three                    \
 	     * keepalive times, so it follows them when the                    \
 	     * application sets its own */
+/* Where other policies are (userspace keeps these current at every attach):
+ * with neither, the policy's cgroup owns every socket its programs see and
+ * no per-socket record is needed to say so. */
+/* an ancestor cgroup has a policy too: record the owner on every socket */
+#define BK_F_HAS_ANCESTOR 0x10
+/* a descendant has a policy: look for its record and step aside */
+#define BK_F_HAS_DESCENDANT 0x20
+/* prev[] holds the values sockets got before the last change (an update,
+ * or an ancestor's policy) */
+#define BK_F_PREV 0x40
+/* A complete sweep ran since the last change: every listener of the policy
+ * carries its values or a record, so what it accepts needs nothing */
+#define BK_F_SWEPT 0x80
+
+/* The keepalive values that tell a socket bpfkeep configured from one whose
+ * program chose its own, when the socket carries no record: indexes into
+ * bk_policy.prev[] and bk_sweep.fp[] (0: any value). */
+#define BK_FP_KEEPIDLE 0
+#define BK_FP_KEEPINTVL 1
+#define BK_FP_KEEPCNT 2
+#define BK_FP_USER_TIMEOUT 3
+#define BK_NFP 4
 
 /* The policy of one attached cgroup.  val[] is indexed by option id; 0
  * leaves the kernel default.  val[BK_OPT_KEEPALIVE] is always 1. */
@@ -30,13 +52,18 @@ struct bk_policy {
 	__u32 gen;   /* changes whenever the values or the mode change */
 	__u32 level; /* depth of the cgroup below the cgroup2 root */
 	__u32 val[BK_NOPT_BPF];
+	__u32 prev[BK_NFP]; /* BK_F_PREV: what sockets carried before */
 	__u32 pad;
 };
 
-/* What bpfkeep knows about one socket: kept in the socket itself
- * (BPF_MAP_TYPE_SK_STORAGE, cloned to the sockets a listener accepts), so
- * no other tool's program can overwrite it.  The owner is the most specific
- * policy that covers the socket; every bpfkeep program decides from it. */
+/* What bpfkeep knows about one socket, where the socket's values alone
+ * cannot tell: kept in the socket itself (BPF_MAP_TYPE_SK_STORAGE, cloned
+ * to the sockets a listener accepts), so no other tool's program can
+ * overwrite it.  Made only when needed (creating, cloning and freeing it
+ * is most of what a record costs a connection): under nested policies (the
+ * owner: the most specific policy that covers the socket), when a program
+ * sets a watched option itself after connect()/listen() (the app bits), and
+ * when the sweep leaves a program's own keepalive in place. */
 struct bk_sk {
 	__u64 owner; /* cgroup id of the owning policy; 0: none yet */
 	__u32 gen;   /* the owner's bk_policy.gen last applied; 0: not yet */
@@ -85,6 +112,11 @@ struct bk_counters {
 /* bk_sweep.in_flags */
 #define BK_SWI_SYN_SENT 0x1 /* still connecting: TCP_SYNCNT matters */
 #define BK_SWI_HELD 0x2	    /* made elsewhere, held by the policy's processes */
+#define BK_SWI_FP 0x4 /* fp[]: values that were bpfkeep's on this socket */
+/* UNDO that keeps the values (a detached policy's established sockets) and
+ * records on sockets without a record that they are bpfkeep's, not the
+ * program's: a later policy's sweep then brings them to its values */
+#define BK_SWI_KEEP 0x8
 /* bk_sweep.result */
 #define BK_SWR_SEEN 0x1	      /* the iterator found the socket */
 #define BK_SWR_APP_OWN 0x2    /* set mode: the program's own values kept */
@@ -105,6 +137,9 @@ struct bk_sweep {
 	__u16 rec_level;
 	__u32 val[BK_NOPT_BPF]; /* in (UNDO): the host defaults;
 				 * out: the values in force afterwards */
+	__u32 fp[BK_NFP];	/* in (BK_SWI_FP): keepalive values a socket
+				 * without a record got from bpfkeep: the
+				 * detached policy's (UNDO), a former owner's */
 };
 
 /* Sweep counters of one policy (hash by cgroup id; atomic adds). */

@@ -11,9 +11,13 @@
  * re-attach and no gap; the sweep (bk_sweep_tcp, an iter/tcp program)
  * brings the sockets that already exist to the new values.
  *
- * Who owns a socket is written in the socket itself (bk_sk, socket local
- * storage), never in shared context fields another tool's program may
- * also write (bpf_sock_ops.reply, the callback flags).
+ * Who owns a socket is never kept in shared context fields another tool's
+ * program may also write (bpf_sock_ops.reply, the callback flags).  With
+ * one policy over a socket's cgroup the owner is that policy; only under
+ * nested policies is it written in the socket itself (bk_sk, socket local
+ * storage), as is what a program chose itself.  Everything else is told
+ * by the values in force (see struct bk_sk): a record costs a connection
+ * more than the five options do (bench/: "the pieces").
  *
  * Only UAPI types are used (struct bpf_sock_ops, struct bpf_sockopt), and
  * no field of the kernel's struct sock is read: bcc applies no CO-RE
@@ -64,6 +68,7 @@ BPF_HASH(bk_sweepstats, __u64, struct bk_sweepstats, BK_MAX_POLICIES);
 
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
+#define BK_TCP_CLOSE 7 /* include/net/tcp_states.h */
 
 /* The options that make up "keepalive": a program that sets its own
  * keepalive keeps all of them in set mode. */
@@ -101,8 +106,9 @@ static __always_inline int bk_err_bucket(int err)
 
 /* Does a more specific policy than p own the socket?  The kernel runs the
  * programs of the socket's own cgroup first, then each ancestor's: the
- * deepest bpfkeep policy claims the socket and the others step aside --
- * unless that owner has been detached or deactivated meanwhile. */
+ * deepest bpfkeep policy records itself as the owner (it has
+ * BK_F_HAS_ANCESTOR) and the others step aside -- unless that owner has
+ * been detached or deactivated meanwhile. */
 static __always_inline int bk_yields(struct bk_sk *s, struct bk_policy *p)
 {
 	struct bk_policy *o;
@@ -141,6 +147,32 @@ static __always_inline int bk_valid_time(int id, int v)
 			v_ = -1;                                               \
 		v_;                                                            \
 	})
+
+/* Does the socket carry these keepalive times and user timeout (0: any
+ * value)?  A socket without a record that carries a policy's values got
+ * them from bpfkeep (or its program chose exactly those: the same thing to
+ * every rule here).  Keepalive itself is checked by the caller. */
+static __always_inline int bk_at(void *sk, __u32 idle, __u32 intvl, __u32 cnt,
+				 __u32 ut)
+{
+	if (ut && BK_GET(sk, USER_TIMEOUT) != (int)ut)
+		return 0;
+	if (idle && BK_GET(sk, KEEPIDLE) != (int)idle)
+		return 0;
+	if (intvl && BK_GET(sk, KEEPINTVL) != (int)intvl)
+		return 0;
+	return !cnt || BK_GET(sk, KEEPCNT) == (int)cnt;
+}
+
+#define BK_AT_POLICY(sk, p)                                                    \
+	bk_at(sk, (p)->val[BK_OPT_KEEPIDLE], (p)->val[BK_OPT_KEEPINTVL],       \
+	      (p)->val[BK_OPT_KEEPCNT], (p)->val[BK_OPT_USER_TIMEOUT])
+#define BK_AT_FP(sk, fp)                                                       \
+	bk_at(sk, (fp)[BK_FP_KEEPIDLE], (fp)[BK_FP_KEEPINTVL],                 \
+	      (fp)[BK_FP_KEEPCNT], (fp)[BK_FP_USER_TIMEOUT])
+/* The values the policy's sockets carried before its last change (userspace
+ * sets BK_F_PREV only when they differ from the policy's). */
+#define BK_AT_PREV(sk, p) (((p)->flags & BK_F_PREV) && BK_AT_FP(sk, (p)->prev))
 
 /* Set the policy's value of one option unless it is 0 or masked; count
  * the outcome in the per-CPU counters c.  A refused option (e.g.
@@ -183,6 +215,25 @@ static __always_inline int bk_follow_ut(void *sk, struct bk_policy *p,
 			      BK_USER_TIMEOUT_OPTNAME, &ut, sizeof(ut));
 }
 
+/* An accepted socket without a record: does it need the policy, or did it
+ * inherit what it should from its listener?  Only the values can tell (the
+ * listener carried no record either: sk_clone_lock copied its options).
+ * Set mode: keepalive off -- a listener bpfkeep never configured -- or the
+ * values of the policy before its last change need it; keepalive on with
+ * other values is the policy's or the program's own, and stays.  Enforce
+ * mode: anything but the policy's values needs it.  Before Linux 6.1
+ * bpf_getsockopt cannot read SO_KEEPALIVE here: the policy is set again on
+ * every such socket (correct, at the application's cost). */
+static __always_inline int bk_passive_needs(struct bpf_sock_ops *ops,
+					    struct bk_policy *p)
+{
+	if (BK_GET(ops, KEEPALIVE) <= 0)
+		return 1;
+	if (p->flags & BK_F_ENFORCE)
+		return !BK_AT_POLICY(ops, p);
+	return BK_AT_PREV(ops, p);
+}
+
 int bk_sockops(struct bpf_sock_ops *ops)
 {
 	struct bk_policy *p;
@@ -190,7 +241,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	struct bk_sk *s;
 	struct bpf_sock *sk;
 	__u16 mask = 0;
-	int cb, on = 0;
+	int cb;
 
 	/* Only three callbacks matter.  Options set on a listener are
 	 * inherited by the sockets it accepts; PASSIVE_ESTABLISHED catches
@@ -218,43 +269,60 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	c = (struct bk_counters *)bk_counters.get_local_storage(0);
 	if (!p || !c || !(p->flags & BK_F_ACTIVE))
 		return 1;
-	s = bk_sk.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!s || bk_yields(s, p))
+	if (cb == BK_CB_PASSIVE_ESTABLISHED &&
+	    (p->flags & (BK_F_SWEPT | BK_F_HAS_ANCESTOR |
+			 BK_F_HAS_DESCENDANT)) == BK_F_SWEPT) {
+		/* Every listener of this policy was configured by it, swept
+		 * since its last change or recorded (the program's own):
+		 * an accepted socket inherited all it should.  Nothing to
+		 * look at -- the common case, free as it was before records. */
+		c->seen[cb]++;
+		c->inherited++;
+		return 1;
+	}
+	/* A record exists only where it says something the values cannot
+	 * (see struct bk_sk).  Under an ancestor's policy every socket gets
+	 * one, so that the ancestor's programs, which run after ours, step
+	 * aside. */
+	s = bk_sk.sk_storage_get(sk, 0,
+				 (p->flags & BK_F_HAS_ANCESTOR)
+					 ? BPF_SK_STORAGE_GET_F_CREATE
+					 : 0);
+	if (s && bk_yields(s, p))
 		return 1;
 	c->seen[cb]++;
 
 	if (cb == BK_CB_PASSIVE_ESTABLISHED) {
-		/* The record came with the listener (BPF_F_CLONE).  A listener
-		 * that carries this very policy passed every value on
-		 * (sk_clone_lock copies them): nothing to do, no helper call.
-		 */
-		if (s->owner == p->cgroup_id && s->gen == p->gen) {
+		if (s && s->owner) {
+			/* The record came with the listener (BPF_F_CLONE).  A
+			 * listener that carries this very policy passed every
+			 * value on: nothing to do. */
+			if (s->owner == p->cgroup_id && s->gen == p->gen) {
+				c->inherited++;
+				return 1;
+			}
+			/* Set mode: what the program chose on its listener
+			 * stands. */
+			mask = (p->flags & BK_F_ENFORCE) ? 0 : s->app;
+		} else if (!bk_passive_needs(ops, p)) {
+			if (s) {
+				s->owner = p->cgroup_id;
+				s->level = p->level;
+				s->gen = p->gen;
+				s->app = 0;
+			}
 			c->inherited++;
 			return 1;
 		}
-		if (!(p->flags & BK_F_ENFORCE)) {
-			/* Set mode: what the program chose on its listener
-			 * stands.  A listener bpfkeep never saw: keepalive it
-			 * turned on itself is its own choice. */
-			mask = s->app;
-			if (!s->owner &&
-			    !bpf_getsockopt(ops, BK_KEEPALIVE_LEVEL,
-					    BK_KEEPALIVE_OPTNAME, &on,
-					    sizeof(on)) &&
-			    on)
-				mask |= BK_KA_BITS;
-			s->app = mask;
-		} else {
-			s->app = 0;
-		}
-	} else {
-		/* CONNECT, LISTEN: the policy replaces what the program set
-		 * before; what it sets afterwards is its own (set mode). */
-		s->app = 0;
 	}
-	s->owner = p->cgroup_id;
-	s->level = p->level;
-	s->gen = p->gen;
+	/* CONNECT, LISTEN: the policy replaces what the program set before;
+	 * what it sets afterwards is its own (set mode). */
+	if (s) {
+		s->app = mask;
+		s->owner = p->cgroup_id;
+		s->level = p->level;
+		s->gen = p->gen;
+	}
 
 	/* Times first, SO_KEEPALIVE last: once keepalive is on, each TCP_KEEP*
 	 * write re-arms the keepalive timer (measured: cheaper). */
@@ -304,22 +372,40 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	own = (struct bk_policy *)bk_policy.get_local_storage(0);
 	if (!own || !(own->flags & BK_F_ACTIVE))
 		goto pass;
-	/* This hook runs on the socket's cgroup (not the caller's), most
-	 * specific first; the socket's record says which policy owns it.  A
-	 * socket no bpfkeep program has seen yet is claimed here. */
-	s = bk_sk.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!s || bk_yields(s, own))
-		goto pass;
-	if (s->owner != own->cgroup_id) {
-		s->owner = own->cgroup_id;
-		s->level = own->level;
-		s->gen = 0; /* the policy's values were not applied */
-	}
-
 	v = ctx->optval;
 	if (ctx->optlen < (int)sizeof(*v) || (void *)(v + 1) > ctx->optval_end)
 		goto pass;
-	s->app |= BK_BIT(id);
+	s = 0;
+	if (sk->state != BK_TCP_CLOSE) {
+		/* This hook runs on the socket's cgroup (not the caller's),
+		 * most specific first; a record says which policy owns the
+		 * socket.  Before connect() or listen() nothing is recorded:
+		 * those set the policy over whatever is written now. */
+		s = bk_sk.sk_storage_get(sk, 0, 0);
+		if (s && bk_yields(s, own))
+			goto pass;
+		if (!s) {
+			/* The first option the program sets itself: from now
+			 * on the socket needs a record of it.  Were its values
+			 * the policy's until now?  Then it is current. */
+			int at = BK_GET(sk, KEEPALIVE) > 0 &&
+				 BK_AT_POLICY(sk, own);
+
+			s = bk_sk.sk_storage_get(sk, 0,
+						 BPF_SK_STORAGE_GET_F_CREATE);
+			if (!s)
+				goto pass;
+			s->owner = own->cgroup_id;
+			s->level = own->level;
+			s->gen = at ? own->gen : 0;
+			s->app = 0;
+		} else if (s->owner != own->cgroup_id) {
+			s->owner = own->cgroup_id;
+			s->level = own->level;
+			s->gen = 0; /* the policy's values were not applied */
+		}
+		s->app |= BK_BIT(id);
+	}
 	rewritten = 0;
 	if (own->flags & BK_F_ENFORCE) {
 		if (id == BK_OPT_KEEPALIVE) {
@@ -344,8 +430,8 @@ follow:
 	/* The kernel applies the program's value after this hook returns:
 	 * derive the user timeout from the value being written and the
 	 * socket's other two times. */
-	if ((BK_TIME_BITS & BK_BIT(id)) && (own->flags & BK_F_UT_DERIVED) &&
-	    own->val[BK_OPT_USER_TIMEOUT] &&
+	if (s && (BK_TIME_BITS & BK_BIT(id)) &&
+	    (own->flags & BK_F_UT_DERIVED) && own->val[BK_OPT_USER_TIMEOUT] &&
 	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && bk_valid_time(id, *v)) {
 		int idle = id == BK_OPT_KEEPIDLE ? *v : BK_GET(sk, KEEPIDLE);
 		int intvl = id == BK_OPT_KEEPINTVL ? *v : BK_GET(sk, KEEPINTVL);
@@ -447,7 +533,7 @@ BPF_ITER(tcp)
 	int want[BK_NOPT_BPF];
 	__u64 cookie, owner;
 	__u16 mask = 0, known;
-	int i, ka, enforce;
+	int i, ka, enforce, own;
 
 	if (!skc)
 		return 0;
@@ -466,24 +552,46 @@ BPF_ITER(tcp)
 
 	if (e->action == BK_SWEEP_UNDO) {
 		/* Only the options userspace asked to reset, and only on a
-		 * socket this policy owns. */
+		 * socket this policy owns: its record says so, or, without
+		 * one, its values are the policy's (e->fp). */
 		s = bk_sk.sk_storage_get(tp, 0, 0);
-		if (!s || s->owner != owner)
+		if (s) {
+			if (s->owner != owner)
+				goto read;
+			mask = s->app;
+		} else if (BK_GET(tp, KEEPALIVE) <= 0 ||
+			   !(e->in_flags & BK_SWI_FP) || !BK_AT_FP(tp, e->fp)) {
+			goto read; /* never configured, or the program's own */
+		}
+		if (e->in_flags & BK_SWI_KEEP) {
+			/* The values stay; the record says whose they were (an
+			 * owner without a policy, generation 0). */
+			if (!s)
+				s = bk_sk.sk_storage_get(
+					tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (!s) {
+				e->result |= BK_SWR_NO_STORAGE;
+				goto read;
+			}
+			s->owner = owner;
+			s->gen = 0;
 			goto read;
+		}
 #pragma unroll
 		for (i = 0; i < BK_NOPT_BPF; i++)
 			want[i] = (e->in_flags & (1u << (16 + i)))
 					  ? (int)e->val[i]
 					  : -1;
-		mask = s->app;
 		st = 0;
 		BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);
 		BK_SWEEP_SET(tp, e, st, mask, KEEPINTVL);
 		BK_SWEEP_SET(tp, e, st, mask, KEEPCNT);
 		BK_SWEEP_SET(tp, e, st, mask, USER_TIMEOUT);
 		BK_SWEEP_SET(tp, e, st, mask, MAXSEG);
+		BK_SWEEP_SET(tp, e, st, mask, WINDOW_CLAMP);
 		BK_SWEEP_SET(tp, e, st, mask, KEEPALIVE);
-		bk_sk.sk_storage_delete(tp);
+		if (s)
+			bk_sk.sk_storage_delete(tp);
 		goto read;
 	}
 
@@ -492,14 +600,20 @@ BPF_ITER(tcp)
 		e->result |= BK_SWR_NO_POLICY;
 		goto read;
 	}
-	s = bk_sk.sk_storage_get(tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!s) {
-		e->result |= BK_SWR_NO_STORAGE;
-		goto read;
-	}
-	if ((e->in_flags & BK_SWI_HELD) && s->owner && s->owner != owner) {
+	s = bk_sk.sk_storage_get(tp, 0, 0);
+	st = bk_sweepstats.lookup(&owner);
+	enforce = p->flags & BK_F_ENFORCE;
+	ka = BK_GET(tp, KEEPALIVE);
+	/* Which options the program chose itself is known for sockets with a
+	 * record.  Without one, the values tell: the policy's (current), the
+	 * ones bpfkeep gave before (the policy's before its last change, or a
+	 * former owner's: e->fp), or keepalive the program turned on itself. */
+	known = s && s->owner;
+	own = 0;
+	if ((e->in_flags & BK_SWI_HELD) && known && s->owner != owner) {
 		/* Held by a process of this policy, but made in a cgroup whose
-		 * own (active) policy owns it: that one rules. */
+		 * own (active) policy owns it: that one rules.  (Without a
+		 * record, userspace tells from the socket's cgroup.) */
 		struct bk_policy *o = bk_policies.lookup(&s->owner);
 
 		if (o && (o->flags & BK_F_ACTIVE)) {
@@ -507,33 +621,42 @@ BPF_ITER(tcp)
 			goto read;
 		}
 	}
-	st = bk_sweepstats.lookup(&owner);
-	if (s->owner == owner && s->gen == p->gen) {
+	if (known && s->owner == owner && s->gen == p->gen) {
 		/* Already under this very policy (its callbacks or an earlier
 		 * sweep).  Set mode: what the program did since stands. Enforce
 		 * mode checks the values every time (only what differs is set):
 		 * a socket whose cgroup has no setsockopt hook (accepted from a
 		 * handed-over listener) may have changed them. */
 		e->result |= BK_SWR_CURRENT;
-		if (!(p->flags & BK_F_ENFORCE))
+		if (!enforce)
 			goto read;
-	} else if (st) {
-		__sync_fetch_and_add(&st->swept, 1);
+	} else if (!known && ka > 0 && BK_AT_POLICY(tp, p)) {
+		e->result |= BK_SWR_CURRENT;
+		if (!(p->flags & BK_F_HAS_ANCESTOR))
+			goto read; /* nothing to set, nothing to record */
+	} else {
+		if (st)
+			__sync_fetch_and_add(&st->swept, 1);
+		own = !known && ka > 0 && !BK_AT_PREV(tp, p) &&
+		      !((e->in_flags & BK_SWI_FP) && BK_AT_FP(tp, e->fp));
 	}
-	enforce = p->flags & BK_F_ENFORCE;
-	ka = BK_GET(tp, KEEPALIVE);
-	/* Which options the program chose itself is known only for sockets a
-	 * bpfkeep program saw since they were made. */
-	known = s->owner != 0;
-	if (!known && ka > 0)
-		s->app |= BK_KA_BITS; /* it turned keepalive on itself */
 	if (!enforce) {
-		mask = s->app;
+		mask = known ? s->app : (own ? BK_KA_BITS : 0);
 		if (mask & BK_KA_BITS) {
 			e->result |= BK_SWR_APP_OWN;
 			if (st)
 				__sync_fetch_and_add(&st->app_own, 1);
 		}
+	}
+	/* A record is kept where the values will not tell: the program's own
+	 * keepalive (set mode), the owner under an ancestor's policy. */
+	if (!s && ((own && !enforce) || (p->flags & BK_F_HAS_ANCESTOR))) {
+		s = bk_sk.sk_storage_get(tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!s) {
+			e->result |= BK_SWR_NO_STORAGE;
+			goto read;
+		}
+		s->app = mask;
 	}
 #pragma unroll
 	for (i = 0; i < BK_NOPT_BPF; i++)
@@ -566,9 +689,11 @@ BPF_ITER(tcp)
 		if (ka > 0)
 			want[BK_OPT_KEEPALIVE] = -1;
 	}
-	s->owner = owner;
-	s->level = p->level;
-	s->gen = p->gen;
+	if (s) {
+		s->owner = owner;
+		s->level = p->level;
+		s->gen = p->gen;
+	}
 	BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);
 	BK_SWEEP_SET(tp, e, st, mask, KEEPINTVL);
 	BK_SWEEP_SET(tp, e, st, mask, KEEPCNT);

@@ -274,6 +274,17 @@ F_ACTIVE = _H.define("BK_F_ACTIVE")
 F_ENFORCE = _H.define("BK_F_ENFORCE")
 F_MANAGED = _H.define("BK_F_MANAGED")  # owned by the daemon; the BPF programs ignore it
 F_UT_DERIVED = _H.define("BK_F_UT_DERIVED")  # the user timeout follows the times in force
+F_HAS_ANCESTOR = _H.define("BK_F_HAS_ANCESTOR")  # an ancestor has a policy: sockets get a record
+F_HAS_DESCENDANT = _H.define("BK_F_HAS_DESCENDANT")  # a descendant has one: its records count
+F_PREV = _H.define("BK_F_PREV")  # prev[]: the values sockets carried before the last change
+F_SWEPT = _H.define("BK_F_SWEPT")  # a complete sweep ran since the last change
+F_NESTING = F_HAS_ANCESTOR | F_HAS_DESCENDANT
+# bk_policy.prev[] and bk_sweep.fp[]: the keepalive values that tell
+# bpfkeep's sockets from those whose program chose its own (BK_FP_*)
+FP_KEYS = tuple(n.lower() for n in _H.enumerate("BK_FP_"))
+NFP = _H.define("BK_NFP")
+if len(FP_KEYS) != NFP:
+    raise HeaderError("bpfkeep.h: BK_NFP does not count the BK_FP_* constants")
 
 # bk_counters.seen[] index -> metric label ("connect", "listen", ...)
 CALLBACKS = tuple(n.lower() for n in _H.enumerate("BK_CB_"))
@@ -295,6 +306,8 @@ SWEEP_UNDO = _H.define("BK_SWEEP_UNDO")
 SWEEP_READ = _H.define("BK_SWEEP_READ")
 SWI_SYN_SENT = _H.define("BK_SWI_SYN_SENT")
 SWI_HELD = _H.define("BK_SWI_HELD")  # made elsewhere, held by the policy's processes
+SWI_FP = _H.define("BK_SWI_FP")  # fp[] holds values bpfkeep gave the socket
+SWI_KEEP = _H.define("BK_SWI_KEEP")  # UNDO that keeps the values and records them as ours
 SWR_SEEN = _H.define("BK_SWR_SEEN")
 SWR_APP_OWN = _H.define("BK_SWR_APP_OWN")
 SWR_NO_POLICY = _H.define("BK_SWR_NO_POLICY")
@@ -312,8 +325,7 @@ SWEEPSTATS_WORDS = SWEEPSTATS_SIZE // 8
 def policy_flags(policy: Policy) -> int:
     """The flags the BPF programs act on (not ACTIVE, not MANAGED)."""
     flags = F_ENFORCE if policy.mode == "enforce" else 0
-    derived = default_user_timeout(policy.keepidle, policy.keepintvl, policy.keepcnt)
-    if policy.user_timeout and policy.user_timeout == derived:
+    if policy.ut_derived:
         flags |= F_UT_DERIVED
     return flags
 
@@ -335,18 +347,50 @@ def encode_policy(
     active: bool = True,
     managed: bool = False,
     gen: int | None = None,
+    nesting: int = 0,
+    prev: Policy | None = None,
 ) -> bytes:
     """A bk_policy value; ``level`` is the cgroup's depth below the root,
     so that the most specific of nested policies wins.  ``gen`` defaults to
-    one derived from the values (see :func:`fresh_gen` for attachments)."""
+    one derived from the values (see :func:`fresh_gen` for attachments).
+    ``nesting``: F_HAS_ANCESTOR / F_HAS_DESCENDANT.  ``prev``: the policy
+    whose values the sockets carried until now (before an update, or an
+    ancestor's), recognised as bpfkeep's on sockets without a record."""
     flags = policy_flags(policy) | (F_ACTIVE if active else 0) | (F_MANAGED if managed else 0)
+    flags |= nesting & F_NESTING
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
     gen = policy_gen(policy) if gen is None else gen
-    return POLICY.pack(cgroup_id=cgroup_id, flags=flags, gen=gen, level=level, val=vals)
+    fp: tuple[int, ...] = (0,) * NFP
+    if prev is not None and prev_differs(prev, policy):
+        flags |= F_PREV
+        fp = fingerprint(prev)
+    return POLICY.pack(cgroup_id=cgroup_id, flags=flags, gen=gen, level=level, val=vals, prev=fp)
+
+
+def fingerprint(policy: Policy) -> tuple[int, ...]:
+    """The values (bk_policy.prev[], bk_sweep.fp[]) a socket carries when
+    this policy set them; 0: left at the kernel default, any value."""
+    return tuple(policy.value(k) for k in FP_KEYS)
+
+
+def prev_differs(prev: Policy, policy: Policy) -> bool:
+    """Whether a socket at ``prev``'s values can be told from one at
+    ``policy``'s: only then is it worth looking for (BK_F_PREV)."""
+    return any(a and a != b for a, b in zip(fingerprint(prev), fingerprint(policy), strict=True))
 
 
 def policy_gen_of(raw: bytes) -> int:
     return int(POLICY.unpack(raw)["gen"])  # type: ignore[arg-type]
+
+
+def policy_raw_flags(raw: bytes) -> int:
+    return int(POLICY.unpack(raw)["flags"])  # type: ignore[arg-type]
+
+
+def with_flags(raw: bytes, flags: int) -> bytes:
+    """The same bk_policy value with other flags."""
+    at = next(m.offset for m in POLICY.members if m.name == "flags")
+    return raw[:at] + struct.pack("=I", flags) + raw[at + 4 :]
 
 
 def fresh_gen() -> int:
@@ -364,10 +408,16 @@ def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
     return _policy(f["cgroup_id"], f["flags"], f["val"])  # type: ignore[arg-type]
 
 
-def _policy(cgroup_id: int, flags: int, vals: Sequence[int]) -> tuple[int, int, Policy]:
+def _policy(
+    cgroup_id: int, flags: int, vals: Sequence[int], derived: bool | None = None
+) -> tuple[int, int, Policy]:
+    """``derived``: whether the user timeout follows the keepalive times;
+    None: the F_UT_DERIVED flag says."""
     values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=True) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
-    return cgroup_id, flags, Policy(**values, mode=mode)
+    if derived is None:
+        derived = bool(flags & F_UT_DERIVED)
+    return cgroup_id, flags, Policy(**values, mode=mode, user_timeout_derived=derived)
 
 
 # The bk_policy layout of bpfkeep 0.1 (no gen, no level): attachments
@@ -376,15 +426,27 @@ def _policy(cgroup_id: int, flags: int, vals: Sequence[int]) -> tuple[int, int, 
 # (tests/data/bpf-0.1).
 LEGACY_POLICY_FMT = f"=QI{NOPT}II"
 LEGACY_POLICY_SIZE = struct.calcsize(LEGACY_POLICY_FMT)
+# The layout before prev[] (cgroup_id, flags, gen, level, val[], pad):
+# attachments made by it are migrated too.
+NOPREV_POLICY_FMT = f"=QIII{NOPT}II"
+NOPREV_POLICY_SIZE = struct.calcsize(NOPREV_POLICY_FMT)
 
 
 def decode_any_policy(raw: bytes) -> tuple[int, int, Policy] | None:
     """decode_policy for this layout or an earlier one; None if unknown."""
     if len(raw) == POLICY_SIZE:
         return decode_policy(raw)
+    if len(raw) == NOPREV_POLICY_SIZE:
+        cgroup_id, flags, _gen, _level, *vals, _pad = struct.unpack_from(NOPREV_POLICY_FMT, raw)
+        return _policy(cgroup_id, flags, vals)
     if len(raw) == LEGACY_POLICY_SIZE:
         cgroup_id, flags, *vals, _pad = struct.unpack_from(LEGACY_POLICY_FMT, raw)
-        return _policy(cgroup_id, flags, vals)
+        # 0.1 kept no flag: a user timeout equal to the derived one was derived.
+        v = dict(zip((o.key for o in BPF_OPTIONS), vals, strict=True))
+        derived = v["user_timeout"] == default_user_timeout(
+            v["keepidle"], v["keepintvl"], v["keepcnt"]
+        )
+        return _policy(cgroup_id, flags, vals, derived)
     return None
 
 
@@ -408,6 +470,7 @@ class SweepEntry:
     rec_app: int = 0
     rec_level: int = 0
     val: tuple[int, ...] = (0,) * NOPT  # in force afterwards; -1: unknown
+    fp: tuple[int, ...] = (0,) * NFP  # in (SWI_FP): values bpfkeep gave the socket
 
     def encode(self) -> bytes:
         """The inputs only; the outputs start at 0."""
@@ -416,11 +479,13 @@ class SweepEntry:
             action=self.action,
             in_flags=self.in_flags,
             val=[v & 0xFFFFFFFF for v in self.val],
+            fp=self.fp,
         )
 
     @classmethod
     def decode(cls, raw: bytes) -> SweepEntry:
         f = SWEEP.unpack(raw)
+        f.pop("fp")  # input only: not decoded
         vals = f.pop("val")
         signed = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in vals)  # type: ignore[union-attr]
         return cls(**f, val=signed)  # type: ignore[arg-type]

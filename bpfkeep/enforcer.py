@@ -204,6 +204,26 @@ def _nearest_ancestor(cg: Cgroup, live: set[int]) -> int | None:
     return None
 
 
+def _owners(ids: set[int], live: set[int]) -> dict[int, int]:
+    """cgroup id -> the nearest cgroup at or above it with a policy (in
+    ``live``), for the cgroups of sockets held across cgroups (walks the
+    cgroup tree to find them: only for such sockets)."""
+    mount = cgroup2_mount()
+    out = {}
+    for cg_id, cg in by_ids(ids, mount).items():
+        path = cg.path
+        while True:
+            with contextlib.suppress(OSError):
+                ino = os.stat(path).st_ino
+                if ino in live:
+                    out[cg_id] = ino
+                    break
+            if len(path) <= len(mount.rstrip("/")) or path == "/":
+                break
+            path = os.path.dirname(path)
+    return out
+
+
 def _sweepstats(map_fd: int, cgroup_id: int) -> bpfmaps.SweepStats | None:
     with contextlib.suppress(OSError):
         raw = bpfsys.map_lookup(map_fd, struct.pack("=Q", cgroup_id), bpfmaps.SWEEPSTATS_SIZE)
@@ -220,6 +240,19 @@ def _policy_template(policy: Policy, level: int, managed: bool) -> bytes:
     return bpfmaps.encode_policy(0, policy, level=level, managed=managed, gen=0)
 
 
+# Where bk_policy.prev[] starts: what follows the values is not the config's.
+_PREV_AT = next(m.offset for m in bpfmaps.POLICY.members if m.name == "prev")
+
+
+def _keep_prev(value: bytes, old: bytes) -> bytes:
+    """``value`` with ``old``'s prev[] and its F_PREV and F_SWEPT flags:
+    the same values again leave the sockets as they were (what they
+    carried before still counts as bpfkeep's until a sweep)."""
+    keep = bpfmaps.F_PREV | bpfmaps.F_SWEPT
+    flags = bpfmaps.policy_raw_flags(value) & ~keep | bpfmaps.policy_raw_flags(old) & keep
+    return bpfmaps.with_flags(value[:_PREV_AT] + old[_PREV_AT:], flags)
+
+
 def policy_is(raw: bytes | None, cg: Cgroup, policy: Policy, *, managed: bool = True) -> bool:
     """Whether a bk_policy value as read from a map says exactly ``policy``
     for ``cg``: cgroup id, flags (active, mode, managed, derived user
@@ -228,9 +261,14 @@ def policy_is(raw: bytes | None, cg: Cgroup, policy: Policy, *, managed: bool = 
     if raw is None or len(raw) != bpfmaps.POLICY_SIZE:
         return False
     want = _policy_template(policy, cgroup_level(cg), managed)
+    # Flags that say where the other policies are and how far the sockets
+    # are (nesting, prev[], swept) are kept by attach, detach and the
+    # sweep, not by the config: not compared, nor prev[] itself.
+    volatile = bpfmaps.F_NESTING | bpfmaps.F_PREV | bpfmaps.F_SWEPT
     return (
-        raw[8:12] == want[8:12]
-        and raw[16:] == want[16:]
+        int.from_bytes(raw[8:12], sys.byteorder) & ~volatile
+        == int.from_bytes(want[8:12], sys.byteorder)
+        and raw[16:_PREV_AT] == want[16:_PREV_AT]
         and int.from_bytes(raw[:8], sys.byteorder) == cg.id
     )
 
@@ -263,8 +301,21 @@ class Pass:
         written, when no bpfkeep program is attached to the cgroup (its
         storage exists only while one is): attach it instead."""
         key = struct.pack("=Q", cg.id)
+        old = bpfsys.map_lookup(self.objs[loader.MAP_POLICY], key, bpfmaps.POLICY_SIZE)
+        if old is None:
+            return False
+        # Where the other policies are has not changed (attach and detach
+        # keep the flags); the old values are what the sockets carry until
+        # the sweep: recognised as bpfkeep's on sockets without a record.
+        flags = bpfmaps.policy_raw_flags(old)
         value = bpfmaps.encode_policy(
-            cg.id, policy, level=cgroup_level(cg), managed=managed, gen=bpfmaps.fresh_gen()
+            cg.id,
+            policy,
+            level=cgroup_level(cg),
+            managed=managed,
+            gen=bpfmaps.fresh_gen(),
+            nesting=flags & bpfmaps.F_NESTING,
+            prev=bpfmaps.decode_policy(old)[2] if flags & bpfmaps.F_ACTIVE else None,
         )
         try:
             bpfsys.map_update(self.objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
@@ -435,15 +486,42 @@ class Enforcer:
         key = struct.pack("=Q", cg.id)
         alive = self._link_progs(cg.id)
         gen = bpfmaps.fresh_gen()
-        if len(alive) == len(HOOKS):
-            # The same values again keep their generation: the sockets
-            # under them are current.
-            old = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
-            if old is not None and bpfmaps.decode_policy(old)[2] == policy:
-                gen = bpfmaps.policy_gen_of(old)
-        value = bpfmaps.encode_policy(
-            cg.id, policy, level=cgroup_level(cg), managed=managed, gen=gen
+        ancestors, descendants = self._nesting(objs, cg)
+        nesting = (bpfmaps.F_HAS_ANCESTOR if ancestors else 0) | (
+            bpfmaps.F_HAS_DESCENDANT if descendants else 0
         )
+        # What the cgroup's sockets carry until now: the nearest
+        # ancestor's policy for a new attachment, the old values for an
+        # update.  Sockets without a record are told by them.
+        prev = self._policy_of(objs, ancestors[0][0]) if ancestors else None
+        old = None
+        if len(alive) == len(HOOKS):
+            old = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+            if old is not None:
+                prev = bpfmaps.decode_policy(old)[2]
+                # The same values again keep their generation: the
+                # sockets under them are current.
+                if prev == policy:
+                    gen = bpfmaps.policy_gen_of(old)
+        value = bpfmaps.encode_policy(
+            cg.id,
+            policy,
+            level=cgroup_level(cg),
+            managed=managed,
+            gen=gen,
+            nesting=nesting,
+            prev=prev,
+        )
+        if old is not None and bpfmaps.policy_gen_of(old) == gen:
+            # Unchanged values: the sockets are as they were (what they
+            # carried before still counts as bpfkeep's until a sweep).
+            value = _keep_prev(value, old)
+        # The neighbours first: an ancestor steps aside, a descendant
+        # records its sockets, before this policy is in force.
+        for anc, _path in ancestors:
+            self._add_flags(objs, anc, bpfmaps.F_HAS_DESCENDANT)
+        for desc, _path in descendants:
+            self._add_flags(objs, desc, bpfmaps.F_HAS_ANCESTOR)
         if len(alive) == len(HOOKS):
             self._write_policy(objs, key, value)
             return "updated"
@@ -496,6 +574,84 @@ class Enforcer:
                 os.close(lfd)
         return "attached"
 
+    # -- nested policies ---------------------------------------------------------
+
+    @staticmethod
+    def _policy_of(objs: dict[str, int], cgroup_id: int) -> Policy | None:
+        raw = bpfsys.map_lookup(
+            objs[loader.MAP_POLICIES], struct.pack("=Q", cgroup_id), bpfmaps.POLICY_SIZE
+        )
+        return None if raw is None else bpfmaps.decode_policy(raw)[2]
+
+    @staticmethod
+    def _nesting(
+        objs: dict[str, int], cg: Cgroup, *, skip: int | None = None
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(cgroup id, path) of the ancestors (nearest first) and of the
+        descendants of ``cg`` that have an active policy (this version's
+        map; ``skip``: one to leave out).  One map lookup per ancestor and
+        per descendant directory: the walk is of cg's own subtree only."""
+        fd = objs[loader.MAP_POLICIES]
+
+        def live(path: str) -> int | None:
+            try:
+                ino = os.stat(path).st_ino
+            except OSError:
+                return None
+            if ino == skip:
+                return None
+            raw = bpfsys.map_lookup(fd, struct.pack("=Q", ino), bpfmaps.POLICY_SIZE)
+            if raw is None or not bpfmaps.policy_raw_flags(raw) & bpfmaps.F_ACTIVE:
+                return None
+            return ino
+
+        mount = cg.path[: len(cg.path) - len(cg.rel)].rstrip("/") if cg.rel else cg.path
+        ancestors = []
+        path = cg.path
+        while len(path) > len(mount):
+            path = os.path.dirname(path)
+            ino = live(path)
+            if ino is not None:
+                ancestors.append((ino, path))
+        descendants = []
+        for dirpath, _dirs, _files in os.walk(cg.path):
+            if dirpath != cg.path:
+                ino = live(dirpath)
+                if ino is not None:
+                    descendants.append((ino, dirpath))
+        return ancestors, descendants
+
+    def _add_flags(self, objs: dict[str, int], cgroup_id: int, add: int, drop: int = 0) -> None:
+        """Change another attachment's nesting flags (one write per map)."""
+        key = struct.pack("=Q", cgroup_id)
+        raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key, bpfmaps.POLICY_SIZE)
+        if raw is None:
+            return
+        flags = bpfmaps.policy_raw_flags(raw)
+        new = (flags | add) & ~drop
+        if new != flags:
+            with contextlib.suppress(OSError):
+                self._write_policy(objs, key, bpfmaps.with_flags(raw, new))
+
+    def _drop_stale_nesting(self, objs: dict[str, int], cg: Cgroup) -> None:
+        """After ``cg``'s policy is gone: its nearest ancestor may have no
+        descendant with a policy left, its descendants no ancestor.  (A flag
+        left set costs time, never correctness: the record it asks for is
+        just not needed.)"""
+        ancestors, descendants = self._nesting(objs, cg, skip=cg.id)
+        if ancestors:
+            anc, path = ancestors[0]
+            rel = os.path.relpath(path, cg.path[: len(cg.path) - len(cg.rel)])
+            above = Cgroup(path, "" if rel == "." else rel, anc)
+            if not self._nesting(objs, above, skip=cg.id)[1]:
+                self._add_flags(objs, anc, 0, bpfmaps.F_HAS_DESCENDANT)
+            return  # the descendants keep an ancestor with a policy
+        mount = cg.path[: len(cg.path) - len(cg.rel)]
+        for desc, path in descendants:
+            below = Cgroup(path, os.path.relpath(path, mount), desc)
+            if not self._nesting(objs, below, skip=cg.id)[0]:
+                self._add_flags(objs, desc, 0, bpfmaps.F_HAS_ANCESTOR)
+
     @staticmethod
     def _write_policy(objs: dict[str, int], key: bytes, value: bytes) -> None:
         """The attachment's own storage first (sock_ops), then the hash the
@@ -531,11 +687,20 @@ class Enforcer:
             (a.policy for a in self.attachments({cg.id: cg}) if a.cgroup_id == cg.id), None
         )
         with self._lock():
+            if os.path.isdir(self.obj_dir):
+                with contextlib.suppress(OSError), self._objects() as objs:
+                    # The sockets go to the nearest ancestor's policy, its
+                    # listeners too: until a sweep, what they accept is
+                    # looked at again.
+                    ancestors = self._nesting(objs, cg, skip=cg.id)[0]
+                    if ancestors:
+                        self._add_flags(objs, ancestors[0][0], 0, bpfmaps.F_SWEPT)
             found = self._detach_id(cg.id)
             # Like attach: forget the attachments of removed cgroups (best
             # effort: the detach itself is done).
             if os.path.isdir(self.obj_dir):
                 with contextlib.suppress(OSError), self._objects() as objs:
+                    self._drop_stale_nesting(objs, cg)
                     self._prune(objs)
         if found and existing and policy is not None:
             # Best effort: the detach itself is done.
@@ -562,8 +727,34 @@ class Enforcer:
         Raises SweepUnavailable on a kernel that cannot."""
         self.prepare()
         with self.sweeper() as sw:
-            sc = sweep.scope(cgs, self.live_ids())
-            return sweep.sweep(sw, sc, sweep.apply_entry)
+            live = self.live_ids()
+            sc = sweep.scope(cgs, live)
+            owners = set(sc.owner_of_cgroup.values())
+            gens = {o: self._raw_policy(sw.objs, o) for o in owners}
+            report = sweep.sweep(
+                sw, sc, sweep.apply_entry, owners_elsewhere=lambda ids: _owners(ids, live)
+            )
+            if not report.unreachable:
+                for owner, raw in gens.items():
+                    if raw is not None:
+                        self._swept(sw.objs, owner, bpfmaps.policy_gen_of(raw))
+            return report
+
+    @staticmethod
+    def _raw_policy(objs: dict[str, int], cgroup_id: int) -> bytes | None:
+        return bpfsys.map_lookup(
+            objs[loader.MAP_POLICIES], struct.pack("=Q", cgroup_id), bpfmaps.POLICY_SIZE
+        )
+
+    def _swept(self, objs: dict[str, int], cgroup_id: int, gen: int) -> None:
+        """After a complete sweep under this generation: every listener of
+        the policy carries it (or a record), so accepted sockets need no
+        look (BK_F_SWEPT), and the values before the last change are on
+        no socket any more (BK_F_PREV off)."""
+        raw = self._raw_policy(objs, cgroup_id)
+        if raw is None or bpfmaps.policy_gen_of(raw) != gen:
+            return  # changed meanwhile: the next sweep
+        self._add_flags(objs, cgroup_id, bpfmaps.F_SWEPT, bpfmaps.F_PREV)
 
     def _sweep_after_detach(self, cg: Cgroup, policy: Policy) -> sweep.Report:
         live = self.live_ids()
@@ -571,16 +762,24 @@ class Enforcer:
         with self.sweeper() as sw:
             if above is not None:
                 sc = sweep.scope([cg], live, owner=above)
-                return sweep.sweep(sw, sc, sweep.apply_entry)
+                return sweep.sweep(
+                    sw,
+                    sc,
+                    sweep.handover_entry(policy),
+                    owners_elsewhere=lambda ids: _owners(ids, live),
+                )
             sc = sweep.scope([cg], live)
             # Only what this policy owned: descendants keep their own.
             sc = sweep.Scope(
                 {k: v for k, v in sc.owner_of_cgroup.items() if v == cg.id},
                 {k: v for k, v in sc.owner_of_pid.items() if v == cg.id},
             )
-            return sweep.sweep(
+            report = sweep.sweep(
                 sw, sc, sweep.undo_entry(policy), states=(sweep.LISTEN,), count=False
             )
+            connections = tuple(s for s in sweep.SWEPT_STATES if s != sweep.LISTEN)
+            sweep.sweep(sw, sc, sweep.keep_entry(policy), states=connections, count=False)
+            return report
 
     def detach_id(self, cgroup_id: int) -> bool:
         """Detach by cgroup id (the cgroup may already be gone)."""
@@ -736,12 +935,19 @@ class Enforcer:
             if decoded is None:
                 return  # a layout this version does not know: left running as it is
             _, flags, policy = decoded
+            ancestors, descendants = self._nesting(cur, cg)
             raw = bpfmaps.encode_policy(
                 cg.id,
                 policy,
                 level=cgroup_level(cg),
                 managed=bool(flags & bpfmaps.F_MANAGED),
+                nesting=(bpfmaps.F_HAS_ANCESTOR if ancestors else 0)
+                | (bpfmaps.F_HAS_DESCENDANT if descendants else 0),
             )
+            for anc, _path in ancestors:
+                self._add_flags(cur, anc, bpfmaps.F_HAS_DESCENDANT)
+            for desc, _path in descendants:
+                self._add_flags(cur, desc, bpfmaps.F_HAS_ANCESTOR)
             cgfd = os.open(cg.path, os.O_RDONLY | os.O_DIRECTORY)
             new: list[tuple[str, int]] = []
             try:

@@ -343,11 +343,31 @@ class Policy:
     window_clamp: int = _default("window_clamp")
     defer_accept: int = _default("defer_accept")
     mode: str = "set"
+    # Whether user_timeout was derived (left out) rather than given: only a
+    # derived one follows the keepalive times a program sets itself, so a
+    # value written out equal to the derived one is the operator's, fixed.
+    # Kept as ``ut_derived`` (not a policy value: not in fields() or
+    # as_dict()), but part of equality.  None: derived when user_timeout is.
+    user_timeout_derived: dataclasses.InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, user_timeout_derived: bool | None) -> None:
+        derived = user_timeout_derived
         if self.user_timeout is None:
-            derived = default_user_timeout(self.keepidle, self.keepintvl, self.keepcnt)
-            object.__setattr__(self, "user_timeout", derived)
+            value = default_user_timeout(self.keepidle, self.keepintvl, self.keepcnt)
+            object.__setattr__(self, "user_timeout", value)
+            derived = True if derived is None else derived
+        object.__setattr__(self, "ut_derived", bool(derived))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (dataclasses.astuple(self), self.ut_derived) == (
+            dataclasses.astuple(other),  # type: ignore[arg-type]
+            other.ut_derived,  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((dataclasses.astuple(self), self.ut_derived))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Policy:

@@ -410,15 +410,28 @@ def sweep(
     *,
     states: tuple[int, ...] = SWEPT_STATES,
     count: bool = True,
+    owners_elsewhere: Callable[[set[int]], dict[int, int]] | None = None,
 ) -> Report:
     """Sweep every socket of the scope, in every namespace it lives in.
 
     ``make`` builds each socket's work item from its target and the
-    namespace's keepalive sysctls."""
+    namespace's keepalive sysctls.  ``owners_elsewhere`` maps cgroup ids
+    outside the scope to the policy covering each (if any): a socket made
+    in such a cgroup and held by the scope's processes stays its own
+    policy's."""
     report = Report()
     if not sc:
         return report
     held = held_sockets(sc.owner_of_pid)
+    elsewhere: dict[int, int | None] = {}
+
+    def own_policy_elsewhere(t: Target) -> bool:
+        if not t.held or owners_elsewhere is None:
+            return False
+        if t.cgroup_id not in elsewhere:
+            found = owners_elsewhere({t.cgroup_id})
+            elsewhere[t.cgroup_id] = found.get(t.cgroup_id)
+        return elsewhere[t.cgroup_id] not in (None, t.owner)
 
     def pick(cg: int, ino: int) -> tuple[int, bool] | None:
         owner = sc.owner_of_cgroup.get(cg)
@@ -432,7 +445,11 @@ def sweep(
     for ns, pid in namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
 
         def work() -> list[Outcome]:
-            targets = [t for t in _targets(_list_sockets(), pick) if t.state in states]
+            targets = [
+                t
+                for t in _targets(_list_sockets(), pick)
+                if t.state in states and not own_policy_elsewhere(t)
+            ]
             if not targets:
                 return []
             defaults = _sysctl_defaults()
@@ -461,6 +478,28 @@ def apply_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry
     return bpfmaps.SweepEntry(target.owner, bpfmaps.SWEEP_APPLY, flags)
 
 
+def handover_entry(former: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
+    """Work items for sockets whose policy is gone, handed to an ancestor's:
+    a socket without a record that carries ``former``'s values got them
+    from bpfkeep, not from its program."""
+
+    def make(target: Target, defaults: dict[str, int]) -> bpfmaps.SweepEntry:
+        e = apply_entry(target, defaults)
+        e.in_flags |= bpfmaps.SWI_FP
+        e.fp = bpfmaps.fingerprint(former)
+        return e
+
+    return make
+
+
+# TCP_WINDOW_CLAMP cannot go back to 0 ("none") once a socket listens: the
+# kernel accepts 0 only on a closed socket (tcp_set_window_clamp).  The
+# largest clamp is the same as none: an accepted socket's clamp is the
+# smaller of it and 65535 << the window scale, as without a clamp
+# (tcp_select_initial_window).
+NO_WINDOW_CLAMP = 2**31 - 1
+
+
 def undo_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
     """Work items that take a detached policy's values off a socket: the
     options the program did not set itself go back to the namespace's
@@ -468,14 +507,35 @@ def undo_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.Swe
     reset = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
     if policy.maxseg:
         reset["maxseg"] = 0
+    if policy.window_clamp:
+        reset["window_clamp"] = NO_WINDOW_CLAMP
 
     def make(target: Target, defaults: dict[str, int]) -> bpfmaps.SweepEntry:
         vals = {**reset, **{k: v for k, v in defaults.items() if k in reset}}
         return bpfmaps.SweepEntry(
             target.owner,
             bpfmaps.SWEEP_UNDO,
-            bpfmaps.undo_flags(list(vals)),
+            bpfmaps.undo_flags(list(vals)) | bpfmaps.SWI_FP,
             val=tuple(vals.get(o.key, 0) for o in bpfmaps.BPF_OPTIONS),
+            fp=bpfmaps.fingerprint(policy),
+        )
+
+    return make
+
+
+def keep_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
+    """Work items for a detached policy's connections: their values stay
+    (detach takes the policy off listeners only), but a socket without a
+    record gets one saying the values were bpfkeep's -- else a policy
+    attached later (a parent's, the same cgroup's again) would take them
+    for the program's own and leave them."""
+
+    def make(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
+        return bpfmaps.SweepEntry(
+            target.owner,
+            bpfmaps.SWEEP_UNDO,
+            bpfmaps.SWI_FP | bpfmaps.SWI_KEEP,
+            fp=bpfmaps.fingerprint(policy),
         )
 
     return make

@@ -369,7 +369,7 @@ def test_dead_peer_gauge_with_a_user_timeout_is_what_the_kernel_does(
             cgroup=cg,
             netns=netns_pair.client,
         )
-        srv.expect("accepted")
+        clients[cg].values("client")  # connected (before the cut below)
     assert clients[ut].values("client")["user_timeout"] == 4000
     netns_pair.cut_server()
     for c in clients.values():

@@ -143,6 +143,21 @@ def test_set_mode_user_timeout_follows_the_programs_own_times(bk, cgroups, spawn
     assert cli2.values("client-after")["user_timeout"] == 4000
 
 
+def test_an_explicit_user_timeout_equal_to_the_derived_one_is_fixed(bk, cgroups, spawn, probes):
+    """`--user-timeout 11000` under 2/1/9 is the operator's choice, although
+    it equals what bpfkeep would derive: it stays when the program sets its
+    own times."""
+    cg = cgroups.make("redis")
+    derived = str((2 + 1 * 9) * 1000)
+    bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "2", "--keepintvl", "1",
+       "--user-timeout", derived)  # fmt: skip
+    _srv, port = listen(spawn, probes, None, mode="listen")
+    times = ["set", "keepalive=1", "set", "keepidle=15", "set", "keepintvl=5", "set", "keepcnt=3"]
+    cli = connect(spawn, probes, port, cg, *times)
+    v = cli.values("client-after")
+    assert (v["keepidle"], v["user_timeout"]) == (15, 11000)
+
+
 def test_set_mode_dead_peer_time_follows_the_programs_own_times(
     bk, cgroups, spawn, probes, netns_pair
 ):

@@ -260,6 +260,31 @@ def test_detach_hands_the_sockets_to_the_ancestors_policy(bk, cgroups, spawn, pr
         assert srv.values("accepted")["keepidle"] == 100
 
 
+def test_a_detached_policys_connections_go_to_the_next_policy_attached(bk, cgroups, spawn, probes):
+    """Detach leaves established connections their values; a policy
+    attached later above them (or on the same cgroup again) must still
+    know those values were bpfkeep's, not the program's, and bring the
+    connections to its own -- although with a single policy the socket
+    carried no record."""
+
+    def fresh(probe) -> int:
+        probe.send_line()
+        return probe.values("now-client", consume=True)["keepidle"]
+
+    parent = cgroups.make("p")
+    child = cgroups.make("p/c")
+    _srv, cli, _port = pair(spawn, probes, child)
+    bk("attach", "--cgroup", cgroups.rel(child), "--keepidle", "21")
+    assert fresh(cli) == 21
+    bk("detach", "--cgroup", cgroups.rel(child))
+    assert fresh(cli) == 21  # connections keep their values
+    bk("attach", "--cgroup", cgroups.rel(parent), "--keepidle", "22")
+    assert fresh(cli) == 22
+    bk("detach", "--cgroup", cgroups.rel(parent))
+    bk("attach", "--cgroup", cgroups.rel(child), "--keepidle", "23")
+    assert fresh(cli) == 23
+
+
 def test_audit_checks_the_values_in_force_against_the_policy(bk, cgroups, spawn, probes):
     """After attach, 100 % of the cgroup at the policy, connections made
     before the attach included; sockets left alone are named with why."""
