@@ -743,3 +743,34 @@ def test_hand_attach_over_a_daemon_cgroup_is_then_left_alone(
     assert keepidle_of_new_connection(spawn, probes, a, listener) == 40
     assert "detached" not in d.log.read_text()
     assert d.stop() == 0
+
+
+def test_audit_backoff_counts_the_cpu_of_the_sweeps_threads(pin_dir, tmp_path, monkeypatch):
+    """The next periodic sweep and audit waits 1000 times the CPU the last
+    took; the sweep runs the kernel's iterator and its namespace visits in
+    threads of its own, whose CPU the calling thread's clock never saw
+    (with 10,000 held connections a pass every audit_interval took 1.8 % of
+    a CPU instead of backing off).  A sweep that burns CPU in a thread must
+    count."""
+    import threading
+
+    from bpfkeep import config as bk_config
+    from bpfkeep.daemon import Daemon
+
+    cfg = write_config(tmp_path / "bpfkeep.toml", free_port(), "")
+    d = Daemon(str(cfg), pin_dir)
+    d.cfg = bk_config.load(str(cfg))
+
+    def busy_sweep(_cgs) -> None:
+        def burn() -> None:
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.3:
+                pass
+
+        t = threading.Thread(target=burn)
+        t.start()
+        t.join()
+
+    monkeypatch.setattr(d, "_sweep", busy_sweep)
+    d._audit()
+    assert d.audit_cost >= 0.3
