@@ -190,20 +190,30 @@ def held_sockets(pids: dict[int, int], proc: str = "/proc") -> dict[int, int]:
 def namespaces(
     pids: Iterable[int], proc: str = "/proc", hidden: dict[str, str] | None = None
 ) -> dict[int, int | None]:
-    """netns inode -> a pid living in it (None: our own namespace).
+    """netns inode -> a thread id living in it (None: our own namespace).
 
-    Processes whose namespace we may not see are noted in ``hidden``."""
+    A network namespace is a thread's, not a process's: a thread that
+    entered another one (setns) makes its sockets there, so every thread
+    of every process counts (``/proc/TID/ns/net`` of a thread id is its
+    own, although /proc lists only processes).  Processes whose namespace
+    we may not see are noted in ``hidden``."""
     out: dict[int, int | None] = {}
     with contextlib.suppress(OSError):
         out[os.stat(f"{proc}/self/ns/net").st_ino] = None
     for pid in pids:
         try:
-            out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, pid)
-        except OSError as e:
-            if hidden is not None and e.errno in (errno.EACCES, errno.EPERM):
-                hidden[f"process {pid}"] = (
-                    "its network namespace is hidden from us (needs CAP_SYS_PTRACE)"
-                )
+            tids = [int(t) for t in os.listdir(f"{proc}/{pid}/task")]
+        except (OSError, ValueError):
+            tids = [pid]  # gone, or a /proc without task/: the process's own
+        for tid in tids:
+            try:
+                out.setdefault(os.stat(f"{proc}/{pid}/task/{tid}/ns/net").st_ino, tid)
+            except OSError as e:
+                if hidden is not None and e.errno in (errno.EACCES, errno.EPERM):
+                    hidden[f"process {pid}"] = (
+                        "its network namespace is hidden from us (needs CAP_SYS_PTRACE)"
+                    )
+                    break
     return out
 
 
@@ -216,7 +226,7 @@ def _libc() -> ctypes.CDLL:
 
 
 def in_netns(pid: int | None, fn: Callable[[], object]) -> object:
-    """Run ``fn`` in the network namespace of ``pid`` (None: ours).
+    """Run ``fn`` in the network namespace of thread ``pid`` (None: ours).
 
     A network namespace is entered per thread (setns), so a short-lived
     thread enters it and the caller's own namespace never changes.  Python

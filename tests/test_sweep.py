@@ -356,3 +356,42 @@ def test_counters_start_at_zero_for_a_new_attachment(bk, cgroups, spawn, probes)
     counters = json.loads(bk("status", "--json").stdout)[0]["counters"]
     assert counters["seen"] == {"connect": 0, "listen": 0, "passive_established": 0}
     assert counters["sweep"] is None or counters["sweep"]["swept"] == 0
+
+
+# A process whose main thread stays in the host's network namespace while
+# one of its threads enters another (setns is per thread: Go runtimes,
+# `ip netns exec`-style helpers and VPN daemons do it) and connects there.
+THREAD_IN_NETNS = r"""
+import ctypes, os, socket, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+ready = threading.Event()
+box = {}
+def run():
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = socket.create_connection(srv.getsockname())
+    box["conns"] = (srv, cli, srv.accept()[0])
+    box["port"] = srv.getsockname()[1]
+    ready.set()
+    threading.Event().wait()
+threading.Thread(target=run, daemon=True).start()
+ready.wait()
+print("ready", box["port"], flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_thread_in_another_network_namespace_is_swept(bk, cgroups, spawn, netns):
+    """The sweep enters every network namespace the scope's threads live
+    in, not only those of its processes' main threads."""
+    app = cgroups.make("app")
+    prog = spawn([sys.executable, "-c", THREAD_IN_NETNS, f"/run/netns/{netns}"], cgroup=app)
+    port = int(prog.expect("ready").split()[1])
+    assert ss_keepalive_timers(port, netns=netns) == ["none", "none"]
+    bk("attach", "--cgroup", cgroups.rel(app), "--keepidle", "33")
+    timers = ss_keepalive_timers(port, netns=netns)
+    assert len(timers) == 2 and all(t.startswith("timer:(keepalive,") for t in timers), timers
