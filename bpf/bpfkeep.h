@@ -117,6 +117,9 @@ struct bk_counters {
  * records on sockets without a record that they are bpfkeep's, not the
  * program's: a later policy's sweep then brings them to its values */
 #define BK_SWI_KEEP 0x8
+/* UNDO: bit (BK_SWI_RESET_SHIFT + option index) asks to reset that option
+ * to val[option index] */
+#define BK_SWI_RESET_SHIFT 16
 /* bk_sweep.result */
 #define BK_SWR_SEEN 0x1	      /* the iterator found the socket */
 #define BK_SWR_APP_OWN 0x2    /* set mode: the program's own values kept */

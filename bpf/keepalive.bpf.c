@@ -579,9 +579,10 @@ BPF_ITER(tcp)
 		}
 #pragma unroll
 		for (i = 0; i < BK_NOPT_BPF; i++)
-			want[i] = (e->in_flags & (1u << (16 + i)))
-					  ? (int)e->val[i]
-					  : -1;
+			want[i] =
+				(e->in_flags & (1u << (BK_SWI_RESET_SHIFT + i)))
+					? (int)e->val[i]
+					: -1;
 		st = 0;
 		BK_SWEEP_SET(tp, e, st, mask, KEEPIDLE);
 		BK_SWEEP_SET(tp, e, st, mask, KEEPINTVL);

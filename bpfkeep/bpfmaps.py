@@ -308,6 +308,7 @@ SWI_SYN_SENT = _H.define("BK_SWI_SYN_SENT")
 SWI_HELD = _H.define("BK_SWI_HELD")  # made elsewhere, held by the policy's processes
 SWI_FP = _H.define("BK_SWI_FP")  # fp[] holds values bpfkeep gave the socket
 SWI_KEEP = _H.define("BK_SWI_KEEP")  # UNDO that keeps the values and records them as ours
+SWI_RESET_SHIFT = _H.define("BK_SWI_RESET_SHIFT")  # UNDO: which options to reset
 SWR_SEEN = _H.define("BK_SWR_SEEN")
 SWR_APP_OWN = _H.define("BK_SWR_APP_OWN")
 SWR_NO_POLICY = _H.define("BK_SWR_NO_POLICY")
@@ -501,7 +502,7 @@ class SweepEntry:
 def undo_flags(option_keys: list[str]) -> int:
     """bk_sweep.in_flags bits asking the UNDO action to reset these options."""
     index = {o.key: i for i, o in enumerate(BPF_OPTIONS)}
-    return sum(1 << (16 + index[k]) for k in option_keys)
+    return sum(1 << (SWI_RESET_SHIFT + index[k]) for k in option_keys)
 
 
 @dataclasses.dataclass
