@@ -370,7 +370,7 @@ class Sweeper:
 
 
 BPF_NOEXIST = 1
-MAX_BATCH = 65536  # BK_MAX_SWEEP
+MAX_BATCH = bpfmaps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
 # The kernel's TCP iterator takes each socket's lock in turn, every socket
 # of the namespace, not only ours: a process stuck holding one (a send()
 # from a page whose fault never completes: userfaultfd, a hung FUSE file)
