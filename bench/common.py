@@ -218,6 +218,26 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) 
 # -- the empty sock_ops program (a floor reference) ---------------------------
 
 
+def compile_in_subprocess(module: str, args: list[str], what: str) -> None:
+    """Run ``python -m module args`` (it compiles BPF programs with bcc and
+    pins them): bcc's LLVM stays out of the bench's own process.  Kernel
+    headers as bpfkeep's own loader finds them; bench/ importable also when
+    the caller runs with PYTHONSAFEPATH (the tests)."""
+    from bpfkeep.kheaders import bcc_environment
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        env={**bcc_environment(), "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    if proc.returncode:
+        err = proc.stderr.strip().splitlines()
+        raise BenchError(f"compiling {what} failed: {err[-1] if err else ''}")
+
+
 def load_empty_sockops() -> int:
     """``r0 = 1; exit`` as a sock_ops program: the floor of any sock_ops tool."""
     from bpfkeep.testing import load_empty_sockops as load
@@ -338,9 +358,13 @@ class Session:
         enf.sweep([cg])
 
     def attach_empty_sockops(self, path: str) -> None:
+        self.attach_sockops(load_empty_sockops(), path)
+
+    def attach_sockops(self, prog: int, path: str) -> None:
+        """Attach a sock_ops program (an fd this session now owns) to the
+        cgroup at ``path`` beside others; detached at the session's end."""
         from bpfkeep import bpfsys
 
-        prog = load_empty_sockops()
         cgfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
         def undo() -> None:

@@ -13,13 +13,11 @@ socket each cost a connection.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import sys
 
-from bench.common import REPO, BenchError, log
+from bench.common import REPO, compile_in_subprocess, log
 
 SOURCE = REPO / "bench" / "parts.bpf.c"
 KEEPALIVE, FOUR, GETKA, LOOKUP, CREATE, CLONE = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
@@ -59,39 +57,18 @@ class Parts:
     """The piece programs, compiled and pinned in ``pin_dir``."""
 
     def __init__(self, session, pin_dir: str):
-        from bpfkeep.kheaders import bcc_environment
 
         self.session = session
         self.obj_dir = pin_dir
         session.defer(lambda: shutil.rmtree(pin_dir, ignore_errors=True))
         specs = [f"{name}={parts}" for name, (parts, _, _) in PARTS.items()]
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.parts", self.obj_dir, *specs],
-            capture_output=True,
-            text=True,
-            cwd=str(REPO),
-            env={**bcc_environment(), "PYTHONPATH": str(REPO)},
-            check=False,
-        )
-        if proc.returncode:
-            err = proc.stderr.strip().splitlines()
-            raise BenchError(f"compiling bench/parts.bpf.c failed: {err[-1] if err else ''}")
+        compile_in_subprocess("bench.parts", [self.obj_dir, *specs], "bench/parts.bpf.c")
         log(f"piece programs compiled and pinned in {self.obj_dir}")
 
     def attach(self, name: str, path: str) -> None:
         from bpfkeep import bpfsys
 
-        prog = bpfsys.obj_get(os.path.join(self.obj_dir, name))
-        cgfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-
-        def undo() -> None:
-            with contextlib.suppress(OSError):
-                bpfsys.prog_detach(prog, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS)
-            os.close(cgfd)
-            os.close(prog)
-
-        bpfsys.prog_attach(prog, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
-        self.session.defer(undo)
+        self.session.attach_sockops(bpfsys.obj_get(os.path.join(self.obj_dir, name)), path)
 
 
 def _compile_and_pin(obj_dir: str, specs: list[str]) -> None:

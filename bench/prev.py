@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import REPO, BenchError, log
+from bench.common import REPO, BenchError, compile_in_subprocess, log
 
 COMMIT = "946e221"
 FILES = ("keepalive.bpf.c", "bpfkeep.h", "bpfkeep_options.h")
@@ -78,23 +78,10 @@ class Programs:
         self.pin_dir = pin_dir
         os.makedirs(self.link_dir)
         session.defer(lambda: shutil.rmtree(pin_dir, ignore_errors=True))
-        from bpfkeep.kheaders import bcc_environment
 
         with tempfile.TemporaryDirectory(prefix="bpfkeep-prev-") as src:
             sources(src)
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.prev", src, self.obj_dir],
-                capture_output=True,
-                text=True,
-                cwd=str(REPO),
-                # kernel headers, as bpfkeep's own loader; bench/ importable
-                # also when the caller runs with PYTHONSAFEPATH (the tests)
-                env={**bcc_environment(), "PYTHONPATH": str(REPO)},
-                check=False,
-            )
-        if proc.returncode:
-            err = proc.stderr.strip().splitlines()
-            raise BenchError(f"compiling the programs of {COMMIT} failed: {err[-1] if err else ''}")
+            compile_in_subprocess("bench.prev", [src, self.obj_dir], f"the programs of {COMMIT}")
         log(f"previous programs ({COMMIT}) compiled and pinned in {self.obj_dir}")
 
     def _obj(self, name: str) -> int:
