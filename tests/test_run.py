@@ -173,6 +173,13 @@ def test_run_keeps_a_daemonized_nginx_covered(
     run = _Run(bpfkeep_cmd(pin_dir, "run", "--keepidle", "7", "--", *argv), run_env, tmp_path)
     p = run.proc
     try:
+        # The daemonized master writes its pid file once it has configured
+        # its listeners (and forked): only then is it the process to ask.
+        give_up = time.monotonic() + 60  # a guard against hanging, not a measurement
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            if time.monotonic() > give_up:
+                pytest.fail(f"nginx never wrote {pid_file}: {run.stderr}")
+            time.sleep(0.05)
         conn = _connect(port, p)
         with conn:
             master = int(pid_file.read_text())
