@@ -78,10 +78,11 @@ class Daemon:
         self.notify.bind(self.notify_path)
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
+        self.repo = REPO  # whose bpfkeep runs (bench.loadtest: another checkout's)
 
     def start(self, *extra: str, timeout: float = 120) -> float:
         """Start; returns seconds from process start to READY=1."""
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "PYTHONPATH": str(self.repo)}
         env.pop("LD_PRELOAD", None)
         argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", self.pin_dir, "daemon"]
         argv += ["--config", self.config, *extra]
@@ -89,7 +90,7 @@ class Daemon:
         self.proc = self.session.track(
             subprocess.Popen(
                 argv,
-                cwd=str(REPO),
+                cwd=str(self.repo),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

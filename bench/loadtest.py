@@ -70,25 +70,6 @@ class CheckoutDaemon(Daemon):
         super().__init__(session, "unused")
         self.repo = repo
 
-    def start(self, *extra: str, timeout: float = 120) -> float:
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "PYTHONPATH": str(self.repo)}
-        env.pop("LD_PRELOAD", None)
-        argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", self.pin_dir, "daemon"]
-        argv += ["--config", self.config, *extra]
-        self.started = time.monotonic()
-        self.proc = self.session.track(
-            subprocess.Popen(
-                argv,
-                cwd=str(self.repo),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(os.path.join(self.tmp, "daemon.log"), "ab"),  # noqa: SIM115
-            )
-        )
-        self.wait_message("READY=1", timeout)
-        return time.monotonic() - self.started
-
 
 def wait_idle(daemon: Daemon, timeout: float) -> float:
     """Seconds until the daemon's CPU time stops moving (under 1 % of a CPU
