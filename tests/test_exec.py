@@ -119,20 +119,26 @@ def test_run_via_preload(probes, port):
     assert values(out.stdout)["keepidle"] == 44
 
 
-@pytest.mark.kernel
-def test_run_via_auto_falls_back_without_privileges(probes, port):
-    # A copy of the probe that the unprivileged user may execute.
+def _run_as_nobody(probe_src: str, port: str) -> tuple[str, subprocess.CompletedProcess]:
+    """`bpfkeep run --keepidle 45 -- PROBE connect` as nobody, on a copy of
+    the probe that the unprivileged user may execute (removed after);
+    returns the copy's path and the result."""
     shared = tempfile.mkdtemp(prefix="bpfkeep-exec-")
     os.chmod(shared, 0o755)
-    probe = shutil.copy(probes["dynamic"], shared)
+    probe = shutil.copy(probe_src, shared)
     try:
-        out = subprocess.run(
+        return probe, subprocess.run(
             as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--keepidle", "45",
                                   "--", probe, "connect", "127.0.0.1", port)),
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:
         shutil.rmtree(shared)
+
+
+@pytest.mark.kernel
+def test_run_via_auto_falls_back_without_privileges(probes, port):
+    _probe, out = _run_as_nobody(probes["dynamic"], port)
     assert out.returncode == 0, out.stderr
     notices = [ln for ln in out.stderr.splitlines() if ln.startswith("bpfkeep:")]
     assert len(notices) == 1 and "falling back to the LD_PRELOAD shim" in notices[0]
@@ -356,21 +362,11 @@ def test_exec_not_executable(tmp_path):
 def test_run_via_auto_refuses_the_shim_for_a_static_program(probes, port):
     """Without privileges run used to fall back to the shim, which cannot
     reach a static program: it ran with no policy and a warning."""
-    shared = tempfile.mkdtemp(prefix="bpfkeep-exec-")
-    os.chmod(shared, 0o755)
-    probe = shutil.copy(probes["static"], shared)
-    try:
-        out = subprocess.run(
-            as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--keepidle", "45",
-                                  "--", probe, "connect", "127.0.0.1", port)),
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        missing = subprocess.run(
-            as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--", "/no/such/program")),
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(shared)
+    probe, out = _run_as_nobody(probes["static"], port)
+    missing = subprocess.run(
+        as_nobody(bpfkeep_cmd("/sys/fs/bpf/bpfkeep-none", "run", "--", "/no/such/program")),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert out.returncode != 0 and "client " not in out.stdout
     assert out.stderr.strip().splitlines() == [
         f"bpfkeep: {probe} is statically linked: the LD_PRELOAD shim cannot reach it, "
