@@ -102,21 +102,28 @@ class Layout:
                 flat += v
             else:
                 flat.append(int(v))  # type: ignore[arg-type]
-        return struct.pack(self.fmt, *flat)
+        return self._struct.pack(*flat)
+
+    @functools.cached_property
+    def _struct(self) -> struct.Struct:
+        return struct.Struct(self.fmt)
+
+    @functools.cached_property
+    def _slots(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, first word, word count; 0 for a scalar) of each member."""
+        out, i = [], 0
+        for m in self.members:
+            out.append((m.name, i, m.count if m.dims else 0))
+            i += m.count
+        return tuple(out)
 
     def unpack(self, raw: bytes, offset: int = 0) -> dict[str, int | tuple[int, ...]]:
         """Members by name; arrays flat, in C order."""
-        words = struct.unpack_from(self.fmt, raw, offset)
-        out: dict[str, int | tuple[int, ...]] = {}
-        i = 0
-        for m in self.members:
-            if m.dims:
-                out[m.name] = tuple(words[i : i + m.count])
-                i += m.count
-            else:
-                out[m.name] = words[i]
-                i += 1
-        return out
+        words = self._struct.unpack_from(raw, offset)
+        return {
+            name: words[i : i + n] if n else words[i]  # type: ignore[misc]
+            for name, i, n in self._slots
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,7 @@ def _lib() -> ctypes.CDLL:
             c_int,
             [c_int, c_void_p, c_void_p, c_void_p, c_void_p, u32p, c_void_p],
         ),
+        "bpf_map_delete_batch": (c_int, [c_int, c_void_p, u32p, c_void_p]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -168,6 +169,21 @@ def map_update_batch(fd: int, keys: list[bytes], values: list[bytes]) -> None:
             map_update(fd, k, v)
         return
     _check(ret, f"map update batch ({count.value} of {len(keys)} written)")
+
+
+def map_delete_batch(fd: int, keys: list[bytes]) -> None:
+    """BPF_MAP_DELETE_BATCH: every key in one bpf() call.  Every key must be
+    in the map (the kernel stops at the first one that is not: ENOENT,
+    the ones before it deleted)."""
+    if not keys:
+        return
+    count = ctypes.c_uint32(len(keys))
+    ret = _lib().bpf_map_delete_batch(fd, b"".join(keys), count, None)
+    if ret < 0 and abs(ret if ret != -1 else ctypes.get_errno()) in _NO_BATCH:
+        for k in keys:
+            map_delete(fd, k)
+        return
+    _check(ret, f"map delete batch ({count.value} of {len(keys)} deleted)")
 
 
 def map_items(

@@ -315,35 +315,54 @@ class Sweeper:
         self.prog = sweep_prog
 
     def _run(self, entries: dict[int, bpfmaps.SweepEntry]) -> dict[int, bpfmaps.SweepEntry]:
+        """One batch: write the work list, run the iterator, read back.
+        A handful of bpf() calls per batch, not four per socket (a
+        periodic sweep of a busy host walks every socket it has)."""
         if self.prog is None:
             raise SweepUnavailable(UNAVAILABLE)
         fd = self.objs[loader.MAP_SWEEP]
         keys = {c: struct.pack("=Q", c) for c in entries}
+        # Most entries are alike (same owner and action): encode each kind once.
+        encoded: dict[tuple, bytes] = {}
+        values = []
+        for e in entries.values():
+            kind = (e.owner, e.action, e.in_flags, e.val, e.fp)
+            raw = encoded.get(kind)
+            if raw is None:
+                raw = encoded[kind] = e.encode()
+            values.append(raw)
         out: dict[int, bpfmaps.SweepEntry] = {}
+        # The caller holds the pin directory's lock: anything already in the
+        # work list was left by a sweep that died midway, and the iterator
+        # would act on it again.
+        self._clear(fd)
+        todo = set(entries)
         try:
-            for cookie, e in entries.items():
-                bpfsys.map_update(fd, keys[cookie], e.encode())
-            todo = set(entries)
+            bpfsys.map_update_batch(fd, list(keys.values()), values)
             for _pass in range(2):  # a socket can be skipped before 6.17
                 _iter_with_deadline(self.prog)
-                for cookie in list(todo):
-                    raw = bpfsys.map_lookup(fd, keys[cookie], bpfmaps.SWEEP_SIZE)
-                    if raw is None:
+                seen = []
+                for kraw, vraw in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE):
+                    cookie = _COOKIE.unpack(kraw)[0]
+                    if cookie not in todo:
                         continue
-                    got = bpfmaps.SweepEntry.decode(raw)
+                    got = bpfmaps.SweepEntry.decode(vraw)
                     out[cookie] = got
                     if got.result & bpfmaps.SWR_SEEN:
-                        # Done: a second pass must not act on it again.
-                        todo.discard(cookie)
-                        with contextlib.suppress(OSError):
-                            bpfsys.map_delete(fd, keys[cookie])
+                        seen.append(cookie)  # done: a second pass must not act again
+                bpfsys.map_delete_batch(fd, [keys[c] for c in seen])
+                todo.difference_update(seen)
                 if not todo:
                     break
         finally:
-            for cookie in entries:
-                with contextlib.suppress(OSError):
-                    bpfsys.map_delete(fd, keys[cookie])
+            self._clear(fd)
         return out
+
+    @staticmethod
+    def _clear(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            left = [k for k, _ in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE)]
+            bpfsys.map_delete_batch(fd, left)
 
     def run(
         self, targets: list[Target], make: Callable[[Target], bpfmaps.SweepEntry]
@@ -370,6 +389,7 @@ class Sweeper:
 
 
 BPF_NOEXIST = 1
+_COOKIE = struct.Struct("=Q")
 MAX_BATCH = bpfmaps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
 # The kernel's TCP iterator takes each socket's lock in turn, every socket
 # of the namespace, not only ours: a process stuck holding one (a send()

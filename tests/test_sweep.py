@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import struct
 import uuid
 
 import pytest
@@ -395,3 +396,38 @@ def test_a_thread_in_another_network_namespace_is_swept(bk, cgroups, spawn, netn
     bk("attach", "--cgroup", cgroups.rel(app), "--keepidle", "33")
     timers = ss_keepalive_timers(port, netns=netns)
     assert len(timers) == 2 and all(t.startswith("timer:(keepalive,") for t in timers), timers
+
+
+def _cookie_of_client(port: int) -> int:
+    """The socket cookie of the connection to ``port`` (ss -e: "sk:<hex>")."""
+    out = subprocess.run(
+        ["ss", "-tneH", "state", "established", f"( dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cookies = [int(w[3:], 16) for w in out.split() if w.startswith("sk:")]
+    assert len(cookies) == 1, out
+    return cookies[0]
+
+
+def test_work_left_by_a_sweep_that_died_is_not_carried_out(bk, cgroups, spawn, probes, pin_dir):
+    """A sweep killed between writing its work list and clearing it leaves
+    entries behind; the next sweep must not act on them (here: the policy
+    of one cgroup applied to a socket of another, which has none)."""
+    from bpfkeep import bpfmaps, bpfsys, loader
+    from bpfkeep.enforcer import Enforcer
+
+    app, other = cgroups.make("app"), cgroups.make("other")
+    bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**POLICY))
+    _srv, cli, port = pair(spawn, probes, other)
+    assert_untouched(cli.values("client"))
+    stale = bpfmaps.SweepEntry(owner=os.stat(app).st_ino, action=bpfmaps.SWEEP_APPLY)
+    fd = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.MAP_SWEEP))
+    try:
+        bpfsys.map_update(fd, struct.pack("=Q", _cookie_of_client(port)), stale.encode())
+    finally:
+        os.close(fd)
+    pair(spawn, probes, app)  # something for the next sweep to do
+    bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**{**POLICY, "keepidle": "32"}))
+    assert_untouched(now(cli, "client"))
