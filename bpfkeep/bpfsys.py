@@ -61,6 +61,7 @@ def _lib() -> ctypes.CDLL:
             [c_int, c_void_p, c_void_p, c_void_p, c_void_p, u32p, c_void_p],
         ),
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, u32p, c_void_p]),
+        "bpf_enable_stats": (c_int, [c_int]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -224,6 +225,12 @@ def map_items(
         if err == errno.ENOENT:  # the end of the map
             return out
         first = False
+
+
+def enable_stats() -> int:
+    """BPF_ENABLE_STATS (run time): every program counts its runs and the
+    time spent in them while the returned fd stays open (Linux 5.8+)."""
+    return _check(_lib().bpf_enable_stats(0), "enable stats")  # BPF_STATS_RUN_TIME
 
 
 def _info(fd: int, size: int) -> bytes:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
-import struct
 import uuid
 
 import pytest
