@@ -160,6 +160,19 @@ class Daemon:
             body = r.read()
         return (time.perf_counter() - t0) * 1000, body
 
+    def pass_gauges(self) -> dict[str, float]:
+        """The daemon's own account of its last periodic sweep and audit
+        pass (CPU seconds) and of the wait before the next one."""
+        _ms, body = self.scrape()
+        out = {}
+        for ln in body.decode().splitlines():
+            name, _, value = ln.partition(" ")
+            if name == "bpfkeep_audit_pass_cpu_seconds":
+                out["cpu_s"] = float(value)
+            elif name == "bpfkeep_audit_interval_seconds":
+                out["every_s"] = float(value)
+        return out
+
     def scrapes(self, n: int) -> dict:
         times, size = [], 0
         for _ in range(n):
@@ -333,6 +346,7 @@ def _steady(session: Session, connloop: str, k: dict, out: dict) -> None:
         with_conns["connections"] = held
         with_conns["audit_pass_before"] = before
         with_conns["audit_pass_with"] = audit_pass()
+        with_conns["daemon_pass"] = d.pass_gauges()
         out["held"] = with_conns
         log(
             f"daemon with {held} idle connections: {with_conns['rss_mb']:.1f} MB, "

@@ -319,6 +319,17 @@ def daemon_table(dm: dict) -> list[str]:
                 f"{held['audit_pass_before']['sockets']} sockets",
             ),
         ]
+        dp = held.get("daemon_pass") or {}
+        if "cpu_s" in dp and "every_s" in dp:
+            rows.append(
+                (
+                    "the daemon's last periodic pass, sweep included (its /metrics): "
+                    "CPU / wait before the next / long-run share of a CPU",
+                    f"{dp['cpu_s'] * 1000:.0f} ms / {dp['every_s']:.0f} s / "
+                    f"{100 * dp['cpu_s'] / dp['every_s']:.3f} %",
+                    "≤ 0.1 % " + _ok(dp["cpu_s"] / dp["every_s"] <= 0.001 + 1e-9),
+                )
+            )
     lines = [
         "## The daemon",
         "",

@@ -243,6 +243,7 @@ class Daemon:
         self.audit_errors = 0
         self.coverage: dict[str, tuple[int, int]] | None = None
         self.audit_cost = 0.0  # CPU seconds of the last socket audit
+        self.audited = False
         self.heal_cost = 0.0  # seconds of the last check of pins and links
         self._heal_at: float | None = None  # a check after pin events settled
         self._objects_broken = False  # logged once until they are back
@@ -301,8 +302,7 @@ class Daemon:
                     next_wd = now + wd_every
                 if self.cfg.audit_interval and now >= next_audit:
                     self._audit()
-                    wait = max(self.cfg.audit_interval, 1000 * self.audit_cost)
-                    next_audit = time.monotonic() + wait
+                    next_audit = time.monotonic() + self._audit_every()
                 if now >= next_heal or (self._heal_at is not None and now >= self._heal_at):
                     self._heal_at = None
                     self._guard("check of pins and links", self._heal)
@@ -979,9 +979,17 @@ class Daemon:
             coverage,
             self.audit_errors,
             unmanaged,
+            audit_cpu_seconds=self.audit_cost if self.audited else None,
+            audit_every_seconds=self._audit_every() if self.audited else None,
             workloads=workloads,
             workload_labels=self.cfg.workload_labels if self.cfg else "container",
         )
+
+    def _audit_every(self) -> float:
+        """The wait after a pass: the configured interval, stretched to 1000
+        times the pass's CPU time (a host with many sockets)."""
+        assert self.cfg
+        return max(self.cfg.audit_interval, 1000 * self.audit_cost)
 
     def _audit(self) -> None:
         """Sweep, then coverage per attached cgroup, counting the sockets of
@@ -1012,6 +1020,7 @@ class Daemon:
         # the host has: the next pass waits at least 1000 times this one's
         # CPU time.
         self.audit_cost = time.process_time() - t0
+        self.audited = True
         with self._lock:
             known = dict(self.known)
         by_rel = {k.cgroup.rel: cg_id for cg_id, k in known.items()}

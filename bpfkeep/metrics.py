@@ -49,6 +49,10 @@ class Snapshot:
     # leaves them out (see with_workload_labels).
     workloads: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     workload_labels: str = "container"
+    # The last sweep and audit pass's CPU time, and the wait between passes
+    # it leads to (None: no pass yet, or audits off).
+    audit_cpu_seconds: float | None = None
+    audit_every_seconds: float | None = None
 
 
 class Collector(_CollectorBase):
@@ -211,6 +215,20 @@ class Collector(_CollectorBase):
         yield CounterMetricFamily(
             "bpfkeep_audit_errors", "Failed socket audits", value=snap.audit_errors
         )
+        if snap.audit_cpu_seconds is not None:
+            yield GaugeMetricFamily(
+                "bpfkeep_audit_pass_cpu_seconds",
+                "CPU time of the last periodic sweep and audit pass",
+                value=snap.audit_cpu_seconds,
+            )
+        if snap.audit_every_seconds is not None:
+            yield GaugeMetricFamily(
+                "bpfkeep_audit_interval_seconds",
+                "Seconds between periodic sweep and audit passes now: audit_interval, "
+                "or 1000 times the last pass's CPU time when longer (a pass takes at "
+                "most ~0.1 % of a CPU however many sockets the host has)",
+                value=snap.audit_every_seconds,
+            )
 
 
 # -- workload labels -------------------------------------------------------------

@@ -510,6 +510,39 @@ def test_sockets_older_than_the_policy_are_swept_and_audited(
     assert old.values("now-client")["keepidle"] == 15
 
 
+def test_the_periodic_pass_says_what_it_cost_and_when_the_next_one_runs(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    """The pass backs off on a host with many sockets (1000 times its CPU
+    time): how far is on /metrics, not only in the daemon's head."""
+    a = cgroups.make("a.service")
+    spawn([probes["static"], "connect", "127.0.0.1", str(listener), "hold"], cgroup=a)
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.toml", port, rule(f"{cgroups.rel(cgroups.base)}/*.service"), audit=1
+    )
+    dproc = daemon(cfg)
+    dproc.start()
+    before = scrape(port)
+    assert not [k for k in before if k[0].startswith("bpfkeep_audit_pass")]  # no pass yet
+
+    def both():
+        m = scrape(port)
+        cpu = m.get(("bpfkeep_audit_pass_cpu_seconds", ()))
+        every = m.get(("bpfkeep_audit_interval_seconds", ()))
+        return (cpu, every) if cpu is not None and every is not None else None
+
+    got = wait_until(both, timeout=10, step=0.2)
+    assert got, scrape(port)
+    cpu, every = got
+    # The pass ran in the daemon: no more CPU than the daemon used so far.
+    with open(f"/proc/{dproc.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert 0 < cpu <= used + 0.02, (cpu, used)
+    assert every == pytest.approx(max(1.0, 1000 * cpu)), (cpu, every)
+
+
 # -- a hostile local user and a broken environment ------------------------------
 
 
