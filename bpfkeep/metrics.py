@@ -9,6 +9,7 @@ import errno
 import gzip
 import os
 import platform
+import re
 import resource
 import selectors
 import socket
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector as _CollectorBase
+from prometheus_client.utils import floatToGoString
 
 from bpfkeep import __version__
 from bpfkeep.bpfmaps import Counters
@@ -253,18 +255,33 @@ def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str
       when one goes away: Prometheus's rate() reads that as a reset;
     - "none": the family as it is.
     """
-    if mode == "none" or not family.samples or "cgroup" not in family.samples[0].labels:
+    if (
+        mode == "none"
+        or not workloads
+        or not family.samples
+        or "cgroup" not in family.samples[0].labels
+    ):
+        return family
+    if mode == "container":
+        # Each series keeps its cgroup label: nothing merges, and only the
+        # samples of containers change.
+        out = []
+        for s in family.samples:
+            w = workloads.get(s.labels["cgroup"])
+            if w:
+                extra = {k: w[k] for k in WORKLOAD_LABELS if w.get(k)}
+                if extra:
+                    s = s._replace(labels={**s.labels, **extra})
+            out.append(s)
+        family.samples = out
         return family
     merged: dict[tuple, list] = {}  # (name, labels) -> [first sample, labels, value]
     for s in family.samples:
         w = workloads.get(s.labels["cgroup"]) or {}
         labels = dict(s.labels)
-        if mode == "namespace":
-            if w.get("namespace"):
-                labels["cgroup"] = ""
-                labels["namespace"] = w["namespace"]
-        else:
-            labels.update((k, w[k]) for k in WORKLOAD_LABELS if w.get(k))
+        if w.get("namespace"):
+            labels["cgroup"] = ""
+            labels["namespace"] = w["namespace"]
         key = (s.name, tuple(sorted(labels.items())))
         hit = merged.get(key)
         if hit is None:
@@ -275,6 +292,81 @@ def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str
             hit[2] += s.value
     family.samples = [s._replace(labels=labels, value=v) for s, labels, v in merged.values()]
     return family
+
+
+# -- the text format --------------------------------------------------------------
+
+
+def _escape_value(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return v
+
+
+class _One:
+    """A registry of one family, for generate_latest."""
+
+    def __init__(self, family) -> None:
+        self.family = family
+
+    def collect(self) -> list:
+        return [self.family]
+
+
+_OM_SUFFIXES = ("_created", "_gsum", "_gcount")
+# Names generate_latest writes as they are (anything else it escapes).
+_PLAIN_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_PLAIN_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+def exposition(registry) -> bytes:
+    """The registry's families in the text format (0.0.4), byte for byte as
+    prometheus_client's generate_latest writes them (tests compare the
+    two), in about half its time: a scrape of 1,000 cgroups writes ~20,000
+    samples, and generate_latest checks and escapes every label name of
+    every sample again.  Counters, gauges and info families are written
+    here; anything else (or a timestamp, an exemplar) by generate_latest."""
+    out: list[str] = []
+    for metric in registry.collect():
+        name, kind = metric.name, metric.type
+        if kind == "counter":
+            name += "_total"
+        elif kind == "info":
+            name, kind = name + "_info", "gauge"
+        names, labels_used, special = {metric.name}, set(), False
+        for smp in metric.samples:
+            names.add(smp.name)
+            labels_used.update(smp.labels)
+            special = special or smp.timestamp is not None or smp.exemplar is not None
+        if (
+            special
+            or kind not in ("counter", "gauge")
+            or not all(_PLAIN_NAME.match(n) for n in names)
+            or not all(_PLAIN_LABEL.match(k) and not k.startswith("__") for k in labels_used)
+        ):
+            out.append(generate_latest(_One(metric)).decode("utf-8"))
+            continue
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        extra: dict[str, list[str]] = {}  # OpenMetrics samples: families of their own
+        for smp in metric.samples:
+            if smp.labels:
+                labels = ",".join(
+                    f'{k}="{_escape_value(v)}"' for k, v in sorted(smp.labels.items())
+                )
+                line = f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}\n"
+            else:
+                line = f"{smp.name} {floatToGoString(smp.value)}\n"
+            for suffix in _OM_SUFFIXES:
+                if smp.name == metric.name + suffix:
+                    extra.setdefault(suffix, []).append(line)
+                    break
+            else:
+                out.append(line)
+        for suffix, lines in sorted(extra.items()):
+            out.append(f"# HELP {metric.name}{suffix} {doc}\n# TYPE {metric.name}{suffix} gauge\n")
+            out += lines
+    return "".join(out).encode("utf-8")
 
 
 # -- the HTTP endpoint ----------------------------------------------------------
@@ -317,7 +409,7 @@ class MetricsServer:
       (at 10,000 cgroups a scrape is ~1 s of CPU), so scraping in a loop
       would otherwise slow the reconcile loop down without limit.
 
-    The text is prometheus_client's ``generate_latest`` of the registry.
+    The text is ``exposition`` of the registry (generate_latest's format).
 
     ``/ready`` answers from ``ready()`` (None: ready, else the reason) with
     200 or 503, at once and without a collection: a readiness probe
@@ -525,7 +617,7 @@ class MetricsServer:
         """One collection for every request waiting for it."""
         t0 = time.monotonic()
         try:
-            body, error = generate_latest(self.registry), None
+            body, error = exposition(self.registry), None
         except Exception as e:  # a failing collector: say so, keep serving
             body, error = (
                 b"",
