@@ -980,7 +980,12 @@ class Daemon:
             self.audit_errors,
             unmanaged,
             audit_cpu_seconds=self.audit_cost if self.audited else None,
-            audit_every_seconds=self._audit_every() if self.audited else None,
+            # Audits turned off on reload: no next pass to announce.
+            audit_every_seconds=(
+                self._audit_every()
+                if self.audited and self.cfg and self.cfg.audit_interval
+                else None
+            ),
             workloads=workloads,
             workload_labels=self.cfg.workload_labels if self.cfg else "container",
         )

@@ -543,6 +543,28 @@ def test_the_periodic_pass_says_what_it_cost_and_when_the_next_one_runs(
     assert every == pytest.approx(max(1.0, 1000 * cpu)), (cpu, every)
 
 
+def test_turning_audits_off_takes_the_next_pass_off_metrics(
+    daemon, cgroups, spawn, probes, listener, tmp_path
+):
+    """audit_interval = 0 on reload: no periodic pass runs any more, so
+    /metrics must not announce one (bpfkeep_audit_interval_seconds)."""
+    a = cgroups.make("a.service")
+    spawn([probes["static"], "connect", "127.0.0.1", str(listener), "hold"], cgroup=a)
+    port = free_port()
+    rules = rule(f"{cgroups.rel(cgroups.base)}/*.service")
+    cfg = write_config(tmp_path / "c.toml", port, rules, audit=1)
+    d = daemon(cfg)
+    d.start()
+    assert wait_until(
+        lambda: ("bpfkeep_audit_interval_seconds", ()) in scrape(port), timeout=10, step=0.2
+    ), scrape(port)
+    write_config(cfg, port, rules, audit=0)
+    d.signal(signal.SIGHUP)
+    d.wait_log("reloaded")
+    m = scrape(port)
+    assert ("bpfkeep_audit_interval_seconds", ()) not in m, m
+
+
 # -- a hostile local user and a broken environment ------------------------------
 
 
