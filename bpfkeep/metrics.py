@@ -51,8 +51,8 @@ class Snapshot:
     # leaves them out (see with_workload_labels).
     workloads: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     workload_labels: str = "container"
-    # The last sweep and audit pass's CPU time, and the wait between passes
-    # it leads to (None: no pass yet, or audits off).
+    # The last sweep and audit pass's CPU time (None: no pass yet), and the
+    # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
 

@@ -350,7 +350,7 @@ class Sweeper:
                     out[cookie] = got
                     if got.result & bpfmaps.SWR_SEEN:
                         seen.append(cookie)  # done: a second pass must not act again
-                bpfsys.map_delete_batch(fd, [keys[c] for c in seen])
+                self._delete(fd, [keys[c] for c in seen])
                 todo.difference_update(seen)
                 if not todo:
                     break
@@ -359,10 +359,20 @@ class Sweeper:
         return out
 
     @staticmethod
-    def _clear(fd: int) -> None:
+    def _delete(fd: int, keys: list[bytes]) -> None:
+        """Take these entries out of the work list.  What was done stands
+        whatever fails here: one at a time if the batch is refused."""
+        try:
+            bpfsys.map_delete_batch(fd, keys)
+        except OSError:
+            for k in keys:
+                with contextlib.suppress(OSError):
+                    bpfsys.map_delete(fd, k)
+
+    @classmethod
+    def _clear(cls, fd: int) -> None:
         with contextlib.suppress(OSError):
-            left = [k for k, _ in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE)]
-            bpfsys.map_delete_batch(fd, left)
+            cls._delete(fd, [k for k, _ in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE)])
 
     def run(
         self, targets: list[Target], make: Callable[[Target], bpfmaps.SweepEntry]

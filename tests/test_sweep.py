@@ -431,3 +431,37 @@ def test_work_left_by_a_sweep_that_died_is_not_carried_out(bk, cgroups, spawn, p
     pair(spawn, probes, app)  # something for the next sweep to do
     bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**{**POLICY, "keepidle": "32"}))
     assert_untouched(now(cli, "client"))
+
+
+def test_a_refused_delete_of_the_work_list_loses_no_outcome(
+    cgroups, spawn, probes, pin_dir, monkeypatch
+):
+    """What the iterator did stands even when taking the entries out of the
+    work list in one batch fails: they go one at a time, and the report
+    still has every socket."""
+    import errno
+
+    from bpfkeep import bpfmaps, bpfsys, loader
+    from bpfkeep.cgroups import Cgroup
+    from bpfkeep.enforcer import Enforcer
+    from bpfkeep.options import Policy
+
+    app = cgroups.make("app")
+    _srv, cli, _port = pair(spawn, probes, app)
+    assert_untouched(cli.values("client"))
+
+    def refuse(_fd, _keys):
+        raise bpfsys.BpfError(errno.ENOENT, "map delete batch")
+
+    monkeypatch.setattr(bpfsys, "map_delete_batch", refuse)
+    enf = Enforcer(pin_dir)
+    cg = Cgroup(app, cgroups.rel(app), os.stat(app).st_ino)
+    enf.attach(cg, Policy.from_mapping({"keepidle": 33}))
+    report = enf.sweep([cg])
+    assert len(report.outcomes) == 3, report.summary()  # listener, client, accepted
+    assert now(cli, "client")["keepidle"] == 33
+    fd = bpfsys.obj_get(os.path.join(enf.obj_dir, loader.MAP_SWEEP))
+    try:
+        assert bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE) == []  # nothing left behind
+    finally:
+        os.close(fd)
