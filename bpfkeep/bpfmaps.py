@@ -480,14 +480,19 @@ class SweepEntry:
     val: tuple[int, ...] = (0,) * NOPT  # in force afterwards; -1: unknown
     fp: tuple[int, ...] = (0,) * NFP  # in (SWI_FP): values bpfkeep gave the socket
 
+    def inputs(self) -> tuple:
+        """What encode() writes: entries with equal inputs encode alike."""
+        return (self.owner, self.action, self.in_flags, self.val, self.fp)
+
     def encode(self) -> bytes:
         """The inputs only; the outputs start at 0."""
+        owner, action, in_flags, val, fp = self.inputs()
         return SWEEP.pack(
-            owner=self.owner,
-            action=self.action,
-            in_flags=self.in_flags,
-            val=[v & 0xFFFFFFFF for v in self.val],
-            fp=self.fp,
+            owner=owner,
+            action=action,
+            in_flags=in_flags,
+            val=[v & 0xFFFFFFFF for v in val],
+            fp=fp,
         )
 
     @classmethod

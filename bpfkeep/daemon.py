@@ -242,8 +242,7 @@ class Daemon:
         self.reconciles = 0
         self.audit_errors = 0
         self.coverage: dict[str, tuple[int, int]] | None = None
-        self.audit_cost = 0.0  # CPU seconds of the last socket audit
-        self.audited = False
+        self.audit_cost: float | None = None  # CPU seconds of the last pass (None: none yet)
         self.heal_cost = 0.0  # seconds of the last check of pins and links
         self._heal_at: float | None = None  # a check after pin events settled
         self._objects_broken = False  # logged once until they are back
@@ -979,11 +978,11 @@ class Daemon:
             coverage,
             self.audit_errors,
             unmanaged,
-            audit_cpu_seconds=self.audit_cost if self.audited else None,
+            audit_cpu_seconds=self.audit_cost,
             # Audits turned off on reload: no next pass to announce.
             audit_every_seconds=(
                 self._audit_every()
-                if self.audited and self.cfg and self.cfg.audit_interval
+                if self.audit_cost is not None and self.cfg and self.cfg.audit_interval
                 else None
             ),
             workloads=workloads,
@@ -994,7 +993,7 @@ class Daemon:
         """The wait after a pass: the configured interval, stretched to 1000
         times the pass's CPU time (a host with many sockets)."""
         assert self.cfg
-        return max(self.cfg.audit_interval, 1000 * self.audit_cost)
+        return max(self.cfg.audit_interval, 1000 * (self.audit_cost or 0.0))
 
     def _audit(self) -> None:
         """Sweep, then coverage per attached cgroup, counting the sockets of
@@ -1025,7 +1024,6 @@ class Daemon:
         # the host has: the next pass waits at least 1000 times this one's
         # CPU time.
         self.audit_cost = time.process_time() - t0
-        self.audited = True
         with self._lock:
             known = dict(self.known)
         by_rel = {k.cgroup.rel: cg_id for cg_id, k in known.items()}

@@ -321,21 +321,17 @@ class Sweeper:
         if self.prog is None:
             raise SweepUnavailable(UNAVAILABLE)
         fd = self.objs[loader.MAP_SWEEP]
-        keys = {c: struct.pack("=Q", c) for c in entries}
+        keys = {c: _U64.pack(c) for c in entries}
         # Most entries are alike (same owner and action): encode each kind once.
         encoded: dict[tuple, bytes] = {}
         values = []
         for e in entries.values():
-            kind = (e.owner, e.action, e.in_flags, e.val, e.fp)
+            kind = e.inputs()
             raw = encoded.get(kind)
             if raw is None:
                 raw = encoded[kind] = e.encode()
             values.append(raw)
         out: dict[int, bpfmaps.SweepEntry] = {}
-        # The caller holds the pin directory's lock: anything already in the
-        # work list was left by a sweep that died midway, and the iterator
-        # would act on it again.
-        self._clear(fd)
         todo = set(entries)
         try:
             bpfsys.map_update_batch(fd, list(keys.values()), values)
@@ -343,7 +339,7 @@ class Sweeper:
                 _iter_with_deadline(self.prog)
                 seen = []
                 for kraw, vraw in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE):
-                    cookie = _COOKIE.unpack(kraw)[0]
+                    cookie = _U64.unpack(kraw)[0]
                     if cookie not in todo:
                         continue
                     got = bpfmaps.SweepEntry.decode(vraw)
@@ -380,6 +376,10 @@ class Sweeper:
         """Sweep these targets (all in the calling thread's namespace), in
         batches that fit the work list."""
         outcomes = []
+        # The caller holds the pin directory's lock: anything already in the
+        # work list was left by a sweep that died midway, and the iterator
+        # would act on it again.  (Each batch clears its own at the end.)
+        self._clear(self.objs[loader.MAP_SWEEP])
         for start in range(0, len(targets), MAX_BATCH):
             batch = {t.cookie: t for t in targets[start : start + MAX_BATCH]}
             done = self._run({c: make(t) for c, t in batch.items()})
@@ -392,14 +392,14 @@ class Sweeper:
             with contextlib.suppress(OSError):
                 bpfsys.map_update(
                     self.objs[loader.MAP_SWEEPSTATS],
-                    struct.pack("=Q", owner),
+                    _U64.pack(owner),
                     zero,
                     BPF_NOEXIST,
                 )
 
 
 BPF_NOEXIST = 1
-_COOKIE = struct.Struct("=Q")
+_U64 = struct.Struct("=Q")  # map keys: socket cookies, cgroup ids
 MAX_BATCH = bpfmaps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
 # The kernel's TCP iterator takes each socket's lock in turn, every socket
 # of the namespace, not only ours: a process stuck holding one (a send()
