@@ -177,11 +177,11 @@ def line_starting(out: str, prefix: str) -> str:
 
 
 class Lines:
-    """A child's stdout line by line (bpfkeep.testing.LineReader) that
+    """A child's stdout line by line (tests/support: LineReader) that
     raises BenchError on a timeout."""
 
     def __init__(self, proc: subprocess.Popen):
-        from bpfkeep.testing import LineReader
+        from tests.support import LineReader
 
         self.proc = proc
         self._reader = LineReader(proc, consume=True)
@@ -223,7 +223,7 @@ def compile_in_subprocess(module: str, args: list[str], what: str) -> None:
     pins them): bcc's LLVM stays out of the bench's own process.  Kernel
     headers as bpfkeep's own loader finds them; bench/ importable also when
     the caller runs with PYTHONSAFEPATH (the tests)."""
-    from bpfkeep.kheaders import bcc_environment
+    from bpfkeep.progs.kheaders import bcc_environment
 
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -240,7 +240,7 @@ def compile_in_subprocess(module: str, args: list[str], what: str) -> None:
 
 def load_empty_sockops() -> int:
     """``r0 = 1; exit`` as a sock_ops program: the floor of any sock_ops tool."""
-    from bpfkeep.testing import load_empty_sockops as load
+    from tests.support import load_empty_sockops as load
 
     try:
         return load(b"bench_empty")
@@ -256,7 +256,7 @@ class Session:
     cleanups to run at the end (in reverse order), whatever happens."""
 
     def __init__(self, tag: str | None = None, pin_dir: str | None = None):
-        from bpfkeep.cgroups import cgroup2_mount
+        from bpfkeep.kernel.cgroups import cgroup2_mount
 
         if os.geteuid() != 0:
             raise BenchError("the benchmark needs root (BPF, cgroups, netns): run it with sudo")
@@ -312,7 +312,7 @@ class Session:
         return os.path.relpath(path, self.mount)
 
     def _remove_cgroups(self) -> None:
-        from bpfkeep.cgroups import remove_tree
+        from bpfkeep.kernel.cgroups import remove_tree
 
         remove_tree(self.cg_base)
 
@@ -348,7 +348,7 @@ class Session:
         return self._parts
 
     def attach(self, path: str, policy) -> None:
-        from bpfkeep.cgroups import Cgroup
+        from bpfkeep.kernel.cgroups import Cgroup
 
         cg = Cgroup(path, self.rel(path), os.stat(path).st_ino)
         enf = self.enforcer()
@@ -363,7 +363,7 @@ class Session:
     def attach_sockops(self, prog: int, path: str) -> None:
         """Attach a sock_ops program (an fd this session now owns) to the
         cgroup at ``path`` beside others; detached at the session's end."""
-        from bpfkeep import bpfsys
+        from bpfkeep.kernel import bpfsys
 
         cgfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 

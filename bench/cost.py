@@ -346,7 +346,7 @@ def _inside_programs(
     tenth of a nanosecond the ratios cannot resolve.  Helpers the programs
     call (bpf_setsockopt: the kernel's work for each option, the keepalive
     timer armed) count as inside."""
-    from bpfkeep import bpfsys
+    from bpfkeep.kernel import bpfsys
 
     progs = {v.name: _cgroup_progs(cgs[v.name]) for v in vs}
     todo = [v for v in vs if progs[v.name]]

@@ -227,9 +227,9 @@ def _attached(session: Session, paths: list[str]) -> int:
 
 
 def audit_pass() -> dict:
-    """One pass of the daemon's audit code (bpfkeep.audit, as the daemon
+    """One pass of the daemon's audit code (bpfkeep.audit.sockets, as the daemon
     calls it), timed in this process."""
-    from bpfkeep import audit
+    from bpfkeep.audit import sockets as audit
 
     t0 = time.process_time()
     cov = audit.established_coverage()
@@ -403,8 +403,8 @@ def _scale(session: Session, connloop: str, k: dict, out: dict) -> None:
 
 
 def _with_keepidle(session: Session, paths: list[str], keepidle: int) -> int:
-    from bpfkeep.cgroups import Cgroup
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel.cgroups import Cgroup
 
     cgs = {os.stat(p).st_ino: Cgroup(p, session.rel(p), os.stat(p).st_ino) for p in paths}
     atts = Enforcer(session.pin_dir).attachments(paths=cgs)

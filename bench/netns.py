@@ -1,10 +1,10 @@
-"""The bench's network namespaces: bpfkeep.testing.NetnsPair with names
+"""The bench's network namespaces: tests/support: NetnsPair with names
 and addresses (10.78.0.0/24) of its own, so a bench and the tests can run
 side by side."""
 
 from __future__ import annotations
 
-from bpfkeep import testing
+from tests import support as testing
 
 CLIENT_IP, SERVER_IP = "10.78.0.1", "10.78.0.2"
 

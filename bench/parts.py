@@ -66,7 +66,7 @@ class Parts:
         log(f"piece programs compiled and pinned in {self.obj_dir}")
 
     def attach(self, name: str, path: str) -> None:
-        from bpfkeep import bpfsys
+        from bpfkeep.kernel import bpfsys
 
         self.session.attach_sockops(bpfsys.obj_get(os.path.join(self.obj_dir, name)), path)
 
@@ -74,7 +74,7 @@ class Parts:
 def _compile_and_pin(obj_dir: str, specs: list[str]) -> None:
     from bcc import BPF
 
-    from bpfkeep import bpfsys
+    from bpfkeep.kernel import bpfsys
 
     os.makedirs(obj_dir, exist_ok=True)
     for spec in specs:

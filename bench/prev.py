@@ -85,12 +85,12 @@ class Programs:
         log(f"previous programs ({COMMIT}) compiled and pinned in {self.obj_dir}")
 
     def _obj(self, name: str) -> int:
-        from bpfkeep import bpfsys
+        from bpfkeep.kernel import bpfsys
 
         return bpfsys.obj_get(os.path.join(self.obj_dir, name))
 
     def attach(self, path: str, policy) -> None:
-        from bpfkeep import bpfsys
+        from bpfkeep.kernel import bpfsys
 
         cg_id = os.stat(path).st_ino
         cgfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -127,8 +127,8 @@ def _compile_and_pin(src: str, obj_dir: str) -> None:
     from bcc import BPF, BPFAttachType
     from bcc.libbcc import lib as libbcc
 
-    from bpfkeep import bpfsys
-    from bpfkeep.loader import BPF_PROG_TYPE_CGROUP_SOCKOPT
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.progs.loader import BPF_PROG_TYPE_CGROUP_SOCKOPT
 
     b = BPF(
         src_file=os.path.join(src, FILES[0]).encode(),

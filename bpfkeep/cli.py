@@ -8,9 +8,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from bpfkeep import __version__, audit, doctor
+from bpfkeep import __version__, config, containers, daemon, doctor, runner
+from bpfkeep.audit import command as audit
+from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError, PermissionProblem, UsageError
+from bpfkeep.kernel import cgroups
+from bpfkeep.kernel.privileges import has_bpf_privileges, require_privileges
 from bpfkeep.options import MODES, TUNABLE, Option, Policy, parse_value
+from bpfkeep.preload import library_path
+from bpfkeep.sweep.engine import SweepUnavailable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,8 +89,6 @@ def _add_workload_arguments(p: argparse.ArgumentParser, group) -> None:
 
 def _workload_cgroup(args: argparse.Namespace) -> str:
     """--cgroup, or the cgroup --container / --pod name."""
-    from bpfkeep import cgroups, config, containers
-
     if args.cgroup is not None:
         return args.cgroup
     sources = config.load(args.config).runtimes if args.config else containers.Sources()
@@ -214,16 +218,12 @@ def _fmt_policy(pol: Policy) -> str:
 
 
 def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
-    from bpfkeep.enforcer import has_bpf_privileges
-
     if not has_bpf_privileges():
         raise PermissionProblem(
             "status reads bpfkeep's BPF maps: run it as root (or with CAP_BPF, CAP_PERFMON and "
             "CAP_NET_ADMIN); bpfkeep audit shows sockets' keepalive without privileges"
         )
-    from bpfkeep.runner import reap_stale_runs
-
-    reap_stale_runs()  # what killed `bpfkeep run`s left behind
+    runner.reap_stale_runs()  # what killed `bpfkeep run`s left behind
     atts = enf.attachments()
     if as_json:
         json.dump([a.as_dict() for a in atts], out, indent=2)
@@ -263,8 +263,6 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
 
 
 def _current_policy(enf, cg) -> Policy | None:
-    from bpfkeep.enforcer import has_bpf_privileges
-
     if not has_bpf_privileges():
         return None  # attach will say so
     return next((a.policy for a in enf.attachments({cg.id: cg}) if a.cgroup_id == cg.id), None)
@@ -288,8 +286,6 @@ def _reset_by_default(before: Policy | None, after: Policy, args: argparse.Names
 
 def _sweep(enf, cg) -> int:
     """Bring the sockets that exist already to the policy just attached."""
-    from bpfkeep.sweep import SweepUnavailable
-
     try:
         report = enf.sweep([cg])
     except SweepUnavailable as e:
@@ -322,27 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from bpfkeep import cgroups
-    from bpfkeep.enforcer import Enforcer
-
     if args.command == "preload-path":
-        from bpfkeep.preload import library_path
-
         print(library_path())
         return 0
     if args.command == "exec":
-        from bpfkeep.runner import exec_preload
-
-        return exec_preload(policy_from_args(args), _command(args), hook=args.hook)
+        return runner.exec_preload(policy_from_args(args), _command(args), hook=args.hook)
     if args.command == "run":
-        from bpfkeep.runner import run
-
         policy = policy_from_args(args)
-        return run(policy, _command(args), via=args.via, pin_dir=args.pin_dir)
+        return runner.run(policy, _command(args), via=args.via, pin_dir=args.pin_dir)
 
     if args.command == "daemon":
-        from bpfkeep import config, daemon
-
         if args.check:
             cfg = config.load(args.config)
             print(f"{args.config}: ok, {len(cfg.rules) + len(cfg.workload_rules)} policy rule(s)")
@@ -358,8 +343,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return cmd_status(enf, args.json)
     if args.command == "detach" and args.all:
-        from bpfkeep.enforcer import require_privileges
-
         require_privileges()
         n = len(enf.pinned_ids())
         enf.destroy()

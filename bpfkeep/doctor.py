@@ -20,15 +20,25 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
-from bpfkeep.enforcer import (
+from bpfkeep.audit.sockets import scan
+from bpfkeep.errors import BpfkeepError, EnvironmentProblem
+from bpfkeep.kernel.cgroups import hidden_mount, netns_hint, read_mounts
+from bpfkeep.kernel.privileges import (
     CAPS,
     LOAD_CAPS,
     SWEEP_CAPS,
+    bpffs_view,
     capabilities,  # noqa: F401 - part of the doctor's interface (tests)
+    is_bpffs,
     missing_load_caps,
     own_capabilities,
 )
-from bpfkeep.options import KEEPALIVE_SYSCTLS, OPTIONS, dead_peer_seconds
+from bpfkeep.kernel.procfs import KEEPALIVE_SYSCTLS, SYSCTL_DIR, keepalive_sysctls
+from bpfkeep.options import OPTIONS, dead_peer_seconds
+from bpfkeep.pins.pindir import PinDir, pin_dir_default
+from bpfkeep.preload import library_path
+from bpfkeep.progs import kheaders
+from bpfkeep.progs.loader import OBJECTS
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options from sock_ops
@@ -38,7 +48,6 @@ MIN_KERNEL = (5, 10)  # cgroup storage shared by both hooks, the core options fr
 # no longer see their sockets.
 MIXED_V1_FIXED = (5, 15)
 CGROUP_ID_IN_DIAG = (5, 7)  # INET_DIAG_CGROUP_ID (commit b1f3e43dbfac)
-SYSCTL_DIR = "/proc/sys/net/ipv4"
 
 
 @dataclasses.dataclass
@@ -205,8 +214,6 @@ def _v1_controllers(proc_mounts: str = "/proc/mounts") -> set[str]:
 
 
 def check_cgroup2(version: tuple[int, int]) -> Check:
-    from bpfkeep.cgroups import hidden_mount, netns_hint, read_mounts
-
     mounts = read_mounts()
     hint = netns_hint()
     if not mounts.cgroup2 and hint:
@@ -250,13 +257,10 @@ def check_cgroup2(version: tuple[int, int]) -> Check:
 
 
 def check_bpffs(pin_dir: str) -> Check:
-    from bpfkeep.cgroups import hidden_mount, netns_hint
-    from bpfkeep.enforcer import _is_bpffs, bpffs_view
-
     pin_dir = bpffs_view(pin_dir)
     parent = os.path.dirname(pin_dir)
     details: dict[str, object] = {"pin_dir": pin_dir, "mounted": False}
-    if _is_bpffs(parent):
+    if is_bpffs(parent):
         details["mounted"] = True
         return Check(
             "bpffs", OK, f"bpffs mounted at {parent} (pins under {pin_dir})", None, details
@@ -322,10 +326,7 @@ def check_privileges(status_path: str = "/proc/self/status") -> Check:
 
 
 def _programs_pinned(pin_dir: str) -> bool:
-    from bpfkeep.enforcer import Enforcer
-    from bpfkeep.loader import OBJECTS
-
-    obj_dir = Enforcer(pin_dir).obj_dir
+    obj_dir = PinDir(pin_dir).obj_dir
     return all(os.path.exists(os.path.join(obj_dir, n)) for n in OBJECTS)
 
 
@@ -375,8 +376,6 @@ def check_bcc(loaded: bool) -> Check:
 
 
 def check_headers(loaded: bool) -> Check:
-    from bpfkeep import kheaders
-
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env and os.path.isdir(env):
         return Check("kernel headers", OK, f"BCC_KERNEL_SOURCE={env}", None, {"tree": env})
@@ -408,9 +407,6 @@ def check_headers(loaded: bool) -> Check:
 
 
 def check_preload() -> Check:
-    from bpfkeep.errors import EnvironmentProblem
-    from bpfkeep.preload import library_path
-
     try:
         path = library_path()
     except EnvironmentProblem as e:
@@ -430,11 +426,8 @@ def check_preload() -> Check:
 
 
 def check_audit(version: tuple[int, int]) -> Check:
-    from bpfkeep import audit
-    from bpfkeep.errors import BpfkeepError
-
     try:
-        records = audit.scan(with_owners=False)
+        records = scan(with_owners=False)
     except BpfkeepError as e:
         return Check("audit", WARN, f"bpfkeep audit cannot work: {e}", "modprobe tcp_diag")
     with_id = sum(1 for r in records if r.cgroup_id)
@@ -460,17 +453,9 @@ def check_audit(version: tuple[int, int]) -> Check:
     )
 
 
-def read_keepalive_sysctls(sysctl_dir: str = SYSCTL_DIR) -> dict[str, int]:
-    values = {}
-    for name in KEEPALIVE_SYSCTLS:
-        with open(os.path.join(sysctl_dir, name)) as f:
-            values[name] = int(f.read().split()[0])
-    return values
-
-
 def check_sysctls(sysctl_dir: str = SYSCTL_DIR) -> Check:
     try:
-        v = read_keepalive_sysctls(sysctl_dir)
+        v = dict(zip(KEEPALIVE_SYSCTLS, keepalive_sysctls(sysctl_dir), strict=True))
     except (OSError, ValueError, IndexError) as e:
         return Check(
             "keepalive sysctls",
@@ -524,8 +509,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, out=None) -> int:
-    from bpfkeep.enforcer import pin_dir_default
-
     out = out or sys.stdout
     pin_dir = os.path.abspath(getattr(args, "pin_dir", None) or pin_dir_default())
     results = checks(pin_dir)

@@ -258,7 +258,7 @@ def dead_peer_seconds(keepidle: int, keepintvl: int, keepcnt: int) -> int:
     idle time, then ``keepcnt`` unanswered probes ``keepintvl`` apart.
     The one place of this formula in Python: the derived user timeout,
     the metrics' bound, audit and doctor all use it.  The BPF programs
-    (bk_derived_ut in bpf/keepalive.bpf.c) and the shim
+    (bk_derived_ut in bpf/) and the shim
     (derive_user_timeout in preload/policy.c) have their own in C;
     tests/test_dead_peer.py checks all three through the kernel."""
     return keepidle + keepintvl * keepcnt
@@ -279,24 +279,10 @@ def default_user_timeout(keepidle: int, keepintvl: int, keepcnt: int) -> int:
     return min(dead_peer_seconds(keepidle, keepintvl, keepcnt) * 1000, INT_MAX)
 
 
-# What a socket gets for a keepalive time bpfkeep leaves at 0: the sysctls
-# of its network namespace (kernel defaults 7200 s, 75 s, 9 probes).
-KEEPALIVE_SYSCTLS = ("tcp_keepalive_time", "tcp_keepalive_intvl", "tcp_keepalive_probes")
-
-
-def host_keepalive(root: str = "/proc/sys/net/ipv4") -> tuple[int, int, int]:
-    """(time, intvl, probes) of the calling thread's network namespace."""
-    vals = []
-    for name in KEEPALIVE_SYSCTLS:
-        with open(f"{root}/{name}") as f:
-            vals.append(int(f.read()))
-    return vals[0], vals[1], vals[2]
-
-
 def dead_peer_bound(policy: Policy, host: tuple[int, int, int]) -> int:
     """Seconds until a socket under ``policy`` drops a dead idle peer:
     keepidle + keepintvl x keepcnt, a time left at 0 being the host's
-    sysctl (``host``: :func:`host_keepalive`) -- keepcnt 0 with 60/10
+    sysctl (``host``: kernel.procfs.keepalive_sysctls) -- keepcnt 0 with 60/10
     and the default 9 probes is 150 s, not 60.  An explicit user timeout
     replaces the probe count."""
     idle, intvl, cnt = (

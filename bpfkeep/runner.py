@@ -27,9 +27,12 @@ import signal
 import sys
 import time
 
-from bpfkeep import cgroups
+from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem, UsageError
+from bpfkeep.kernel import cgroups
+from bpfkeep.kernel.privileges import require_privileges
 from bpfkeep.options import Policy
+from bpfkeep.preload import preload_env, unreachable_reason
 
 FORWARDED = (
     signal.SIGINT,
@@ -61,8 +64,6 @@ def _exec_failure_status(err: int) -> int:
 
 def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> int:
     """Replace this process with COMMAND under the LD_PRELOAD shim."""
-    from bpfkeep.preload import preload_env
-
     reason = _unreachable(cmd[0])
     if reason:
         _notice(
@@ -81,8 +82,6 @@ def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> in
 def _unreachable(program: str) -> str | None:
     """Why the shim cannot reach the program; None also when the program
     cannot be read: exec then reports it, with the shell's exit status."""
-    from bpfkeep.preload import unreachable_reason
-
     try:
         return unreachable_reason(program)
     except UsageError:
@@ -225,8 +224,6 @@ def reap_stale_runs() -> list[str]:
     in it (until then the policy keeps covering what runs there).  Returns
     the cgroups removed.  Needs root (or CAP_BPF etc.); quietly does
     nothing without."""
-    from bpfkeep.enforcer import Enforcer
-
     done = []
     for st in _load_states():
         if st.run_alive() or populated(st.cgroup):
@@ -249,8 +246,6 @@ def reap_stale_runs() -> list[str]:
 def run_bpf(policy: Policy, cmd: list[str], *, pin_dir: str | None = None) -> int:
     """Run COMMAND in a fresh child cgroup with the policy attached; keep
     both until the cgroup is empty; return the main process's exit status."""
-    from bpfkeep.enforcer import Enforcer, require_privileges
-
     require_privileges()
     mount = cgroups.cgroup2_mount()
     parent = cgroups.own_cgroup(mount)

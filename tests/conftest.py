@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from bpfkeep.testing import LineReader, NetnsPair
+from support import LineReader, NetnsPair
 
 REPO = Path(__file__).resolve().parent.parent
 PROGS = Path(__file__).resolve().parent / "progs"
@@ -136,7 +135,7 @@ def bpffs() -> str:
 def shared_objects(bpffs) -> Iterator[str]:
     """A pin dir whose programs are compiled once for the session (bcc
     compiling costs ~2 s); tests get their own link directories below."""
-    from bpfkeep import loader
+    from bpfkeep.progs import loader
 
     base = os.path.join(bpffs, f"bpfkeep-test-{uuid.uuid4().hex[:8]}")
     os.makedirs(base)
@@ -158,7 +157,8 @@ def pin_dir(bpffs, shared_objects) -> Iterator[str]:
     obj_dir = Enforcer(d).obj_dir
     os.makedirs(obj_dir)
     # Same programs and maps, pinned again under this directory.
-    from bpfkeep import bpfsys, loader
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.progs import loader
 
     for name in (*loader.OBJECTS, loader.PROG_SWEEP):
         if not os.path.exists(os.path.join(shared_objects, name)):
@@ -179,7 +179,7 @@ class Cgroups:
     """Scratch cgroups under one per-test parent, removed at the end."""
 
     def __init__(self):
-        from bpfkeep.cgroups import cgroup2_mount
+        from bpfkeep.kernel.cgroups import cgroup2_mount
 
         self.mount = cgroup2_mount()
         self.base = os.path.join(self.mount, f"bpfkeep-test-{uuid.uuid4().hex[:8]}")
@@ -194,7 +194,7 @@ class Cgroups:
         return os.path.relpath(path, self.mount)
 
     def cleanup(self) -> None:
-        from bpfkeep.cgroups import remove_tree
+        from bpfkeep.kernel.cgroups import remove_tree
 
         remove_tree(self.base)
 
@@ -305,7 +305,7 @@ def spawn() -> Iterator:
 @pytest.fixture()
 def netns_pair() -> Iterator[NetnsPair]:
     """Client 10.77.0.1 and server 10.77.0.2 behind a bridge (see
-    bpfkeep.testing.NetnsPair for why not a bare veth pair)."""
+    tests/support: NetnsPair for why not a bare veth pair)."""
     with NetnsPair() as pair:
         yield pair
 
@@ -525,7 +525,7 @@ def cgroup_dirs_to_make(parent: str) -> list[str]:
     """A --cgroup-parent and each of its ancestors that does not exist
     yet: the runtime makes them and leaves them behind (remove them
     deepest first)."""
-    from bpfkeep.cgroups import cgroup2_mount
+    from bpfkeep.kernel.cgroups import cgroup2_mount
 
     parts = parent.strip("/").split("/")
     out = []
@@ -540,7 +540,7 @@ def _default_parent_made(rel: str) -> typing.Callable[[], None]:
     """For a runtime's default cgroup parent (docker, libpod_parent): a
     function that removes it at the end if it did not exist before and is
     empty then (an rmdir, in every hierarchy; a parent in use stays)."""
-    from bpfkeep.cgroups import cgroup2_mount
+    from bpfkeep.kernel.cgroups import cgroup2_mount
 
     existed = os.path.isdir(os.path.join(cgroup2_mount(), rel))
 

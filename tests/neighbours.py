@@ -12,8 +12,9 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from bpfkeep import bpfsys
-from bpfkeep.testing import load_sockops
+from support import load_sockops
+
+from bpfkeep.kernel import bpfsys
 
 BPF_FUNC_SOCK_OPS_CB_FLAGS_SET = 59
 BPF_SOCK_OPS_RTO_CB_FLAG = 1

@@ -21,8 +21,10 @@ import time
 import pytest
 from conftest import bpfkeep_cmd
 
-from bpfkeep import audit
-from bpfkeep.audit import SocketRecord
+from bpfkeep.audit import command as audit_command
+from bpfkeep.audit import sockets as audit
+from bpfkeep.audit.sockets import SocketRecord
+from bpfkeep.kernel import procfs, sockdiag
 
 kernel = pytest.mark.kernel
 
@@ -209,7 +211,7 @@ def test_decoding_matches_pyroute2(cgroups, spawn, probes):
     with DiagSocket() as ds:
         ds.bind()
         for fam, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
-            for m in ds.get_sock_stats(family=fam, states=audit._STATE_MASK):
+            for m in ds.get_sock_stats(family=fam, states=sockdiag.FULL_SOCKETS):
                 if m.get_attr("INET_DIAG_CGROUP_ID") != cg_id:
                     continue
                 src, dst = m["idiag_src"], m["idiag_dst"]
@@ -218,7 +220,7 @@ def test_decoding_matches_pyroute2(cgroups, spawn, probes):
                 theirs.add(
                     (
                         name,
-                        audit.STATES[m["idiag_state"]],
+                        sockdiag.STATE_NAMES[m["idiag_state"]],
                         f"{src}:{m['idiag_sport'] or '*'}",
                         f"{dst}:{m['idiag_dport'] or '*'}",
                         m["idiag_inode"],
@@ -248,7 +250,7 @@ def test_busy_socket_has_unknown_keepalive_state(bk, cgroups, spawn, probes, net
     cli.expect("client ")
     probe = (
         "import json, os, sys, time\n"
-        "from bpfkeep import audit\n"
+        "from bpfkeep.audit import sockets as audit\n"
         "cg = int(sys.argv[1])\n"
         "for _ in range(100):\n"
         "    recs = [r for r in audit.scan(cg) if r.state == 'ESTABLISHED']\n"
@@ -359,39 +361,39 @@ def test_parse_decodes_ports_addresses_and_cgroup_id():
     buf += _nlmsg(20, _diag_msg(socket.AF_INET6, 10, 0, 443, 0, "::1", "::", 7))
     buf += _nlmsg(3, struct.pack("=i", 0))
     out: list = []
-    assert audit._parse(memoryview(buf), len(buf), 1, out) is True
+    assert sockdiag.parse(memoryview(buf), len(buf), 1, out) is True
     assert out[0][:5] == (socket.AF_INET, 1, 2, 40000, 5432)
     assert out[0][7:9] == (99, 4242)
     assert out[1][7:9] == (7, 0)  # no INET_DIAG_CGROUP_ID: unknown
-    assert audit._address(socket.AF_INET, out[0][5], 40000) == "10.1.2.3:40000"
-    assert audit._address(socket.AF_INET6, out[1][5], 443) == "[::1]:443"
-    assert audit._address(socket.AF_INET6, out[1][6], 0) == "[::]:*"
+    assert sockdiag.address(socket.AF_INET, out[0][5], 40000) == "10.1.2.3:40000"
+    assert sockdiag.address(socket.AF_INET6, out[1][5], 443) == "[::1]:443"
+    assert sockdiag.address(socket.AF_INET6, out[1][6], 0) == "[::]:*"
 
 
 def test_parse_raises_the_kernels_error_and_waits_for_done():
     err = _nlmsg(2, struct.pack("=i", -22) + b"\0" * 16)
     with pytest.raises(OSError) as e:
-        audit._parse(memoryview(err), len(err), 1, [])
+        sockdiag.parse(memoryview(err), len(err), 1, [])
     assert e.value.errno == 22
     done = _nlmsg(3, struct.pack("=i", -4))
     with pytest.raises(OSError) as e:
-        audit._parse(memoryview(done), len(done), 1, [])
+        sockdiag.parse(memoryview(done), len(done), 1, [])
     assert e.value.errno == 4
     partial = _nlmsg(20, _diag_msg(socket.AF_INET, 1, 0, 1, 2, "127.0.0.1", "127.0.0.1", 5))
     out: list = []
-    assert audit._parse(memoryview(partial), len(partial), 1, out) is False
+    assert sockdiag.parse(memoryview(partial), len(partial), 1, out) is False
     assert len(out) == 1
 
 
 def test_request_carries_the_cgroup_bytecode():
-    plain = audit._request(socket.AF_INET6, None, 9)
+    plain = sockdiag.request(socket.AF_INET6, None, 9)
     length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", plain)
     assert (length, mtype, flags, seq) == (len(plain), 20, 0x301, 9)
     family, proto, _, _, states = struct.unpack_from("=BBBBI", plain, 16)
     assert (family, proto) == (socket.AF_INET6, socket.IPPROTO_TCP)
     assert states & (1 << 1) and states & (1 << 10)  # ESTABLISHED, LISTEN
     assert not states & (1 << 6) and not states & (1 << 3)  # no TIME_WAIT, SYN_RECV
-    filtered = audit._request(socket.AF_INET, 1234, 1)
+    filtered = sockdiag.request(socket.AF_INET, 1234, 1)
     assert len(filtered) == len(plain) + 16
     nla_len, nla_type, code, yes, no, cg = struct.unpack_from("=HHBBHQ", filtered, len(plain))
     assert (nla_len, nla_type, code, yes, no, cg) == (16, 1, 17, 12, 16, 1234)
@@ -422,21 +424,24 @@ def test_coverage_counts_established_sockets_with_visible_state():
 
 def test_coverage_line():
     assert (
-        audit.coverage_line("/system.slice/x.service", 12, 14)
+        audit_command.coverage_line("/system.slice/x.service", 12, 14)
         == "/system.slice/x.service: 12/14 established sockets with keepalive armed (2 uncovered)"
     )
-    assert audit.coverage_line("/a", 3, 3) == "/a: 3/3 established sockets with keepalive armed"
-    assert audit.coverage_line("/a", 3, 3, busy=2).endswith(
+    assert (
+        audit_command.coverage_line("/a", 3, 3)
+        == "/a: 3/3 established sockets with keepalive armed"
+    )
+    assert audit_command.coverage_line("/a", 3, 3, busy=2).endswith(
         "(2 more busy retransmitting: keepalive not visible)"
     )
 
 
 def test_covering_policy_is_the_nearest_ancestor():
     pols = {"/a", "/a/b/c"}
-    assert audit._covering("/a/b", pols) == "/a"
-    assert audit._covering("/a/b/c/d", pols) == "/a/b/c"
-    assert audit._covering("/z", pols) is None
-    assert audit._covering("(unknown cgroup)", pols) is None
+    assert audit_command._covering("/a/b", pols) == "/a"
+    assert audit_command._covering("/a/b/c/d", pols) == "/a/b/c"
+    assert audit_command._covering("/z", pols) is None
+    assert audit_command._covering("(unknown cgroup)", pols) is None
 
 
 def test_owners_reads_proc_and_tolerates_what_it_cannot_read(tmp_path):
@@ -449,16 +454,16 @@ def test_owners_reads_proc_and_tolerates_what_it_cannot_read(tmp_path):
     (tmp_path / "20" / "fd").mkdir(parents=True)  # same socket, higher pid
     os.symlink("socket:[111]", tmp_path / "20" / "fd" / "9")
     (tmp_path / "self").mkdir()
-    assert audit.owners({111, 222, 0}, proc=str(tmp_path)) == {111: (10, "db")}
-    assert audit.owners(set(), proc=str(tmp_path)) == {}
+    assert procfs.socket_owners({111, 222, 0}, proc=str(tmp_path)) == {111: (10, "db")}
+    assert procfs.socket_owners(set(), proc=str(tmp_path)) == {}
 
 
 def test_run_prints_json(monkeypatch):
     recs = [rec(0), rec(0, timer=0, keepalive=False)]
-    monkeypatch.setattr(audit, "scan", lambda cgroup_id=None: list(recs))
-    monkeypatch.setattr(audit, "_policy_cgroups", lambda pin_dir: set())
+    monkeypatch.setattr(audit_command, "scan", lambda cgroup_id=None: list(recs))
+    monkeypatch.setattr(audit_command, "_policy_cgroups", lambda pin_dir: set())
     out = io.StringIO()
-    assert audit.run(argparse.Namespace(cgroup=None, json=True, pin_dir=None), out) == 0
+    assert audit_command.run(argparse.Namespace(cgroup=None, json=True, pin_dir=None), out) == 0
     doc = json.loads(out.getvalue())
     assert doc["coverage"] == [
         {

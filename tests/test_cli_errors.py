@@ -36,7 +36,7 @@ def test_file_is_not_a_cgroup(bk):
 
 
 def test_cgroup_v1_path(bk):
-    from bpfkeep.cgroups import read_mounts
+    from bpfkeep.kernel.cgroups import read_mounts
 
     v1 = read_mounts().v1
     if not v1:
@@ -45,7 +45,7 @@ def test_cgroup_v1_path(bk):
 
 
 def test_root_cgroup_needs_force(bk):
-    from bpfkeep.cgroups import cgroup2_mount
+    from bpfkeep.kernel.cgroups import cgroup2_mount
 
     for spec in ("/", cgroup2_mount()):
         one_line_error(bk("attach", "--cgroup", spec, check=False), "root cgroup", "--force")

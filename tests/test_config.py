@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from bpfkeep import config, daemon
+from bpfkeep import config
 from bpfkeep.config import ConfigError, loads
+from bpfkeep.daemon import reconcile, systemd
 
 
 def test_example_keys_and_defaults():
@@ -192,23 +193,23 @@ def test_sd_notify_datagram(tmp_path):
     path = str(tmp_path / "n.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(path)
-        assert daemon.sd_notify("READY=1\nSTATUS=x", {"NOTIFY_SOCKET": path})
+        assert systemd.sd_notify("READY=1\nSTATUS=x", {"NOTIFY_SOCKET": path})
         assert s.recv(100) == b"READY=1\nSTATUS=x"
-    assert not daemon.sd_notify("READY=1", {})  # not under systemd: silently nothing
+    assert not systemd.sd_notify("READY=1", {})  # not under systemd: silently nothing
 
 
 def test_watchdog_interval():
-    assert daemon.watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
-    assert daemon.watchdog_interval({}) is None
-    assert daemon.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert systemd.watchdog_interval({}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
 
 
 def test_journal_formatter():
     import logging
 
     rec = logging.LogRecord("bpfkeep", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
-    assert daemon.JournalFormatter(True).format(rec) == "<3>boom x"
-    assert "error: boom x" in daemon.JournalFormatter(False).format(rec)
+    assert systemd.JournalFormatter(True).format(rec) == "<3>boom x"
+    assert "error: boom x" in systemd.JournalFormatter(False).format(rec)
 
 
 # -- scale -------------------------------------------------------------------
@@ -454,10 +455,10 @@ def test_a_reconcile_logs_a_line_per_change_or_one_for_many(caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="bpfkeep")
-    daemon._log_changes([("updated", f"/s/u{i}", "set") for i in range(3)])
+    reconcile.log_changes([("updated", f"/s/u{i}", "set") for i in range(3)])
     assert [r.getMessage() for r in caplog.records] == [f"updated /s/u{i} (set)" for i in range(3)]
     caplog.clear()
-    daemon._log_changes(
+    reconcile.log_changes(
         [("updated", f"/s/u{i}", "enforce") for i in range(10_000)] + [("attached", "/s/n", "set")]
     )
     lines = [r.getMessage() for r in caplog.records]

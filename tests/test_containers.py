@@ -24,7 +24,7 @@ from test_daemon import daemon, free_port, scrape  # noqa: F401 - the fixture
 
 from bpfkeep import containers
 from bpfkeep.containers import CgroupInfo, Selector, Workload, parse
-from bpfkeep.metrics import Collector, Row, Snapshot
+from bpfkeep.metrics.collector import Collector, Row, Snapshot
 from bpfkeep.options import Policy
 
 ID = "0123456789abcdef" * 4

@@ -19,14 +19,12 @@ pytestmark = pytest.mark.kernel
 def _records(pin_dir: str) -> dict[tuple[str, str, int], int]:
     """(local, remote, TCP state) -> the record's owner (0: no record), for
     every socket under a policy of this pin directory."""
-    from bpfkeep import sweep
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.sweep import runs
 
     enf = Enforcer(pin_dir)
     atts = {a.cgroup_id: a for a in enf.attachments() if a.cgroup and a.policy}
-    with enf.sweeper() as sw:
-        sc = sweep.scope([a.cgroup for a in atts.values()], set(atts))
-        report = sweep.sweep(sw, sc, sweep.read_entry)
+    report = runs.read(enf.pins, [a.cgroup for a in atts.values()], set(atts))
     return {
         (o.target.local, o.target.remote, o.target.state): o.entry.rec_owner
         for o in report.outcomes
@@ -35,8 +33,10 @@ def _records(pin_dir: str) -> dict[tuple[str, str, int], int]:
 
 
 def _flags(pin_dir: str, path: str) -> int:
-    from bpfkeep import bpfmaps, bpfsys, loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.progs import loader
+    from bpfkeep.progs import maps as bpfmaps
 
     fd = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.MAP_POLICIES))
     try:
@@ -72,7 +72,7 @@ def test_nested_policies_record_the_owner(bk, cgroups, spawn, probes, pin_dir):
 
 
 def test_nesting_flags_follow_attach_and_detach(bk, cgroups, pin_dir):
-    from bpfkeep import bpfmaps
+    from bpfkeep.progs import maps as bpfmaps
 
     parent, child = cgroups.make("p"), cgroups.make("p/c")
     bk("attach", "--cgroup", cgroups.rel(parent))
@@ -173,8 +173,8 @@ def test_detach_takes_the_window_clamp_off_listeners(bk, cgroups, spawn, probes)
 def test_the_layout_before_prev_still_decodes():
     """Attachments made by the previous version (bk_policy without prev[])
     are migrated: their policy must read back as it was written."""
-    from bpfkeep import bpfmaps
     from bpfkeep.options import Policy
+    from bpfkeep.progs import maps as bpfmaps
 
     p = Policy.from_mapping({"keepidle": 9, "mode": "enforce"})
     vals = [p.value(o.key) for o in bpfmaps.BPF_OPTIONS]

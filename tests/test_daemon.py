@@ -810,11 +810,12 @@ def test_audit_backoff_counts_the_cpu_of_the_sweeps_threads(pin_dir, tmp_path, m
     import threading
 
     from bpfkeep import config as bk_config
-    from bpfkeep.daemon import Daemon
+    from bpfkeep.daemon.passes import Passes
+    from bpfkeep.daemon.state import State
+    from bpfkeep.enforcer import Enforcer
 
     cfg = write_config(tmp_path / "bpfkeep.toml", free_port(), "")
-    d = Daemon(str(cfg), pin_dir)
-    d.cfg = bk_config.load(str(cfg))
+    passes = Passes(State(str(cfg), Enforcer(pin_dir), cfg=bk_config.load(str(cfg))))
 
     def busy_sweep(_cgs) -> None:
         def burn() -> None:
@@ -826,6 +827,6 @@ def test_audit_backoff_counts_the_cpu_of_the_sweeps_threads(pin_dir, tmp_path, m
         t.start()
         t.join()
 
-    monkeypatch.setattr(d, "_sweep", busy_sweep)
-    d._audit()
-    assert d.audit_cost >= 0.3
+    monkeypatch.setattr(passes, "sweep", busy_sweep)
+    passes.audit(lambda _cg: True)
+    assert passes.audit_cost >= 0.3

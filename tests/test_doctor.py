@@ -191,7 +191,7 @@ def test_bcc_missing_or_impostor(tmp_path, monkeypatch):
 
 
 def test_headers_missing(monkeypatch):
-    from bpfkeep import kheaders
+    from bpfkeep.progs import kheaders
 
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     monkeypatch.setattr(kheaders, "running_kernel_tree", lambda: None)
@@ -202,13 +202,12 @@ def test_headers_missing(monkeypatch):
 
 
 def test_preload_missing_is_a_warning(monkeypatch):
-    from bpfkeep import preload
     from bpfkeep.errors import EnvironmentProblem
 
     def missing():
         raise EnvironmentProblem("libbpfkeep.so not found: build it with `make -C preload`")
 
-    monkeypatch.setattr(preload, "library_path", missing)
+    monkeypatch.setattr(doctor, "library_path", missing)
     c = doctor.check_preload()
     assert c.status == WARN and "make -C preload" in c.fix
 
@@ -337,9 +336,7 @@ def test_doctor_judges_the_kernel_by_version_not_by_an_orphan(netns_pair, spawn)
 
 
 def test_audit_check_by_version(monkeypatch):
-    from bpfkeep import audit
-
-    monkeypatch.setattr(audit, "scan", lambda **_kw: [])
+    monkeypatch.setattr(doctor, "scan", lambda **_kw: [])
     assert doctor.check_audit((6, 18)).status == OK
     old = doctor.check_audit((5, 4))
     assert old.status == WARN and "Linux < 5.7" in old.message

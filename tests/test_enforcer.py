@@ -9,8 +9,7 @@ import os
 
 import pytest
 from conftest import bpftool_prog_ids, host_keepalive, host_sysctl, ss_keepalive_timers
-
-from bpfkeep.testing import load_empty_sockops
+from support import load_empty_sockops
 
 pytestmark = pytest.mark.kernel
 
@@ -183,7 +182,7 @@ def test_nested_most_specific_policy_wins(bk, cgroups, spawn, probes, order):
 
 
 def test_update_detach_and_no_stacking(bk, cgroups, spawn, probes, pin_dir):
-    from bpfkeep import bpfsys
+    from bpfkeep.kernel import bpfsys
 
     cg = cgroups.make("svc")
     _, port = server(spawn, probes)
@@ -247,7 +246,7 @@ def test_removed_cgroup_is_forgotten(bk, cgroups, spawn, probes):
 
 
 def test_run_uses_a_fresh_cgroup_and_passes_exit_status(bk, cgroups, spawn, probes):
-    from bpfkeep.cgroups import cgroup2_mount
+    from bpfkeep.kernel.cgroups import cgroup2_mount
 
     def runs() -> set[str]:
         return {n for n in os.listdir(cgroup2_mount()) if n.startswith("bpfkeep-run-")}
@@ -334,9 +333,11 @@ def test_refused_option_is_counted_per_errno_and_the_rest_still_apply(
     produce (keepcnt 500 > the kernel's 127) straight into the map."""
     import struct
 
-    from bpfkeep import bpfmaps, bpfsys, loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel import bpfsys
     from bpfkeep.options import Policy
+    from bpfkeep.progs import loader
+    from bpfkeep.progs import maps as bpfmaps
 
     cg = cgroups.make("svc")
     bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "25")
@@ -362,8 +363,8 @@ def test_other_program_version_is_migrated_without_gap(bk, cgroups, spawn, probe
     """Attachments made by a bpfkeep whose BPF programs differ (an upgrade)
     move to this version's programs: policy kept, one program per hook,
     the old objects unpinned."""
-    from bpfkeep.cgroups import resolve
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel.cgroups import resolve
     from bpfkeep.options import Policy
 
     cg, other = cgroups.make("svc"), cgroups.make("other")
@@ -408,8 +409,9 @@ def test_half_done_migration_is_finished_or_undone(bk, cgroups, pin_dir):
     """What a bpfkeep killed in the middle of a migration leaves behind is
     repaired by the next one: a second pin of the same link is dropped, a
     duplicate link is detached, a lone new link takes the canonical name."""
-    from bpfkeep import bpfsys, loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.progs import loader
 
     same, dup, lone = cgroups.make("same"), cgroups.make("dup"), cgroups.make("lone")
     for cg in (same, dup, lone):

@@ -17,9 +17,10 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpfkeep.bpfmaps import Counters, SweepStats
-from bpfkeep.metrics import Collector, Row, Snapshot, exposition
+from bpfkeep.metrics.collector import Collector, Row, Snapshot
+from bpfkeep.metrics.exposition import exposition
 from bpfkeep.options import Policy
+from bpfkeep.progs.maps import Counters, SweepStats
 
 ODD = [
     "/system.slice/nginx.service",

@@ -29,7 +29,7 @@ from conftest import BPFKEEP, REPO
 from test_enforcer import assert_policy, assert_untouched
 
 from bpfkeep import __version__
-from bpfkeep.cgroups import cgroup2_mount
+from bpfkeep.kernel.cgroups import cgroup2_mount
 
 K8S = REPO / "deploy" / "kubernetes"
 UNIT = REPO / "deploy" / "bpfkeep.service"

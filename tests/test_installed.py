@@ -79,7 +79,8 @@ def test_installed_package_has_bpf_sources_header_and_shim():
     assert lib.read_bytes()[:4] == b"\x7fELF"
 
     # And the program uses those copies, not the source tree's.
-    from bpfkeep import loader, preload
+    from bpfkeep import preload
+    from bpfkeep.progs import loader
 
     assert loader.bpf_dir().resolve() == shipped.resolve()
     env = {k: v for k, v in os.environ.items() if k != preload.LIB_ENV}

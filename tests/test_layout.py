@@ -1,6 +1,6 @@
 """One source for what the BPF programs and userspace share: bpf/bpfkeep.h.
 
-bpfkeep.bpfmaps reads the installed header for its flags, callback and
+bpfkeep.progs.header reads the installed header for its flags, callback and
 errno names and struct layouts.  Checked here against the C compiler
 (no root), against the BTF the kernel holds for the loaded programs' maps
 (root), and the errno buckets against the OS's own errno names.
@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from bpfkeep import bpfmaps, loader
-from bpfkeep.bpfmaps import HeaderError, parse_header
+from bpfkeep.progs import header as bk_header
+from bpfkeep.progs import loader
+from bpfkeep.progs import maps as bpfmaps
+from bpfkeep.progs.header import HeaderError, parse_header
 
 REPO = Path(__file__).resolve().parent.parent
-INSTALLED = loader.bpf_dir()
+INSTALLED = bk_header.bpf_dir()
 # Pinned map -> the struct of its values.
 MAP_VALUES = {
     loader.MAP_POLICY: "bk_policy",
@@ -37,14 +39,14 @@ MAP_VALUES = {
 
 def test_the_installed_header_is_the_one_read():
     assert (INSTALLED / "bpfkeep.h").read_bytes() == (REPO / "bpf" / "bpfkeep.h").read_bytes()
-    assert bpfmaps.header() == bpfmaps.header(INSTALLED / "bpfkeep.h")
-    assert INSTALLED.parent == Path(bpfmaps.__file__).parent  # the package's own copy
-    assert set(MAP_VALUES.values()) == set(bpfmaps.header().structs)
+    assert bk_header.header() == bk_header.header(INSTALLED / "bpfkeep.h")
+    assert INSTALLED.parent == Path(bk_header.__file__).parent.parent  # the package's own copy
+    assert set(MAP_VALUES.values()) == set(bk_header.header().structs)
 
 
 def test_layouts_match_the_c_compiler(tmp_path):
     """sizeof and offsetof of every member, as gcc lays out the header."""
-    structs = bpfmaps.header().structs
+    structs = bk_header.header().structs
     lines = []
     for name, layout in structs.items():
         lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
@@ -72,14 +74,14 @@ def test_layouts_match_the_c_compiler(tmp_path):
 def test_the_old_layout_is_0_1s_header():
     """The one layout kept by hand is history: bpfkeep 0.1's bk_policy,
     read from 0.1's own header."""
-    old = parse_header(bpfmaps._source(REPO / "tests" / "data" / "bpf-0.1" / "bpfkeep.h"))
+    old = parse_header(bk_header._source(REPO / "tests" / "data" / "bpf-0.1" / "bpfkeep.h"))
     fmt = re.sub(r"(?<![0-9])1(?=[A-Za-z])", "", old.struct("bk_policy").fmt)  # 1Q -> Q
     assert fmt == bpfmaps.LEGACY_POLICY_FMT
     assert struct.calcsize(bpfmaps.LEGACY_POLICY_FMT) == old.struct("bk_policy").size
 
 
 def test_constants_come_from_the_header():
-    h = bpfmaps.header()
+    h = bk_header.header()
     assert h.defines["BK_F_ENFORCE"] == bpfmaps.F_ENFORCE
     assert bpfmaps.CALLBACKS == ("connect", "listen", "passive_established")
     assert len(bpfmaps.ERRNO_BUCKETS) == h.defines["BK_NERR"]
@@ -141,7 +143,7 @@ def test_parser_lays_out_like_c_and_refuses_what_it_cannot_read():
 # -- against the compiled object -------------------------------------------------
 
 
-def _btf_struct(pin: str) -> tuple[bpfmaps.Layout, dict]:
+def _btf_struct(pin: str) -> tuple[bk_header.Layout, dict]:
     """The value type of a pinned map, from the BTF the kernel holds: as C
     (read with the same parser) and as bpftool's JSON (offsets, size)."""
     c = subprocess.run(
@@ -164,7 +166,7 @@ def _btf_struct(pin: str) -> tuple[bpfmaps.Layout, dict]:
 @pytest.mark.parametrize("pinned", sorted(MAP_VALUES))
 def test_layouts_match_the_loaded_programs_btf(shared_objects, pinned):
     pin = os.path.join(shared_objects, pinned)
-    ours = bpfmaps.header().struct(MAP_VALUES[pinned])
+    ours = bk_header.header().struct(MAP_VALUES[pinned])
     theirs, btf = _btf_struct(pin)
     assert theirs == ours
     assert btf["size"] == ours.size

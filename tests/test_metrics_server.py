@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from bpfkeep.metrics import MetricsServer
+from bpfkeep.metrics.http import MetricsServer
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import bpfkeep_cmd
 
-from bpfkeep import loader
 from bpfkeep.enforcer import Enforcer
+from bpfkeep.progs import loader
 
 pytestmark = pytest.mark.kernel
 

@@ -60,8 +60,8 @@ def test_ready_after_the_first_reconcile_and_not_without_pins(
     # One of this version's pinned maps removed under the daemon: it cannot
     # attach anything new until it is restarted (it says so in its log),
     # and /ready says so until then.
-    from bpfkeep import loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.progs import loader
 
     obj_dir = Enforcer(pin_dir).obj_dir
     os.unlink(os.path.join(obj_dir, loader.MAP_POLICIES))
@@ -84,7 +84,8 @@ def test_ready_again_once_the_daemon_restored_its_pins(
 
     from test_daemon import wait_until
 
-    from bpfkeep.enforcer import HOOKS, Enforcer
+    from bpfkeep.enforcer import Enforcer
+    from bpfkeep.pins.pindir import HOOKS
 
     a = cgroups.make("a.service")
     port = free_port()

@@ -25,8 +25,10 @@ import test_daemon
 from conftest import bpftool_prog_ids
 from test_daemon import free_port, keepidle_of_new_connection, rule, write_config
 
-from bpfkeep import bpfmaps, bpfsys, loader
 from bpfkeep.enforcer import Enforcer
+from bpfkeep.kernel import bpfsys
+from bpfkeep.progs import loader
+from bpfkeep.progs import maps as bpfmaps
 
 pytestmark = pytest.mark.kernel
 daemon, listener = test_daemon.daemon, test_daemon.listener  # the fixtures

@@ -37,7 +37,7 @@ def run_cgroups():
     and they are removed at the end, also when the test fails."""
     made: list[str] = []
     yield made
-    from bpfkeep.cgroups import remove_tree
+    from bpfkeep.kernel.cgroups import remove_tree
 
     for path in made:
         # Only run's own scratch cgroups: a program that escaped (or a run
@@ -63,7 +63,7 @@ class _Run:
 
 
 def _cgroup_of(pid: int) -> str:
-    from bpfkeep.cgroups import own_cgroup
+    from bpfkeep.kernel.cgroups import own_cgroup
 
     return own_cgroup(pid=str(pid))
 

@@ -328,8 +328,8 @@ def test_attach_again_says_what_it_reset(bk, cgroups):
 def test_kernel_without_the_sweep_gets_one_notice(bk, cgroups, spawn, probes, pin_dir):
     """As on a kernel before 5.15, where the iter/tcp program does not load:
     the loader pins everything else, attach says so once, audit too."""
-    from bpfkeep import loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.progs import loader
 
     os.unlink(os.path.join(Enforcer(pin_dir).obj_dir, loader.PROG_SWEEP))
     app = cgroups.make("app")
@@ -415,8 +415,10 @@ def test_work_left_by_a_sweep_that_died_is_not_carried_out(bk, cgroups, spawn, p
     """A sweep killed between writing its work list and clearing it leaves
     entries behind; the next sweep must not act on them (here: the policy
     of one cgroup applied to a socket of another, which has none)."""
-    from bpfkeep import bpfmaps, bpfsys, loader
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.progs import loader
+    from bpfkeep.progs import maps as bpfmaps
 
     app, other = cgroups.make("app"), cgroups.make("other")
     bk("attach", "--cgroup", cgroups.rel(app), *policy_args(**POLICY))
@@ -441,10 +443,12 @@ def test_a_refused_delete_of_the_work_list_loses_no_outcome(
     still has every socket."""
     import errno
 
-    from bpfkeep import bpfmaps, bpfsys, loader
-    from bpfkeep.cgroups import Cgroup
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel import bpfsys
+    from bpfkeep.kernel.cgroups import Cgroup
     from bpfkeep.options import Policy
+    from bpfkeep.progs import loader
+    from bpfkeep.progs import maps as bpfmaps
 
     app = cgroups.make("app")
     _srv, cli, _port = pair(spawn, probes, app)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bpfkeep import bpfmaps, kheaders, options
-from bpfkeep.cgroups import Mounts, read_mounts, resolve
+from bpfkeep import options
 from bpfkeep.cli import build_parser, policy_from_args
 from bpfkeep.errors import EnvironmentProblem, UsageError
+from bpfkeep.kernel.cgroups import Mounts, read_mounts, resolve
 from bpfkeep.options import BY_KEY, Policy, default_user_timeout, parse_value
+from bpfkeep.progs import kheaders
+from bpfkeep.progs import maps as bpfmaps
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import bpftool_prog_ids, ss_keepalive_timers
 
-from bpfkeep import bpfmaps, bpfsys
 from bpfkeep.enforcer import Enforcer
+from bpfkeep.kernel import bpfsys
 from bpfkeep.options import Policy
+from bpfkeep.progs import maps as bpfmaps
 
 pytestmark = pytest.mark.kernel
 
@@ -48,7 +49,7 @@ for name, fd in fds.items():
 def _old_install(pin_dir: str, cg_path: str, policy: Policy) -> dict[str, int]:
     """Load 0.1's programs under obj-0ld..., attach them to a cgroup and
     write the policy in 0.1's layout, as bpfkeep 0.1 left it pinned."""
-    from bpfkeep.kheaders import bcc_environment
+    from bpfkeep.progs.kheaders import bcc_environment
 
     obj = os.path.join(pin_dir, "obj-0ld0ld0ld0ld")
     subprocess.run(

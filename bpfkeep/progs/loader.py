@@ -1,7 +1,8 @@
 """Compile bpfkeep's BPF programs with bcc and pin them in bpffs.
 
-Run as its own short-lived process (``python -m bpfkeep.loader PIN_DIR``)
-so that bcc's LLVM (~190 MB, KERNEL-NOTES.md) never lives in the CLI or the
+Run as its own short-lived process (``python -m bpfkeep.progs.loader
+OBJ_DIR``) so that bcc's LLVM (~190 MB: importing bcc alone takes a process
+to ~74 MB, compiling to ~190 MB) never lives in the CLI or the
 daemon: they open the pinned objects through libbpf instead.
 """
 
@@ -11,10 +12,11 @@ import contextlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from bpfkeep import bpfsys
 from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem
+from bpfkeep.kernel import bpfsys
+from bpfkeep.progs.header import bpf_dir
+from bpfkeep.progs.kheaders import bcc_environment
 
 SOURCE = "keepalive.bpf.c"
 # Pinned object names in PIN_DIR/obj (programs and maps).
@@ -28,7 +30,7 @@ MAP_SWEEP = "map_sweep"  # hash cookie -> struct bk_sweep: the sweep's work list
 MAP_SWEEPSTATS = "map_sweepstats"  # hash cgroup id -> sweep counters
 # The sweep of existing sockets (iter/tcp).  Optional: a kernel that
 # cannot load it (before 5.15) still gets the cgroup programs; the sweep
-# then says so once (bpfkeep.sweep).
+# then says so once (bpfkeep.sweep.engine).
 PROG_SWEEP = "prog_sweep"
 OBJECTS = (
     PROG_SOCKOPS,
@@ -41,29 +43,6 @@ OBJECTS = (
     MAP_SWEEPSTATS,
 )
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
-
-
-def bpf_dir() -> Path:
-    """Where the BPF C sources are: inside the installed package, or the
-    source tree's bpf/ when running from a checkout."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "_bpf", here.parent / "bpf"):
-        if (cand / SOURCE).is_file():
-            return cand
-    raise EnvironmentProblem(f"{SOURCE} not found next to the bpfkeep package: reinstall bpfkeep")
-
-
-def source_version(src: Path | None = None) -> str:
-    """A short hash of the BPF sources: names the pinned object directory,
-    so a bpfkeep whose programs differ loads its own and migrates."""
-    import hashlib
-
-    src = src or bpf_dir()
-    h = hashlib.sha256()
-    for f in sorted(src.iterdir()):
-        if f.suffix in (".c", ".h"):
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
 
 
 def _compile_and_pin(obj_dir: str) -> None:
@@ -136,7 +115,7 @@ def _last_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m bpfkeep.loader OBJ_DIR", file=sys.stderr)
+        print("usage: python -m bpfkeep.progs.loader OBJ_DIR", file=sys.stderr)
         return 2
     try:
         _compile_and_pin(argv[0])
@@ -153,12 +132,10 @@ def load(obj_dir: str) -> None:
     """Make sure the programs are loaded and pinned at ``obj_dir``."""
     if all(os.path.exists(os.path.join(obj_dir, n)) for n in OBJECTS):
         return
-    from bpfkeep.kheaders import bcc_environment
-
     env = bcc_environment()
     # The loader must import bcc, which only the system Python has.
     proc = subprocess.run(
-        [sys.executable, "-m", "bpfkeep.loader", obj_dir],
+        [sys.executable, "-m", "bpfkeep.progs.loader", obj_dir],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -62,6 +62,7 @@ def _lib() -> ctypes.CDLL:
         ),
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, u32p, c_void_p]),
         "bpf_enable_stats": (c_int, [c_int]),
+        "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -107,6 +108,17 @@ def iter_run(prog_fd: int) -> None:
             os.close(ifd)
     finally:
         os.close(lfd)
+
+
+def prog_load(prog_type: int, insns: list[int], name: bytes, license_: bytes = b"GPL") -> int:
+    """Load raw BPF instructions (one u64 each) as a program; its fd.  (For
+    the tests' and the benchmark's stand-ins for other tools' programs;
+    bpfkeep's own are compiled by bcc in progs.loader.)"""
+    buf = (ctypes.c_uint64 * len(insns))(*insns)
+    return _check(
+        _lib().bpf_prog_load(prog_type, name, license_, buf, len(insns), None),
+        f"loading program {name.decode()}",
+    )
 
 
 def link_detach(link_fd: int) -> None:

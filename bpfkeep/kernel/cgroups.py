@@ -160,6 +160,31 @@ class Cgroup:
         """For people and labels: always valid UTF-8 (see printable)."""
         return "/" + printable(self.rel)
 
+    @property
+    def mount(self) -> str:
+        """The cgroup2 mount this cgroup's path is under."""
+        return self.path[: len(self.path) - len(self.rel)].rstrip("/") if self.rel else self.path
+
+    @property
+    def level(self) -> int:
+        """Depth below the cgroup2 root (the root: 0)."""
+        return self.rel.count("/") + 1 if self.rel else 0
+
+    @classmethod
+    def at(cls, path: str, mount: str, cgroup_id: int | None = None) -> Cgroup:
+        """The cgroup at ``path`` under ``mount`` (its id read by stat
+        unless given)."""
+        rel = os.path.relpath(path, mount)
+        rel = "" if rel == "." else rel
+        return cls(path, rel, os.stat(path).st_ino if cgroup_id is None else cgroup_id)
+
+    def ancestor_paths(self) -> Iterator[str]:
+        """The paths above this cgroup, nearest first, the root last."""
+        path, mount = self.path, self.mount
+        while len(path) > len(mount):
+            path = os.path.dirname(path)
+            yield path
+
 
 def _under(path: str, mount: str) -> bool:
     return path == mount or path.startswith(mount.rstrip("/") + "/")

@@ -1,4 +1,5 @@
-"""Helpers shared by bpfkeep's tests and benchmarks (not used at run time).
+"""Helpers shared by bpfkeep's tests and benchmarks (``bench/`` imports
+them as ``tests.support``); not part of the installed package.
 
 Real network namespaces, a reference sock_ops program and a line reader
 for child processes.  Everything made here is removed by its own cleanup.
@@ -7,7 +8,6 @@ for child processes.  Everything made here is removed by its own cleanup.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import shutil
@@ -15,6 +15,8 @@ import signal
 import subprocess
 import time
 import uuid
+
+from bpfkeep.kernel import bpfsys
 
 BPF_PROG_TYPE_SOCK_OPS = 13
 
@@ -90,21 +92,7 @@ class NetnsPair:
 def load_sockops(insns: list[int], name: bytes) -> int:
     """Load raw BPF instructions as a sock_ops program, as a foreign tool's
     object would be loaded (no bcc); returns its fd."""
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_void_p,
-    ]
-    buf = (ctypes.c_uint64 * len(insns))(*insns)
-    fd = lib.bpf_prog_load(BPF_PROG_TYPE_SOCK_OPS, name, b"GPL", buf, len(insns), None)
-    if fd < 0:
-        raise OSError(-fd, f"loading sock_ops program {name.decode()}: {os.strerror(-fd)}")
-    return fd
+    return bpfsys.prog_load(BPF_PROG_TYPE_SOCK_OPS, insns, name)
 
 
 def load_empty_sockops(name: bytes = b"empty_sockops") -> int:

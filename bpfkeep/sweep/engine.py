@@ -34,27 +34,21 @@ changes between reads; sockets not reached are swept once more.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
-import functools
 import os
-import socket
 import struct
-import threading
 from collections.abc import Callable, Iterable
 
-from bpfkeep import audit, bpfmaps, bpfsys, loader
-from bpfkeep.cgroups import Cgroup
 from bpfkeep.errors import EnvironmentProblem
-from bpfkeep.options import Policy
+from bpfkeep.kernel import bpfsys, procfs, sockdiag
+from bpfkeep.kernel.cgroups import Cgroup
+from bpfkeep.kernel.sockdiag import CLOSE_WAIT, ESTABLISHED, LISTEN, SYN_SENT
+from bpfkeep.progs import loader, maps
 
-CLONE_NEWNET = 0x40000000
-# include/net/tcp_states.h: the states in which keepalive matters
-ESTABLISHED, SYN_SENT, CLOSE_WAIT, LISTEN = 1, 2, 8, 10
+# The states in which keepalive matters.
 SWEPT_STATES = (ESTABLISHED, SYN_SENT, CLOSE_WAIT, LISTEN)
-_STATE_MASK = sum(1 << s for s in SWEPT_STATES)
+_STATE_MASK = sockdiag.states_mask(SWEPT_STATES)
 
 
 class SweepUnavailable(EnvironmentProblem):
@@ -86,7 +80,7 @@ class Target:
 @dataclasses.dataclass
 class Outcome:
     target: Target
-    entry: bpfmaps.SweepEntry
+    entry: maps.SweepEntry
     netns: str = ""  # "net:[INODE]"
 
 
@@ -104,12 +98,12 @@ class Report:
         return sum(
             1
             for o in self.outcomes
-            if o.entry.result & bpfmaps.SWR_SEEN and not o.entry.result & bpfmaps.SWR_CURRENT
+            if o.entry.result & maps.SWR_SEEN and not o.entry.result & maps.SWR_CURRENT
         )
 
     @property
     def app_own(self) -> int:
-        return sum(1 for o in self.outcomes if o.entry.result & bpfmaps.SWR_APP_OWN)
+        return sum(1 for o in self.outcomes if o.entry.result & maps.SWR_APP_OWN)
 
     @property
     def failed(self) -> int:
@@ -166,143 +160,6 @@ def scope(roots: Iterable[Cgroup], attached: set[int], *, owner: int | None = No
     return Scope(owners, pids)
 
 
-def held_sockets(pids: dict[int, int], proc: str = "/proc") -> dict[int, int]:
-    """socket inode -> owner, for the sockets the scope's processes hold."""
-    held: dict[int, int] = {}
-    for pid, owner in pids.items():
-        try:
-            dfd = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone, or not ours to look into
-        try:
-            for fd in os.listdir(dfd):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(fd, dir_fd=dfd)
-                    if link.startswith("socket:["):
-                        held.setdefault(int(link[8:-1]), owner)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
-    return held
-
-
-def namespaces(
-    pids: Iterable[int], proc: str = "/proc", hidden: dict[str, str] | None = None
-) -> dict[int, int | None]:
-    """netns inode -> a thread id living in it (None: our own namespace).
-
-    A network namespace is a thread's, not a process's: a thread that
-    entered another one (setns) makes its sockets there, so every thread
-    of every process counts (``/proc/TID/ns/net`` of a thread id is its
-    own, although /proc lists only processes).  Processes whose namespace
-    we may not see are noted in ``hidden``."""
-    out: dict[int, int | None] = {}
-    with contextlib.suppress(OSError):
-        out[os.stat(f"{proc}/self/ns/net").st_ino] = None
-    for pid in pids:
-        try:
-            tids = [int(t) for t in os.listdir(f"{proc}/{pid}/task")]
-        except (OSError, ValueError):
-            tids = [pid]  # gone, or a /proc without task/: the process's own
-        for tid in tids:
-            try:
-                out.setdefault(os.stat(f"{proc}/{pid}/task/{tid}/ns/net").st_ino, tid)
-            except OSError as e:
-                if hidden is not None and e.errno in (errno.EACCES, errno.EPERM):
-                    hidden[f"process {pid}"] = (
-                        "its network namespace is hidden from us (needs CAP_SYS_PTRACE)"
-                    )
-                    break
-    return out
-
-
-# -- namespaces ------------------------------------------------------------------
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def in_netns(pid: int | None, fn: Callable[[], object]) -> object:
-    """Run ``fn`` in the network namespace of thread ``pid`` (None: ours).
-
-    A network namespace is entered per thread (setns), so a short-lived
-    thread enters it and the caller's own namespace never changes.  Python
-    3.11 has no os.setns: libc's, through ctypes.
-    """
-    if pid is None:
-        return fn()
-
-    def entered() -> object:
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns: {os.strerror(err)}")
-        finally:
-            os.close(fd)
-        return fn()
-
-    return _in_thread(entered, f"bpfkeep-netns-{pid}")
-
-
-def _in_thread(fn: Callable[[], object], name: str, deadline: float | None = None) -> object:
-    """``fn()`` in a thread of its own (which starts in the caller's network
-    namespace); its result or exception is the caller's.  After
-    ``deadline`` seconds the thread is left behind: SweepStuck."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=body, name=name, daemon=True)
-    t.start()
-    t.join(deadline)
-    if t.is_alive():
-        raise SweepStuck(
-            errno.ETIMEDOUT,
-            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
-            "page fault inside send()?); the rest of this namespace was not swept",
-        )
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("value")
-
-
-def _sysctl_defaults() -> dict[str, int]:
-    """The keepalive defaults of the calling thread's network namespace."""
-    out = {"keepidle": 7200, "keepintvl": 75, "keepcnt": 9}
-    for key, name in (
-        ("keepidle", "tcp_keepalive_time"),
-        ("keepintvl", "tcp_keepalive_intvl"),
-        ("keepcnt", "tcp_keepalive_probes"),
-    ):
-        with contextlib.suppress(OSError, ValueError), open(f"/proc/sys/net/ipv4/{name}") as f:
-            out[key] = int(f.read())
-    return out
-
-
-def _list_sockets() -> list[audit._Raw]:
-    raws: list[audit._Raw] = []
-    try:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            raws += audit._dump(family, None, _STATE_MASK)
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.EINVAL, errno.EPROTONOSUPPORT):
-            raise
-        # Not "the process left": without inet_diag nothing can be swept.
-        raise EnvironmentProblem(
-            f"cannot list TCP sockets through inet_diag ({e.strerror or e}): load the "
-            "modules (modprobe inet_diag tcp_diag)"
-        ) from None
-    return raws
-
-
 # -- the kernel side ---------------------------------------------------------------
 
 
@@ -314,7 +171,7 @@ class Sweeper:
         self.objs = objs
         self.prog = sweep_prog
 
-    def _run(self, entries: dict[int, bpfmaps.SweepEntry]) -> dict[int, bpfmaps.SweepEntry]:
+    def _run(self, entries: dict[int, maps.SweepEntry]) -> dict[int, maps.SweepEntry]:
         """One batch: write the work list, run the iterator, read back.
         A handful of bpf() calls per batch, not four per socket (a
         periodic sweep of a busy host walks every socket it has)."""
@@ -331,20 +188,20 @@ class Sweeper:
             if raw is None:
                 raw = encoded[kind] = e.encode()
             values.append(raw)
-        out: dict[int, bpfmaps.SweepEntry] = {}
+        out: dict[int, maps.SweepEntry] = {}
         todo = set(entries)
         try:
             bpfsys.map_update_batch(fd, list(keys.values()), values)
             for _pass in range(2):  # a socket can be skipped before 6.17
                 _iter_with_deadline(self.prog)
                 seen = []
-                for kraw, vraw in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE):
+                for kraw, vraw in bpfsys.map_items(fd, 8, maps.SWEEP_SIZE):
                     cookie = _U64.unpack(kraw)[0]
                     if cookie not in todo:
                         continue
-                    got = bpfmaps.SweepEntry.decode(vraw)
+                    got = maps.SweepEntry.decode(vraw)
                     out[cookie] = got
-                    if got.result & bpfmaps.SWR_SEEN:
+                    if got.result & maps.SWR_SEEN:
                         seen.append(cookie)  # done: a second pass must not act again
                 self._delete(fd, [keys[c] for c in seen])
                 todo.difference_update(seen)
@@ -368,10 +225,10 @@ class Sweeper:
     @classmethod
     def _clear(cls, fd: int) -> None:
         with contextlib.suppress(OSError):
-            cls._delete(fd, [k for k, _ in bpfsys.map_items(fd, 8, bpfmaps.SWEEP_SIZE)])
+            cls._delete(fd, [k for k, _ in bpfsys.map_items(fd, 8, maps.SWEEP_SIZE)])
 
     def run(
-        self, targets: list[Target], make: Callable[[Target], bpfmaps.SweepEntry]
+        self, targets: list[Target], make: Callable[[Target], maps.SweepEntry]
     ) -> list[Outcome]:
         """Sweep these targets (all in the calling thread's namespace), in
         batches that fit the work list."""
@@ -387,7 +244,7 @@ class Sweeper:
         return outcomes
 
     def prepare_stats(self, owners: Iterable[int]) -> None:
-        zero = bytes(bpfmaps.SWEEPSTATS_SIZE)
+        zero = bytes(maps.SWEEPSTATS_SIZE)
         for owner in owners:
             with contextlib.suppress(OSError):
                 bpfsys.map_update(
@@ -400,7 +257,7 @@ class Sweeper:
 
 BPF_NOEXIST = 1
 _U64 = struct.Struct("=Q")  # map keys: socket cookies, cgroup ids
-MAX_BATCH = bpfmaps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
+MAX_BATCH = maps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
 # The kernel's TCP iterator takes each socket's lock in turn, every socket
 # of the namespace, not only ours: a process stuck holding one (a send()
 # from a page whose fault never completes: userfaultfd, a hung FUSE file)
@@ -415,11 +272,18 @@ class SweepStuck(OSError):
 
 
 def _iter_with_deadline(prog_fd: int, deadline: float = ITER_DEADLINE) -> None:
-    _in_thread(lambda: bpfsys.iter_run(prog_fd), "bpfkeep-iter", deadline)
+    try:
+        procfs.in_thread(lambda: bpfsys.iter_run(prog_fd), "bpfkeep-iter", deadline)
+    except procfs.Stuck:
+        raise SweepStuck(
+            errno.ETIMEDOUT,
+            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
+            "page fault inside send()?); the rest of this namespace was not swept",
+        ) from None
 
 
 def _targets(
-    raws: list[audit._Raw], pick: Callable[[int, int], tuple[int, bool] | None]
+    raws: list[sockdiag.Raw], pick: Callable[[int, int], tuple[int, bool] | None]
 ) -> list[Target]:
     out = []
     for fam, st, _timer, sport, dport, src, dst, ino, cg, cookie in raws:
@@ -436,8 +300,8 @@ def _targets(
                 cg,
                 ino,
                 fam,
-                audit._address(fam, src, sport),
-                audit._address(fam, dst, dport),
+                sockdiag.address(fam, src, sport),
+                sockdiag.address(fam, dst, dport),
             )
         )
     return out
@@ -446,7 +310,7 @@ def _targets(
 def sweep(
     sweeper: Sweeper,
     sc: Scope,
-    make: Callable[[Target, dict[str, int]], bpfmaps.SweepEntry],
+    make: Callable[[Target, dict[str, int]], maps.SweepEntry],
     *,
     states: tuple[int, ...] = SWEPT_STATES,
     count: bool = True,
@@ -462,7 +326,7 @@ def sweep(
     report = Report()
     if not sc:
         return report
-    held = held_sockets(sc.owner_of_pid)
+    held = procfs.held_sockets(sc.owner_of_pid)
     elsewhere: dict[int, int | None] = {}
 
     def own_policy_elsewhere(t: Target) -> bool:
@@ -482,21 +346,22 @@ def sweep(
 
     if count:
         sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
-    for ns, pid in namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
+    for ns, tid in procfs.namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
 
         def work() -> list[Outcome]:
             targets = [
                 t
-                for t in _targets(_list_sockets(), pick)
+                for t in _targets(sockdiag.dump(_STATE_MASK), pick)
                 if t.state in states and not own_policy_elsewhere(t)
             ]
             if not targets:
                 return []
-            defaults = _sysctl_defaults()
+            idle, intvl, cnt = procfs.keepalive_sysctls(fallback=True)
+            defaults = {"keepidle": idle, "keepintvl": intvl, "keepcnt": cnt}
             return sweeper.run(targets, lambda t: make(t, defaults))
 
         try:
-            outcomes = in_netns(pid, work)
+            outcomes = procfs.in_netns(tid, work)
         except SweepUnavailable:
             raise
         except OSError as e:
@@ -510,76 +375,3 @@ def sweep(
             o.netns = f"net:[{ns}]"
         report.outcomes += outcomes  # type: ignore[arg-type]
     return report
-
-
-def apply_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
-    flags = bpfmaps.SWI_SYN_SENT if target.state == SYN_SENT else 0
-    flags |= bpfmaps.SWI_HELD if target.held else 0
-    return bpfmaps.SweepEntry(target.owner, bpfmaps.SWEEP_APPLY, flags)
-
-
-def handover_entry(former: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
-    """Work items for sockets whose policy is gone, handed to an ancestor's:
-    a socket without a record that carries ``former``'s values got them
-    from bpfkeep, not from its program."""
-
-    def make(target: Target, defaults: dict[str, int]) -> bpfmaps.SweepEntry:
-        e = apply_entry(target, defaults)
-        e.in_flags |= bpfmaps.SWI_FP
-        e.fp = bpfmaps.fingerprint(former)
-        return e
-
-    return make
-
-
-# TCP_WINDOW_CLAMP cannot go back to 0 ("none") once a socket listens: the
-# kernel accepts 0 only on a closed socket (tcp_set_window_clamp).  The
-# largest clamp is the same as none: an accepted socket's clamp is the
-# smaller of it and 65535 << the window scale, as without a clamp
-# (tcp_select_initial_window).
-NO_WINDOW_CLAMP = 2**31 - 1
-
-
-def undo_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
-    """Work items that take a detached policy's values off a socket: the
-    options the program did not set itself go back to the namespace's
-    defaults (keepalive off, no user timeout)."""
-    reset = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
-    if policy.maxseg:
-        reset["maxseg"] = 0
-    if policy.window_clamp:
-        reset["window_clamp"] = NO_WINDOW_CLAMP
-
-    def make(target: Target, defaults: dict[str, int]) -> bpfmaps.SweepEntry:
-        vals = {**reset, **{k: v for k, v in defaults.items() if k in reset}}
-        return bpfmaps.SweepEntry(
-            target.owner,
-            bpfmaps.SWEEP_UNDO,
-            bpfmaps.undo_flags(list(vals)) | bpfmaps.SWI_FP,
-            val=tuple(vals.get(o.key, 0) for o in bpfmaps.BPF_OPTIONS),
-            fp=bpfmaps.fingerprint(policy),
-        )
-
-    return make
-
-
-def keep_entry(policy: Policy) -> Callable[[Target, dict[str, int]], bpfmaps.SweepEntry]:
-    """Work items for a detached policy's connections: their values stay
-    (detach takes the policy off listeners only), but a socket without a
-    record gets one saying the values were bpfkeep's -- else a policy
-    attached later (a parent's, the same cgroup's again) would take them
-    for the program's own and leave them."""
-
-    def make(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
-        return bpfmaps.SweepEntry(
-            target.owner,
-            bpfmaps.SWEEP_UNDO,
-            bpfmaps.SWI_FP | bpfmaps.SWI_KEEP,
-            fp=bpfmaps.fingerprint(policy),
-        )
-
-    return make
-
-
-def read_entry(target: Target, _defaults: dict[str, int]) -> bpfmaps.SweepEntry:
-    return bpfmaps.SweepEntry(0, bpfmaps.SWEEP_READ)

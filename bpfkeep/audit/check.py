@@ -1,0 +1,118 @@
+"""The policy check (privileged): every socket under a bpfkeep policy, in
+every network namespace of the policy's processes, with the values in
+force read from the kernel by a read-only pass of the sweep program,
+against the policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bpfkeep.enforcer import Enforcer
+from bpfkeep.kernel.privileges import require_privileges
+from bpfkeep.kernel.sockdiag import state_name
+from bpfkeep.options import Policy, default_user_timeout
+from bpfkeep.progs import maps
+from bpfkeep.sweep import runs
+
+# What the check compares: the options that decide when a dead peer is
+# noticed.  (getsockopt(TCP_MAXSEG) reports the MSS in use, not the value
+# asked for, so it cannot be compared.)
+CHECKED = ("keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout")
+OK, OWN, OFF = "at-policy", "program's own (set mode)", "off-policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyCheck:
+    """One socket under a policy, with the values in force on it."""
+
+    netns: str
+    state: str
+    local: str
+    remote: str
+    cgroup_id: int
+    policy_cgroup: str  # the policy that covers it
+    mode: str
+    values: dict[str, int]  # read from the kernel (bpf_getsockopt); -1: unknown
+    verdict: str  # OK, OWN or OFF
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def verdict(policy: Policy, flags: int, entry: maps.SweepEntry) -> tuple[str, str]:
+    """Whether the values in force match the policy, and why not."""
+    vals = entry.values()
+    index = {o.key: i for i, o in enumerate(maps.BPF_OPTIONS)}
+    app = {k for k in CHECKED if entry.rec_app >> index[k] & 1}
+    want = {k: policy.value(k) for k in CHECKED if policy.value(k)}
+    if flags & maps.F_UT_DERIVED and app & {"keepidle", "keepintvl", "keepcnt"}:
+        # The user timeout follows the times in force (set by the program).
+        want["user_timeout"] = default_user_timeout(
+            vals["keepidle"], vals["keepintvl"], vals["keepcnt"]
+        )
+    if policy.mode == "enforce":
+        bad = [
+            k
+            for k, cap in want.items()
+            if (vals[k] != 1 if k == "keepalive" else not 0 < vals[k] <= cap)
+        ]
+        if not bad:
+            return OK, ""
+        return OFF, "above the policy's bound: " + ", ".join(f"{k}={vals[k]}" for k in bad)
+    differ = [k for k, v in want.items() if vals[k] != v]
+    if not differ:
+        return OK, ""
+    if set(differ) <= app:
+        return OWN, "set by the program: " + ", ".join(f"{k}={vals[k]}" for k in differ)
+    if entry.rec_owner == 0:
+        return OFF, (
+            "never reached by bpfkeep: made before the policy and not swept "
+            "(attached with --no-existing, or a kernel without the sweep)"
+        )
+    return OFF, "differs: " + ", ".join(f"{k}={vals[k]} (policy {want[k]})" for k in differ)
+
+
+def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]]:
+    """Every TCP socket under a bpfkeep policy, in every network namespace
+    its cgroup's processes live in, with the values in force read from the
+    kernel by a read-only pass of the sweep program.  Returns the checks
+    and the namespaces that could not be entered (with the reason).
+
+    Raises BpfkeepError without privileges or on a kernel without the sweep."""
+    require_privileges()
+    enf = Enforcer(pin_dir)
+    atts = {a.cgroup_id: a for a in enf.attachments() if a.cgroup and a.policy}
+    if not atts:
+        return [], {}
+    report = runs.read(enf.pins, [a.cgroup for a in atts.values()], set(atts))  # type: ignore[misc]
+    out = []
+    for o in report.outcomes:
+        att = atts.get(o.target.owner)
+        if att is None or not o.entry.result & maps.SWR_SEEN:
+            continue
+        v, why = verdict(att.policy, maps.policy_flags(att.policy), o.entry)
+        out.append(
+            PolicyCheck(
+                netns=o.netns,
+                state=state_name(o.target.state),
+                local=o.target.local,
+                remote=o.target.remote,
+                cgroup_id=o.target.cgroup_id,
+                policy_cgroup=att.cgroup.display,  # type: ignore[union-attr]
+                mode=att.policy.mode,  # type: ignore[union-attr]
+                values={k: o.entry.values()[k] for k in CHECKED},
+                verdict=v,
+                reason=why,
+            )
+        )
+    return out, report.unreachable
+
+
+def check_summary(checks: list[PolicyCheck]) -> dict[str, dict[str, int]]:
+    """policy cgroup -> counts of sockets by verdict."""
+    out: dict[str, dict[str, int]] = {}
+    for c in checks:
+        d = out.setdefault(c.policy_cgroup, {OK: 0, OWN: 0, OFF: 0})
+        d[c.verdict] += 1
+    return out

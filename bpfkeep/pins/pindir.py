@@ -1,0 +1,249 @@
+"""The pin directory: where everything bpfkeep attaches is kept, so that it
+outlives the process that made it.
+
+Layout (default /sys/fs/bpf/bpfkeep; bpffs refuses "." in names):
+
+    obj-V/prog_sockops, obj-V/prog_setsockopt   the programs, loaded once
+    obj-V/prog_sweep                            the sweep's iterator (5.15+)
+    obj-V/map_*                                 their maps (progs.loader.OBJECTS)
+    links/<cgroup id>_sockops                   bpf_links, one pair per cgroup
+    links/<cgroup id>_setsockopt
+
+V is a hash of the BPF sources (progs.header.source_version): a bpfkeep
+whose programs differ loads its own set and migrates (pins.migrate).
+Every bpfkeep process that writes takes the directory's lock (flock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
+
+from bpfkeep.errors import EnvironmentProblem, UsageError
+from bpfkeep.kernel import bpfsys
+from bpfkeep.kernel.privileges import bpffs_view, ensure_bpffs, is_bpffs
+from bpfkeep.progs import loader
+from bpfkeep.progs.header import source_version
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
+NAME_MAX = 255  # bytes per path component (include/uapi/linux/limits.h)
+# (name, attach type, pinned program) of each cgroup hook a policy needs.
+HOOKS = (
+    ("sockops", bpfsys.BPF_CGROUP_SOCK_OPS, loader.PROG_SOCKOPS),
+    ("setsockopt", bpfsys.BPF_CGROUP_SETSOCKOPT, loader.PROG_SETSOCKOPT),
+)
+HOOK_NAMES = tuple(h for h, _, _ in HOOKS)
+
+
+def fully_attached(hooks: Iterable[str]) -> bool:
+    """Whether these hooks (pinned or live) are every hook a policy needs."""
+    return set(HOOK_NAMES) <= set(hooks)
+
+
+def pin_dir_default() -> str:
+    return os.environ.get("BPFKEEP_PIN_DIR") or DEFAULT_PIN_DIR
+
+
+class PinDir:
+    """One pin directory: its paths, its lock, its objects and what is
+    pinned in it."""
+
+    def __init__(self, pin_dir: str | None = None, version: str | None = None):
+        self.pin_dir = bpffs_view(pin_dir or pin_dir_default())
+        self.version = version or source_version()
+        self.obj_dir = os.path.join(self.pin_dir, f"obj-{self.version}")
+        self.link_dir = os.path.join(self.pin_dir, "links")
+
+    # -- the directory -------------------------------------------------------
+
+    def check(self) -> None:
+        """One line naming the problem and the fix for a pin directory that
+        bpffs cannot hold, instead of an OSError from deep inside."""
+        fix = "choose another with --pin-dir or BPFKEEP_PIN_DIR"
+        where = f"pin directory {self.pin_dir}"
+        for part in self.pin_dir.split("/"):
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise UsageError(
+                    f"{where}: the name {part[:20]}... is {len(os.fsencode(part))} bytes, "
+                    f"longer than the {NAME_MAX} a file name may have; {fix}"
+                )
+        # The deepest part that exists must be a directory; what bpfkeep
+        # creates below it must be a name bpffs accepts (no ".": the kernel
+        # refuses it with EPERM, see bpf_lookup in kernel/bpf/inode.c).
+        path, to_make = self.pin_dir, []
+        while not os.path.lexists(path) and path != "/":
+            path, name = os.path.split(path)
+            to_make.append(name)
+        if not os.path.isdir(path):
+            raise UsageError(
+                f"{where}: {path} is not a directory (a pinned BPF program or map, or a "
+                f"file); {fix}"
+            )
+        dotted = [n for n in to_make if "." in n]
+        if dotted and is_bpffs(path):
+            raise UsageError(f"{where}: bpffs does not allow '.' in names ({dotted[-1]}); {fix}")
+
+    def error(self, e: OSError) -> Exception:
+        """An OSError about the directory, as the one line to show."""
+        self.check()  # raises when it can name the problem better
+        return EnvironmentProblem(f"pin directory {self.pin_dir}: {e.strerror or e}")
+
+    def make(self) -> None:
+        """bpffs mounted (if it simply is not yet), and the directories."""
+        self.check()
+        ensure_bpffs(self.pin_dir)
+        try:
+            os.makedirs(self.link_dir, exist_ok=True)
+        except OSError as e:
+            raise self.error(e) from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The directory's lock: every bpfkeep process that writes holds it."""
+        fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def objects(self, obj_dir: str | None = None) -> Iterator[dict[str, int]]:
+        """Open the pinned objects: name -> fd.  This version's set must be
+        complete; an older version's set (obj_dir given) may lack objects
+        added since, and callers look for what they need."""
+        fds: dict[str, int] = {}
+        try:
+            for name in (*loader.OBJECTS, loader.PROG_SWEEP):
+                path = os.path.join(obj_dir or self.obj_dir, name)
+                try:
+                    fds[name] = bpfsys.obj_get(path)
+                except OSError as e:
+                    optional = name == loader.PROG_SWEEP or obj_dir not in (None, self.obj_dir)
+                    if not (optional and e.errno == errno.ENOENT):
+                        raise
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def one(self, name: str) -> Iterator[int | None]:
+        """One of this version's pinned objects, or None if it is not there."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.obj_dir, name))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def link_path(self, cgroup_id: int, hook: str) -> str:
+        return os.path.join(self.link_dir, f"{cgroup_id}_{hook}")
+
+    # -- what is pinned ------------------------------------------------------
+
+    def obj_dirs(self) -> list[str]:
+        """Every pinned object set: the current version's and older ones."""
+        try:
+            names = os.listdir(self.pin_dir)
+        except FileNotFoundError:
+            return []
+        return [
+            os.path.join(self.pin_dir, n)
+            for n in sorted(names)
+            if n.startswith("obj-") and os.path.isdir(os.path.join(self.pin_dir, n))
+        ]
+
+    def objects_missing(self) -> list[str]:
+        """This version's pinned programs and maps that are not there."""
+        return [n for n in loader.OBJECTS if not os.path.exists(os.path.join(self.obj_dir, n))]
+
+    def link_pins(self) -> dict[int, set[str]]:
+        """Cgroup id -> hooks with a link pinned (one listing: cheap enough
+        for the daemon's periodic check that nothing was unpinned)."""
+        out: dict[int, set[str]] = {}
+        try:
+            names = os.listdir(self.link_dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            stem, _, hook = name.partition("_")
+            if stem.isdigit() and hook in HOOK_NAMES:
+                out.setdefault(int(stem), set()).add(hook)
+        return out
+
+    def pinned_ids(self) -> set[int]:
+        """Cgroup ids with bpfkeep links pinned (alive or not)."""
+        return set(self.link_pins())
+
+    def pinned_hooks(self, cgroup_id: int) -> set[str]:
+        """Hooks of one cgroup with a link pinned."""
+        return {h for h in HOOK_NAMES if os.path.exists(self.link_path(cgroup_id, h))}
+
+    def link_progs(self, cgroup_id: int) -> dict[str, tuple[int, int]]:
+        """hook -> (link id, program id) of the live links of a cgroup (a
+        link whose cgroup was removed reports another cgroup id: not live)."""
+        out = {}
+        for hook in HOOK_NAMES:
+            try:
+                fd = bpfsys.obj_get(self.link_path(cgroup_id, hook))
+            except OSError:
+                continue
+            try:
+                _, lid, pid, link_cg, _ = bpfsys.link_info(fd)
+            finally:
+                os.close(fd)
+            if link_cg == cgroup_id:
+                out[hook] = (lid, pid)
+        return out
+
+    def live_ids(self) -> set[int]:
+        """Cgroup ids whose bpfkeep links are all attached."""
+        return {i for i in self.pinned_ids() if fully_attached(self.link_progs(i))}
+
+    def prog_owners(self) -> dict[int, str]:
+        """Program id -> the object directory it is pinned in."""
+        owners = {}
+        for obj_dir in self.obj_dirs():
+            for _, _, prog in HOOKS:
+                with contextlib.suppress(OSError):
+                    fd = bpfsys.obj_get(os.path.join(obj_dir, prog))
+                    try:
+                        owners[bpfsys.prog_id(fd)] = obj_dir
+                    finally:
+                        os.close(fd)
+        return owners
+
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of this version's loaded programs, by hook (to tell
+        ours from others')."""
+        ids = {}
+        for hook, _, prog in HOOKS:
+            with self.one(prog) as fd:
+                if fd is not None:
+                    ids[hook] = bpfsys.prog_id(fd)
+        return ids
+
+    def remove(self) -> None:
+        """Unpin what is left and remove the directory (after every link was
+        detached): leftovers of a killed loader included."""
+        for sub in (self.link_dir, *self.obj_dirs()):
+            if os.path.isdir(sub):
+                for name in os.listdir(sub):
+                    os.unlink(os.path.join(sub, name))
+                os.rmdir(sub)
+        for name in os.listdir(self.pin_dir):
+            path = os.path.join(self.pin_dir, name)
+            if os.path.isdir(path):
+                for n in os.listdir(path):
+                    os.unlink(os.path.join(path, n))
+                os.rmdir(path)
+        os.rmdir(self.pin_dir)

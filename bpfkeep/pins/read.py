@@ -1,0 +1,158 @@
+"""Reading the attachments back from bpffs and the kernel: what ``status``
+shows, what the daemon adopts and compares, what the metrics count.
+Everything here is right after any restart of any bpfkeep process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterable
+
+from bpfkeep.kernel import bpfsys
+from bpfkeep.kernel.cgroups import Cgroup, by_ids, cgroup2_mount
+from bpfkeep.options import Policy
+from bpfkeep.pins.attach import key_of
+from bpfkeep.pins.pindir import PinDir
+from bpfkeep.progs import loader, maps
+
+
+@dataclasses.dataclass
+class Attachment:
+    cgroup_id: int
+    cgroup: Cgroup | None  # None: the cgroup was removed
+    policy: Policy | None
+    counters: maps.Counters | None
+    link_ids: dict[str, int]
+    prog_ids: dict[str, int]
+    managed: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cgroup": self.cgroup.display if self.cgroup else None,
+            "cgroup_id": self.cgroup_id,
+            "policy": self.policy.as_dict() if self.policy else None,
+            "counters": self.counters.as_dict() if self.counters else None,
+            "links": self.link_ids,
+            "programs": self.prog_ids,
+            "managed_by_daemon": self.managed,
+        }
+
+
+def counters(map_fd: int, cgroup_id: int) -> maps.Counters | None:
+    """One cgroup's per-CPU counters, summed; None if it has none."""
+    with contextlib.suppress(OSError):
+        raw = bpfsys.map_lookup(
+            map_fd, key_of(cgroup_id), maps.percpu_value_size(maps.COUNTERS_SIZE)
+        )
+        if raw is not None:
+            return maps.decode_counters(raw)
+    return None
+
+
+def sweepstats(map_fd: int, cgroup_id: int) -> maps.SweepStats | None:
+    with contextlib.suppress(OSError):
+        raw = bpfsys.map_lookup(map_fd, key_of(cgroup_id), maps.SWEEPSTATS_SIZE)
+        if raw is not None:
+            return maps.SweepStats.decode(raw)
+    return None
+
+
+def policy_value(pins: PinDir, cgroup_id: int) -> bytes | None:
+    """One cgroup's raw entry in this version's policy hash, or None."""
+    with pins.one(loader.MAP_POLICIES) as fd:
+        if fd is None:
+            return None
+        return bpfsys.map_lookup(fd, key_of(cgroup_id), maps.POLICY_SIZE)
+
+
+def policy_values(pins: PinDir) -> dict[int, bytes]:
+    """Cgroup id -> raw bk_policy for every entry of this version's policy
+    hash, read in one BPF_MAP_LOOKUP_BATCH per 4,096 entries (two bpf()
+    calls an entry before)."""
+    with pins.one(loader.MAP_POLICIES) as fd:
+        if fd is None:
+            return {}
+        items = bpfsys.map_items(fd, 8, maps.POLICY_SIZE)
+    return {int.from_bytes(k, sys.byteorder): v for k, v in items}
+
+
+def storage_values(pins: PinDir, ids: Iterable[int]) -> dict[int, bytes]:
+    """Cgroup id -> raw bk_policy in each cgroup's own storage, what its
+    programs read (one lookup each: cgroup storage has no batch
+    operations).  A cgroup without bpfkeep programs has none."""
+    out = {}
+    with pins.one(loader.MAP_POLICY) as fd:
+        if fd is None:
+            return {}
+        for i in ids:
+            with contextlib.suppress(OSError):
+                raw = bpfsys.map_lookup(fd, key_of(i), maps.POLICY_SIZE)
+                if raw is not None:
+                    out[i] = raw
+    return out
+
+
+def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
+    """Counters of these cgroups (this version's maps).  The kernel frees a
+    cgroup's storage with its last bpfkeep link, so a missing entry also
+    means the policy is no longer attached."""
+    found = {}
+    with pins.one(loader.MAP_COUNTERS) as fd, pins.one(loader.MAP_SWEEPSTATS) as sfd:
+        if fd is None:
+            return {}
+        for i in ids:
+            c = counters(fd, i)
+            if c is not None:
+                c.sweep = sweepstats(sfd, i) if sfd is not None else None
+                found[i] = c
+    return found
+
+
+def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
+    """Every cgroup with a bpfkeep policy, read from bpffs and the kernel,
+    whichever program version it is attached with.  ``paths`` saves the
+    walk of the cgroup tree when the caller already knows where the
+    cgroups are (the daemon)."""
+    ids = sorted(pins.pinned_ids())
+    if not ids:
+        return []
+    cgs = dict(paths or {})
+    missing = [i for i in ids if i not in cgs]
+    if missing:
+        cgs.update(by_ids(missing, cgroup2_mount()))
+    out = []
+    owners = pins.prog_owners()
+    with contextlib.ExitStack() as stack:
+        opened: dict[str, dict[str, int] | None] = {}
+
+        def objects_of(obj_dir: str | None) -> dict[str, int] | None:
+            if obj_dir is None:
+                return None
+            if obj_dir not in opened:
+                try:
+                    opened[obj_dir] = stack.enter_context(pins.objects(obj_dir))
+                except OSError:
+                    opened[obj_dir] = None
+            return opened[obj_dir]
+
+        for cg_id in ids:
+            lp = pins.link_progs(cg_id)
+            links = {h: lid for h, (lid, _) in lp.items()}
+            progs = {h: pid for h, (_, pid) in lp.items()}
+            owner = next((owners.get(p) for p in progs.values() if p in owners), None)
+            objs = objects_of(owner or (pins.obj_dir if not lp else None))
+            policy = found = None
+            managed = False
+            if objs is not None:
+                size = bpfsys.map_info(objs[loader.MAP_POLICIES])[3]
+                raw = bpfsys.map_lookup(objs[loader.MAP_POLICIES], key_of(cg_id), size)
+                decoded = maps.decode_any_policy(raw) if raw is not None else None
+                if decoded is not None:
+                    _, flags, policy = decoded
+                    managed = bool(flags & maps.F_MANAGED)
+                found = counters(objs[loader.MAP_COUNTERS], cg_id)
+                if found is not None and loader.MAP_SWEEPSTATS in objs:
+                    found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
+            out.append(Attachment(cg_id, cgs.get(cg_id), policy, found, links, progs, managed))
+    return out

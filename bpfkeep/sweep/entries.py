@@ -1,0 +1,87 @@
+"""The sweep's work items (``struct bk_sweep``): what the iterator is to do
+with each target socket, made from the target and the namespace's
+keepalive sysctls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bpfkeep.kernel.sockdiag import SYN_SENT
+from bpfkeep.options import Policy
+from bpfkeep.progs import maps
+from bpfkeep.sweep.engine import Target
+
+Make = Callable[[Target, dict[str, int]], maps.SweepEntry]
+
+
+def apply_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
+    flags = maps.SWI_SYN_SENT if target.state == SYN_SENT else 0
+    flags |= maps.SWI_HELD if target.held else 0
+    return maps.SweepEntry(target.owner, maps.SWEEP_APPLY, flags)
+
+
+def handover_entry(former: Policy) -> Make:
+    """Work items for sockets whose policy is gone, handed to an ancestor's:
+    a socket without a record that carries ``former``'s values got them
+    from bpfkeep, not from its program."""
+
+    def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
+        e = apply_entry(target, defaults)
+        e.in_flags |= maps.SWI_FP
+        e.fp = maps.fingerprint(former)
+        return e
+
+    return make
+
+
+# TCP_WINDOW_CLAMP cannot go back to 0 ("none") once a socket listens: the
+# kernel accepts 0 only on a closed socket (tcp_set_window_clamp).  The
+# largest clamp is the same as none: an accepted socket's clamp is the
+# smaller of it and 65535 << the window scale, as without a clamp
+# (tcp_select_initial_window).
+NO_WINDOW_CLAMP = 2**31 - 1
+
+
+def undo_entry(policy: Policy) -> Make:
+    """Work items that take a detached policy's values off a socket: the
+    options the program did not set itself go back to the namespace's
+    defaults (keepalive off, no user timeout)."""
+    reset = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
+    if policy.maxseg:
+        reset["maxseg"] = 0
+    if policy.window_clamp:
+        reset["window_clamp"] = NO_WINDOW_CLAMP
+
+    def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
+        vals = {**reset, **{k: v for k, v in defaults.items() if k in reset}}
+        return maps.SweepEntry(
+            target.owner,
+            maps.SWEEP_UNDO,
+            maps.undo_flags(list(vals)) | maps.SWI_FP,
+            val=tuple(vals.get(o.key, 0) for o in maps.BPF_OPTIONS),
+            fp=maps.fingerprint(policy),
+        )
+
+    return make
+
+
+def keep_entry(policy: Policy) -> Make:
+    """Work items for a detached policy's connections: their values stay
+    (detach takes the policy off listeners only), but a socket without a
+    record gets one saying the values were bpfkeep's -- else a policy
+    attached later (a parent's, the same cgroup's again) would take them
+    for the program's own and leave them."""
+
+    def make(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
+        return maps.SweepEntry(
+            target.owner,
+            maps.SWEEP_UNDO,
+            maps.SWI_FP | maps.SWI_KEEP,
+            fp=maps.fingerprint(policy),
+        )
+
+    return make
+
+
+def read_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
+    return maps.SweepEntry(0, maps.SWEEP_READ)
