@@ -9,6 +9,7 @@ from it (``python -m bpfkeep.options``) and a test keeps them in sync.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 import sys
 from collections.abc import Mapping
@@ -437,8 +438,6 @@ GENERATED = {"bpf/bpfkeep_options.h": "BPFKEEP_OPTIONS_H"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pathlib
-
     root = pathlib.Path(argv[0] if argv else ".")
     for rel, guard in GENERATED.items():
         (root / rel).write_text(c_header(guard))

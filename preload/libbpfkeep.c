@@ -38,7 +38,7 @@ typedef int (*dup2_fn)(int, int);
 typedef int (*dup3_fn)(int, int, int);
 
 /* Written once under bk_once, read-only afterwards. */
-static struct bk_policy bk_policy;
+static struct bk_shim_policy bk_shim;
 static connect_fn real_connect;
 static listen_fn real_listen;
 static socket_fn real_socket;
@@ -122,7 +122,7 @@ static void *lookup(const char *name)
 	void *sym = dlsym(RTLD_NEXT, name);
 #endif
 	if (!sym)
-		bk_debug(&bk_policy,
+		bk_debug(&bk_shim,
 			 "dlsym(RTLD_NEXT, \"%s\") failed: making "
 			 "the system call directly",
 			 name);
@@ -133,7 +133,7 @@ static void bk_init(void)
 {
 	int saved = errno;
 
-	bk_policy_load(&bk_policy);
+	bk_shim_policy_load(&bk_shim);
 	real_connect = (connect_fn)lookup("connect");
 	real_listen = (listen_fn)lookup("listen");
 	real_socket = (socket_fn)lookup("socket");
@@ -173,11 +173,11 @@ int bk_real_setsockopt(int fd, int level, int optname, const void *optval,
 static void bk_before(int fd, unsigned hook, int side)
 {
 	bk_ready();
-	if (bk_policy.hooks & hook) {
+	if (bk_shim.hooks & hook) {
 		int saved = errno;
 
 		if (bk_want(fd))
-			bk_apply(&bk_policy, fd, side);
+			bk_apply(&bk_shim, fd, side);
 		errno = saved;
 	}
 }
@@ -243,10 +243,10 @@ BK_EXPORT int socket(int domain, int type, int protocol)
 		bool tcp = bk_is_tcp_args(domain, type, protocol);
 
 		bk_set_fresh(fd, tcp);
-		if (tcp && (bk_policy.hooks & BK_HOOK_SOCKET)) {
+		if (tcp && (bk_shim.hooks & BK_HOOK_SOCKET)) {
 			int saved = errno;
 
-			bk_apply(&bk_policy, fd, BK_AT_SOCKET);
+			bk_apply(&bk_shim, fd, BK_AT_SOCKET);
 			errno = saved;
 		}
 	}
@@ -290,10 +290,10 @@ BK_EXPORT int setsockopt(int fd, int level, int optname, const void *optval,
 	int capped;
 
 	bk_ready();
-	if (bk_policy.enforce) {
+	if (bk_shim.enforce) {
 		int saved = errno;
-		bool rewrite = bk_enforce(&bk_policy, fd, level, optname,
-					  optval, optlen, &capped);
+		bool rewrite = bk_enforce(&bk_shim, fd, level, optname, optval,
+					  optlen, &capped);
 
 		errno = saved;
 		if (rewrite) {

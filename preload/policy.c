@@ -24,7 +24,7 @@
 #include "policy.h"
 
 /* Table default -1: TCP_USER_TIMEOUT is derived from the keepalive
- * values.  Also the value stored in bk_policy.value[] when that has to be
+ * values.  Also the value stored in bk_shim_policy.value[] when that has to be
  * done per socket. */
 #define BK_DERIVED (-1)
 
@@ -64,7 +64,7 @@ static const struct bk_option bk_options[BK_NOPT] = {
 	BK_OPTION_TABLE(BK_OPTION)};
 #undef BK_OPTION
 
-void bk_debug(const struct bk_policy *p, const char *fmt, ...)
+void bk_debug(const struct bk_shim_policy *p, const char *fmt, ...)
 {
 	char buf[512];
 	va_list ap;
@@ -114,7 +114,7 @@ static void describe_default(const struct bk_option *o, char *buf, size_t len)
 }
 
 /* The value of option `id` from the environment, or its default. */
-static int load_option(const struct bk_policy *p, int id)
+static int load_option(const struct bk_shim_policy *p, int id)
 {
 	const struct bk_option *o = &bk_options[id];
 	const char *names[BK_NENV + 1] = {o->env[0], o->env[1], o->env[2],
@@ -161,7 +161,7 @@ static int derive_user_timeout(long idle, long intvl, long cnt)
 	return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
-static int env_truthy(const struct bk_policy *p, const char *name)
+static int env_truthy(const struct bk_shim_policy *p, const char *name)
 {
 	static const char *const yes[] = {"1", "yes", "true", "on", "enforce"};
 	static const char *const no[] = {"", "0", "no", "false", "off"};
@@ -183,7 +183,7 @@ static int env_truthy(const struct bk_policy *p, const char *name)
 /* BPFKEEP_HOOK: a list of connect, listen, socket separated by commas,
  * colons or blanks.  Unset, empty or nothing valid: connect,listen.  One
  * debug line at most. */
-static unsigned parse_hooks(const struct bk_policy *p)
+static unsigned parse_hooks(const struct bk_shim_policy *p)
 {
 	static const struct {
 		const char *name;
@@ -225,7 +225,7 @@ static unsigned parse_hooks(const struct bk_policy *p)
 	return hooks ? hooks : BK_HOOK_DEFAULT;
 }
 
-void bk_policy_load(struct bk_policy *p)
+void bk_shim_policy_load(struct bk_shim_policy *p)
 {
 	const char *legacy;
 	int *v = p->value;
@@ -306,7 +306,7 @@ bool bk_is_tcp_args(int domain, int type, int protocol)
 }
 
 /* The policy's value of option id for socket fd; 0: not set. */
-static int effective(const struct bk_policy *p, int fd, int id)
+static int effective(const struct bk_shim_policy *p, int fd, int id)
 {
 	static const int keep[] = {BK_OPT_KEEPIDLE, BK_OPT_KEEPINTVL,
 				   BK_OPT_KEEPCNT};
@@ -324,7 +324,7 @@ static int effective(const struct bk_policy *p, int fd, int id)
 	return derive_user_timeout(k[0], k[1], k[2]);
 }
 
-static void apply_one(const struct bk_policy *p, int fd, int id, int at)
+static void apply_one(const struct bk_shim_policy *p, int fd, int id, int at)
 {
 	const struct bk_option *o = &bk_options[id];
 	int v;
@@ -339,7 +339,7 @@ static void apply_one(const struct bk_policy *p, int fd, int id, int at)
 			 strerror(errno));
 }
 
-void bk_apply(const struct bk_policy *p, int fd, int at)
+void bk_apply(const struct bk_shim_policy *p, int fd, int at)
 {
 	for (int id = 0; id < BK_NOPT; id++)
 		if (id != BK_OPT_KEEPALIVE)
@@ -369,7 +369,7 @@ static bool read_app_int(const void *optval, int *out)
 	       (ssize_t)sizeof(*out);
 }
 
-bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
+bool bk_enforce(const struct bk_shim_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out)
 {
 	const struct bk_option *o = NULL;

@@ -26,7 +26,7 @@
 #define BK_HOOK_DEFAULT (BK_HOOK_CONNECT | BK_HOOK_LISTEN)
 
 /* The environment, parsed once at load time.  Nothing is allocated. */
-struct bk_policy {
+struct bk_shim_policy {
 	/* Per option id, in the option's unit (see bpfkeep_options.h).
 	 * 0: leave the kernel default (the option is not set at all).
 	 * -1 (value[BK_OPT_USER_TIMEOUT] only): derive it for each socket,
@@ -40,7 +40,7 @@ struct bk_policy {
 
 /* Fill *p from the process environment; report bad values when debug is
  * on.  Called once, from the library constructor (or the first wrapper). */
-void bk_policy_load(struct bk_policy *p);
+void bk_shim_policy_load(struct bk_shim_policy *p);
 
 /* True for an AF_INET/AF_INET6 SOCK_STREAM IPPROTO_TCP socket (asks the
  * kernel: SO_TYPE, SO_DOMAIN, SO_PROTOCOL).  False for anything else,
@@ -65,19 +65,19 @@ bool bk_is_tcp_args(int domain, int type, int protocol);
  * BK_SIDE_LISTEN or BK_AT_SOCKET): TCP_* first, SO_KEEPALIVE last.  The
  * caller has checked that fd is TCP.  Failures are reported (debug) and
  * otherwise ignored; errno is clobbered, the caller restores it. */
-void bk_apply(const struct bk_policy *p, int fd, int at);
+void bk_apply(const struct bk_shim_policy *p, int fd, int at);
 
 /* Enforce mode: if the application's setsockopt(fd, level, optname,
  * optval, optlen) would weaken the policy (SO_KEEPALIVE 0, or
  * TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT above the
  * policy's value), store the value to use in *out and return true.
  * errno is clobbered. */
-bool bk_enforce(const struct bk_policy *p, int fd, int level, int optname,
+bool bk_enforce(const struct bk_shim_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out);
 
 /* One "libbpfkeep: ..." line on stderr when debug is on; write(2) of a
  * stack buffer, no stdio, no allocation. */
-void bk_debug(const struct bk_policy *p, const char *fmt, ...)
+void bk_debug(const struct bk_shim_policy *p, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
 /* The real setsockopt, provided by libbpfkeep.c: the wrapper must not see

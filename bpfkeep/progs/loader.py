@@ -47,6 +47,8 @@ BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
 
 def _compile_and_pin(obj_dir: str) -> None:
     try:
+        # Here only: bcc brings LLVM (~74 MB imported, ~190 MB compiling),
+        # which must never live in the CLI or the daemon.
         from bcc import BPF, BPFAttachType
         from bcc.libbcc import lib as libbcc
     except ImportError:
