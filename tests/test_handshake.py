@@ -1,7 +1,7 @@
 """TCP_SYNCNT and TCP_USER_TIMEOUT together on a handshake to a blackholed
 peer (issue 10): which one decides when connect() gives up.
 
-The numbers in README.md and in --help of --syncnt / --user-timeout come
+The numbers in docs/how-it-works.md and in --help of --syncnt / --user-timeout come
 from this test.  The SYN count is read from the client namespace's own
 counters (TCPSynRetrans); the time is printed, never asserted.
 """
