@@ -49,11 +49,107 @@
 struct bk_policy {
 	__u64 cgroup_id; /* the cgroup this policy is attached to */
 	__u32 flags;
-	__u32 gen;   /* changes whenever the values or the mode change */
+	__u32 gen;   /* changes whenever the values, the mode or the peer
+		      * rules change */
 	__u32 level; /* depth of the cgroup below the cgroup2 root */
 	__u32 val[BK_NOPT_BPF];
 	__u32 prev[BK_NFP]; /* BK_F_PREV: what sockets carried before */
 	__u32 pad;
+	__u64 peers;	  /* its peer rules: a set in bk_peers and bk_rules,
+			   * named by a hash of its content; 0: none */
+	__u64 prev_peers; /* BK_F_PREV: the set sockets were configured by */
+};
+
+/* --- Peer rules ------------------------------------------------------------
+ *
+ * A set of peer rules (shared by every policy with the same rules) is
+ * flattened by userspace into an LPM trie: for each prefix a rule names,
+ * the port ranges to try there, most specific first, each naming a rule of
+ * the set (bpfkeep/peers.py, flatten).  The longest prefix that contains
+ * the peer's address decides; no port range matching there: the policy's
+ * own values.  IPv4 peers are looked up as ::ffff:a.b.c.d. */
+#define BK_PEER_PORTS 9	  /* port ranges per prefix (8 port rules + 1 any) */
+#define BK_PEER_NAME 256  /* bytes of a rule's name (its address as written) */
+#define BK_MAX_PEER_PREFIXES 65536
+#define BK_MAX_PEER_RULES 65536
+
+/* The trie's key: prefixlen counts the bits of set and addr that must
+ * match (64 for the set, then the address's prefix). */
+struct bk_peer_key {
+	__u32 prefixlen;
+	__u8 set[8]; /* the set's id (bk_policy.peers), native byte order */
+	__u8 addr[16];
+};
+
+struct bk_peer {
+	__u16 lo[BK_PEER_PORTS]; /* port range, host byte order */
+	__u16 hi[BK_PEER_PORTS];
+	__u16 rule[BK_PEER_PORTS]; /* rule number in the set, from 1 */
+	__u16 n;		   /* ranges used */
+};
+
+struct bk_rule_key {
+	__u64 set;
+	__u32 rule;
+	__u32 pad;
+};
+
+/* bk_rule.flags (BK_F_ENFORCE and BK_F_UT_DERIVED as in bk_policy) */
+#define BK_R_EXEMPT 0x100 /* leave these connections as the program made them */
+
+struct bk_rule {
+	__u32 flags;
+	__u32 tag; /* a hash of the rule's label: what its losses are counted by */
+	__u32 val[BK_NOPT_BPF];
+	__u16 lo; /* its port range (0-0: any port), for userspace */
+	__u16 hi;
+	__u8 name[BK_PEER_NAME]; /* its address as written, for userspace */
+};
+
+/* --- Lost connections ------------------------------------------------------
+ *
+ * Counted when the kernel ends a connection of a policy in error (the
+ * inet_sk_error_report tracepoint), by the reason, and how long the
+ * connection had been idle.  The names after BK_LOSS_ are the metric's
+ * reason labels. */
+#define BK_LOSS_KEEPALIVE 0	/* keepalive probes unanswered: a dead peer */
+#define BK_LOSS_USER_TIMEOUT 1	/* data unacknowledged past TCP_USER_TIMEOUT */
+#define BK_LOSS_RETRANSMITS 2	/* the kernel's own retry limit (tcp_retries2) */
+#define BK_LOSS_RESET 3		/* a RST from the peer or a middlebox */
+#define BK_NLOSS 4
+#define BK_NIDLE 16 /* idle-time histogram buckets (bounds: bk_config) */
+
+struct bk_loss_key {
+	__u64 owner; /* cgroup id of the policy */
+	__u32 tag;   /* bk_rule.tag of the peer rule; 0: the policy's own */
+	__u32 pad;
+};
+
+struct bk_losses {
+	__u64 lost[BK_NLOSS];
+	__u64 idle[BK_NIDLE]; /* losses per idle bucket (not cumulative) */
+	__u64 idle_ms;	      /* sum of the idle times */
+};
+
+/* Written once by userspace when the programs are loaded. */
+struct bk_config {
+	__u32 hz;	       /* the kernel's jiffies per second */
+	__u32 nidle;	       /* bounds used in idle_le_ms[] */
+	__u32 idle_le_ms[BK_NIDLE]; /* upper bound of each idle bucket */
+};
+
+/* One loss, for the daemon (a ring buffer): what the learning of idle
+ * limits reads. */
+struct bk_loss_event {
+	__u64 owner;
+	__u32 tag;
+	__u32 reason;	    /* BK_LOSS_* */
+	__u32 idle_ms;	    /* no data either way before the loss */
+	__u32 path_idle_ms; /* nothing heard from the peer before it */
+	__u32 keepidle;	    /* s, in force on the socket (0: the sysctl) */
+	__u16 port;	    /* the peer's, host byte order */
+	__u16 pad;
+	__u8 addr[16]; /* the peer's, IPv4 mapped */
 };
 
 /* What bpfkeep knows about one socket, where the socket's values alone
@@ -126,6 +222,7 @@ struct bk_counters {
 #define BK_SWR_NO_POLICY 0x4  /* the owner has no active policy */
 #define BK_SWR_NO_STORAGE 0x8 /* no room for the socket's record */
 #define BK_SWR_CURRENT 0x10   /* already carried this policy: untouched */
+#define BK_SWR_EXEMPT 0x20    /* its peer is exempt: left as it is */
 
 struct bk_sweep {
 	__u64 owner;	 /* in: cgroup id of the policy (APPLY, UNDO) */
@@ -143,6 +240,12 @@ struct bk_sweep {
 	__u32 fp[BK_NFP];	/* in (BK_SWI_FP): keepalive values a socket
 				 * without a record got from bpfkeep: the
 				 * detached policy's (UNDO), a former owner's */
+	__u8 peer[16];		/* in: the peer's address (IPv4 mapped), whose
+				 * peer rule applies */
+	__u16 port;		/* in: the peer's port */
+	__u16 rule;		/* out: the peer rule applied (0: the policy's
+				 * own values) */
+	__u32 pad;
 };
 
 /* Sweep counters of one policy (hash by cgroup id; atomic adds). */
@@ -158,6 +261,7 @@ struct bk_sweepstats {
 #define BK_MAX_DEPTH 1024
 
 #define BK_MAX_POLICIES 16384
+#define BK_MAX_LOSS_KEYS 65536
 #define BK_MAX_SWEEP 65536 /* sockets per sweep batch */
 
 #endif /* BPFKEEP_H */

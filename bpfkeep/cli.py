@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from bpfkeep import __version__, config, containers, daemon, doctor, runner
+from bpfkeep import __version__, config, containers, daemon, doctor, peers, runner
 from bpfkeep.audit import command as audit
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError, PermissionProblem, UsageError
@@ -59,12 +59,31 @@ def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -
         help="set (default): applications may change the values afterwards; enforce: "
         "they cannot turn keepalive off or raise the times above the policy",
     )
+    g.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="ADDRESS[,port=P][,KEY=VALUE]...",
+        help="other values for the connections to these peers (a CIDR, an address or a "
+        "host name; the most specific rule wins), or ADDRESS,exempt to leave them as the "
+        "program made them; repeatable, e.g. --peer 10.20.0.0/16,keepidle=300",
+    )
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    values = {o.key: getattr(args, o.key, None) for o in TUNABLE}
+    values: dict[str, object] = {o.key: getattr(args, o.key, None) for o in TUNABLE}
     values["mode"] = args.mode or "set"
-    return Policy.from_mapping(values)
+    policy = Policy.from_mapping(values)
+    specs = getattr(args, "peer", None) or []
+    if not specs:
+        return policy
+    given = {k: v for k, v in values.items() if v is not None}
+    rules = peers.build(
+        given,
+        [peers.parse_spec(s) for s in specs],
+        where=lambda j, key: f"--peer {specs[j]}: {key}",
+    )
+    return policy.with_peers(rules)
 
 
 def _add_workload_arguments(p: argparse.ArgumentParser, group) -> None:
@@ -217,6 +236,17 @@ def _fmt_policy(pol: Policy) -> str:
     return " ".join(parts)
 
 
+def _fmt_peer(p: peers.Peer) -> str:
+    what = "exempt" if p.policy is None else _fmt_policy(p.policy)
+    if p.policy is not None and p.policy.mode == "enforce":
+        what += " mode=enforce"
+    shown = [peers.show_network(n) for n in p.networks]
+    at = ""
+    if p.is_name:
+        at = f" ({', '.join(shown)})" if shown else " (not resolved)"
+    return f"{p.label}{at}: {what}"
+
+
 def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
     if not has_bpf_privileges():
         raise PermissionProblem(
@@ -238,6 +268,17 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
         print(f"{name}  id={a.cgroup_id}  mode={mode}", file=out)
         if a.policy:
             print(f"  policy:    {_fmt_policy(a.policy)}", file=out)
+            for p in a.policy.peers:
+                print(f"  peer:      {_fmt_peer(p)}", file=out)
+        for peer, ls in sorted(a.losses.items()):
+            reasons = " ".join(f"{r}={n}" for r, n in ls.lost.items() if n)
+            total = sum(ls.lost.values())
+            mean = ls.idle_seconds / total if total else 0.0
+            print(
+                f"  lost:      {peer}: {reasons or '-'} (idle before the loss: "
+                f"{mean:.0f} s on average)",
+                file=out,
+            )
         c = a.counters
         if c:
             seen = " ".join(f"{k}={v}" for k, v in c.seen.items())

@@ -19,15 +19,17 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from bpfkeep import containers
+from bpfkeep import containers, peers
 from bpfkeep.errors import UsageError
 from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
 
 DEFAULT_LISTEN = ("127.0.0.1", 9977)
 WORKLOAD_KEYS = ("container", "labels", "pod")  # a rule names workloads instead of a cgroup
-POLICY_KEYS = {"cgroup", "mode", "existing", *WORKLOAD_KEYS} | {o.key for o in TUNABLE if o.bpf}
+POLICY_KEYS = {"cgroup", "mode", "existing", "peer", *WORKLOAD_KEYS} | {
+    o.key for o in TUNABLE if o.bpf
+}
 SECTIONS = {"metrics", "daemon", "policy", "containers"}
 # [metrics] workload_labels: which workload labels the per-cgroup series carry.
 WORKLOAD_LABELS = ("container", "namespace", "none")
@@ -375,11 +377,18 @@ class _Lines:
         self.scans = 0  # passes over the text (the tests count them)
 
     @functools.cached_property
-    def _index(self) -> tuple[dict[str, int], dict[str, dict[str, int]], list[dict[str, int]]]:
+    def _index(
+        self,
+    ) -> tuple[
+        dict[str, int], dict[str, dict[str, int]], list[dict[str, int]], list[list[dict[str, int]]]
+    ]:
         self.scans += 1
         top: dict[str, int] = {}  # top-level keys and table names
         tables: dict[str, dict[str, int]] = {}  # [name] -> key -> line
         policies: list[dict[str, int]] = []  # [[policy]] n -> key -> line ("": header)
+        peer_lines: list[
+            list[dict[str, int]]
+        ] = []  # [[policy]] n -> [[policy.peer]] m -> key -> line
         anywhere: dict[str, int] = {}
         current = top
         # Lines as TOML counts them: \n only (splitlines() also breaks at
@@ -392,6 +401,12 @@ class _Lines:
                 if names == ["policy"] and h.group(1) == "[[":
                     current = {"": n}
                     policies.append(current)
+                    peer_lines.append([])
+                    continue
+                if names == ["policy", "peer"] and h.group(1) == "[[" and policies:
+                    policies[-1].setdefault("peer", n)
+                    current = {"": n}
+                    peer_lines[-1].append(current)
                     continue
                 parent = policies[-1] if names[0] == "policy" and policies else None
                 if parent is None:
@@ -408,15 +423,19 @@ class _Lines:
                 current.setdefault(key, n)
                 anywhere.setdefault(key, n)
         tables[""] = anywhere
-        return top, tables, policies
+        return top, tables, policies, peer_lines
 
-    def line(self, key: str, table: str | None = None, index: int | None = None) -> int | None:
-        top, tables, policies = self._index
+    def line(
+        self, key: str, table: str | None = None, index: int | None = None, peer: int | None = None
+    ) -> int | None:
+        top, tables, policies, peer_lines = self._index
         if table is None:
             return top.get(key)
         if table == "policy" and index is not None:
             if index >= len(policies):
                 return None  # written as an inline array
+            if peer is not None and peer < len(peer_lines[index]):
+                return peer_lines[index][peer].get(key) or peer_lines[index][peer][""]
             return policies[index].get(key) or policies[index][""]
         return tables.get(table, {}).get(key) or tables[""].get(key)
 
@@ -441,9 +460,14 @@ class _Where:
         self.lines = _Lines(text)
 
     def __call__(
-        self, key: str, name: str, table: str | None = None, index: int | None = None
+        self,
+        key: str,
+        name: str,
+        table: str | None = None,
+        index: int | None = None,
+        peer: int | None = None,
     ) -> str:
-        line = self.lines.line(key, table, index)
+        line = self.lines.line(key, table, index, peer)
         at = f":{line}" if line else ""
         return f"{self.path}{at}: {name}"
 
@@ -674,7 +698,7 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
     values: dict[str, object] = {}
     existing = True
     for key, value in table.items():
-        if key == "cgroup" or key in WORKLOAD_KEYS:
+        if key in ("cgroup", "peer") or key in WORKLOAD_KEYS:
             continue
         if key == "mode":
             if value not in ("set", "enforce"):
@@ -696,15 +720,38 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
             raise ConfigError(f"{at(key)}: {str(e).partition(': ')[2]}") from None
     # 10,000 [[policy]] tables with the same values are one Policy object,
     # built once (the daemon keeps one per cgroup).
-    memo = tuple(sorted(values.items()))
+    peer_tables = _peer_tables(at, table.get("peer"))
+    memo = (tuple(sorted(values.items())), repr(peer_tables))
     policy = shared.get(memo) if shared is not None else None
     if policy is None:
         policy = Policy.from_mapping(values)
+        if peer_tables:
+            try:
+                policy = policy.with_peers(
+                    peers.build(
+                        values,
+                        peer_tables,
+                        where=lambda j, key: where(
+                            key, f"{name}.peer[{j}].{_name(key)}", "policy", i, j
+                        ),
+                    )
+                )
+            except UsageError as e:
+                raise ConfigError(str(e)) from None
         if shared is not None:
             shared[memo] = policy
     if selector is not None:
         return Rule("", policy, i, existing, selector)
     return Rule(pattern.strip("/"), policy, i, existing)
+
+
+def _peer_tables(at: Callable[[str], str], raw: object) -> list[dict]:
+    """The [[policy.peer]] tables of a policy (none: [])."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{at('peer')}: write each peer rule as a [[policy.peer]] table")
+    return raw
 
 
 # -- the file --------------------------------------------------------------

@@ -204,3 +204,7 @@ class Enforcer:
 
     def read_counters(self, ids: list[int]) -> dict[int, maps.Counters]:
         return read.read_counters(self.pins, ids)
+
+    def losses(self, ids: Iterable[int] | None = None) -> dict[int, dict[str, maps.Losses]]:
+        """Lost connections per policy and peer rule (pins.read.losses)."""
+        return read.losses(self.pins, ids)

@@ -330,6 +330,9 @@ class Policy:
     window_clamp: int = _default("window_clamp")
     defer_accept: int = _default("defer_accept")
     mode: str = "set"
+    # Peer rules (bpfkeep.peers.Peer): other values, or none, for the
+    # connections to some peers; the most specific rule wins.
+    peers: tuple = ()
     # Whether user_timeout was derived (left out) rather than given: only a
     # derived one follows the keepalive times a program sets itself, so a
     # value written out equal to the derived one is the operator's, fixed.
@@ -345,16 +348,22 @@ class Policy:
             derived = True if derived is None else derived
         object.__setattr__(self, "ut_derived", bool(derived))
 
+    def _key(self) -> tuple:
+        # Shallow: the peers compare as Peers (whose policies compare with
+        # their own ut_derived), not flattened to tuples.
+        return (*(getattr(self, f.name) for f in dataclasses.fields(self)), self.ut_derived)
+
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return (dataclasses.astuple(self), self.ut_derived) == (
-            dataclasses.astuple(other),  # type: ignore[arg-type]
-            other.ut_derived,  # type: ignore[attr-defined]
-        )
+        return self._key() == other._key()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((dataclasses.astuple(self), self.ut_derived))
+        return hash(self._key())
+
+    def with_peers(self, peers: tuple) -> Policy:
+        """The same values and mode with these peer rules."""
+        return dataclasses.replace(self, peers=tuple(peers), user_timeout_derived=self.ut_derived)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Policy:
@@ -377,7 +386,12 @@ class Policy:
         return 1 if key == "keepalive" else int(getattr(self, key))
 
     def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        d: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "peers"
+        }
+        if self.peers:
+            d["peers"] = [p.as_dict() for p in self.peers]
+        return d
 
 
 # --- generated C headers ------------------------------------------------

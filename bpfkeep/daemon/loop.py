@@ -16,7 +16,7 @@ import typing
 
 from prometheus_client import CollectorRegistry
 
-from bpfkeep import config, containers
+from bpfkeep import config, containers, peers
 from bpfkeep.daemon.heal import Healer
 from bpfkeep.daemon.passes import Passes
 from bpfkeep.daemon.reconcile import Reconciler
@@ -115,6 +115,7 @@ class Daemon:
         if wd_every:
             sched.at("watchdog", now)
         self._plan_audit(now + FIRST_AUDIT)
+        self._plan_names()
         sched.at("heal", now + self.healer.every())
         while not self._stop:
             now = time.monotonic()
@@ -124,6 +125,9 @@ class Daemon:
             if sched.due("audit", now):
                 self._audit()
                 self._plan_audit(time.monotonic() + self.passes.every())
+            if sched.due("names", now):
+                self._guard("resolving peer host names", self.reconciler.refresh_names)
+                self._plan_names()
             if sched.due("heal", now) | sched.due("heal-settle", now):
                 sched.at("heal-settle", None)
                 self._guard("check of pins and links", self.healer.check)
@@ -143,6 +147,14 @@ class Daemon:
                 self._guard("cgroup event", self._events)
             if self.lookups.fd in r:
                 self._guard("container lookup", self.reconciler.answered)  # type: ignore[union-attr]
+
+    def _plan_names(self) -> None:
+        """Host names in peer rules are resolved again every HOST_TTL."""
+        cfg = self.state.cfg
+        named = cfg is not None and any(
+            p.is_name for r in (*cfg.rules, *cfg.workload_rules) for p in r.policy.peers
+        )
+        self.sched.at("names", time.monotonic() + peers.HOST_TTL if named else None)
 
     def _plan_audit(self, when: float) -> None:
         assert self.state.cfg
@@ -230,6 +242,7 @@ class Daemon:
             len(new.rules) + len(new.workload_rules),
         )
         self.reconciler.full()
+        self._plan_names()
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.
         self._plan_audit(
@@ -298,8 +311,9 @@ class Daemon:
         # the check that the policy is still attached.  Hand-made
         # attachments the config matches are shown too: they do enforce.
         counters = state.enforcer.read_counters(list(rows_of))
+        losses = state.enforcer.losses(rows_of)
         rows = [
-            Row(name, policy, counters[i])
+            Row(name, policy, counters[i], losses.get(i))
             for i, (name, policy) in sorted(rows_of.items(), key=lambda kv: kv[1][0])
             if i in counters
         ]

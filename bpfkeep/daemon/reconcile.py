@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 
-from bpfkeep import runner
+from bpfkeep import peers, runner
 from bpfkeep.config import Rule
 from bpfkeep.daemon.passes import Passes
 from bpfkeep.daemon.scheduler import Retries
@@ -40,6 +40,8 @@ class Reconciler:
         self.state = state
         e = state.enforcer
         self.pin_dirs = (e.pin_dir, e.link_dir, e.obj_dir)  # watched by the healer
+        self.resolver = peers.Resolver()
+        self._names_failing: set[str] = set()
         self.tree = tree
         self.workloads = workloads
         self.passes = passes
@@ -260,14 +262,55 @@ class Reconciler:
                 e.attached = NONE
             log.info("%s: the hand-made attachment is gone; the daemon manages it", cg.display)
         attached = fully_attached(hooks)
+        policy = self.policy_of(rule)
         if (
             attached
-            and maps.policy_is(raw, cg.id, cg.level, rule.policy)
-            and maps.policy_is(stored, cg.id, cg.level, rule.policy)
+            and maps.policy_is(raw, cg.id, cg.level, policy)
+            and maps.policy_is(stored, cg.id, cg.level, policy)
         ):
-            self.remember(cg, rule.policy, rule.existing)
+            self.remember(cg, policy, rule.existing)
             return False
-        return self.attach(cg, rule.policy, rule.existing, batch, update=attached)
+        return self.attach(cg, policy, rule.existing, batch, update=attached)
+
+    # -- host names in peer rules -----------------------------------------------------
+
+    def policy_of(self, rule: Rule) -> Policy:
+        """The rule's policy with its peer rules' host names resolved (the
+        addresses known now; a name that does not resolve applies to no
+        peer until it does: one warning, then it is tried again)."""
+        return peers.resolve_names(rule.policy, self.resolver, self._unresolved_name)
+
+    def _unresolved_name(self, name: str, why: str) -> None:
+        if name not in self._names_failing:
+            self._names_failing.add(name)
+            log.warning(
+                "peer rule %s: the name does not resolve (%s); its rule applies to no peer "
+                "until it does (tried again every %.0f s)",
+                name,
+                why,
+                peers.HOST_TTL,
+            )
+
+    def refresh_names(self) -> None:
+        """Host names resolved again (their addresses kept HOST_TTL): each
+        policy whose peers' addresses changed is updated in place, and its
+        connections swept to it."""
+        table, changed = self.state.table, []
+        for name in list(self._names_failing):
+            if self.resolver.networks(name)[1] is None:
+                self._names_failing.discard(name)
+                log.info("peer rule %s: the name resolves again", name)
+        for _cg_id, e in list(table.ours().items()):
+            if e.policy is None or not any(p.is_name for p in e.policy.peers):
+                continue
+            rule = self.workloads.rule_for(e.cgroup)
+            if rule is None:
+                continue
+            policy = self.policy_of(rule)
+            updated = policy != e.policy and self.attach(e.cgroup, policy, e.existing, update=True)
+            if updated and e.existing:
+                changed.append(e.cgroup)
+        self.passes.sweep(changed)
 
     def attach(
         self,

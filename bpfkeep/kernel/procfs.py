@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from bpfkeep.kernel.libc import CLONE_NEWNET, setns
@@ -32,6 +34,51 @@ def keepalive_sysctls(root: str = SYSCTL_DIR, *, fallback: bool = False) -> tupl
                 raise
             vals.append(default)
     return vals[0], vals[1], vals[2]
+
+
+def kernel_hz(release: str | None = None) -> int | None:
+    """The kernel's jiffies per second (CONFIG_HZ), from its config
+    (/proc/config.gz or /boot/config-RELEASE); None if neither says."""
+    release = release or os.uname().release
+    for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{release}", open)):
+        try:
+            with opener(path, "rt") as f:  # type: ignore[operator]
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1])
+        except (OSError, ValueError, EOFError):
+            continue
+    return _measured_hz()
+
+
+_COMMON_HZ = (100, 250, 300, 1000)
+
+
+def _measured_hz(proc: str = "/proc/timer_list") -> int | None:
+    """HZ measured: jiffies counted over a known time (/proc/timer_list,
+    root only), rounded to the values kernels are built with."""
+
+    def sample() -> tuple[int, int] | None:
+        now = jiffies = None
+        try:
+            with open(proc) as f:
+                for line in f:
+                    if now is None and line.startswith("now at "):
+                        now = int(line.split()[2])
+                    elif line.startswith("jiffies: "):
+                        jiffies = int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            return None
+        return None if now is None or jiffies is None else (now, jiffies)
+
+    a = sample()
+    time.sleep(0.2)
+    b = sample()
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    hz = (b[1] - a[1]) * 1e9 / (b[0] - a[0])
+    return min(_COMMON_HZ, key=lambda c: abs(c - hz))
 
 
 def socket_inodes(pid: int, proc: str = "/proc") -> list[int]:

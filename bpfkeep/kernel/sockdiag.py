@@ -230,3 +230,11 @@ def address(family: int, raw: bytes, port: int) -> str:
     if family == socket.AF_INET:
         return f"{socket.inet_ntop(socket.AF_INET, raw[:4])}:{port or '*'}"
     return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{port or '*'}"
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def mapped(family: int, raw: bytes) -> bytes:
+    """An address as the 16 bytes of IPv6 (IPv4 as ::ffff:a.b.c.d)."""
+    return _V4_MAPPED + raw[:4] if family == socket.AF_INET else raw[:16]

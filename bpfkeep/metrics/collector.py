@@ -10,14 +10,19 @@ import dataclasses
 import platform
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector as _CollectorBase
 
 from bpfkeep import __version__
 from bpfkeep.kernel.procfs import keepalive_sysctls
 from bpfkeep.metrics.workloads import with_workload_labels
 from bpfkeep.options import Policy, dead_peer_bound
-from bpfkeep.progs.maps import Counters
+from bpfkeep.progs.maps import Counters, Losses
 
 
 @dataclasses.dataclass
@@ -27,6 +32,7 @@ class Row:
     cgroup: str  # label value: "/system.slice/nginx.service"
     policy: Policy | None
     counters: Counters | None
+    losses: dict[str, Losses] | None = None  # peer label ("*": none) -> lost connections
 
 
 @dataclasses.dataclass
@@ -171,6 +177,20 @@ PER_CGROUP: tuple[PerCgroup, ...] = (
         ("option", "errno"),
         _failures(lambda c: c.sweep.failed if c.sweep else None),
     ),
+    PerCgroup(
+        "bpfkeep_connections_lost",
+        CounterMetricFamily,
+        "Connections of the policy the kernel ended in error, by peer rule (* for the "
+        "policy's own values) and reason: keepalive (probes unanswered: a dead peer caught "
+        "while idle), user_timeout (data unacknowledged past TCP_USER_TIMEOUT), retransmits "
+        "(the kernel's retry limit), reset (a RST from the peer or a middlebox)",
+        ("peer", "reason"),
+        lambda row, _host: (
+            ((peer, reason), n)
+            for peer, ls in sorted((row.losses or {}).items())
+            for reason, n in ls.lost.items()
+        ),
+    ),
 )
 # Where the families of cgroup lists (not rows) go among PER_CGROUP's.
 AFTER_ATTACHED = 1
@@ -217,6 +237,7 @@ class Collector(_CollectorBase):
             snap.unmanaged,
         )
         yield from per_cgroup[AFTER_ATTACHED:]
+        yield _idle_before_loss(snap.rows)
         yield from _daemon(snap)
 
     @staticmethod
@@ -226,6 +247,19 @@ class Collector(_CollectorBase):
             for values, n in spec.samples(row, host):
                 family.add_metric([row.cgroup, *values], n)
         return family
+
+
+def _idle_before_loss(rows: list[Row]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        "bpfkeep_idle_before_loss_seconds",
+        "How long each lost connection had been idle (no data either way) when the "
+        "kernel ended it, by peer rule",
+        labels=["cgroup", "peer"],
+    )
+    for row in rows:
+        for peer, ls in sorted((row.losses or {}).items()):
+            family.add_metric([row.cgroup, peer], ls.cumulative(), ls.idle_seconds)
+    return family
 
 
 def _listed(name: str, help_: str, cgroups: list[str]) -> GaugeMetricFamily:

@@ -54,6 +54,7 @@ class Writer:
         # update(): policy hash entries written together at flush()
         self._keys: list[bytes] = []
         self._values: list[bytes] = []
+        self._peer_sets: set[int] = set()  # written (or found) by this writer
 
     # -- reading this version's maps -------------------------------------------
 
@@ -78,18 +79,28 @@ class Writer:
         # What the cgroup's sockets carry until now: the nearest ancestor's
         # policy for a new attachment, the old values for an update.
         prev = maps.policy_or_none(self.raw_policy(nearest)) if nearest else None
+        prev_peers = maps.policy_peers(self.raw_policy(nearest))[0] if prev else 0
         gen, old = maps.fresh_gen(), None
         if fully_attached(alive):
             old = self.raw_policy(cg.id)
             if old is not None:
                 prev = maps.decode_policy(old)[2]
-                if prev == policy:
+                prev_peers = maps.policy_peers(old)[0]
+                if prev == policy.with_peers(()) and prev_peers == maps.peer_set_id(policy):
                     # The same values again keep their generation: the
                     # sockets under them are current.
                     gen = maps.policy_gen_of(old)
         value = maps.encode_policy(
-            cg.id, policy, level=cg.level, managed=managed, gen=gen, nesting=nesting, prev=prev
+            cg.id,
+            policy,
+            level=cg.level,
+            managed=managed,
+            gen=gen,
+            nesting=nesting,
+            prev=prev,
+            prev_peers=prev_peers,
         )
+        self.put_peers(policy)
         if old is not None and maps.policy_gen_of(old) == gen:
             # Unchanged values: the sockets are as they were (what they
             # carried before still counts as bpfkeep's until a sweep).
@@ -115,6 +126,7 @@ class Writer:
         # keep the flags); the old values are what the sockets carry until
         # the sweep: recognised as bpfkeep's on sockets without a record.
         flags = maps.policy_raw_flags(old)
+        active = bool(flags & maps.F_ACTIVE)
         value = maps.encode_policy(
             cg.id,
             policy,
@@ -122,8 +134,10 @@ class Writer:
             managed=managed,
             gen=maps.fresh_gen(),
             nesting=flags & maps.F_NESTING,
-            prev=maps.decode_policy(old)[2] if flags & maps.F_ACTIVE else None,
+            prev=maps.decode_policy(old)[2] if active else None,
+            prev_peers=maps.policy_peers(old)[0] if active else 0,
         )
+        self.put_peers(policy)
         try:
             bpfsys.map_update(self.objs[loader.MAP_POLICY], key, value, bpfsys.BPF_EXIST)
         except OSError as e:
@@ -136,10 +150,51 @@ class Writer:
 
     def flush(self) -> None:
         """The policy hash entries of every update() so far, in one
-        BPF_MAP_UPDATE_BATCH (a hash map: Linux 5.6)."""
+        BPF_MAP_UPDATE_BATCH (a hash map: Linux 5.6); then the peer-rule
+        sets no policy uses any more go."""
         keys, values = self._keys, self._values
         self._keys, self._values = [], []
         bpfsys.map_update_batch(self.objs[loader.MAP_POLICIES], keys, values)
+        if self._peer_sets:
+            self.collect_peers()
+
+    # -- peer rules ----------------------------------------------------------------
+
+    def put_peers(self, policy: Policy) -> None:
+        """A policy's peer-rule set in the kernel before the policy names it:
+        the rules first, then the trie's prefixes that name them.  A set is
+        named by its content, so one already there is complete."""
+        ps = maps.peer_set(policy)
+        if ps is None or ps.id in self._peer_sets:
+            return
+        self._peer_sets.add(ps.id)
+        rules = self.objs[loader.MAP_RULES]
+        first = next(iter(ps.rules))
+        if bpfsys.map_lookup(rules, first, maps.RULE.size) is not None:
+            return
+        bpfsys.map_update_batch(rules, list(ps.rules), list(ps.rules.values()))
+        bpfsys.map_update_batch(
+            self.objs[loader.MAP_PEERS], list(ps.prefixes), list(ps.prefixes.values())
+        )
+
+    def collect_peers(self) -> None:
+        """Remove the peer-rule sets no policy (nor its previous values)
+        names any more."""
+        live = set()
+        for _key, raw in bpfsys.map_items(self.objs[loader.MAP_POLICIES], 8, maps.POLICY_SIZE):
+            live.update(maps.policy_peers(raw))
+        live.discard(0)
+        gone = [
+            k
+            for k in bpfsys.map_keys(self.objs[loader.MAP_RULES], maps.RULE_KEY.size)
+            if maps.RULE_KEY.unpack(k)["set"] not in live
+        ]
+        for k in gone:
+            bpfsys.map_delete(self.objs[loader.MAP_RULES], k)
+        prefixes = self.objs[loader.MAP_PEERS]
+        for k in bpfsys.map_keys(prefixes, maps.PEER_KEY.size):
+            if maps.peer_key_set(k) not in live:
+                bpfsys.map_delete(prefixes, k)
 
     def link(
         self, cg: Cgroup, value: bytes, *, skip: Iterable[str] = (), suffix: str = ""
@@ -292,6 +347,7 @@ class Writer:
         for key, _ in bpfsys.map_items(fd, 8, maps.POLICY_SIZE):
             if _KEY.unpack(key)[0] not in pinned:
                 bpfsys.map_delete(fd, key)
+        self.collect_peers()
 
 
 def detach_id(pins: PinDir, cgroup_id: int) -> bool:
@@ -306,6 +362,8 @@ def detach_id(pins: PinDir, cgroup_id: int) -> bool:
             _deactivate(objs, key)
             if loader.MAP_SWEEPSTATS in objs:
                 bpfsys.map_delete(objs[loader.MAP_SWEEPSTATS], key)
+            if loader.MAP_LOSSES in objs:
+                _delete_losses(objs[loader.MAP_LOSSES], cgroup_id)
     for hook, _, _ in HOOKS:
         path = pins.link_path(cgroup_id, hook)
         try:
@@ -321,6 +379,13 @@ def detach_id(pins: PinDir, cgroup_id: int) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return found
+
+
+def _delete_losses(fd: int, cgroup_id: int) -> None:
+    """A policy's lost-connection counters go with it."""
+    for k in bpfsys.map_keys(fd, maps.LOSS_KEY.size):
+        if maps.LOSS_KEY.unpack(k)["owner"] == cgroup_id:
+            bpfsys.map_delete(fd, k)
 
 
 def _deactivate(objs: dict[str, int], key: bytes) -> None:

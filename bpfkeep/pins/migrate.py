@@ -103,6 +103,12 @@ def _move(writer: Writer, cg: Cgroup, old_dir: str) -> None:
             managed=bool(flags & maps.F_MANAGED),
             nesting=nesting,
         )
+        if len(raw) == maps.POLICY_SIZE:
+            # Peer rules: the set is carried over as it is (rules cannot
+            # be rebuilt from the kernel's form of them).
+            set_id = maps.policy_peers(raw)[0]
+            if set_id and _copy_peer_set(old, writer.objs, set_id):
+                value = maps.with_peers(value, set_id)
         new = writer.link(cg, value, suffix=NEXT)
         try:
             # Both versions run now; the old one (attached first) claims
@@ -122,3 +128,25 @@ def _move(writer: Writer, cg: Cgroup, old_dir: str) -> None:
             bpfsys.map_delete(old[loader.MAP_POLICIES], key)
         finally:
             close_links(new)
+
+
+def _copy_peer_set(old: dict[str, int], cur: dict[str, int], set_id: int) -> bool:
+    """Copy one peer-rule set from another version's maps; False if their
+    layout is not this version's (the rules are then dropped)."""
+    if loader.MAP_RULES not in old or loader.MAP_PEERS not in old:
+        return False
+    if bpfsys.map_info(old[loader.MAP_RULES])[2:] != (
+        maps.RULE_KEY.size,
+        maps.RULE.size,
+    ) or bpfsys.map_info(old[loader.MAP_PEERS])[2:] != (maps.PEER_KEY.size, maps.PEER.size):
+        return False
+    for name, key_size, value_size, of_set in (
+        (loader.MAP_RULES, maps.RULE_KEY.size, maps.RULE.size, maps.rule_key_set),
+        (loader.MAP_PEERS, maps.PEER_KEY.size, maps.PEER.size, maps.peer_key_set),
+    ):
+        for k in bpfsys.map_keys(old[name], key_size):
+            if of_set(k) == set_id:
+                v = bpfsys.map_lookup(old[name], k, value_size)
+                if v is not None:
+                    bpfsys.map_update(cur[name], k, v)
+    return True

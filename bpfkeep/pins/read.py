@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from bpfkeep.kernel import bpfsys
 from bpfkeep.kernel.cgroups import Cgroup, by_ids, cgroup2_mount
 from bpfkeep.options import Policy
+from bpfkeep.peers import Peer, parse_network
 from bpfkeep.pins.attach import key_of
 from bpfkeep.pins.pindir import PinDir
 from bpfkeep.progs import loader, maps
@@ -26,6 +27,7 @@ class Attachment:
     link_ids: dict[str, int]
     prog_ids: dict[str, int]
     managed: bool = False
+    losses: dict[str, maps.Losses] = dataclasses.field(default_factory=dict)  # by peer label
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -33,6 +35,7 @@ class Attachment:
             "cgroup_id": self.cgroup_id,
             "policy": self.policy.as_dict() if self.policy else None,
             "counters": self.counters.as_dict() if self.counters else None,
+            "lost_connections": {p: ls.as_dict() for p, ls in sorted(self.losses.items())},
             "links": self.link_ids,
             "programs": self.prog_ids,
             "managed_by_daemon": self.managed,
@@ -109,6 +112,40 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
     return found
 
 
+def peer_rules(objs: dict[str, int], set_id: int) -> tuple[Peer, ...]:
+    """A peer-rule set read back from the kernel: each rule's address and
+    ports, values, and the addresses it applies to
+    (a host name's as resolved when it was written)."""
+    if loader.MAP_RULES not in objs or loader.MAP_PEERS not in objs:
+        return ()
+    rules: dict[int, Peer] = {}
+    for k in bpfsys.map_keys(objs[loader.MAP_RULES], maps.RULE_KEY.size):
+        if maps.rule_key_set(k) != set_id:
+            continue
+        raw = bpfsys.map_lookup(objs[loader.MAP_RULES], k, maps.RULE.size)
+        if raw is None:
+            continue
+        _flags, _tag, ports, address, values = maps.decode_rule(raw)
+        num = int(maps.RULE_KEY.unpack(k)["rule"])  # type: ignore[arg-type]
+        rules[num] = Peer(address, ports, values)
+    nets: dict[int, list] = {n: [] for n in rules}
+    for k in bpfsys.map_keys(objs[loader.MAP_PEERS], maps.PEER_KEY.size):
+        if maps.peer_key_set(k) != set_id:
+            continue
+        v = bpfsys.map_lookup(objs[loader.MAP_PEERS], k, maps.PEER.size)
+        if v is None:
+            continue
+        net = maps.peer_key_network(k)
+        for num in maps.decode_peer(v):
+            p = rules.get(num)
+            own = parse_network(p.address) if p else None
+            if p is not None and (own == net or (own is None and net.prefixlen == 128)):
+                nets[num].append(net)
+    return tuple(
+        dataclasses.replace(rules[n], networks=tuple(sorted(nets[n]))) for n in sorted(rules)
+    )
+
+
 def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
     """Every cgroup with a bpfkeep policy, read from bpffs and the kernel,
     whichever program version it is attached with.  ``paths`` saves the
@@ -151,8 +188,67 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
                 if decoded is not None:
                     _, flags, policy = decoded
                     managed = bool(flags & maps.F_MANAGED)
+                    if len(raw) == maps.POLICY_SIZE and maps.policy_peers(raw)[0]:  # type: ignore[arg-type]
+                        rules = peer_rules(objs, maps.policy_peers(raw)[0])  # type: ignore[arg-type]
+                        policy = policy.with_peers(rules)
                 found = counters(objs[loader.MAP_COUNTERS], cg_id)
                 if found is not None and loader.MAP_SWEEPSTATS in objs:
                     found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
             out.append(Attachment(cg_id, cgs.get(cg_id), policy, found, links, progs, managed))
+    lost = losses(pins, ids)
+    for a in out:
+        a.losses = lost.get(a.cgroup_id, {})
+    return out
+
+
+def rule_labels(objs: dict[str, int]) -> dict[tuple[int, int], str]:
+    """(peer-rule set, rule tag) -> the rule's label, for every set."""
+    out = {}
+    if loader.MAP_RULES not in objs:
+        return out
+    for k, raw in bpfsys.map_items(objs[loader.MAP_RULES], maps.RULE_KEY.size, maps.RULE.size):
+        _flags, tag, ports, address, _values = maps.decode_rule(raw)
+        out[(maps.rule_key_set(k), tag)] = Peer(address, ports).label
+    return out
+
+
+ANY_PEER = "*"  # the label of a policy's own values (no peer rule)
+
+
+def losses(pins: PinDir, ids: Iterable[int] | None = None) -> dict[int, dict[str, maps.Losses]]:
+    """Policy cgroup id -> peer label ("*": the policy's own values) -> its
+    lost connections, for these cgroups (None: all).  Counters of rules a
+    policy no longer has are left out."""
+    wanted = None if ids is None else set(ids)
+    out: dict[int, dict[str, maps.Losses]] = {}
+    with contextlib.suppress(OSError), pins.objects() as objs:
+        raw = bpfsys.map_items(objs[loader.MAP_LOSSES], maps.LOSS_KEY.size, maps.LOSSES.size)
+        if not raw:
+            return out
+        labels: dict[tuple[int, int], str] | None = None
+        sets: dict[int, int] = {}
+        for k, v in raw:
+            owner, tag = maps.loss_key_of(k)
+            if wanted is not None and owner not in wanted:
+                continue
+            if tag == 0:
+                label = ANY_PEER
+            else:
+                if owner not in sets:
+                    p = bpfsys.map_lookup(
+                        objs[loader.MAP_POLICIES], key_of(owner), maps.POLICY_SIZE
+                    )
+                    sets[owner] = maps.policy_peers(p)[0] if p is not None else 0
+                if labels is None:
+                    labels = rule_labels(objs)
+                found = labels.get((sets[owner], tag))
+                if found is None:
+                    continue  # a rule the policy no longer has
+                label = found
+            got = maps.Losses.decode(v)
+            mine = out.setdefault(owner, {})
+            if label in mine:
+                mine[label].merge(got)
+            else:
+                mine[label] = got
     return out

@@ -28,6 +28,11 @@ MAP_POLICIES = "map_policies"  # hash cgroup id -> policy
 MAP_SK = "map_sk"  # socket storage: each socket's owner (struct bk_sk)
 MAP_SWEEP = "map_sweep"  # hash cookie -> struct bk_sweep: the sweep's work list
 MAP_SWEEPSTATS = "map_sweepstats"  # hash cgroup id -> sweep counters
+MAP_PEERS = "map_peers"  # LPM trie (peer-rule set, address) -> struct bk_peer
+MAP_RULES = "map_rules"  # hash (peer-rule set, rule) -> struct bk_rule
+MAP_LOSSES = "map_losses"  # hash (policy, rule tag) -> lost connections
+MAP_CONFIG = "map_config"  # array[1]: struct bk_config (HZ, idle buckets)
+MAP_LOSS_EVENTS = "map_loss_events"  # ring buffer of struct bk_loss_event
 # The sweep of existing sockets (iter/tcp).  Optional: a kernel that
 # cannot load it (before 5.15) still gets the cgroup programs; the sweep
 # then says so once (bpfkeep.sweep.engine).
@@ -41,7 +46,17 @@ OBJECTS = (
     MAP_SK,
     MAP_SWEEP,
     MAP_SWEEPSTATS,
+    MAP_PEERS,
+    MAP_RULES,
+    MAP_LOSSES,
+    MAP_CONFIG,
+    MAP_LOSS_EVENTS,
 )
+# Lost connections (a raw tracepoint reading struct sock at the running
+# kernel's offsets, from its BTF).  Optional: without BTF the rest works;
+# its link is pinned beside it, so counting outlives the process.
+PROG_LOSS = "prog_loss"
+LINK_LOSS = "link_loss"
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
 
 

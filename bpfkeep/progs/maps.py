@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import ipaddress
 import secrets
 import struct
 import sys
 import zlib
 from collections.abc import Sequence
 
+from bpfkeep import peers
 from bpfkeep.options import BPF_OPTIONS, Policy, default_user_timeout
 from bpfkeep.progs.header import HeaderError, header
 
@@ -71,6 +74,7 @@ SWR_APP_OWN = _H.define("BK_SWR_APP_OWN")
 SWR_NO_POLICY = _H.define("BK_SWR_NO_POLICY")
 SWR_NO_STORAGE = _H.define("BK_SWR_NO_STORAGE")
 SWR_CURRENT = _H.define("BK_SWR_CURRENT")
+SWR_EXEMPT = _H.define("BK_SWR_EXEMPT")
 MAX_SWEEP = _H.define("BK_MAX_SWEEP")  # sockets per sweep batch (map size)
 COUNTERS = _H.struct("bk_counters")
 COUNTERS_SIZE = COUNTERS.size
@@ -78,6 +82,32 @@ COUNTERS_WORDS = COUNTERS_SIZE // 8
 SWEEPSTATS = _H.struct("bk_sweepstats")
 SWEEPSTATS_SIZE = SWEEPSTATS.size
 SWEEPSTATS_WORDS = SWEEPSTATS_SIZE // 8
+# Peer rules (bk_peer_key -> bk_peer in the LPM trie; bk_rule_key -> bk_rule)
+PEER_KEY = _H.struct("bk_peer_key")
+PEER = _H.struct("bk_peer")
+RULE_KEY = _H.struct("bk_rule_key")
+RULE = _H.struct("bk_rule")
+PEER_PORTS = _H.define("BK_PEER_PORTS")
+PEER_NAME = _H.define("BK_PEER_NAME")
+R_EXEMPT = _H.define("BK_R_EXEMPT")
+if PEER_PORTS != peers.MAX_PORT_RULES + 1:
+    raise HeaderError("bpfkeep.h: BK_PEER_PORTS is not bpfkeep.peers.MAX_PORT_RULES + 1")
+# Lost connections (bk_loss_key -> bk_losses; bk_config; bk_loss_event)
+LOSS_REASONS = tuple(n.lower() for n in _H.enumerate("BK_LOSS_"))
+if len(LOSS_REASONS) != _H.define("BK_NLOSS"):
+    raise HeaderError("bpfkeep.h: BK_NLOSS does not count the BK_LOSS_* constants")
+LOSS_KEY = _H.struct("bk_loss_key")
+LOSSES = _H.struct("bk_losses")
+CONFIG = _H.struct("bk_config")
+LOSS_EVENT = _H.struct("bk_loss_event")
+NIDLE = _H.define("BK_NIDLE")
+# The idle-time histogram's buckets (seconds): the timeouts that matter --
+# ALB 60 s, Azure LB and NAT 240 s, AWS NAT gateway and NLB 350 s, GCP
+# internal LB 600 s, Cloud NAT 1200 s, firewalls 3600 s, the kernel's
+# keepalive 7200 s -- and a few below a minute.
+IDLE_BUCKETS = (1, 5, 10, 30, 60, 120, 240, 350, 600, 1200, 3600, 7200)
+if len(IDLE_BUCKETS) >= NIDLE:
+    raise HeaderError("bpfkeep.h: BK_NIDLE has no room for the idle buckets and +Inf")
 
 
 def policy_flags(policy: Policy) -> int:
@@ -89,11 +119,13 @@ def policy_flags(policy: Policy) -> int:
 
 
 def policy_gen(policy: Policy) -> int:
-    """A generation number that changes whenever the values or the mode do:
-    a socket whose record carries another generation is brought up to date
-    (an accepted socket, by the sweep).  Never 0, which means "not applied"."""
+    """A generation number that changes whenever the values, the mode or
+    the peer rules do: a socket whose record carries another generation is
+    brought up to date (an accepted socket, by the sweep).  Never 0, which
+    means "not applied"."""
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
-    raw = struct.pack(f"=I{NOPT}I", policy_flags(policy), *vals)
+    ps = peer_set(policy)
+    raw = struct.pack(f"=I{NOPT}IQ", policy_flags(policy), *vals, ps.id if ps else 0)
     return zlib.crc32(raw) or 1
 
 
@@ -107,22 +139,165 @@ def encode_policy(
     gen: int | None = None,
     nesting: int = 0,
     prev: Policy | None = None,
+    prev_peers: int = 0,
 ) -> bytes:
     """A bk_policy value; ``level`` is the cgroup's depth below the root,
     so that the most specific of nested policies wins.  ``gen`` defaults to
     one derived from the values (see :func:`fresh_gen` for attachments).
     ``nesting``: F_HAS_ANCESTOR / F_HAS_DESCENDANT.  ``prev``: the policy
     whose values the sockets carried until now (before an update, or an
-    ancestor's), recognised as bpfkeep's on sockets without a record."""
+    ancestor's), recognised as bpfkeep's on sockets without a record, and
+    ``prev_peers`` its peer-rule set.  The policy's own peer-rule set is
+    written by the caller (peer_set)."""
     flags = policy_flags(policy) | (F_ACTIVE if active else 0) | (F_MANAGED if managed else 0)
     flags |= nesting & F_NESTING
     vals = [policy.value(o.key) for o in BPF_OPTIONS]
     gen = policy_gen(policy) if gen is None else gen
+    ps = peer_set(policy)
+    set_id = ps.id if ps else 0
     fp: tuple[int, ...] = (0,) * NFP
-    if prev is not None and prev_differs(prev, policy):
+    if prev is not None and (prev_differs(prev, policy) or prev_peers != set_id):
         flags |= F_PREV
         fp = fingerprint(prev)
-    return POLICY.pack(cgroup_id=cgroup_id, flags=flags, gen=gen, level=level, val=vals, prev=fp)
+    else:
+        prev_peers = 0
+    return POLICY.pack(
+        cgroup_id=cgroup_id,
+        flags=flags,
+        gen=gen,
+        level=level,
+        val=vals,
+        prev=fp,
+        peers=set_id,
+        prev_peers=prev_peers,
+    )
+
+
+def policy_peers(raw: bytes) -> tuple[int, int]:
+    """(peer-rule set, the set before the last change) of a bk_policy value."""
+    f = POLICY.unpack(raw)
+    return int(f["peers"]), int(f["prev_peers"])  # type: ignore[arg-type]
+
+
+# -- peer rules -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSet:
+    """A policy's peer rules as the kernel looks them up: the LPM trie's
+    entries and the rules, under one id (a hash of all of it, so that
+    policies with the same rules share them)."""
+
+    id: int
+    prefixes: dict[bytes, bytes]  # bk_peer_key -> bk_peer
+    rules: dict[bytes, bytes]  # bk_rule_key -> bk_rule
+    table: dict  # peers.flatten's table, for matching here
+
+
+def rule_tag(label: str) -> int:
+    """What a rule's losses are counted by (bk_rule.tag): stable while the
+    rule's label is.  0 is the policy's own values."""
+    return zlib.crc32(label.encode()) or 1
+
+
+def rule_value(peer: peers.Peer) -> bytes:
+    name = peer.address.encode()[:PEER_NAME]
+    lo, hi = peer.ports or (0, 0)
+    if peer.policy is None:
+        return RULE.pack(
+            flags=R_EXEMPT,
+            tag=rule_tag(peer.label),
+            lo=lo,
+            hi=hi,
+            name=name.ljust(PEER_NAME, b"\0"),
+        )
+    vals = [peer.policy.value(o.key) for o in BPF_OPTIONS]
+    return RULE.pack(
+        flags=policy_flags(peer.policy),
+        tag=rule_tag(peer.label),
+        val=vals,
+        lo=lo,
+        hi=hi,
+        name=name.ljust(PEER_NAME, b"\0"),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_set(policy: Policy) -> PeerSet | None:
+    """The kernel's form of a policy's peer rules (None: it has none).
+    Host names must have been resolved (peers.resolve_names)."""
+    if not policy.peers:
+        return None
+    table = peers.flatten(policy.peers)
+    rules = {i + 1: rule_value(p) for i, p in enumerate(policy.peers)}
+    entries = {}
+    for net, ports in sorted(table.items(), key=lambda kv: (kv[0].prefixlen, kv[0])):
+        los, his, nums = (list(col) for col in zip(*ports, strict=True)) if ports else ([], [], [])
+        pad = [0] * (PEER_PORTS - len(ports))
+        entries[net] = PEER.pack(lo=los + pad, hi=his + pad, rule=nums + pad, n=len(ports))
+    h = hashlib.blake2b(digest_size=8)
+    for net, value in entries.items():
+        h.update(net.network_address.packed + bytes([net.prefixlen]) + value)
+    for num, value in sorted(rules.items()):
+        h.update(struct.pack("=I", num) + value)
+    set_id = int.from_bytes(h.digest(), sys.byteorder) or 1
+    sid = set_id.to_bytes(8, sys.byteorder)
+    prefixes = {
+        PEER_KEY.pack(prefixlen=64 + net.prefixlen, set=sid, addr=net.network_address.packed): v
+        for net, v in entries.items()
+    }
+    rule_entries = {RULE_KEY.pack(set=set_id, rule=num): v for num, v in rules.items()}
+    return PeerSet(set_id, prefixes, rule_entries, table)
+
+
+def peer_set_id(policy: Policy) -> int:
+    ps = peer_set(policy)
+    return ps.id if ps else 0
+
+
+def peer_key_set(key: bytes) -> int:
+    """The set a bk_peer_key belongs to."""
+    return int.from_bytes(bytes(PEER_KEY.unpack(key)["set"]), sys.byteorder)  # type: ignore[arg-type]
+
+
+def rule_key_set(key: bytes) -> int:
+    """The set a bk_rule_key belongs to."""
+    return int(RULE_KEY.unpack(key)["set"])  # type: ignore[arg-type]
+
+
+def with_peers(raw: bytes, set_id: int) -> bytes:
+    """The same bk_policy value naming another peer-rule set."""
+    return raw[: _PEERS.start] + struct.pack("=Q", set_id) + raw[_PEERS.stop :]
+
+
+def peer_key_network(key: bytes) -> ipaddress.IPv6Network:
+    """The network a bk_peer_key stands for."""
+    f = PEER_KEY.unpack(key)
+    bits = int(f["prefixlen"]) - 64  # type: ignore[arg-type]
+    addr = ipaddress.IPv6Address(bytes(f["addr"]))  # type: ignore[arg-type]
+    return ipaddress.IPv6Network(f"{addr}/{bits}")
+
+
+def decode_peer(raw: bytes) -> list[int]:
+    """The rule numbers a bk_peer names, in order."""
+    f = PEER.unpack(raw)
+    return list(f["rule"][: int(f["n"])])  # type: ignore[index,arg-type]
+
+
+def peer_lookup_key(set_id: int, address: bytes) -> bytes:
+    """The key that looks a peer's address (16 bytes, IPv4 mapped) up in
+    the trie: the whole length, the longest prefix answers."""
+    return PEER_KEY.pack(prefixlen=64 + 128, set=set_id.to_bytes(8, sys.byteorder), addr=address)
+
+
+def decode_rule(raw: bytes) -> tuple[int, int, tuple[int, int] | None, str, Policy | None]:
+    """(flags, tag, ports, address, values or None for exempt) of a bk_rule."""
+    f = RULE.unpack(raw)
+    name = bytes(f["name"]).split(b"\0", 1)[0].decode(errors="replace")  # type: ignore[arg-type]
+    lo, hi = int(f["lo"]), int(f["hi"])  # type: ignore[arg-type]
+    flags = int(f["flags"])  # type: ignore[arg-type]
+    policy = None if flags & R_EXEMPT else _policy(0, flags, f["val"])[2]  # type: ignore[arg-type]
+    return flags, int(f["tag"]), (lo, hi) if hi else None, name, policy  # type: ignore[arg-type]
 
 
 def fingerprint(policy: Policy) -> tuple[int, ...]:
@@ -173,6 +348,7 @@ def _template(policy: Policy, level: int, managed: bool) -> bytes:
 # kept by attach, detach and the sweep, not by the config).
 _CGROUP = POLICY.span("cgroup_id")
 _VALUES = POLICY.span("level", "val")
+_PEERS = POLICY.span("peers")
 # Flags that say where the other policies are and how far the sockets are
 # (nesting, prev[], swept): not the config's either.
 _VOLATILE = F_NESTING | F_PREV | F_SWEPT
@@ -191,11 +367,13 @@ def policy_is(
     return (
         policy_raw_flags(raw) & ~_VOLATILE == policy_raw_flags(want)
         and raw[_VALUES] == want[_VALUES]
+        and raw[_PEERS] == want[_PEERS]
         and raw[_CGROUP] == struct.pack("=Q", cgroup_id)
     )
 
 
 _PREV = POLICY.span("prev", "pad")
+_PREV_PEERS = POLICY.span("prev_peers")
 
 
 def keep_prev(value: bytes, old: bytes) -> bytes:
@@ -204,7 +382,9 @@ def keep_prev(value: bytes, old: bytes) -> bytes:
     carried before still counts as bpfkeep's until a sweep)."""
     keep = F_PREV | F_SWEPT
     flags = policy_raw_flags(value) & ~keep | policy_raw_flags(old) & keep
-    return with_flags(value[: _PREV.start] + old[_PREV.start :], flags)
+    value = value[: _PREV.start] + old[_PREV] + value[_PREV.stop :]
+    value = value[: _PREV_PEERS.start] + old[_PREV_PEERS] + value[_PREV_PEERS.stop :]
+    return with_flags(value, flags)
 
 
 def fresh_gen() -> int:
@@ -242,12 +422,19 @@ LEGACY_POLICY_SIZE = struct.calcsize(LEGACY_POLICY_FMT)
 # attachments made by it are migrated too.
 NOPREV_POLICY_FMT = f"=QIII{NOPT}II"
 NOPREV_POLICY_SIZE = struct.calcsize(NOPREV_POLICY_FMT)
+# The layout before peer rules (cgroup_id, flags, gen, level, val[], prev[],
+# pad): attachments made by it are migrated too (tests/data/bpf-0.2).
+NOPEERS_POLICY_FMT = f"=QIII{NOPT}I{NFP}II"
+NOPEERS_POLICY_SIZE = struct.calcsize(NOPEERS_POLICY_FMT)
 
 
 def decode_any_policy(raw: bytes) -> tuple[int, int, Policy] | None:
     """decode_policy for this layout or an earlier one; None if unknown."""
     if len(raw) == POLICY_SIZE:
         return decode_policy(raw)
+    if len(raw) == NOPEERS_POLICY_SIZE:
+        cgroup_id, flags, _gen, _level, *rest = struct.unpack_from(NOPEERS_POLICY_FMT, raw)
+        return _policy(cgroup_id, flags, rest[:NOPT])
     if len(raw) == NOPREV_POLICY_SIZE:
         cgroup_id, flags, _gen, _level, *vals, _pad = struct.unpack_from(NOPREV_POLICY_FMT, raw)
         return _policy(cgroup_id, flags, vals)
@@ -283,26 +470,33 @@ class SweepEntry:
     rec_level: int = 0
     val: tuple[int, ...] = (0,) * NOPT  # in force afterwards; -1: unknown
     fp: tuple[int, ...] = (0,) * NFP  # in (SWI_FP): values bpfkeep gave the socket
+    peer: bytes = bytes(16)  # in: the peer's address, IPv4 mapped
+    port: int = 0  # in: the peer's port
+    rule: int = 0  # out: the peer rule applied
+    pad: int = 0
 
     def inputs(self) -> tuple:
         """What encode() writes: entries with equal inputs encode alike."""
-        return (self.owner, self.action, self.in_flags, self.val, self.fp)
+        return (self.owner, self.action, self.in_flags, self.val, self.fp, self.peer, self.port)
 
     def encode(self) -> bytes:
         """The inputs only; the outputs start at 0."""
-        owner, action, in_flags, val, fp = self.inputs()
+        owner, action, in_flags, val, fp, peer, port = self.inputs()
         return SWEEP.pack(
             owner=owner,
             action=action,
             in_flags=in_flags,
             val=[v & 0xFFFFFFFF for v in val],
             fp=fp,
+            peer=peer,
+            port=port,
         )
 
     @classmethod
     def decode(cls, raw: bytes) -> SweepEntry:
         f = SWEEP.unpack(raw)
-        f.pop("fp")  # input only: not decoded
+        for name in ("fp", "peer", "port"):
+            f.pop(name)  # input only: not decoded
         vals = f.pop("val")
         signed = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in vals)  # type: ignore[union-attr]
         return cls(**f, val=signed)  # type: ignore[arg-type]
@@ -363,6 +557,55 @@ class Counters:
             "rewritten": self.rewritten,
             "sweep": self.sweep.as_dict() if self.sweep else None,
         }
+
+
+@dataclasses.dataclass
+class Losses:
+    """Lost connections of one policy and peer rule (struct bk_losses)."""
+
+    lost: dict[str, int]  # reason -> connections
+    idle: list[int]  # per bucket of IDLE_BUCKETS, then above them all
+    idle_seconds: float  # sum of the idle times
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Losses:
+        f = LOSSES.unpack(raw)
+        lost = dict(zip(LOSS_REASONS, f["lost"], strict=True))  # type: ignore[arg-type]
+        buckets = list(f["idle"][: len(IDLE_BUCKETS) + 1])  # type: ignore[index]
+        return cls(lost, buckets, int(f["idle_ms"]) / 1000)  # type: ignore[arg-type]
+
+    def merge(self, other: Losses) -> None:
+        for k, v in other.lost.items():
+            self.lost[k] = self.lost.get(k, 0) + v
+        self.idle = [a + b for a, b in zip(self.idle, other.idle, strict=True)]
+        self.idle_seconds += other.idle_seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count at or below it) for a Prometheus histogram, +Inf last."""
+        out, total = [], 0
+        for le, n in zip([*map(str, IDLE_BUCKETS), "+Inf"], self.idle, strict=True):
+            total += n
+            out.append((le, total))
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "lost": self.lost,
+            "idle_buckets": dict(self.cumulative()),
+            "idle_seconds_sum": self.idle_seconds,
+        }
+
+
+def loss_key_of(raw: bytes) -> tuple[int, int]:
+    """(policy cgroup id, rule tag) of a bk_loss_key."""
+    f = LOSS_KEY.unpack(raw)
+    return int(f["owner"]), int(f["tag"])  # type: ignore[arg-type]
+
+
+def config_value(hz: int) -> bytes:
+    """bk_config: the kernel's HZ and the idle buckets' bounds in ms."""
+    bounds = [b * 1000 for b in IDLE_BUCKETS]
+    return CONFIG.pack(hz=hz, nidle=len(bounds), idle_le_ms=bounds + [0] * (NIDLE - len(bounds)))
 
 
 @functools.cache

@@ -75,6 +75,11 @@ class Target:
     family: int
     local: str
     remote: str
+    # The peer (IPv4 mapped) and its port, for the kernel to find the peer
+    # rule that applies; zeros when the owner has no peer rules (work items
+    # for the same owner and action then encode alike).
+    peer: bytes = bytes(16)
+    port: int = 0
 
 
 @dataclasses.dataclass
@@ -127,6 +132,7 @@ class Report:
 class Scope:
     owner_of_cgroup: dict[int, int]  # cgroup id -> owning policy's cgroup id
     owner_of_pid: dict[int, int]  # pid of a process in scope -> owner
+    peered: frozenset[int] = frozenset()  # owners whose policy has peer rules
 
     def __bool__(self) -> bool:
         return bool(self.owner_of_cgroup)
@@ -283,7 +289,9 @@ def _iter_with_deadline(prog_fd: int, deadline: float = ITER_DEADLINE) -> None:
 
 
 def _targets(
-    raws: list[sockdiag.Raw], pick: Callable[[int, int], tuple[int, bool] | None]
+    raws: list[sockdiag.Raw],
+    pick: Callable[[int, int], tuple[int, bool] | None],
+    peered: frozenset[int] = frozenset(),
 ) -> list[Target]:
     out = []
     for fam, st, _timer, sport, dport, src, dst, ino, cg, cookie in raws:
@@ -291,6 +299,7 @@ def _targets(
         if picked is None:
             continue
         owner, held = picked
+        peer, port = (sockdiag.mapped(fam, dst), dport) if owner in peered else (bytes(16), 0)
         out.append(
             Target(
                 cookie,
@@ -302,6 +311,8 @@ def _targets(
                 fam,
                 sockdiag.address(fam, src, sport),
                 sockdiag.address(fam, dst, dport),
+                peer,
+                port,
             )
         )
     return out
@@ -351,7 +362,7 @@ def sweep(
         def work() -> list[Outcome]:
             targets = [
                 t
-                for t in _targets(sockdiag.dump(_STATE_MASK), pick)
+                for t in _targets(sockdiag.dump(_STATE_MASK), pick, sc.peered)
                 if t.state in states and not own_policy_elsewhere(t)
             ]
             if not targets:

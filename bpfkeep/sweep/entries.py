@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bpfkeep import peers
 from bpfkeep.kernel.sockdiag import SYN_SENT
 from bpfkeep.options import Policy
 from bpfkeep.progs import maps
@@ -17,7 +18,22 @@ Make = Callable[[Target, dict[str, int]], maps.SweepEntry]
 def apply_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
     flags = maps.SWI_SYN_SENT if target.state == SYN_SENT else 0
     flags |= maps.SWI_HELD if target.held else 0
-    return maps.SweepEntry(target.owner, maps.SWEEP_APPLY, flags)
+    return maps.SweepEntry(
+        target.owner, maps.SWEEP_APPLY, flags, peer=target.peer, port=target.port
+    )
+
+
+def values_for(policy: Policy, target: Target) -> Policy | None:
+    """The values ``policy`` gave this target's socket: its own, a peer
+    rule's, or None (an exempt peer: it gave none)."""
+    if not policy.peers:
+        return policy
+    ps = maps.peer_set(policy)
+    if ps is None:
+        return policy
+    address, _, port = target.remote.rpartition(":")
+    rule = peers.match(ps.table, address, int(port) if port.isdigit() else 0)
+    return policy if rule == 0 else policy.peers[rule - 1].policy
 
 
 def handover_entry(former: Policy) -> Make:
@@ -27,8 +43,10 @@ def handover_entry(former: Policy) -> Make:
 
     def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
         e = apply_entry(target, defaults)
-        e.in_flags |= maps.SWI_FP
-        e.fp = maps.fingerprint(former)
+        given = values_for(former, target)
+        if given is not None:
+            e.in_flags |= maps.SWI_FP
+            e.fp = maps.fingerprint(given)
         return e
 
     return make
@@ -53,13 +71,16 @@ def undo_entry(policy: Policy) -> Make:
         reset["window_clamp"] = NO_WINDOW_CLAMP
 
     def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
+        given = values_for(policy, target)
+        if given is None:
+            return read_entry(target, defaults)  # an exempt peer's: never touched
         vals = {**reset, **{k: v for k, v in defaults.items() if k in reset}}
         return maps.SweepEntry(
             target.owner,
             maps.SWEEP_UNDO,
             maps.undo_flags(list(vals)) | maps.SWI_FP,
             val=tuple(vals.get(o.key, 0) for o in maps.BPF_OPTIONS),
-            fp=maps.fingerprint(policy),
+            fp=maps.fingerprint(given),
         )
 
     return make
@@ -72,12 +93,15 @@ def keep_entry(policy: Policy) -> Make:
     attached later (a parent's, the same cgroup's again) would take them
     for the program's own and leave them."""
 
-    def make(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
+    def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
+        given = values_for(policy, target)
+        if given is None:
+            return read_entry(target, defaults)  # an exempt peer's: never touched
         return maps.SweepEntry(
             target.owner,
             maps.SWEEP_UNDO,
             maps.SWI_FP | maps.SWI_KEEP,
-            fp=maps.fingerprint(policy),
+            fp=maps.fingerprint(given),
         )
 
     return make

@@ -1,0 +1,78 @@
+"""The running kernel's struct offsets the loss program reads (bpf/
+loss.bpf.c), as ``-D`` macros for bcc, found in the kernel's BTF.
+
+bcc compiles against a distro header set and applies no CO-RE relocation:
+the offsets must come from the running kernel itself.  Without BTF, or
+when a member is missing or a bitfield, the loss program is left out
+(every other program works as before) and the reason is said once.
+"""
+
+from __future__ import annotations
+
+from bpfkeep.kernel import btf
+
+# macro -> (struct, member path)
+OFFSETS = {
+    "BK_O_SK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "BK_O_SK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "BK_O_SK_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "BK_O_SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "BK_O_SK_PROTOCOL": ("sock", "sk_protocol"),
+    "BK_O_SK_ERR": ("sock", "sk_err"),
+    "BK_O_SK_CGROUP": ("sock", "sk_cgrp_data.cgroup"),
+    "BK_O_TP_SRTT_US": ("tcp_sock", "srtt_us"),
+    "BK_O_TP_SND_UNA": ("tcp_sock", "snd_una"),
+    "BK_O_TP_WRITE_SEQ": ("tcp_sock", "write_seq"),
+    "BK_O_TP_LSNDTIME": ("tcp_sock", "lsndtime"),
+    "BK_O_TP_RCV_TSTAMP": ("tcp_sock", "rcv_tstamp"),
+    "BK_O_TP_LRCVTIME": ("tcp_sock", "inet_conn.icsk_ack.lrcvtime"),
+    "BK_O_TP_USER_TIMEOUT": ("tcp_sock", "inet_conn.icsk_user_timeout"),
+    "BK_O_TP_KEEPALIVE_TIME": ("tcp_sock", "keepalive_time"),
+    "BK_O_CG_LEVEL": ("cgroup", "level"),
+    "BK_O_CG_KN": ("cgroup", "kn"),
+    "BK_O_KN_ID": ("kernfs_node", "id"),
+}
+# The sizes the program reads them as (bytes).
+SIZES = {
+    "BK_O_SK_FAMILY": 2,
+    "BK_O_SK_DPORT": 2,
+    "BK_O_SK_DADDR": 4,
+    "BK_O_SK_V6_DADDR": 16,
+    "BK_O_SK_PROTOCOL": 2,
+    "BK_O_SK_ERR": 4,
+    "BK_O_SK_CGROUP": 8,
+    "BK_O_TP_SRTT_US": 4,
+    "BK_O_TP_SND_UNA": 4,
+    "BK_O_TP_WRITE_SEQ": 4,
+    "BK_O_TP_LSNDTIME": 4,
+    "BK_O_TP_RCV_TSTAMP": 4,
+    "BK_O_TP_LRCVTIME": 4,
+    "BK_O_TP_USER_TIMEOUT": 4,
+    "BK_O_TP_KEEPALIVE_TIME": 4,
+    "BK_O_CG_LEVEL": 4,
+    "BK_O_CG_KN": 8,
+    "BK_O_KN_ID": 8,
+}
+
+
+def loss_cflags(b: btf.Btf | None = None) -> tuple[list[str], str | None]:
+    """(the -D flags, None), or ([], why the loss program cannot be built
+    for this kernel)."""
+    try:
+        b = b or btf.vmlinux()
+        flags = ["-DBK_BTF=1"]
+        for macro, (struct, path) in OFFSETS.items():
+            size = b.size(struct, path)
+            if size != SIZES[macro]:
+                return [], f"{struct}.{path} is {size} bytes in this kernel, not {SIZES[macro]}"
+            flags.append(f"-D{macro}={b.offset(struct, path)}")
+        # The cgroup's ancestors: pointers since Linux 6.0, ids before.
+        if b.has("cgroup", "ancestors"):
+            flags.append(f"-DBK_O_CG_ANCESTORS={b.offset('cgroup', 'ancestors')}")
+        elif b.has("cgroup", "ancestor_ids"):
+            flags.append(f"-DBK_O_CG_ANCESTOR_IDS={b.offset('cgroup', 'ancestor_ids')}")
+        else:
+            return [], "struct cgroup has neither ancestors[] nor ancestor_ids[]"
+    except btf.BtfError as e:
+        return [], str(e)
+    return flags, None
