@@ -14,7 +14,16 @@ from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError, PermissionProblem, UsageError
 from bpfkeep.kernel import cgroups
 from bpfkeep.kernel.privileges import has_bpf_privileges, require_privileges
-from bpfkeep.options import MODES, TUNABLE, Option, Policy, parse_value
+from bpfkeep.options import (
+    AUTO_MAX,
+    AUTO_MIN,
+    BY_KEY,
+    MODES,
+    TUNABLE,
+    Option,
+    Policy,
+    parse_value,
+)
 from bpfkeep.preload import library_path
 from bpfkeep.sweep.engine import SweepUnavailable
 
@@ -26,8 +35,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _option_type(opt: Option) -> Callable[[str], int]:
-    def convert(raw: str) -> int:
+def _option_type(opt: Option, *, auto: bool = False) -> Callable[[str], int | str]:
+    def convert(raw: str) -> int | str:
+        if auto and raw.strip().lower() == "auto":
+            return "auto"
         try:
             return parse_value(opt, raw)
         except UsageError as e:
@@ -45,13 +56,27 @@ def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -
         default = (
             "(keepidle + keepintvl * keepcnt) * 1000" if opt.default is None else str(opt.default)
         )
+        auto = opt.key == "keepidle" and bpf_only
         g.add_argument(
             opt.flag,
             dest=opt.key,
-            type=_option_type(opt),
+            type=_option_type(opt, auto=auto),
             metavar=opt.unit.upper() if opt.unit != "bytes" else "BYTES",
-            help=f"{opt.help} [{opt.unit}, {opt.minimum}..{opt.maximum}; default {default}]",
+            help=f"{opt.help} [{opt.unit}, {opt.minimum}..{opt.maximum}; default {default}]"
+            + ('; "auto": learned from the path (bpfkeep daemon)' if auto else ""),
         )
+    if bpf_only:
+        for key, what in (
+            ("keepidle_min", f"the lowest keepidle auto goes to [s; default {AUTO_MIN}]"),
+            ("keepidle_max", f"where keepidle auto starts [s; default {AUTO_MAX}]"),
+        ):
+            g.add_argument(
+                "--" + key.replace("_", "-"),
+                dest=key,
+                type=_option_type(BY_KEY["keepidle"]),
+                metavar="S",
+                help=what,
+            )
     g.add_argument(
         "--mode",
         choices=MODES,
@@ -73,6 +98,8 @@ def add_policy_arguments(p: argparse.ArgumentParser, *, bpf_only: bool = True) -
 def policy_from_args(args: argparse.Namespace) -> Policy:
     values: dict[str, object] = {o.key: getattr(args, o.key, None) for o in TUNABLE}
     values["mode"] = args.mode or "set"
+    for key in ("keepidle_min", "keepidle_max"):
+        values[key] = getattr(args, key, None)
     policy = Policy.from_mapping(values)
     specs = getattr(args, "peer", None) or []
     if not specs:

@@ -27,9 +27,8 @@ from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
 
 DEFAULT_LISTEN = ("127.0.0.1", 9977)
 WORKLOAD_KEYS = ("container", "labels", "pod")  # a rule names workloads instead of a cgroup
-POLICY_KEYS = {"cgroup", "mode", "existing", "peer", *WORKLOAD_KEYS} | {
-    o.key for o in TUNABLE if o.bpf
-}
+POLICY_KEYS = {"cgroup", "mode", "existing", "peer", "keepidle_min", "keepidle_max"}
+POLICY_KEYS |= set(WORKLOAD_KEYS) | {o.key for o in TUNABLE if o.bpf}
 SECTIONS = {"metrics", "daemon", "policy", "containers"}
 # [metrics] workload_labels: which workload labels the per-cgroup series carry.
 WORKLOAD_LABELS = ("container", "namespace", "none")
@@ -675,6 +674,8 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
             hint = ""
             if key in BY_KEY and not BY_KEY[key].bpf:
                 hint = " (the kernel refuses it from BPF; only the LD_PRELOAD shim sets it)"
+            if key == "idle_limit":
+                hint = " here: a path's idle limit goes on a peer rule ([[policy.peer]])"
             raise ConfigError(f"{at(key)}: unknown key{hint}")
     selector = _selector(at, table)
     if selector is not None and "cgroup" in table:
@@ -712,10 +713,14 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
                 raise ConfigError(f"{at(key)}: expected true or false, got {show_value(value)}")
             existing = value
             continue
+        if key == "keepidle" and value == "auto":
+            values[key] = value  # learned from the path (bpfkeep.learning)
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{at(key)}: expected a whole number, got {show_value(value)}")
+            extra = ' or "auto"' if key == "keepidle" else ""
+            raise ConfigError(f"{at(key)}: expected a whole number{extra}, got {show_value(value)}")
         try:
-            values[key] = parse_value(BY_KEY[key], value)
+            values[key] = parse_value(BY_KEY[key], value) if key in BY_KEY else value
         except UsageError as e:
             raise ConfigError(f"{at(key)}: {str(e).partition(': ')[2]}") from None
     # 10,000 [[policy]] tables with the same values are one Policy object,
@@ -724,7 +729,11 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
     memo = (tuple(sorted(values.items())), repr(peer_tables))
     policy = shared.get(memo) if shared is not None else None
     if policy is None:
-        policy = Policy.from_mapping(values)
+        try:
+            policy = Policy.from_mapping(values)
+        except UsageError as e:
+            key, _, msg = str(e).partition(": ")
+            raise ConfigError(f"{at(key)}: {msg}") from None
         if peer_tables:
             try:
                 policy = policy.with_peers(

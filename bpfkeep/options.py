@@ -304,6 +304,28 @@ def dead_peer_bound(policy: Policy, host: tuple[int, int, int]) -> int:
     return dead_peer_seconds(idle, intvl, probes)
 
 
+# keepidle = "auto": where it starts, and the lowest it goes (s).
+AUTO_MAX, AUTO_MIN = 300, 10
+# Keys of a policy that are not socket options.
+LEARNING_KEYS = ("keepidle_min", "keepidle_max", "idle_limit")
+
+
+def _seconds(key: str, raw: object) -> int:
+    """A keepalive time in seconds, 1..32767 (keepidle_min, idle_limit...)."""
+    value = parse_value(BY_KEY["keepidle"], raw)
+    if not value:
+        raise UsageError(f"{key}: 0 is out of range (use 1..{BY_KEY['keepidle'].maximum} s)")
+    return value
+
+
+def learned_keepidle(limit: float | None, lo: int, hi: int) -> int:
+    """keepidle for a path whose idle limit is ``limit`` (None: unknown):
+    half of it, within lo..hi (see bpfkeep.learning)."""
+    if not limit:
+        return hi
+    return int(min(hi, max(lo, limit // 2)))
+
+
 def _default(key: str) -> int:
     default = BY_KEY[key].default
     assert default is not None, key
@@ -333,6 +355,14 @@ class Policy:
     # Peer rules (bpfkeep.peers.Peer): other values, or none, for the
     # connections to some peers; the most specific rule wins.
     peers: tuple = ()
+    # keepidle = "auto": learned from the path (bpfkeep.learning), within
+    # keepidle_min..keepidle_max; ``keepidle`` is then where it starts.
+    auto: bool = False
+    keepidle_min: int = AUTO_MIN
+    keepidle_max: int = AUTO_MAX
+    # A peer rule's path idle limit as the operator knows it (s; 0: not
+    # stated): keepidle is derived from it as from a learned one.
+    idle_limit: int = 0
     # Whether user_timeout was derived (left out) rather than given: only a
     # derived one follows the keepalive times a program sets itself, so a
     # value written out equal to the derived one is the operator's, fixed.
@@ -367,28 +397,63 @@ class Policy:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Policy:
-        """Build a validated policy; keys absent or None take defaults."""
-        unknown = set(values) - set(BY_KEY) - {"mode"}
+        """Build a validated policy; keys absent or None take defaults.
+        ``keepidle = "auto"`` learns it (see bpfkeep.learning); a stated
+        ``idle_limit`` derives it."""
+        unknown = set(values) - set(BY_KEY) - {"mode", *LEARNING_KEYS}
         if unknown:
             raise UsageError(f"unknown policy key {show_value(sorted(unknown)[0])}")
         kw: dict[str, object] = {}
+        for key in LEARNING_KEYS:
+            if values.get(key) is not None:
+                kw[key] = _seconds(key, values[key])
+        lo, hi = kw.get("keepidle_min", AUTO_MIN), kw.get("keepidle_max", AUTO_MAX)
+        if lo > hi:  # type: ignore[operator]
+            raise UsageError(f"keepidle_min: {lo} is above keepidle_max ({hi})")
+        raw_idle = values.get("keepidle")
+        if isinstance(raw_idle, str) and raw_idle.strip().lower() == "auto":
+            kw["auto"] = True
+            values = {k: v for k, v in values.items() if k != "keepidle"}
         for opt in TUNABLE:
             raw = values.get(opt.key)
             if raw is not None:
                 kw[opt.key] = parse_value(opt, raw)
+        limit = kw.get("idle_limit")
+        if kw.get("auto") or limit:
+            start = learned_keepidle(limit or None, lo, hi)  # type: ignore[arg-type]
+            if "keepidle" in kw and limit and not 0 < kw["keepidle"] < limit:  # type: ignore[operator]
+                raise UsageError(
+                    f"keepidle: {kw['keepidle']} is not below idle_limit ({limit}): leave "
+                    "keepidle out to derive it from the limit"
+                )
+            kw.setdefault("keepidle", start)
         mode = values.get("mode") or "set"
         if mode not in MODES:
             raise UsageError(f"mode: {show_value(mode)} is not one of set, enforce")
         kw["mode"] = mode
         return cls(**kw)  # type: ignore[arg-type]
 
+    def with_keepidle(self, keepidle: int) -> Policy:
+        """The same policy with another keepidle (a learned one): a derived
+        user timeout follows it."""
+        ut = None if self.ut_derived else self.user_timeout
+        return dataclasses.replace(
+            self, keepidle=keepidle, user_timeout=ut, user_timeout_derived=self.ut_derived
+        )
+
     def value(self, key: str) -> int:
         return 1 if key == "keepalive" else int(getattr(self, key))
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "peers"
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("peers", "auto", *LEARNING_KEYS)
         }
+        if self.auto:
+            d.update(auto=True, keepidle_min=self.keepidle_min, keepidle_max=self.keepidle_max)
+        if self.idle_limit:
+            d["idle_limit"] = self.idle_limit
         if self.peers:
             d["peers"] = [p.as_dict() for p in self.peers]
         return d

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from bpfkeep.errors import UsageError
-from bpfkeep.options import BY_KEY, TUNABLE, Policy, show_value
+from bpfkeep.options import BY_KEY, LEARNING_KEYS, TUNABLE, Policy, show_value
 
 # Port-specific rules that may apply at one address, nested prefixes
 # included: the kernel scans this many entries (BK_PEER_PORTS in bpfkeep.h).
@@ -41,7 +41,7 @@ _HOST = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 # Keys of a peer rule besides the policy's option keys.
-RULE_KEYS = ("address", "port", "exempt", "mode")
+RULE_KEYS = ("address", "port", "exempt", "mode", *LEARNING_KEYS)
 V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 Network = ipaddress.IPv6Network
@@ -200,10 +200,21 @@ def build(
         seen[dup] = i
         policy = None
         if not exempt:
-            merged = {k: v for k, v in policy_values.items() if k in BY_KEY or k == "mode"}
+            merged = {
+                k: v
+                for k, v in policy_values.items()
+                if k in BY_KEY or k in ("mode", "keepidle_min", "keepidle_max")
+            }
             # A user timeout the policy derived follows the rule's own times.
             if "user_timeout" not in table and _derived(policy_values):
                 merged.pop("user_timeout", None)
+            # A stated idle limit derives keepidle, unless the rule gives one.
+            if (
+                "idle_limit" in table
+                and "keepidle" not in table
+                and merged.get("keepidle") != "auto"
+            ):
+                merged.pop("keepidle", None)
             merged.update(values)
             try:
                 policy = Policy.from_mapping(merged)
