@@ -113,6 +113,22 @@ def test_errno_buckets_are_the_oss_errno_names():
             assert getattr(errno, name) == int(number), (number, name)
 
 
+def test_bcc_gets_every_source_once_as_one_text():
+    """bcc rewrites map calls and finds programs only in the text it is
+    handed: the unit with every installed source written in, each once,
+    and no "..." include left for the compiler."""
+    text = bk_header.unit_text(INSTALLED / loader.SOURCE)
+    own_include = re.compile(r'^\s*#\s*include\s+"[^"]+"\s*$', re.M)
+    assert not own_include.search(text)
+    for f in sorted(INSTALLED.iterdir()):
+        if f.suffix in (".c", ".h"):
+            for part in own_include.split(f.read_text()):
+                if part.strip():
+                    assert text.count(part.strip("\n")) == 1, f.name
+    for program in ("int bk_sockops(", "int bk_setsockopt(", "BPF_ITER(tcp)"):
+        assert text.count(program) == 1, program
+
+
 def test_sweep_entry_is_the_struct():
     fields = [f.name for f in dataclasses.fields(bpfmaps.SweepEntry)]
     assert fields == [m.name for m in bpfmaps.SWEEP.members]
