@@ -17,7 +17,12 @@ class BuildWithNative(build_py):
         super().run()
         pkg = os.path.join(self.build_lib, "bpfkeep")
         bpf_out = os.path.join(pkg, "_bpf")
-        os.makedirs(bpf_out, exist_ok=True)
+        # Exactly the checkout's sources: pip builds in ./build, which
+        # keeps what an earlier build copied (a file since renamed or
+        # removed would ship, and change the hash that names the pinned
+        # programs, progs.header.source_version).
+        shutil.rmtree(bpf_out, ignore_errors=True)
+        os.makedirs(bpf_out)
         for name in os.listdir(os.path.join(HERE, "bpf")):
             if name.endswith((".c", ".h")):
                 shutil.copy2(os.path.join(HERE, "bpf", name), bpf_out)

@@ -68,6 +68,8 @@ def test_installed_package_has_bpf_sources_header_and_shim():
     shipped = pkg / "_bpf"
     sources = sorted(p.name for p in (REPO / "bpf").iterdir() if p.suffix in (".c", ".h"))
     assert "bpfkeep_options.h" in sources and any(s.endswith(".bpf.c") for s in sources)
+    extra = sorted(p.name for p in shipped.iterdir() if p.name not in sources)
+    assert not extra, f"the installed package has BPF sources the checkout has not: {extra}"
     for name in sources:
         f = shipped / name
         assert f.is_file(), f"{name} is not in the installed package ({shipped})"

@@ -44,6 +44,29 @@ def source_version(src: Path | None = None) -> str:
     return h.hexdigest()[:12]
 
 
+def unit_text(path: Path) -> str:
+    """A BPF translation unit as one text: each ``#include "..."`` file
+    written in place of its include, once (the files are guarded anyway);
+    ``#include <...>`` is left to the compiler.  bcc registers programs and
+    rewrites its map syntax only in the text it is handed, never in an
+    included file (bpf/bpfkeep.bpf.c says more)."""
+    return _unit_text(path.resolve(), set())
+
+
+def _unit_text(path: Path, done: set[Path]) -> str:
+    done.add(path)
+    out = []
+    for line in path.read_text().splitlines():
+        m = _INCLUDE.fullmatch(line)
+        if not m:
+            out.append(line)
+            continue
+        included = (path.parent / m.group(1)).resolve()
+        if included not in done:
+            out.append(_unit_text(included, done))
+    return "\n".join(out)
+
+
 # -- reading the header ------------------------------------------------------------
 
 # The fixed-width types the header is written in (no padding holes: a

@@ -15,10 +15,12 @@ import sys
 
 from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem
 from bpfkeep.kernel import bpfsys
-from bpfkeep.progs.header import bpf_dir
+from bpfkeep.progs.header import bpf_dir, unit_text
 from bpfkeep.progs.kheaders import bcc_environment
 
-SOURCE = "keepalive.bpf.c"
+# The translation unit of all three programs: bcc gets it as one text
+# (header.unit_text; bpf/bpfkeep.bpf.c says why).
+SOURCE = "bpfkeep.bpf.c"
 # Pinned object names in PIN_DIR/obj (programs and maps).
 PROG_SOCKOPS = "prog_sockops"
 PROG_SETSOCKOPT = "prog_setsockopt"
@@ -74,7 +76,7 @@ def _compile_and_pin(obj_dir: str) -> None:
     src = bpf_dir()
     try:
         b = BPF(
-            src_file=str(src / SOURCE).encode(),
+            text=unit_text(src / SOURCE).encode(),
             cflags=[f"-I{src}", "-Wno-unused-function"],
         )
         sockops = b.load_func(b"bk_sockops", BPF.SOCK_OPS)
