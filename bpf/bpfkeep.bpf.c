@@ -29,3 +29,4 @@
 #include "sockops.bpf.c"
 #include "setsockopt.bpf.c"
 #include "sweep.bpf.c"
+#include "loss.bpf.c"

@@ -35,6 +35,9 @@
 /* A complete sweep ran since the last change: every listener of the policy
  * carries its values or a record, so what it accepts needs nothing */
 #define BK_F_SWEPT 0x80
+/* keepidle = "auto" (bk_policy or bk_rule): keepidle is the one learned for
+ * the socket's path (bk_learned), val[KEEPIDLE] until one is */
+#define BK_F_AUTO 0x200
 
 /* The keepalive values that tell a socket bpfkeep configured from one whose
  * program chose its own, when the socket carries no record: indexes into
@@ -59,6 +62,9 @@ struct bk_policy {
 	__u64 peers;	  /* its peer rules: a set in bk_peers and bk_rules,
 			   * named by a hash of its content; 0: none */
 	__u64 prev_peers; /* BK_F_PREV: the set sockets were configured by */
+	__u16 auto_min;	  /* BK_F_AUTO: keepidle's bounds (s), for userspace */
+	__u16 auto_max;
+	__u32 pad2;
 };
 
 /* --- Peer rules ------------------------------------------------------------
@@ -69,8 +75,8 @@ struct bk_policy {
  * the set (bpfkeep/peers.py, flatten).  The longest prefix that contains
  * the peer's address decides; no port range matching there: the policy's
  * own values.  IPv4 peers are looked up as ::ffff:a.b.c.d. */
-#define BK_PEER_PORTS 9	  /* port ranges per prefix (8 port rules + 1 any) */
-#define BK_PEER_NAME 256  /* bytes of a rule's name (its address as written) */
+#define BK_PEER_PORTS 9	 /* port ranges per prefix (8 port rules + 1 any) */
+#define BK_PEER_NAME 256 /* bytes of a rule's name (its address as written) */
 #define BK_MAX_PEER_PREFIXES 65536
 #define BK_MAX_PEER_RULES 65536
 
@@ -96,16 +102,49 @@ struct bk_rule_key {
 };
 
 /* bk_rule.flags (BK_F_ENFORCE and BK_F_UT_DERIVED as in bk_policy) */
-#define BK_R_EXEMPT 0x100 /* leave these connections as the program made them */
+#define BK_R_EXEMPT                                                            \
+	0x100 /* leave these connections as the program made them              \
+	       */
 
 struct bk_rule {
 	__u32 flags;
-	__u32 tag; /* a hash of the rule's label: what its losses are counted by */
+	__u32 tag; /* a hash of the rule's label: what its losses are counted by
+		    */
 	__u32 val[BK_NOPT_BPF];
-	__u16 lo; /* its port range (0-0: any port), for userspace */
+	/* For userspace: */
+	__u16 lo; /* its port range (0-0: any port) */
 	__u16 hi;
-	__u8 name[BK_PEER_NAME]; /* its address as written, for userspace */
+	__u16 auto_min; /* BK_F_AUTO: keepidle's bounds (s) */
+	__u16 auto_max;
+	__u32 idle_limit; /* s: the path's idle limit, as stated (0: not) */
+	__u8 name[BK_PEER_NAME]; /* its address as written */
 };
+
+/* --- Learned idle limits (keepidle = "auto") ---------------------------------
+ *
+ * A path is a peer rule of a policy, or, for the policy's own values, the
+ * peer's network (a /24 for IPv4, a /64 for IPv6).  Userspace (the daemon)
+ * learns each path's idle limit from its lost connections and writes the
+ * keepidle to use; the programs read only that. */
+struct bk_path_key {
+	__u64 owner;  /* the policy's cgroup id */
+	__u32 tag;    /* the peer rule's tag; 0: the policy's own values */
+	__u32 plen;   /* tag 0: the network's prefix length (120: a v4 /24) */
+	__u8 net[16]; /* tag 0: the network (IPv4 mapped), host bits 0 */
+};
+
+struct bk_learned {
+	__u32 keepidle; /* s: for the path's connections (0: none learned) */
+	__u32 limit;	/* s: the path's idle limit as known (0: unknown) */
+	__u32 upper_ms; /* the shortest idle after which one was lost (0: none)
+			 */
+	__u32 lower_ms; /* the longest idle one survived */
+	__u64 upper_at; /* when upper_ms was learned (s since the epoch) */
+	__u32 losses;	/* losses taken as evidence */
+	__u32 ignored;	/* losses set aside (busy, unsolicited, a failing peer)
+			 */
+};
+#define BK_MAX_PATHS 65536
 
 /* --- Lost connections ------------------------------------------------------
  *
@@ -113,10 +152,12 @@ struct bk_rule {
  * inet_sk_error_report tracepoint), by the reason, and how long the
  * connection had been idle.  The names after BK_LOSS_ are the metric's
  * reason labels. */
-#define BK_LOSS_KEEPALIVE 0	/* keepalive probes unanswered: a dead peer */
-#define BK_LOSS_USER_TIMEOUT 1	/* data unacknowledged past TCP_USER_TIMEOUT */
-#define BK_LOSS_RETRANSMITS 2	/* the kernel's own retry limit (tcp_retries2) */
-#define BK_LOSS_RESET 3		/* a RST from the peer or a middlebox */
+#define BK_LOSS_KEEPALIVE 0    /* keepalive probes unanswered: a dead peer */
+#define BK_LOSS_USER_TIMEOUT 1 /* data unacknowledged past TCP_USER_TIMEOUT */
+#define BK_LOSS_RETRANSMITS                                                    \
+	2		/* the kernel's own retry limit (tcp_retries2)         \
+			 */
+#define BK_LOSS_RESET 3 /* a RST from the peer or a middlebox */
 #define BK_NLOSS 4
 #define BK_NIDLE 16 /* idle-time histogram buckets (bounds: bk_config) */
 
@@ -134,8 +175,8 @@ struct bk_losses {
 
 /* Written once by userspace when the programs are loaded. */
 struct bk_config {
-	__u32 hz;	       /* the kernel's jiffies per second */
-	__u32 nidle;	       /* bounds used in idle_le_ms[] */
+	__u32 hz;		    /* the kernel's jiffies per second */
+	__u32 nidle;		    /* bounds used in idle_le_ms[] */
 	__u32 idle_le_ms[BK_NIDLE]; /* upper bound of each idle bucket */
 };
 
@@ -149,8 +190,9 @@ struct bk_loss_event {
 	__u32 path_idle_ms; /* nothing heard from the peer before it */
 	__u32 keepidle;	    /* s, in force on the socket (0: the sysctl) */
 	__u16 port;	    /* the peer's, host byte order */
-	__u16 pad;
-	__u8 addr[16]; /* the peer's, IPv4 mapped */
+	__u8 unacked;	    /* data we sent was not acknowledged */
+	__u8 probes;	    /* keepalive probes out, unanswered */
+	__u8 addr[16];	    /* the peer's, IPv4 mapped */
 };
 
 /* What bpfkeep knows about one socket, where the socket's values alone
@@ -195,6 +237,7 @@ struct bk_counters {
 	__u64 applied[BK_NOPT_BPF];
 	__u64 failed[BK_NOPT_BPF][BK_NERR];
 	__u64 rewritten[BK_NOPT_BPF]; /* enforce: application writes capped */
+	__u64 exempt; /* new sockets of an exempt peer: left as they were */
 };
 
 /* The sweep of existing sockets (iter/tcp).  Userspace picks the target
@@ -214,6 +257,12 @@ struct bk_counters {
  * records on sockets without a record that they are bpfkeep's, not the
  * program's: a later policy's sweep then brings them to its values */
 #define BK_SWI_KEEP 0x8
+/* APPLY: check the values even on a socket current with the policy (its
+ * learned keepidle changed, which changes no generation) */
+#define BK_SWI_RECHECK 0x10
+/* APPLY on a listener (of a policy whose values depend on the peer: its
+ * own values off it, to val[] as UNDO does) */
+#define BK_SWI_LISTEN 0x20
 /* UNDO: bit (BK_SWI_RESET_SHIFT + option index) asks to reset that option
  * to val[option index] */
 #define BK_SWI_RESET_SHIFT 16
@@ -244,8 +293,8 @@ struct bk_sweep {
 	__u8 peer[16];		/* in: the peer's address (IPv4 mapped), whose
 				 * peer rule applies */
 	__u16 port;		/* in: the peer's port */
-	__u16 rule;		/* out: the peer rule applied (0: the policy's
-				 * own values) */
+	__u16 rule;		/* out: 1 if a peer rule applied (0: the
+				 * policy's own values) */
 	__u32 pad;
 };
 

@@ -76,6 +76,17 @@ __attribute__((section("maps/sk_storage"))) struct bk_sk_table_t bk_sk = {
 	.flags = BPF_F_NO_PREALLOC | BPF_F_CLONE};
 BPF_ANNOTATE_KV_PAIR(bk_sk, int, struct bk_sk);
 
+/* Peer rules (see bpfkeep.h): the trie userspace flattens each set of
+ * rules into, and the rules; the keepidle learned per path; what the loss
+ * program counts and tells the daemon, and what it needs to know. */
+BPF_LPM_TRIE(bk_peers, struct bk_peer_key, struct bk_peer,
+	     BK_MAX_PEER_PREFIXES);
+BPF_HASH(bk_rules, struct bk_rule_key, struct bk_rule, BK_MAX_PEER_RULES);
+BPF_HASH(bk_learned, struct bk_path_key, struct bk_learned, BK_MAX_PATHS);
+BPF_HASH(bk_losses, struct bk_loss_key, struct bk_losses, BK_MAX_LOSS_KEYS);
+BPF_ARRAY(bk_config, struct bk_config, 1);
+BPF_RINGBUF_OUTPUT(bk_loss_events, 16); /* pages: 4096 events of 48 bytes */
+
 /* The options that make up "keepalive": a program that sets its own
  * keepalive keeps all of them in set mode. */
 #define BK_BIT(id) (1u << (id))
@@ -205,9 +216,10 @@ static __always_inline int bk_at(void *sk, __u32 idle, __u32 intvl, __u32 cnt,
 	return !cnt || BK_GET(sk, KEEPCNT) == (int)cnt;
 }
 
-#define BK_AT_POLICY(sk, p)                                                    \
-	bk_at(sk, (p)->val[BK_OPT_KEEPIDLE], (p)->val[BK_OPT_KEEPINTVL],       \
-	      (p)->val[BK_OPT_KEEPCNT], (p)->val[BK_OPT_USER_TIMEOUT])
+#define BK_AT_VALS(sk, val)                                                    \
+	bk_at(sk, (val)[BK_OPT_KEEPIDLE], (val)[BK_OPT_KEEPINTVL],             \
+	      (val)[BK_OPT_KEEPCNT], (val)[BK_OPT_USER_TIMEOUT])
+#define BK_AT_POLICY(sk, p) BK_AT_VALS(sk, (p)->val)
 #define BK_AT_FP(sk, fp)                                                       \
 	bk_at(sk, (fp)[BK_FP_KEEPIDLE], (fp)[BK_FP_KEEPINTVL],                 \
 	      (fp)[BK_FP_KEEPCNT], (fp)[BK_FP_USER_TIMEOUT])
@@ -220,12 +232,12 @@ static __always_inline int bk_at(void *sk, __u32 idle, __u32 intvl, __u32 cnt,
  * the times in force: a dead peer is then dropped after keepidle +
  * keepintvl * keepcnt of the socket, whoever chose them.  Returns the
  * helper's result, or 1 when there was nothing to do. */
-static __always_inline int bk_follow_ut(void *sk, struct bk_policy *p,
+static __always_inline int bk_follow_ut(void *sk, __u32 flags, const __u32 *val,
 					__u16 app)
 {
 	int idle, intvl, cnt, ut;
 
-	if (!(p->flags & BK_F_UT_DERIVED) || !p->val[BK_OPT_USER_TIMEOUT] ||
+	if (!(flags & BK_F_UT_DERIVED) || !val[BK_OPT_USER_TIMEOUT] ||
 	    !(app & BK_TIME_BITS) || (app & BK_BIT(BK_OPT_USER_TIMEOUT)))
 		return 1;
 	idle = BK_GET(sk, KEEPIDLE);
@@ -236,6 +248,153 @@ static __always_inline int bk_follow_ut(void *sk, struct bk_policy *p,
 	ut = bk_derived_ut(idle, intvl, cnt);
 	return bpf_setsockopt(sk, BK_USER_TIMEOUT_LEVEL,
 			      BK_USER_TIMEOUT_OPTNAME, &ut, sizeof(ut));
+}
+
+/* --- peer rules ------------------------------------------------------------
+ */
+
+#define BK_AF_INET 2
+#define BK_AF_INET6 10
+
+/* The peer's address as the trie keys it: 16 bytes, IPv4 mapped. */
+static __always_inline void bk_addr4(__u8 *addr, __u32 ip4)
+{
+	__builtin_memset(addr, 0, 10);
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	__builtin_memcpy(addr + 12, &ip4, 4);
+}
+
+/* The peer's address from a context's fields (bpf_sock_ops: remote_*,
+ * bpf_sock: dst_*), every field read at once before a compiler barrier:
+ * the verifier refuses a load through a context pointer the compiler has
+ * moved (clang would otherwise compute &ctx->field in one branch and load
+ * it in another). */
+#define BK_PEER_ADDR(addr, family, ip4, ip6)                                   \
+	do {                                                                   \
+		__u32 f_ = (family), a_ = (ip4);                               \
+		__u32 w_[4] = {(ip6)[0], (ip6)[1], (ip6)[2], (ip6)[3]};        \
+		asm volatile("" ::: "memory");                                 \
+		if (f_ == BK_AF_INET)                                          \
+			bk_addr4(addr, a_);                                    \
+		else                                                           \
+			__builtin_memcpy(addr, w_, 16);                        \
+	} while (0)
+
+/* The rule of set ``set`` for a peer at addr:port (host byte order), or
+ * NULL: the policy's own values.  The longest prefix decides; its ranges
+ * are tried in order (userspace put the most specific first). */
+static __always_inline struct bk_rule *bk_peer_rule(__u64 set, const __u8 *addr,
+						    __u16 port)
+{
+	struct bk_peer_key k = {.prefixlen = 64 + 128};
+	struct bk_rule_key rk = {.set = set};
+	struct bk_peer *e;
+	int i;
+
+	if (!set)
+		return 0;
+	__builtin_memcpy(k.set, &set, 8);
+	__builtin_memcpy(k.addr, addr, 16);
+	e = bk_peers.lookup(&k);
+	if (!e)
+		return 0;
+#pragma unroll
+	for (i = 0; i < BK_PEER_PORTS; i++) {
+		if (i >= e->n)
+			return 0;
+		if (port >= e->lo[i] && port <= e->hi[i]) {
+			rk.rule = e->rule[i];
+			return bk_rules.lookup(&rk);
+		}
+	}
+	return 0;
+}
+
+/* What a socket gets: the policy's own values or its peer rule's, with
+ * the keepidle learned for its path when keepidle is "auto".  val points
+ * at the policy's or the rule's values, or at own[] (the learned keepidle
+ * written in). */
+struct bk_view {
+	const __u32 *val;
+	__u32 flags; /* the rule's ENFORCE, UT_DERIVED and AUTO, else the
+			policy's */
+	__u32 tag;   /* the rule's tag; 0: the policy's own values */
+	__u32 own[BK_NOPT_BPF];
+};
+#define BK_RULE_FLAGS (BK_F_ENFORCE | BK_F_UT_DERIVED | BK_F_AUTO)
+
+/* Does the policy look at each socket's peer?  Without peer rules and
+ * learning, every socket gets the policy's values: nothing to look up. */
+#define BK_PER_PEER(p) ((p)->peers || ((p)->flags & BK_F_AUTO))
+
+static __always_inline void
+bk_learned_keepidle(struct bk_policy *p, struct bk_view *v, const __u8 *addr)
+{
+	struct bk_path_key k = {.owner = p->cgroup_id, .tag = v->tag};
+	struct bk_learned *l;
+	int i;
+
+	if (!v->tag) {
+		/* The policy's own values: the peer's network is the path, a
+		 * /24 for IPv4 (mapped: 120 bits), a /64 for IPv6. */
+		int v4 = addr[10] == 0xff && addr[11] == 0xff &&
+			 !(addr[0] | addr[1] | addr[2] | addr[3] | addr[4] |
+			   addr[5] | addr[6] | addr[7] | addr[8] | addr[9]);
+
+		k.plen = v4 ? 120 : 64;
+		if (v4)
+			__builtin_memcpy(k.net, addr, 15);
+		else
+			__builtin_memcpy(k.net, addr, 8);
+	}
+	l = bk_learned.lookup(&k);
+	if (!l || !l->keepidle)
+		return;
+#pragma unroll
+	for (i = 0; i < BK_NOPT_BPF; i++)
+		v->own[i] = v->val[i];
+	v->own[BK_OPT_KEEPIDLE] = l->keepidle;
+	if ((v->flags & BK_F_UT_DERIVED) && v->own[BK_OPT_USER_TIMEOUT])
+		v->own[BK_OPT_USER_TIMEOUT] =
+			bk_derived_ut(l->keepidle, v->own[BK_OPT_KEEPINTVL],
+				      v->own[BK_OPT_KEEPCNT]);
+	v->val = v->own;
+}
+
+/* Fill *v for a socket of policy p whose peer is addr:port; 0 when that
+ * peer is exempt (the socket is left as the program made it). */
+static __always_inline int bk_view_of(struct bk_policy *p, const __u8 *addr,
+				      __u16 port, struct bk_view *v)
+{
+	struct bk_rule *r;
+
+	v->val = p->val;
+	v->flags = p->flags;
+	v->tag = 0;
+	if (!BK_PER_PEER(p))
+		return 1;
+	r = bk_peer_rule(p->peers, addr, port);
+	if (r) {
+		if (r->flags & BK_R_EXEMPT)
+			return 0;
+		v->val = r->val;
+		v->flags = (p->flags & ~BK_RULE_FLAGS) |
+			   (r->flags & BK_RULE_FLAGS);
+		v->tag = r->tag;
+	}
+	if (v->flags & BK_F_AUTO)
+		bk_learned_keepidle(p, v, addr);
+	return 1;
+}
+
+/* The rule tag a peer of p falls under (0: the policy's own values). */
+static __always_inline __u32 bk_rule_tag(__u64 set, const __u8 *addr,
+					 __u16 port)
+{
+	struct bk_rule *r = bk_peer_rule(set, addr, port);
+
+	return r ? r->tag : 0;
 }
 
 #endif /* BPFKEEP_COMMON_BPF_H */

@@ -90,6 +90,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	__u32 snd_una = 0, write_seq = 0, srtt = 0, lsnd = 0, rcvts = 0;
 	__u32 lrcv = 0, ut = 0, ka = 0, now, data_idle, path_idle, hz = 0;
 	__u16 proto = 0, family = 0, dport = 0;
+	__u8 probes = 0;
 	void *cg = 0;
 	int err = 0, idx = 0, i, zero_idx = 0;
 
@@ -107,7 +108,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 
 	BK_READ(family, sk, BK_O_SK_FAMILY);
 	BK_READ(dport, sk, BK_O_SK_DPORT);
-	ev.port = bpf_ntohs(dport);
+	ev.port = __builtin_bswap16(dport);
 	if (family == BK_AF_INET) {
 		ev.addr[10] = 0xff;
 		ev.addr[11] = 0xff;
@@ -125,6 +126,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	BK_READ(lrcv, sk, BK_O_TP_LRCVTIME);
 	BK_READ(ut, sk, BK_O_TP_USER_TIMEOUT);
 	BK_READ(ka, sk, BK_O_TP_KEEPALIVE_TIME);
+	BK_READ(probes, sk, BK_O_TP_PROBES_OUT);
 	now = (__u32)bpf_jiffies64();
 	cfg = bk_config.lookup(&zero_idx);
 	if (cfg)
@@ -154,12 +156,16 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		data_idle = bk_since(lrcv, lsnd);
 		path_idle = bk_since(rcvts, lsnd);
 	} else {
-		data_idle = bk_since((__s32)(lsnd - lrcv) > 0 ? lsnd : lrcv, now);
+		data_idle =
+			bk_since((__s32)(lsnd - lrcv) > 0 ? lsnd : lrcv, now);
 		path_idle = bk_since(rcvts, now);
 	}
 	ev.idle_ms = bk_ms(data_idle, hz);
 	ev.path_idle_ms = bk_ms(path_idle, hz);
 	ev.keepidle = hz ? ka / hz : 0;
+	/* Did the peer's RST, or its silence, answer something we sent? */
+	ev.unacked = write_seq != snd_una;
+	ev.probes = probes;
 	ev.owner = key.owner;
 	ev.tag = key.tag;
 
@@ -176,7 +182,8 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		idx = cfg->nidle < BK_NIDLE ? cfg->nidle : BK_NIDLE - 1;
 #pragma unroll
 		for (i = 0; i < BK_NIDLE - 1; i++) {
-			if (i < cfg->nidle && ev.idle_ms <= cfg->idle_le_ms[i]) {
+			if (i < cfg->nidle &&
+			    ev.idle_ms <= cfg->idle_le_ms[i]) {
 				idx = i;
 				break;
 			}

@@ -10,6 +10,11 @@
 
 #define SOCK_STREAM 1
 #define BK_TCP_CLOSE 7 /* include/net/tcp_states.h */
+#define BK_TCP_LISTEN 10
+/* MPTCP sockets copy SO_KEEPALIVE and the keepalive times down to their
+ * TCP subflows (net/mptcp/sockopt.c): capped like TCP, or a program could
+ * turn keepalive off on every subflow through them. */
+#define BK_IPPROTO_MPTCP 262
 
 /* A keepalive time the kernel will accept (TCP_KEEPIDLE, TCP_KEEPINTVL
  * 1..32767 s, TCP_KEEPCNT 1..127): only then does the user timeout follow
@@ -24,12 +29,24 @@ static __always_inline int bk_valid_time(int id, int v)
 	return v >= BK_KEEPIDLE_MIN && v <= BK_KEEPIDLE_MAX;
 }
 
+/* The peer of a socket (none before connect(): zeros, the policy's own
+ * values unless a rule names ::/0). */
+static __always_inline __u16 bk_peer_of_sock(struct bpf_sock *sk, __u8 *addr)
+{
+	__u16 port = sk->dst_port;
+
+	BK_PEER_ADDR(addr, sk->family, sk->dst_ip4, sk->dst_ip6);
+	return __builtin_bswap16(port);
+}
+
 int bk_setsockopt(struct bpf_sockopt *ctx)
 {
 	struct bk_policy *own;
 	struct bk_counters *c;
+	struct bk_view view;
 	struct bk_sk *s;
 	struct bpf_sock *sk;
+	__u8 addr[16];
 	int id, *v, rewritten;
 
 	/* The options the hook watches are those the table marks enforce:
@@ -47,11 +64,17 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 #undef BK_WATCH
 
 	sk = ctx->sk;
-	if (!sk || sk->type != SOCK_STREAM || sk->protocol != IPPROTO_TCP)
+	if (!sk || sk->type != SOCK_STREAM ||
+	    (sk->protocol != IPPROTO_TCP && sk->protocol != BK_IPPROTO_MPTCP))
 		goto pass;
 	own = (struct bk_policy *)bk_policy.get_local_storage(0);
 	if (!own || !(own->flags & BK_F_ACTIVE))
 		goto pass;
+	view.val = own->val;
+	view.flags = own->flags;
+	if (BK_PER_PEER(own) && sk->state != BK_TCP_LISTEN &&
+	    !bk_view_of(own, addr, bk_peer_of_sock(sk, addr), &view))
+		goto pass; /* an exempt peer: the program's to set */
 	v = ctx->optval;
 	if (ctx->optlen < (int)sizeof(*v) || (void *)(v + 1) > ctx->optval_end)
 		goto pass;
@@ -69,7 +92,7 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 			 * on the socket needs a record of it.  Were its values
 			 * the policy's until now?  Then it is current. */
 			int at = BK_GET(sk, KEEPALIVE) > 0 &&
-				 BK_AT_POLICY(sk, own);
+				 BK_AT_VALS(sk, view.val);
 
 			s = bk_sk.sk_storage_get(sk, 0,
 						 BPF_SK_STORAGE_GET_F_CREATE);
@@ -87,13 +110,13 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 		s->app |= BK_BIT(id);
 	}
 	rewritten = 0;
-	if (own->flags & BK_F_ENFORCE) {
+	if (view.flags & BK_F_ENFORCE) {
 		if (id == BK_OPT_KEEPALIVE) {
 			if (*v != 0)
 				goto pass;
 			*v = 1;
 		} else {
-			__u32 cap = own->val[id & 7];
+			__u32 cap = view.val[id & 7];
 			/* TCP_USER_TIMEOUT 0 means "never": above any cap. */
 			if (!cap || (*v > 0 && *v <= (int)cap))
 				goto follow;
@@ -111,7 +134,7 @@ follow:
 	 * derive the user timeout from the value being written and the
 	 * socket's other two times. */
 	if (s && (BK_TIME_BITS & BK_BIT(id)) &&
-	    (own->flags & BK_F_UT_DERIVED) && own->val[BK_OPT_USER_TIMEOUT] &&
+	    (view.flags & BK_F_UT_DERIVED) && view.val[BK_OPT_USER_TIMEOUT] &&
 	    !(s->app & BK_BIT(BK_OPT_USER_TIMEOUT)) && bk_valid_time(id, *v)) {
 		int idle = id == BK_OPT_KEEPIDLE ? *v : BK_GET(sk, KEEPIDLE);
 		int intvl = id == BK_OPT_KEEPINTVL ? *v : BK_GET(sk, KEEPINTVL);

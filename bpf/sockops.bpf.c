@@ -9,9 +9,9 @@
 /* Set the policy's value of one option unless it is 0 or masked; count
  * the outcome in the per-CPU counters c.  A refused option (e.g.
  * TCP_MAXSEG before Linux 6.1) is counted, the others are still applied. */
-#define BK_APPLY(sk, p, c, mask, id, level, optname)                           \
+#define BK_APPLY(sk, vals, c, mask, id, level, optname)                        \
 	do {                                                                   \
-		int v_ = (p)->val[id];                                         \
+		int v_ = (vals)[id];                                           \
 		if (v_ && !((mask)&BK_BIT(id))) {                              \
 			int err_ = bpf_setsockopt(sk, level, optname, &v_,     \
 						  sizeof(v_));                 \
@@ -49,12 +49,25 @@ static __always_inline int bk_passive_needs(struct bpf_sock_ops *ops,
 	return BK_AT_PREV(ops, p);
 }
 
+/* The peer of a connection, as the trie keys it. */
+static __always_inline __u16 bk_peer_of_ops(struct bpf_sock_ops *ops,
+					    __u8 *addr)
+{
+	/* remote_port: the port in network byte order, in the upper half */
+	__u32 port = ops->remote_port;
+
+	BK_PEER_ADDR(addr, ops->family, ops->remote_ip4, ops->remote_ip6);
+	return (__u16)__builtin_bswap32(port);
+}
+
 int bk_sockops(struct bpf_sock_ops *ops)
 {
 	struct bk_policy *p;
 	struct bk_counters *c;
+	struct bk_view v;
 	struct bk_sk *s;
 	struct bpf_sock *sk;
+	__u8 addr[16];
 	__u16 mask = 0;
 	int cb;
 
@@ -84,7 +97,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	c = (struct bk_counters *)bk_counters.get_local_storage(0);
 	if (!p || !c || !(p->flags & BK_F_ACTIVE))
 		return 1;
-	if (cb == BK_CB_PASSIVE_ESTABLISHED &&
+	if (cb == BK_CB_PASSIVE_ESTABLISHED && !BK_PER_PEER(p) &&
 	    (p->flags & (BK_F_SWEPT | BK_F_HAS_ANCESTOR |
 			 BK_F_HAS_DESCENDANT)) == BK_F_SWEPT) {
 		/* Every listener of this policy was configured by it, swept
@@ -105,6 +118,36 @@ int bk_sockops(struct bpf_sock_ops *ops)
 					 : 0);
 	if (s && bk_yields(s, p))
 		return 1;
+	v.val = p->val;
+	v.flags = p->flags;
+	if (BK_PER_PEER(p)) {
+		/* Peer rules, or keepidle learned per path: the values depend
+		 * on the peer.  A listener has none: it stays as the program
+		 * made it, and each accepted socket gets its own peer's values
+		 * (an exempt peer's keeps what the listener passed on: the
+		 * program's). */
+		if (cb == BK_CB_LISTEN) {
+			c->seen[cb]++;
+			if (s) {
+				s->owner = p->cgroup_id;
+				s->level = p->level;
+				s->gen = p->gen;
+				s->app = 0;
+			}
+			return 1;
+		}
+		if (!bk_view_of(p, addr, bk_peer_of_ops(ops, addr), &v)) {
+			c->exempt++;
+			return 1;
+		}
+		/* Set mode: what the program chose on its listener (the record
+		 * came with it) stands on what it accepts. */
+		if (cb == BK_CB_PASSIVE_ESTABLISHED && s &&
+		    !(v.flags & BK_F_ENFORCE))
+			mask = s->app;
+		c->seen[cb]++;
+		goto apply;
+	}
 	c->seen[cb]++;
 
 	if (cb == BK_CB_PASSIVE_ESTABLISHED) {
@@ -130,6 +173,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 			return 1;
 		}
 	}
+apply:
 	/* CONNECT, LISTEN: the policy replaces what the program set before;
 	 * what it sets afterwards is its own (set mode). */
 	if (s) {
@@ -144,11 +188,11 @@ int bk_sockops(struct bpf_sock_ops *ops)
 #define BK_ROW(id, level, optname, side, enforce)                              \
 	do {                                                                   \
 		if (BK_ON_SIDE(side, cb))                                      \
-			BK_APPLY(ops, p, c, mask, id, level, optname);         \
+			BK_APPLY(ops, v.val, c, mask, id, level, optname);     \
 	} while (0)
 	BK_EACH_OPTION_IN_SET_ORDER;
 #undef BK_ROW
-	if (mask)
-		bk_follow_ut(ops, p, mask); /* UT counted above already */
+	if (mask) /* UT counted above already */
+		bk_follow_ut(ops, v.flags, v.val, mask);
 	return 1;
 }

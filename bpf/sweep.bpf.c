@@ -66,14 +66,16 @@ BPF_ITER(tcp)
 {
 	struct sock_common *skc = ctx->sk_common;
 	struct bk_sweepstats *st;
+	struct bk_rule *prev_rule = 0;
 	struct bk_policy *p;
+	struct bk_view v;
 	struct bk_sweep *e;
 	struct tcp_sock *tp;
 	struct bk_sk *s;
 	int want[BK_NOPT_BPF];
 	__u64 cookie, owner;
 	__u16 mask = 0, known;
-	int i, ka, enforce, own;
+	int i, ka, enforce, own, at_prev;
 
 	if (!skc)
 		return 0;
@@ -146,8 +148,52 @@ BPF_ITER(tcp)
 	}
 	s = bk_sk.sk_storage_get(tp, 0, 0);
 	st = bk_sweepstats.lookup(&owner);
-	enforce = p->flags & BK_F_ENFORCE;
 	ka = BK_GET(tp, KEEPALIVE);
+	if (BK_PER_PEER(p) && (e->in_flags & BK_SWI_LISTEN)) {
+		/* A listener of a policy whose values depend on the peer stays
+		 * as the program made it (each accepted socket gets its peer's
+		 * values): what bpfkeep gave it under earlier values goes back
+		 * to the defaults userspace sent, the program's own stays. */
+		if (s && s->owner == owner) {
+			mask = s->app;
+		} else if (ka <= 0 ||
+			   !(BK_AT_POLICY(tp, p) || BK_AT_PREV(tp, p))) {
+			e->result |= BK_SWR_CURRENT;
+			goto read;
+		}
+#pragma unroll
+		for (i = 0; i < BK_NOPT_BPF; i++)
+			want[i] =
+				(e->in_flags & (1u << (BK_SWI_RESET_SHIFT + i)))
+					? (int)e->val[i]
+					: -1;
+#define BK_ROW(id, level, optname, side, enforce)                              \
+	do {                                                                   \
+		if ((side) != BK_SIDE_CONNECT)                                 \
+			BK_SWEEP_SET(tp, e, st, mask, want, id, level,         \
+				     optname);                                 \
+	} while (0)
+		BK_EACH_OPTION_IN_SET_ORDER;
+#undef BK_ROW
+		if (s) {
+			s->level = p->level;
+			s->gen = p->gen;
+		}
+		goto read;
+	}
+	if (!bk_view_of(p, e->peer, e->port, &v)) {
+		e->result |= BK_SWR_EXEMPT; /* left as the program made it */
+		goto read;
+	}
+	enforce = v.flags & BK_F_ENFORCE;
+	/* The values bpfkeep gave before the policy's last change: the
+	 * previous set's rule for this peer, or the policy's own then. */
+	if ((p->flags & BK_F_PREV) && p->prev_peers)
+		prev_rule = bk_peer_rule(p->prev_peers, e->peer, e->port);
+	at_prev = (p->flags & BK_F_PREV) &&
+		  (prev_rule ? !(prev_rule->flags & BK_R_EXEMPT) &&
+				       BK_AT_VALS(tp, prev_rule->val)
+			     : BK_AT_FP(tp, p->prev));
 	/* Which options the program chose itself is known for sockets with a
 	 * record.  Without one, the values tell: the policy's (current), the
 	 * ones bpfkeep gave before (the policy's before its last change, or a
@@ -170,18 +216,19 @@ BPF_ITER(tcp)
 		 * sweep).  Set mode: what the program did since stands. Enforce
 		 * mode checks the values every time (only what differs is set):
 		 * a socket whose cgroup has no setsockopt hook (accepted from a
-		 * handed-over listener) may have changed them. */
+		 * handed-over listener) may have changed them.  So does a sweep
+		 * after a learned keepidle changed (BK_SWI_RECHECK). */
 		e->result |= BK_SWR_CURRENT;
-		if (!enforce)
+		if (!enforce && !(e->in_flags & BK_SWI_RECHECK))
 			goto read;
-	} else if (!known && ka > 0 && BK_AT_POLICY(tp, p)) {
+	} else if (!known && ka > 0 && BK_AT_VALS(tp, v.val)) {
 		e->result |= BK_SWR_CURRENT;
 		if (!(p->flags & BK_F_HAS_ANCESTOR))
 			goto read; /* nothing to set, nothing to record */
 	} else {
 		if (st)
 			__sync_fetch_and_add(&st->swept, 1);
-		own = !known && ka > 0 && !BK_AT_PREV(tp, p) &&
+		own = !known && ka > 0 && !at_prev &&
 		      !((e->in_flags & BK_SWI_FP) && BK_AT_FP(tp, e->fp));
 	}
 	if (!enforce) {
@@ -204,7 +251,7 @@ BPF_ITER(tcp)
 	}
 #pragma unroll
 	for (i = 0; i < BK_NOPT_BPF; i++)
-		want[i] = p->val[i] ? (int)p->val[i] : -1;
+		want[i] = v.val[i] ? (int)v.val[i] : -1;
 		/* Connect-side options (TCP_SYNCNT) only count before the
 		 * handshake: they are set on sockets still connecting. */
 #define BK_ROW(id, level, optname, side, enforce)                              \
@@ -228,7 +275,7 @@ BPF_ITER(tcp)
 		if ((enf) && (id) != BK_OPT_KEEPALIVE) {                       \
 			cur = BK_GETSOCKOPT(tp, level, optname);               \
 			if (known && (s->app & BK_BIT(id)) &&                  \
-			    bk_within(cur, p->val[id], id))                    \
+			    bk_within(cur, v.val[id], id))                     \
 				want[id] = -1;                                 \
 		}                                                              \
 	} while (0)
@@ -246,8 +293,9 @@ BPF_ITER(tcp)
 	BK_SWEEP_SET(tp, e, st, mask, want, id, level, optname)
 	BK_EACH_OPTION_IN_SET_ORDER;
 #undef BK_ROW
-	if (!enforce && bk_follow_ut(tp, p, mask) == 0)
+	if (!enforce && bk_follow_ut(tp, v.flags, v.val, mask) == 0)
 		e->applied |= BK_BIT(BK_OPT_USER_TIMEOUT);
+	e->rule = v.tag ? 1 : 0;
 
 read:
 	s = bk_sk.sk_storage_get(tp, 0, 0);

@@ -62,6 +62,7 @@ def _lib() -> ctypes.CDLL:
         ),
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, u32p, c_void_p]),
         "bpf_enable_stats": (c_int, [c_int]),
+        "bpf_raw_tracepoint_open": (c_int, [c_char_p, c_int]),
         "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p]),
     }
     for fname, (res, args) in sigs.items():
@@ -119,6 +120,12 @@ def prog_load(prog_type: int, insns: list[int], name: bytes, license_: bytes = b
         _lib().bpf_prog_load(prog_type, name, license_, buf, len(insns), None),
         f"loading program {name.decode()}",
     )
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw tracepoint program; the returned fd is a bpf_link (pin
+    it to keep the program attached after this process)."""
+    return _check(_lib().bpf_raw_tracepoint_open(name.encode(), prog_fd), f"raw tracepoint {name}")
 
 
 def link_detach(link_fd: int) -> None:

@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem
-from bpfkeep.kernel import bpfsys
+from bpfkeep.kernel import bpfsys, procfs
+from bpfkeep.progs import btfdefs, maps
 from bpfkeep.progs.header import bpf_dir, unit_text
 from bpfkeep.progs.kheaders import bcc_environment
 
@@ -34,6 +35,7 @@ MAP_PEERS = "map_peers"  # LPM trie (peer-rule set, address) -> struct bk_peer
 MAP_RULES = "map_rules"  # hash (peer-rule set, rule) -> struct bk_rule
 MAP_LOSSES = "map_losses"  # hash (policy, rule tag) -> lost connections
 MAP_CONFIG = "map_config"  # array[1]: struct bk_config (HZ, idle buckets)
+MAP_LEARNED = "map_learned"  # hash path -> struct bk_learned (keepidle = "auto")
 MAP_LOSS_EVENTS = "map_loss_events"  # ring buffer of struct bk_loss_event
 # The sweep of existing sockets (iter/tcp).  Optional: a kernel that
 # cannot load it (before 5.15) still gets the cgroup programs; the sweep
@@ -53,12 +55,14 @@ OBJECTS = (
     MAP_LOSSES,
     MAP_CONFIG,
     MAP_LOSS_EVENTS,
+    MAP_LEARNED,
 )
 # Lost connections (a raw tracepoint reading struct sock at the running
 # kernel's offsets, from its BTF).  Optional: without BTF the rest works;
 # its link is pinned beside it, so counting outlives the process.
 PROG_LOSS = "prog_loss"
 LINK_LOSS = "link_loss"
+LOSS_TRACEPOINT = "inet_sk_error_report"
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # no named constant in bcc 0.26
 
 
@@ -74,10 +78,12 @@ def _compile_and_pin(obj_dir: str) -> None:
             "venv made with /usr/bin/python3 -m venv --system-site-packages"
         ) from None
     src = bpf_dir()
+    # The loss program reads struct sock at this kernel's offsets (BTF).
+    loss_flags, loss_error = btfdefs.loss_cflags()
     try:
         b = BPF(
             text=unit_text(src / SOURCE).encode(),
-            cflags=[f"-I{src}", "-Wno-unused-function"],
+            cflags=[f"-I{src}", "-Wno-unused-function", *loss_flags],
         )
         sockops = b.load_func(b"bk_sockops", BPF.SOCK_OPS)
         setsockopt = b.load_func(
@@ -100,6 +106,11 @@ def _compile_and_pin(obj_dir: str) -> None:
         fds[PROG_SWEEP] = b.load_func(b"bpf_iter__tcp", BPF.TRACING).fd
     except Exception as e:  # bcc raises bare Exception
         sweep_error = _last_line(e)
+    if loss_flags:
+        try:
+            fds[PROG_LOSS] = b.load_func(b"bk_loss", BPF.RAW_TRACEPOINT).fd
+        except Exception as e:  # bcc raises bare Exception
+            loss_error = _last_line(e)
     for pinned, name in (
         (MAP_POLICY, b"bk_policy"),
         (MAP_COUNTERS, b"bk_counters"),
@@ -107,6 +118,12 @@ def _compile_and_pin(obj_dir: str) -> None:
         (MAP_SK, b"bk_sk"),
         (MAP_SWEEP, b"bk_sweep"),
         (MAP_SWEEPSTATS, b"bk_sweepstats"),
+        (MAP_PEERS, b"bk_peers"),
+        (MAP_RULES, b"bk_rules"),
+        (MAP_LOSSES, b"bk_losses"),
+        (MAP_CONFIG, b"bk_config"),
+        (MAP_LOSS_EVENTS, b"bk_loss_events"),
+        (MAP_LEARNED, b"bk_learned"),
     ):
         fd = libbcc.bpf_table_fd(b.module, name)
         if fd < 0:
@@ -115,15 +132,35 @@ def _compile_and_pin(obj_dir: str) -> None:
     # bpffs cannot rename, so pin in place; the caller holds the pin
     # directory's lock and load() treats a partial set as absent.
     os.makedirs(obj_dir, exist_ok=True)
-    for name in (*OBJECTS, PROG_SWEEP):
+    for name in (*OBJECTS, PROG_SWEEP, PROG_LOSS, LINK_LOSS):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(obj_dir, name))
     if PROG_SWEEP in fds:
         bpfsys.obj_pin(fds[PROG_SWEEP], os.path.join(obj_dir, PROG_SWEEP))
     else:
         print(f"bpfkeep: notice: the sweep program did not load: {sweep_error}", file=sys.stderr)
+    # What the loss program needs to know: HZ (its times are jiffies) and
+    # the idle histogram's buckets.
+    hz = procfs.kernel_hz() or 0
+    bpfsys.map_update(fds[MAP_CONFIG], bytes(4), maps.config_value(hz))
+    if PROG_LOSS in fds:
+        bpfsys.obj_pin(fds[PROG_LOSS], os.path.join(obj_dir, PROG_LOSS))
+        attach_loss(fds[PROG_LOSS], obj_dir)
+    else:
+        print(f"bpfkeep: notice: lost connections are not counted: {loss_error}", file=sys.stderr)
     for name in OBJECTS:  # the complete set last: load() tests for it
         bpfsys.obj_pin(fds[name], os.path.join(obj_dir, name))
+
+
+def attach_loss(prog_fd: int, obj_dir: str) -> None:
+    """The loss program on the inet_sk_error_report tracepoint, its link
+    pinned beside it: counting goes on after this process, until the
+    object directory goes."""
+    lfd = bpfsys.raw_tracepoint_open(LOSS_TRACEPOINT, prog_fd)
+    try:
+        bpfsys.obj_pin(lfd, os.path.join(obj_dir, LINK_LOSS))
+    finally:
+        os.close(lfd)
 
 
 def _last_line(e: Exception) -> str:

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Sequence
 
 from bpfkeep import peers
-from bpfkeep.options import BPF_OPTIONS, Policy, default_user_timeout
+from bpfkeep.options import AUTO_MAX, AUTO_MIN, BPF_OPTIONS, Policy, default_user_timeout
 from bpfkeep.progs.header import HeaderError, header
 
 # -- what the programs and this side share ------------------------------------------
@@ -37,6 +37,7 @@ F_HAS_ANCESTOR = _H.define("BK_F_HAS_ANCESTOR")  # an ancestor has a policy: soc
 F_HAS_DESCENDANT = _H.define("BK_F_HAS_DESCENDANT")  # a descendant has one: its records count
 F_PREV = _H.define("BK_F_PREV")  # prev[]: the values sockets carried before the last change
 F_SWEPT = _H.define("BK_F_SWEPT")  # a complete sweep ran since the last change
+F_AUTO = _H.define("BK_F_AUTO")  # keepidle = "auto": the one learned per path
 F_NESTING = F_HAS_ANCESTOR | F_HAS_DESCENDANT
 # bk_policy.prev[] and bk_sweep.fp[]: the keepalive values that tell
 # bpfkeep's sockets from those whose program chose its own (BK_FP_*)
@@ -68,6 +69,8 @@ SWI_SYN_SENT = _H.define("BK_SWI_SYN_SENT")
 SWI_HELD = _H.define("BK_SWI_HELD")  # made elsewhere, held by the policy's processes
 SWI_FP = _H.define("BK_SWI_FP")  # fp[] holds values bpfkeep gave the socket
 SWI_KEEP = _H.define("BK_SWI_KEEP")  # UNDO that keeps the values and records them as ours
+SWI_RECHECK = _H.define("BK_SWI_RECHECK")  # APPLY: check even a current socket's values
+SWI_LISTEN = _H.define("BK_SWI_LISTEN")  # APPLY on a listener of a per-peer policy
 SWI_RESET_SHIFT = _H.define("BK_SWI_RESET_SHIFT")  # UNDO: which options to reset
 SWR_SEEN = _H.define("BK_SWR_SEEN")
 SWR_APP_OWN = _H.define("BK_SWR_APP_OWN")
@@ -115,6 +118,8 @@ def policy_flags(policy: Policy) -> int:
     flags = F_ENFORCE if policy.mode == "enforce" else 0
     if policy.ut_derived:
         flags |= F_UT_DERIVED
+    if policy.auto:
+        flags |= F_AUTO
     return flags
 
 
@@ -170,6 +175,8 @@ def encode_policy(
         prev=fp,
         peers=set_id,
         prev_peers=prev_peers,
+        auto_min=policy.keepidle_min if policy.auto else 0,
+        auto_max=policy.keepidle_max if policy.auto else 0,
     )
 
 
@@ -212,12 +219,16 @@ def rule_value(peer: peers.Peer) -> bytes:
             name=name.ljust(PEER_NAME, b"\0"),
         )
     vals = [peer.policy.value(o.key) for o in BPF_OPTIONS]
+    p = peer.policy
     return RULE.pack(
-        flags=policy_flags(peer.policy),
+        flags=policy_flags(p),
         tag=rule_tag(peer.label),
         val=vals,
         lo=lo,
         hi=hi,
+        auto_min=p.keepidle_min if p.auto else 0,
+        auto_max=p.keepidle_max if p.auto else 0,
+        idle_limit=p.idle_limit,
         name=name.ljust(PEER_NAME, b"\0"),
     )
 
@@ -248,6 +259,12 @@ def peer_set(policy: Policy) -> PeerSet | None:
     }
     rule_entries = {RULE_KEY.pack(set=set_id, rule=num): v for num, v in rules.items()}
     return PeerSet(set_id, prefixes, rule_entries, table)
+
+
+def per_peer(raw: bytes) -> bool:
+    """Whether a bk_policy's values depend on the peer: peer rules, or
+    keepidle learned per path (BK_PER_PEER in common.bpf.h)."""
+    return bool(policy_peers(raw)[0] or policy_raw_flags(raw) & F_AUTO)
 
 
 def peer_set_id(policy: Policy) -> int:
@@ -296,7 +313,11 @@ def decode_rule(raw: bytes) -> tuple[int, int, tuple[int, int] | None, str, Poli
     name = bytes(f["name"]).split(b"\0", 1)[0].decode(errors="replace")  # type: ignore[arg-type]
     lo, hi = int(f["lo"]), int(f["hi"])  # type: ignore[arg-type]
     flags = int(f["flags"])  # type: ignore[arg-type]
-    policy = None if flags & R_EXEMPT else _policy(0, flags, f["val"])[2]  # type: ignore[arg-type]
+    auto = (int(f["auto_min"]), int(f["auto_max"]))  # type: ignore[arg-type]
+    limit = int(f["idle_limit"])  # type: ignore[arg-type]
+    policy = (
+        None if flags & R_EXEMPT else _policy(0, flags, f["val"], auto=auto, idle_limit=limit)[2]  # type: ignore[arg-type]
+    )
     return flags, int(f["tag"]), (lo, hi) if hi else None, name, policy  # type: ignore[arg-type]
 
 
@@ -349,6 +370,7 @@ def _template(policy: Policy, level: int, managed: bool) -> bytes:
 _CGROUP = POLICY.span("cgroup_id")
 _VALUES = POLICY.span("level", "val")
 _PEERS = POLICY.span("peers")
+_AUTO = POLICY.span("auto_min", "auto_max")
 # Flags that say where the other policies are and how far the sockets are
 # (nesting, prev[], swept): not the config's either.
 _VOLATILE = F_NESTING | F_PREV | F_SWEPT
@@ -368,6 +390,7 @@ def policy_is(
         policy_raw_flags(raw) & ~_VOLATILE == policy_raw_flags(want)
         and raw[_VALUES] == want[_VALUES]
         and raw[_PEERS] == want[_PEERS]
+        and raw[_AUTO] == want[_AUTO]
         and raw[_CGROUP] == struct.pack("=Q", cgroup_id)
     )
 
@@ -395,21 +418,36 @@ def fresh_gen() -> int:
 
 
 def decode_policy(raw: bytes) -> tuple[int, int, Policy]:
-    """(cgroup id, flags, policy) from a bk_policy value."""
+    """(cgroup id, flags, policy) from a bk_policy value (its peer rules
+    are in other maps: pins.read)."""
     f = POLICY.unpack(raw)
-    return _policy(f["cgroup_id"], f["flags"], f["val"])  # type: ignore[arg-type]
+    auto = (int(f["auto_min"]), int(f["auto_max"]))  # type: ignore[arg-type]
+    return _policy(f["cgroup_id"], f["flags"], f["val"], auto=auto)  # type: ignore[arg-type]
 
 
 def _policy(
-    cgroup_id: int, flags: int, vals: Sequence[int], derived: bool | None = None
+    cgroup_id: int,
+    flags: int,
+    vals: Sequence[int],
+    derived: bool | None = None,
+    auto: tuple[int, int] = (0, 0),
+    idle_limit: int = 0,
 ) -> tuple[int, int, Policy]:
     """``derived``: whether the user timeout follows the keepalive times;
-    None: the F_UT_DERIVED flag says."""
+    None: the F_UT_DERIVED flag says.  ``auto``: keepidle's bounds when
+    it is learned (F_AUTO)."""
     values = {o.key: v for o, v in zip(BPF_OPTIONS, vals, strict=True) if o.key != "keepalive"}
     mode = "enforce" if flags & F_ENFORCE else "set"
     if derived is None:
         derived = bool(flags & F_UT_DERIVED)
-    return cgroup_id, flags, Policy(**values, mode=mode, user_timeout_derived=derived)
+    extra: dict[str, object] = {"idle_limit": idle_limit}
+    if flags & F_AUTO:
+        extra.update(auto=True, keepidle_min=auto[0] or AUTO_MIN, keepidle_max=auto[1] or AUTO_MAX)
+    return (
+        cgroup_id,
+        flags,
+        Policy(**values, mode=mode, user_timeout_derived=derived, **extra),  # type: ignore[arg-type]
+    )
 
 
 # The bk_policy layout of bpfkeep 0.1 (no gen, no level): attachments

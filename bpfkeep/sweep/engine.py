@@ -80,6 +80,7 @@ class Target:
     # for the same owner and action then encode alike).
     peer: bytes = bytes(16)
     port: int = 0
+    peered: bool = False  # the owner's values depend on the peer
 
 
 @dataclasses.dataclass
@@ -132,7 +133,8 @@ class Report:
 class Scope:
     owner_of_cgroup: dict[int, int]  # cgroup id -> owning policy's cgroup id
     owner_of_pid: dict[int, int]  # pid of a process in scope -> owner
-    peered: frozenset[int] = frozenset()  # owners whose policy has peer rules
+    # Owners whose values depend on the peer (peer rules, keepidle auto).
+    peered: frozenset[int] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.owner_of_cgroup)
@@ -299,7 +301,8 @@ def _targets(
         if picked is None:
             continue
         owner, held = picked
-        peer, port = (sockdiag.mapped(fam, dst), dport) if owner in peered else (bytes(16), 0)
+        by_peer = owner in peered
+        peer, port = (sockdiag.mapped(fam, dst), dport) if by_peer else (bytes(16), 0)
         out.append(
             Target(
                 cookie,
@@ -313,6 +316,7 @@ def _targets(
                 sockdiag.address(fam, dst, dport),
                 peer,
                 port,
+                by_peer,
             )
         )
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bpfkeep import peers
-from bpfkeep.kernel.sockdiag import SYN_SENT
+from bpfkeep.kernel.sockdiag import LISTEN, SYN_SENT
 from bpfkeep.options import Policy
 from bpfkeep.progs import maps
 from bpfkeep.sweep.engine import Target
@@ -15,12 +15,32 @@ from bpfkeep.sweep.engine import Target
 Make = Callable[[Target, dict[str, int]], maps.SweepEntry]
 
 
-def apply_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
+def apply_entry(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
     flags = maps.SWI_SYN_SENT if target.state == SYN_SENT else 0
     flags |= maps.SWI_HELD if target.held else 0
+    if target.peered and target.state == LISTEN:
+        # The listener of a policy whose values depend on the peer stays as
+        # the program made it: what bpfkeep gave it before goes back to the
+        # namespace's defaults (the kernel decides whether it did).
+        vals = _defaults_to_reset(defaults)
+        return maps.SweepEntry(
+            target.owner,
+            maps.SWEEP_APPLY,
+            flags | maps.SWI_LISTEN | maps.undo_flags(list(vals)),
+            val=tuple(vals.get(o.key, 0) for o in maps.BPF_OPTIONS),
+        )
     return maps.SweepEntry(
         target.owner, maps.SWEEP_APPLY, flags, peer=target.peer, port=target.port
     )
+
+
+_RESET = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
+
+
+def _defaults_to_reset(defaults: dict[str, int]) -> dict[str, int]:
+    """The keepalive options as a socket has them when nothing set them:
+    keepalive off, no user timeout, the namespace's times."""
+    return {**_RESET, **{k: v for k, v in defaults.items() if k in _RESET}}
 
 
 def values_for(policy: Policy, target: Target) -> Policy | None:
@@ -64,7 +84,7 @@ def undo_entry(policy: Policy) -> Make:
     """Work items that take a detached policy's values off a socket: the
     options the program did not set itself go back to the namespace's
     defaults (keepalive off, no user timeout)."""
-    reset = {"keepalive": 0, "keepidle": 0, "keepintvl": 0, "keepcnt": 0, "user_timeout": 0}
+    reset = dict(_RESET)
     if policy.maxseg:
         reset["maxseg"] = 0
     if policy.window_clamp:

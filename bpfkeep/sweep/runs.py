@@ -62,7 +62,7 @@ def apply(pins: PinDir, cgs: list[Cgroup]) -> Report:
         sc = scope(cgs, live)
         writer = Writer(pins, sw.objs)
         gens = {o: writer.raw_policy(o) for o in set(sc.owner_of_cgroup.values())}
-        sc.peered = frozenset(o for o, raw in gens.items() if raw and any(maps.policy_peers(raw)))
+        sc.peered = frozenset(o for o, raw in gens.items() if raw and maps.per_peer(raw))
         report = sweep(sw, sc, entries.apply_entry, owners_elsewhere=lambda ids: owners(ids, live))
         if not report.unreachable:
             for owner, raw in gens.items():
