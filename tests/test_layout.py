@@ -34,14 +34,30 @@ MAP_VALUES = {
     loader.MAP_SK: "bk_sk",
     loader.MAP_SWEEP: "bk_sweep",
     loader.MAP_SWEEPSTATS: "bk_sweepstats",
+    loader.MAP_PEERS: "bk_peer",
+    loader.MAP_RULES: "bk_rule",
+    loader.MAP_LOSSES: "bk_losses",
+    loader.MAP_CONFIG: "bk_config",
+    loader.MAP_LEARNED: "bk_learned",
 }
+# Pinned map -> the struct of its keys (where a struct).
+MAP_KEYS = {
+    loader.MAP_PEERS: "bk_peer_key",
+    loader.MAP_RULES: "bk_rule_key",
+    loader.MAP_LOSSES: "bk_loss_key",
+    loader.MAP_LEARNED: "bk_path_key",
+}
+# Records of the ring buffer (no BTF of their own: gcc's layout is checked).
+RECORDS = {"bk_loss_event"}
 
 
 def test_the_installed_header_is_the_one_read():
     assert (INSTALLED / "bpfkeep.h").read_bytes() == (REPO / "bpf" / "bpfkeep.h").read_bytes()
     assert bk_header.header() == bk_header.header(INSTALLED / "bpfkeep.h")
     assert INSTALLED.parent == Path(bk_header.__file__).parent.parent  # the package's own copy
-    assert set(MAP_VALUES.values()) == set(bk_header.header().structs)
+    assert set(MAP_VALUES.values()) | set(MAP_KEYS.values()) | RECORDS == set(
+        bk_header.header().structs
+    )
 
 
 def test_layouts_match_the_c_compiler(tmp_path):
@@ -165,17 +181,18 @@ def test_parser_lays_out_like_c_and_refuses_what_it_cannot_read():
 # -- against the compiled object -------------------------------------------------
 
 
-def _btf_struct(pin: str) -> tuple[bk_header.Layout, dict]:
-    """The value type of a pinned map, from the BTF the kernel holds: as C
-    (read with the same parser) and as bpftool's JSON (offsets, size)."""
+def _btf_struct(pin: str, part: str = "value") -> tuple[bk_header.Layout, dict]:
+    """The value (or key) type of a pinned map, from the BTF the kernel
+    holds: as C (read with the same parser) and as bpftool's JSON (offsets,
+    size)."""
     c = subprocess.run(
-        ["bpftool", "btf", "dump", "map", "pinned", pin, "value", "format", "c"],
+        ["bpftool", "btf", "dump", "map", "pinned", pin, part, "format", "c"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     raw = subprocess.run(
-        ["bpftool", "-j", "btf", "dump", "map", "pinned", pin, "value"],
+        ["bpftool", "-j", "btf", "dump", "map", "pinned", pin, part],
         capture_output=True,
         text=True,
         check=True,
@@ -204,3 +221,11 @@ def test_layouts_match_the_loaded_programs_btf(shared_objects, pinned):
         ).stdout
     )
     assert info["bytes_value"] == ours.size
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("pinned", sorted(MAP_KEYS))
+def test_key_layouts_match_the_loaded_programs_btf(shared_objects, pinned):
+    ours = bk_header.header().struct(MAP_KEYS[pinned])
+    theirs, btf = _btf_struct(os.path.join(shared_objects, pinned), "key")
+    assert theirs == ours and btf["size"] == ours.size
