@@ -101,7 +101,14 @@ def test_derived_user_timeout_fits_an_int():
 
 def test_policy_defaults_come_from_the_option_table():
     fields = {f.name: f for f in dataclasses.fields(Policy)}
-    assert list(fields) == [o.key for o in options.TUNABLE] + ["mode"]
+    assert list(fields) == [o.key for o in options.TUNABLE] + [
+        "mode",
+        "peers",
+        "auto",
+        "keepidle_min",
+        "keepidle_max",
+        "idle_limit",
+    ]
     for opt in options.TUNABLE:
         if opt.default is not None:
             assert fields[opt.key].default == opt.default, opt.key
