@@ -687,6 +687,36 @@ def test_cgroup_names_that_are_not_utf8(daemon, cgroups, spawn, probes, listener
     assert d.stop() == 0
 
 
+def test_a_raw_byte_and_a_literal_backslash_are_two_cgroups(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk
+):
+    """A cgroup named with the bytes ``bad\\xff\\xfe`` and one named with
+    the characters ``bad\\xff\\xfe`` (a backslash): two label values on
+    /metrics, two names in status and status --json -- not two identical
+    series, which Prometheus refuses, nor two rows of the same name."""
+    raw = cgroups.make(os.fsdecode(b"bad\xff\xfe"))
+    literal = cgroups.make("bad\\xff\\xfe")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    d = daemon(write_config(tmp_path / "c.toml", port, rule(f"{base}/bad*", keepidle=65)))
+    d.start()
+    for cg in (raw, literal):
+        assert keepidle_of_new_connection(spawn, probes, cg, listener) == 65
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    series = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    ]
+    assert len(series) == len(set(series)), "two series with the same labels"
+    names = {dict(labels)["cgroup"] for n, labels in series if n == "bpfkeep_policy_attached"}
+    assert names == {f"/{base}/bad\\xff\\xfe", f"/{base}/bad\\\\xff\\\\xfe"}
+    assert {a["cgroup"] for a in json.loads(bk("status", "--json").stdout)} == names
+    rows = [ln.split()[0] for ln in bk("status").stdout.splitlines() if ln.startswith("/")]
+    assert sorted(rows) == sorted(names)
+    assert d.stop() == 0
+
+
 def test_hand_made_attachment_is_left_alone(daemon, cgroups, spawn, probes, listener, tmp_path, bk):
     """``bpfkeep attach --mode enforce --keepidle 50`` by hand, then a daemon
     whose rule matches the same cgroup: the attachment keeps its mode and

@@ -137,12 +137,17 @@ def cgroup2_mount(mounts: Mounts | None = None) -> str:
 
 
 def printable(path: str) -> str:
-    """A path as valid UTF-8 text: bytes that are not UTF-8 become ``\\xff``.
+    """A path as valid UTF-8 text: bytes that are not UTF-8 become ``\\xff``
+    and a backslash becomes ``\\\\``.
 
     Cgroup names are bytes; Python keeps undecodable ones as surrogates
     (os.fsdecode), which is right for the filesystem and wrong for text
-    that leaves the process (a Prometheus label must be UTF-8)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    that leaves the process (a Prometheus label must be UTF-8).  The
+    backslash is escaped too, so that two names never give the same text:
+    the byte 0xff and the four characters ``\\xff`` (systemd writes "-" in
+    unit names as ``\\x2d``) would otherwise be one label value, and every
+    family would carry two identical series."""
+    return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 @dataclasses.dataclass(frozen=True)
