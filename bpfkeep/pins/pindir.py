@@ -24,7 +24,15 @@ from collections.abc import Iterable, Iterator
 
 from bpfkeep.errors import EnvironmentProblem, UsageError
 from bpfkeep.kernel import bpfsys
-from bpfkeep.kernel.privileges import bpffs_view, ensure_bpffs, is_bpffs
+from bpfkeep.kernel.privileges import (
+    BPFFS_DEFAULT,
+    bpffs_mounts,
+    bpffs_view,
+    ensure_bpffs,
+    existing,
+    is_bpffs,
+    mountable_bpffs,
+)
 from bpfkeep.progs import loader
 from bpfkeep.progs.header import source_version
 
@@ -47,12 +55,42 @@ def pin_dir_default() -> str:
     return os.environ.get("BPFKEEP_PIN_DIR") or DEFAULT_PIN_DIR
 
 
+def _ours(name: str) -> bool:
+    return name == "links" or name.startswith("obj-")
+
+
+def _foreign(directory: str) -> list[str]:
+    """What in ``directory`` is not bpfkeep's (obj-*/ and links/, both
+    directories); nothing when it cannot be listed (no privileges: the
+    command that needs them says so)."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted(
+                e.name for e in it if not (_ours(e.name) and e.is_dir(follow_symlinks=False))
+            )
+    except OSError:
+        return []
+
+
+def _on_bpffs() -> str:
+    """Where a pin directory can be instead: under the bpffs mounted here."""
+    mounts = bpffs_mounts()
+    if not mounts:
+        return f"mount one (mount -t bpf bpf {BPFFS_DEFAULT}) and use {DEFAULT_PIN_DIR}"
+    base = BPFFS_DEFAULT if BPFFS_DEFAULT in mounts else mounts[0]
+    return (
+        f"give a directory on bpffs, e.g. --pin-dir {base}/bpfkeep "
+        f"(or BPFKEEP_PIN_DIR; bpffs is mounted at {', '.join(mounts)})"
+    )
+
+
 class PinDir:
     """One pin directory: its paths, its lock, its objects and what is
     pinned in it."""
 
     def __init__(self, pin_dir: str | None = None, version: str | None = None):
-        self.pin_dir = bpffs_view(pin_dir or pin_dir_default())
+        self.given = pin_dir or pin_dir_default()
+        self.pin_dir = bpffs_view(self.given)
         self.version = version or source_version()
         self.obj_dir = os.path.join(self.pin_dir, f"obj-{self.version}")
         self.link_dir = os.path.join(self.pin_dir, "links")
@@ -61,9 +99,14 @@ class PinDir:
 
     def check(self) -> None:
         """One line naming the problem and the fix for a pin directory that
-        bpffs cannot hold, instead of an OSError from deep inside."""
+        cannot be one -- bpffs cannot hold it, it is not on bpffs, or it
+        holds what bpfkeep did not put there -- instead of an OSError from
+        deep inside, a status that finds nothing, or a ``detach --all``
+        that unpins another tool's objects."""
         fix = "choose another with --pin-dir or BPFKEEP_PIN_DIR"
         where = f"pin directory {self.pin_dir}"
+        if self.given.rstrip("/") != self.pin_dir:
+            where = f"pin directory {self.given} (that is {self.pin_dir})"
         for part in self.pin_dir.split("/"):
             if len(os.fsencode(part)) > NAME_MAX:
                 raise UsageError(
@@ -73,18 +116,40 @@ class PinDir:
         # The deepest part that exists must be a directory; what bpfkeep
         # creates below it must be a name bpffs accepts (no ".": the kernel
         # refuses it with EPERM, see bpf_lookup in kernel/bpf/inode.c).
-        path, to_make = self.pin_dir, []
-        while not os.path.lexists(path) and path != "/":
-            path, name = os.path.split(path)
-            to_make.append(name)
+        path = existing(self.pin_dir)
+        to_make = self.pin_dir[len(path) :].strip("/").split("/") if path != self.pin_dir else []
         if not os.path.isdir(path):
             raise UsageError(
                 f"{where}: {path} is not a directory (a pinned BPF program or map, or a "
                 f"file); {fix}"
             )
+        if not is_bpffs(path):
+            if to_make and mountable_bpffs(self.pin_dir):
+                return  # make() mounts bpffs at /sys/fs/bpf; nothing is pinned yet
+            raise UsageError(f"{where} is not on a bpf filesystem: {_on_bpffs()}")
         dotted = [n for n in to_make if "." in n]
-        if dotted and is_bpffs(path):
+        if dotted:
             raise UsageError(f"{where}: bpffs does not allow '.' in names ({dotted[-1]}); {fix}")
+        if not to_make:
+            self._check_contents(where, fix)
+
+    def _check_contents(self, where: str, fix: str) -> None:
+        """An existing pin directory holds only obj-*/ and links/."""
+        parent, name = os.path.split(self.pin_dir)
+        if _ours(name) and not _foreign(parent):
+            what = "links" if name == "links" else "objects"
+            raise UsageError(
+                f"{where} is the {what} directory of the pin directory {parent}: "
+                f"use --pin-dir {parent}"
+            )
+        foreign = _foreign(self.pin_dir)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UsageError(
+                f"{where} is not a bpfkeep pin directory: it holds {', '.join(foreign[:3])}"
+                f"{more} (bpfkeep keeps only obj-*/ and links/ there, and removes both "
+                f"at detach --all); {fix}"
+            )
 
     def error(self, e: OSError) -> Exception:
         """An OSError about the directory, as the one line to show."""
