@@ -70,12 +70,9 @@ class Daemon:
         self.lookups = containers.Lookups(state.cfg.runtimes)
         self.workloads = Workloads(state, self.lookups)
         tree = Tree(state.mount, self.inotify, self.workloads.watches, self._walk_failed)
-        self.reconciler = Reconciler(state, tree, self.workloads, self.passes, self.retries)
+        self.reconciler = rec = Reconciler(state, tree, self.workloads, self.passes, self.retries)
         self.healer = Healer(state, self.reconciler, self.inotify)
-        self._guard(
-            "reconcile",
-            lambda: self.reconciler.full(prune=True, sweep_all=True),  # type: ignore[union-attr]
-        )
+        self._guard("reconcile", lambda: rec.full(prune=True, sweep_all=True, report=True))
         self.healer.watch()
         self._ready = True
 
@@ -229,7 +226,7 @@ class Daemon:
             state.config_path,
             len(new.rules) + len(new.workload_rules),
         )
-        self.reconciler.full()
+        self.reconciler.full(report=True)
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.
         self._plan_audit(

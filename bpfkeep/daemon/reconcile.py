@@ -61,7 +61,7 @@ class Reconciler:
 
     # -- the whole tree -------------------------------------------------------------
 
-    def full(self, prune: bool = False, sweep_all: bool = False) -> None:
+    def full(self, prune: bool = False, sweep_all: bool = False, report: bool = False) -> None:
         """Walk the directories that can hold matches (watching them), then
         make the kernel match the config.
 
@@ -76,14 +76,19 @@ class Reconciler:
         watched (at start, and after inotify lost events); at run time their
         removal is seen.  ``sweep_all``: sweep every matching cgroup's
         existing sockets afterwards (at start); otherwise only those
-        attached or changed now, or whose rule now asks for it."""
+        attached or changed now, or whose rule now asks for it.
+        ``report``: log the cgroup rules that give no cgroup a policy (at
+        start and after a reload: see unmatched)."""
         state, table, enforcer = self.state, self.state.table, self.state.enforcer
         failures = self.tree.failures
         desired: dict[int, tuple[Cgroup, Rule]] = {}
         seen: set[int] = set()
         asking: set[int] = set()  # containers whose runtime has not answered yet
+        rels: list[str] = []  # what the walk saw, for report
         for cg in self.tree.walk(state.mount):
             seen.add(cg.id)
+            if report:
+                rels.append(cg.rel)
             rule = self.workloads.rule_for(cg)
             if rule is None and self.workloads.asking(cg.id):
                 asking.add(cg.id)
@@ -143,6 +148,42 @@ class Reconciler:
         # their policy are left alone).
         self.passes.sweep_soon(sweep)
         state.reconciles += 1
+        if report:
+            self.unmatched(rels, {rule.index for _, rule in desired.values()})
+
+    def unmatched(self, rels: list[str], chosen: set[int]) -> None:
+        """Log each cgroup rule that gives none of the cgroups ``rels`` its
+        policy: one that matches none yet, with where the daemon watches for
+        one, and one whose matches all take an earlier rule.  ``chosen``:
+        the rules that gave some cgroup its policy.  (A rule for a service
+        that does not exist on this host, or a path that is not what
+        /proc/PID/cgroup shows, was otherwise silent: "enforcing 0
+        cgroup(s)".)"""
+        cfg = self.state.cfg
+        assert cfg
+        lines, walked = [], set(rels)
+        for rule in cfg.rules:
+            if rule.index in chosen:
+                continue
+            name = f'policy[{rule.index}] (cgroup "{printable(rule.pattern)}")'
+            if rule.glob.literal:
+                matched = "/".join(rule.segments()) in walked
+            else:
+                matched = any(rule.matches(rel) for rel in rels)
+            if matched:
+                lines.append(
+                    f"{name} gives no cgroup a policy: an earlier rule matches its cgroups"
+                )
+                continue
+            where, rest = self.tree.watched_for(rule)
+            lines.append(
+                f"{name} matches no cgroup yet; watching {printable(where)}"
+                + (f" for {printable(rest)}" if rest else "")
+            )
+        for line in lines[:LOG_EACH]:
+            log.warning("%s", line)
+        if len(lines) > LOG_EACH:
+            log.warning("... and %d more rules that give no cgroup a policy", len(lines) - LOG_EACH)
 
     # -- below one directory --------------------------------------------------------
 
