@@ -818,6 +818,65 @@ def test_rules_that_match_nothing_yet_are_logged_once_per_load(daemon, cgroups, 
     assert d.stop() == 0
 
 
+def test_one_daemon_per_pin_directory(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk, pin_dir
+):
+    """A second daemon with another config and the same pin directory used
+    to start without a word and detach the first one's attachments as "no
+    longer in the config".  It now exits non-zero with one line naming the
+    pid that keeps the pin directory, and touches nothing -- also after an
+    rm -rf of the pin directory (which the first heals).  attach and detach
+    by hand still run beside the daemon, which leaves what they attach
+    alone."""
+    a, b = cgroups.make("a.service"), cgroups.make("b.service")
+    base = cgroups.rel(cgroups.base)
+    first = write_config(tmp_path / "one.toml", free_port(), rule(f"{base}/a.service", keepidle=71))
+    d = daemon(first)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 71
+    other = write_config(
+        tmp_path / "two.toml",
+        free_port(),
+        rule(f"{base}/b.service", keepidle=72) + rule(f"{base}/a.service", keepidle=73),
+    )
+
+    def second_refused() -> None:
+        try:
+            proc = subprocess.run(
+                bpfkeep_cmd(pin_dir, "daemon", "--config", str(other)),
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second daemon started on the same pin directory")
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert f"pid {d.proc.pid}" in line and pin_dir in line, line
+        assert keepidle_of_new_connection(spawn, probes, a, listener) == 71
+        assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+
+    second_refused()
+    # By hand beside the daemon: not held up by its lock, and left alone.
+    t0 = time.monotonic()
+    bk("attach", "--cgroup", b, "--keepidle", "74")
+    assert time.monotonic() - t0 < 30
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, b, listener) == 74
+    bk("detach", "--cgroup", b)
+    assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+    # rm -rf of the pin directory: the daemon restores it and still keeps it.
+    shutil.rmtree(pin_dir)
+    d.wait_log(f"/{cgroups.rel(a)}: restored", timeout=120)
+    second_refused()
+    assert "detached" not in d.log.read_text()
+    assert d.stop() == 0
+    # Once it is gone, the next one starts.
+    d2 = daemon(other)
+    d2.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 73
+    assert d2.stop() == 0
+
+
 def test_hand_made_attachment_is_left_alone(daemon, cgroups, spawn, probes, listener, tmp_path, bk):
     """``bpfkeep attach --mode enforce --keepidle 50`` by hand, then a daemon
     whose rule matches the same cgroup: the attachment keeps its mode and

@@ -216,6 +216,8 @@ def podman_args(config_dir: Path, *, host_pid: bool | None = None) -> tuple[list
             src = v["hostPath"]["path"]
             if src == "/sys/fs/cgroup":
                 src = cgroup2_mount()  # /sys/fs/cgroup/unified on a hybrid host
+            if not os.path.exists(src) and v["hostPath"]["type"] == "DirectoryOrCreate":
+                os.makedirs(src, mode=0o755)  # as kubelet does
             if not os.path.exists(src):
                 assert v["hostPath"]["type"] == "Socket", src
                 skipped.append(src)

@@ -11,7 +11,9 @@ Layout (default /sys/fs/bpf/bpfkeep; bpffs refuses "." in names):
 
 V is a hash of the BPF sources (progs.header.source_version): a bpfkeep
 whose programs differ loads its own set and migrates (pins.migrate).
-Every bpfkeep process that writes takes the directory's lock (flock).
+Every bpfkeep process that writes takes the directory's lock (flock) for
+the time it writes; the one daemon that keeps a pin directory holds a lock
+of its own for its life, outside bpffs (DaemonLock).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +40,9 @@ from bpfkeep.progs import loader
 from bpfkeep.progs.header import source_version
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
+# Where the daemons' locks are (see DaemonLock): the unit's
+# RuntimeDirectory=bpfkeep; a hostPath volume in the DaemonSet.
+DAEMON_LOCK_DIR = "/run/bpfkeep/daemons"
 NAME_MAX = 255  # bytes per path component (include/uapi/linux/limits.h)
 # (name, attach type, pinned program) of each cgroup hook a policy needs.
 HOOKS = (
@@ -175,6 +181,11 @@ class PinDir:
         finally:
             os.close(fd)
 
+    def daemon_lock(self, lock_dir: str = DAEMON_LOCK_DIR) -> DaemonLock:
+        """The lock of the one daemon that keeps this pin directory (see
+        DaemonLock), taken; raises naming the daemon that holds it."""
+        return DaemonLock.take(self, lock_dir)
+
     @contextlib.contextmanager
     def objects(self, obj_dir: str | None = None) -> Iterator[dict[str, int]]:
         """Open the pinned objects: name -> fd.  This version's set must be
@@ -312,3 +323,88 @@ class PinDir:
                     os.unlink(os.path.join(path, n))
                 os.rmdir(path)
         os.rmdir(self.pin_dir)
+
+
+class DaemonLock:
+    """One daemon per pin directory.  A second one would reconcile the same
+    pins against another config: detach the first one's attachments as no
+    longer wanted, overwrite the cgroups both name, and the first would put
+    them back -- gaps and flapping values.
+
+    The lock is a flock on a file in /run named after the pin directory's
+    path, held for the daemon's life and released by the kernel when it
+    dies.  Not in the pin directory: bpffs holds no regular files, an
+    ``rm -rf`` of the directory (which the daemon heals) must not drop it,
+    and PinDir.lock -- the short flock every ``bpfkeep attach`` takes on
+    the directory -- must not wait for it.  /proc/locks names the holder's
+    pid."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, pins: PinDir, lock_dir: str) -> DaemonLock:
+        key = os.path.realpath(os.path.abspath(pins.given))
+        name = hashlib.sha256(os.fsencode(key)).hexdigest()[:16]
+        path = os.path.join(lock_dir, f"{name}.lock")
+        try:
+            os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+            # The file may be unlinked by a holder that is exiting (release)
+            # between our open and our flock: then take the new one.
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _flock_holder(fd)
+                    os.close(fd)
+                    raise EnvironmentProblem(
+                        f"pin directory {pins.pin_dir} is kept by another bpfkeep daemon "
+                        f"({holder}): stop that one first, or give this one its own "
+                        "--pin-dir"
+                    ) from None
+                try:
+                    if os.path.samestat(os.fstat(fd), os.stat(path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, os.fsencode(f"{os.getpid()}\n{key}\n"))
+        except OSError as e:
+            raise EnvironmentProblem(
+                f"pin directory {pins.pin_dir}: cannot take the daemon's lock {path} "
+                f"({e.strerror or e}): {lock_dir} must be writable (the unit's "
+                "RuntimeDirectory=bpfkeep; in a container, a volume there)"
+            ) from None
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlinked while still held, then closed: whoever opened it
+        meanwhile sees that it is gone and takes a new one."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _flock_holder(fd: int) -> str:
+    """Who holds the flock on ``fd``'s file: "pid N" from /proc/locks (in
+    our PID namespace), else the pid the holder wrote into it."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    shown = None  # 0: the holder is not in our PID namespace
+    with contextlib.suppress(OSError, ValueError), open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()  # 1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                shown = int(fields[4])
+                break
+    if shown:
+        return f"pid {shown}"
+    with contextlib.suppress(OSError, ValueError):
+        written = int(os.pread(fd, 64, 0).split(b"\n")[0])
+        return f"pid {written}" + (", in another PID namespace" if shown == 0 else "")
+    return "pid unknown"
