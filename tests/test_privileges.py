@@ -16,11 +16,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, remove_pin_dir
 from neighbours import attached
 from test_enforcer import assert_policy, assert_untouched
-
-from bpfkeep.enforcer import Enforcer
 
 pytestmark = pytest.mark.kernel
 
@@ -88,8 +86,7 @@ def as_unit_sandboxed(argv: list[str]) -> list[str]:
 def fresh_pin_dir(bpffs):
     d = os.path.join(bpffs, f"bpfkeep-unit-{uuid.uuid4().hex[:8]}")
     yield d
-    if os.path.isdir(d):
-        Enforcer(d).destroy()
+    remove_pin_dir(d)
 
 
 def test_unit_grants_what_loading_and_the_sweep_need():

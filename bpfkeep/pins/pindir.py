@@ -342,11 +342,16 @@ class DaemonLock:
     def __init__(self, path: str, fd: int):
         self.path, self.fd = path, fd
 
-    @classmethod
-    def take(cls, pins: PinDir, lock_dir: str) -> DaemonLock:
+    @staticmethod
+    def path_of(pins: PinDir, lock_dir: str = DAEMON_LOCK_DIR) -> tuple[str, str]:
+        """(the lock file, the pin directory's path it is named after)."""
         key = os.path.realpath(os.path.abspath(pins.given))
         name = hashlib.sha256(os.fsencode(key)).hexdigest()[:16]
-        path = os.path.join(lock_dir, f"{name}.lock")
+        return os.path.join(lock_dir, f"{name}.lock"), key
+
+    @classmethod
+    def take(cls, pins: PinDir, lock_dir: str) -> DaemonLock:
+        path, key = cls.path_of(pins, lock_dir)
         try:
             os.makedirs(lock_dir, mode=0o755, exist_ok=True)
             # The file may be unlinked by a holder that is exiting (release)
