@@ -158,32 +158,29 @@ class Reconciler:
         the rules that gave some cgroup its policy.  (A rule for a service
         that does not exist on this host, or a path that is not what
         /proc/PID/cgroup shows, was otherwise silent: "enforcing 0
-        cgroup(s)".)"""
+        cgroup(s)".)  Beyond LOG_EACH such rules, one line counts the rest:
+        each costs a pass over the cgroups below its plain prefix."""
         cfg = self.state.cfg
         assert cfg
-        lines, walked = [], set(rels)
-        for rule in cfg.rules:
-            if rule.index in chosen:
-                continue
+        idle = [rule for rule in cfg.rules if rule.index not in chosen]
+        for rule in idle[:LOG_EACH]:
             name = f'policy[{rule.index}] (cgroup "{printable(rule.pattern)}")'
-            if rule.glob.literal:
-                matched = "/".join(rule.segments()) in walked
-            else:
-                matched = any(rule.matches(rel) for rel in rels)
-            if matched:
-                lines.append(
-                    f"{name} gives no cgroup a policy: an earlier rule matches its cgroups"
+            prefix = "/".join(rule.plain_prefix())
+            below = [r for r in rels if r.startswith(prefix + "/") or r == prefix]
+            if any(rule.matches(r) for r in (below if prefix else rels)):
+                log.warning(
+                    "%s gives no cgroup a policy: an earlier rule matches its cgroups", name
                 )
                 continue
             where, rest = self.tree.watched_for(rule)
-            lines.append(
-                f"{name} matches no cgroup yet; watching {printable(where)}"
-                + (f" for {printable(rest)}" if rest else "")
+            log.warning(
+                "%s matches no cgroup yet; watching %s%s",
+                name,
+                printable(where),
+                f" for {printable(rest)}" if rest else "",
             )
-        for line in lines[:LOG_EACH]:
-            log.warning("%s", line)
-        if len(lines) > LOG_EACH:
-            log.warning("... and %d more rules that give no cgroup a policy", len(lines) - LOG_EACH)
+        if len(idle) > LOG_EACH:
+            log.warning("... and %d more rules that give no cgroup a policy", len(idle) - LOG_EACH)
 
     # -- below one directory --------------------------------------------------------
 
