@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 from bpfkeep import containers, peers
 from bpfkeep.errors import UsageError
+from bpfkeep.kernel.cgroups import Mounts, mount_relative, read_mounts
 from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
 
 DEFAULT_LISTEN = ("127.0.0.1", 9977)
@@ -160,6 +161,15 @@ class Rule:
 
     def matches(self, rel: str) -> bool:
         return self.glob.match(_parts(rel))
+
+    def plain_prefix(self) -> list[str]:
+        """The leading segments that are plain names (no wildcard, no **)."""
+        out = []
+        for s in self.segments():
+            if s == "**" or _is_glob(s):
+                break
+            out.append(s)
+        return out
 
     def may_match_below(self, rel: str) -> bool:
         """Could a descendant of ``rel`` match?  (Which directories to watch.)"""
@@ -498,7 +508,10 @@ def _toml_error(path: str, e: Exception) -> str:
     return f"{_file(path)}: not valid TOML: {msg}"
 
 
-def loads(text: str, path: str = "<config>") -> Config:
+def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Config:
+    """Parse a config.  ``mounts``: the cgroup mounts that absolute cgroup
+    paths in rules are checked against (load() passes the host's); without
+    them such a path is taken as relative to the cgroup2 mount."""
     where = _Where(path, text)
     try:
         data = tomllib.loads(text)
@@ -576,7 +589,7 @@ def loads(text: str, path: str = "<config>") -> Config:
         raise ConfigError(f"{where('policy', 'policy')}: write each policy as a [[policy]] table")
     shared: dict[tuple, Policy] = {}  # rules with the same values share one Policy
     for i, table in enumerate(policies):
-        rules.append(_rule(where, i, table, shared))
+        rules.append(_rule(where, i, table, shared, mounts))
     sources = _containers(where, data.get("containers", {}))
     return Config(
         path,
@@ -659,7 +672,48 @@ def _selector(at, table: dict) -> containers.Selector | None:
     return containers.Selector(ctr, labels, pod)
 
 
-def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | None = None) -> Rule:
+def _relative(at, pattern: str, mounts: Mounts | None) -> str:
+    """A rule's cgroup pattern relative to the cgroup2 mount.  An absolute
+    one is a path under the mount, as ``attach --cgroup`` takes it
+    ("/sys/fs/cgroup/system.slice/*.service"), or one as /proc/PID/cgroup
+    writes it ("/system.slice/*.service").  One that can never match is
+    refused: a cgroup v1 path, the root, or a path elsewhere in the
+    filesystem (its first name is there and not under the mount)."""
+    if mounts is None or not mounts.cgroup2 or not pattern.startswith("/"):
+        return pattern.strip("/")
+    mount = mounts.cgroup2
+    try:
+        rel = mount_relative(pattern, mounts)
+    except UsageError as e:
+        raise ConfigError(f"{at('cgroup')}: {show_value(pattern, 80)}: {e}") from None
+    if rel == "":
+        raise ConfigError(
+            f"{at('cgroup')}: {show_value(pattern, 80)} is the root cgroup (every process "
+            'on the host), which a rule may not name; e.g. "system.slice/*.service"'
+        )
+    if rel is not None:
+        return rel
+    first = _parts(pattern)[0]
+    if (
+        not _is_glob(first)
+        and os.path.lexists(f"{mounts.via}/{first}")
+        and not os.path.lexists(os.path.join(mount, first))
+    ):
+        raise ConfigError(
+            f"{at('cgroup')}: {show_value(pattern, 80)} is not under the cgroup2 mount at "
+            f"{mount}: write a path under it, or relative to it (no leading /) as "
+            '/proc/PID/cgroup shows it, e.g. "system.slice/*.service"'
+        )
+    return pattern.strip("/")
+
+
+def _rule(
+    where: _Where,
+    i: int,
+    table: object,
+    shared: dict[tuple, Policy] | None = None,
+    mounts: Mounts | None = None,
+) -> Rule:
     name = f"policy[{i}]"
 
     def at(key: str) -> str:
@@ -751,7 +805,7 @@ def _rule(where: _Where, i: int, table: object, shared: dict[tuple, Policy] | No
             shared[memo] = policy
     if selector is not None:
         return Rule("", policy, i, existing, selector)
-    return Rule(pattern.strip("/"), policy, i, existing)
+    return Rule(_relative(at, pattern, mounts), policy, i, existing)
 
 
 def _peer_tables(at: Callable[[str], str], raw: object) -> list[dict]:
@@ -781,7 +835,9 @@ def _check_ownership(path: str, st: os.stat_result) -> None:
         raise ConfigError(f"{shown}: is writable by others: chmod go-w {shown}")
 
 
-def load(path: str) -> Config:
+def load(path: str, mounts: Mounts | None = None) -> Config:
+    """Read and parse a config file; absolute cgroup paths in its rules are
+    checked against ``mounts``, by default this host's (read_mounts)."""
     shown = _file(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer.
@@ -807,4 +863,9 @@ def load(path: str) -> Config:
             f"{shown}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
             "save the file as UTF-8"
         ) from None
-    return loads(text, path)
+    if mounts is None:
+        try:
+            mounts = read_mounts()
+        except OSError:
+            mounts = None  # no /proc: the daemon says what is missing
+    return loads(text, path, mounts)

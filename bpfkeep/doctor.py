@@ -21,16 +21,18 @@ import sys
 from collections.abc import Iterable
 
 from bpfkeep.audit.sockets import scan
-from bpfkeep.errors import BpfkeepError, EnvironmentProblem
+from bpfkeep.errors import BpfkeepError, EnvironmentProblem, UsageError
 from bpfkeep.kernel.cgroups import hidden_mount, netns_hint, read_mounts
 from bpfkeep.kernel.privileges import (
+    BPFFS_DEFAULT,
     CAPS,
     LOAD_CAPS,
     SWEEP_CAPS,
-    bpffs_view,
     capabilities,  # noqa: F401 - part of the doctor's interface (tests)
+    existing,
     is_bpffs,
     missing_load_caps,
+    mountable_bpffs,
     own_capabilities,
 )
 from bpfkeep.kernel.procfs import KEEPALIVE_SYSCTLS, SYSCTL_DIR, keepalive_sysctls
@@ -257,41 +259,42 @@ def check_cgroup2(version: tuple[int, int]) -> Check:
 
 
 def check_bpffs(pin_dir: str) -> Check:
-    pin_dir = bpffs_view(pin_dir)
-    parent = os.path.dirname(pin_dir)
+    pins = PinDir(pin_dir)
+    pin_dir = pins.pin_dir
+    fs = existing(pin_dir)
     details: dict[str, object] = {"pin_dir": pin_dir, "mounted": False}
-    if is_bpffs(parent):
+    if is_bpffs(fs):
         details["mounted"] = True
-        return Check(
-            "bpffs", OK, f"bpffs mounted at {parent} (pins under {pin_dir})", None, details
-        )
-    fstab = f"bpf {parent} bpf defaults 0 0"
+        try:
+            pins.check()  # bpfkeep's own directory, and a name bpffs takes
+        except UsageError as e:
+            return Check("bpffs", FAIL, str(e), None, details)
+        return Check("bpffs", OK, f"bpffs mounted at {fs} (pins under {pin_dir})", None, details)
     hint = netns_hint()
     if hint and hidden_mount("bpf"):
         return Check(
             "bpffs",
             FAIL,
-            f"{parent} is not on a bpf filesystem in this mount namespace, and the host's "
+            f"{fs} is not on a bpf filesystem in this mount namespace, and the host's "
             f"bpffs (at {hidden_mount('bpf')}) is out of reach",
             hint,
             details,
         )
-    if parent == "/sys/fs/bpf" and os.path.isdir(parent):
+    if mountable_bpffs(pin_dir):
+        fstab = f"bpf {BPFFS_DEFAULT} bpf defaults 0 0"
         return Check(
             "bpffs",
             WARN,
-            f"bpffs is not mounted at {parent}: bpfkeep attach mounts it (as root), "
+            f"bpffs is not mounted at {BPFFS_DEFAULT}: bpfkeep attach mounts it (as root), "
             "but policies pinned there vanish if something unmounts it",
-            f"mount -t bpf bpf {parent}, and add '{fstab}' to /etc/fstab",
+            f"mount -t bpf bpf {BPFFS_DEFAULT}, and add '{fstab}' to /etc/fstab",
             details,
         )
-    return Check(
-        "bpffs",
-        FAIL,
-        f"{parent} is not on a bpf filesystem: the attachments cannot be pinned",
-        f"mount -t bpf bpf {parent} (or choose a pin directory under /sys/fs/bpf)",
-        details,
-    )
+    try:
+        pins.check()  # says where a pin directory can be instead
+    except UsageError as e:
+        return Check("bpffs", FAIL, str(e), None, details)
+    return Check("bpffs", FAIL, f"{fs} is not on a bpf filesystem", None, details)
 
 
 def check_privileges(status_path: str = "/proc/self/status") -> Check:

@@ -16,7 +16,7 @@ from bpfkeep.kernel.privileges import require_privileges
 from bpfkeep.options import Policy
 from bpfkeep.pins import migrate, read
 from bpfkeep.pins.attach import Writer, detach_id
-from bpfkeep.pins.pindir import PinDir
+from bpfkeep.pins.pindir import DaemonLock, PinDir
 from bpfkeep.pins.read import Attachment
 from bpfkeep.progs import loader, maps
 from bpfkeep.sweep import runs
@@ -39,6 +39,11 @@ class Enforcer:
 
     def check_pin_dir(self) -> None:
         self.pins.check()
+
+    def daemon_lock(self) -> DaemonLock:
+        """One daemon per pin directory: its lock, taken (pins.pindir)."""
+        self.pins.check()
+        return self.pins.daemon_lock()
 
     def prepare(self) -> None:
         """Privileges, bpffs, directories and loaded programs; attachments

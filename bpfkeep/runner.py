@@ -250,6 +250,7 @@ def run_bpf(policy: Policy, cmd: list[str], *, pin_dir: str | None = None) -> in
     mount = cgroups.cgroup2_mount()
     parent = cgroups.own_cgroup(mount)
     enf = Enforcer(pin_dir)
+    enf.check_pin_dir()  # before anything is made
     with contextlib.suppress(OSError):
         reap_stale_runs()
     me = os.getpid()

@@ -169,7 +169,20 @@ def pin_dir(bpffs, shared_objects) -> Iterator[str]:
         finally:
             os.close(fd)
     yield d
-    Enforcer(d).destroy()
+    remove_pin_dir(d)
+
+
+def remove_pin_dir(d: str) -> None:
+    """Everything a test's pin directory holds detached and unpinned, and
+    the lock file a daemon killed on it left in /run."""
+    from bpfkeep.enforcer import Enforcer
+    from bpfkeep.pins.pindir import DaemonLock
+
+    enf = Enforcer(d)
+    if os.path.isdir(enf.pin_dir):
+        enf.destroy()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(DaemonLock.path_of(enf.pins)[0])
 
 
 # -- cgroups ----------------------------------------------------------------

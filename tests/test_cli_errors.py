@@ -98,14 +98,17 @@ def test_not_root_points_to_preload(pin_dir, cgroups, command):
     assert proc.returncode == 77
 
 
-def test_pin_dir_not_on_bpffs(cgroups, tmp_path):
+def test_pin_dir_not_on_bpffs(cgroups, tmp_path, bpffs):
+    """The fix is a directory on the bpffs that is mounted, not mounting
+    bpffs over the pin directory's parent."""
     cg = cgroups.make("svc")
     proc = subprocess.run(
         bpfkeep_cmd(str(tmp_path / "bpfkeep"), "attach", "--cgroup", cgroups.rel(cg)),
         capture_output=True,
         text=True,
     )
-    one_line_error(proc, "not on a bpf filesystem", "mount -t bpf")
+    one_line_error(proc, "not on a bpf filesystem", f"--pin-dir {bpffs}/")
+    assert "mount -t bpf" not in proc.stderr
     assert not (tmp_path / "bpfkeep").exists()
 
 

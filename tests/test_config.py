@@ -10,6 +10,7 @@ import pytest
 from bpfkeep import config
 from bpfkeep.config import ConfigError, loads
 from bpfkeep.daemon import reconcile, systemd
+from bpfkeep.kernel.cgroups import Mounts
 
 
 def test_example_keys_and_defaults():
@@ -177,6 +178,41 @@ def test_watch_only_directories_that_can_hold_matches():
     assert not cfg.watch("user.slice") and not cfg.watch("system.slice/a.service")
     deep = loads('[[policy]]\ncgroup = "kubepods/**"\n')
     assert deep.watch("kubepods/burstable/pod1") and not deep.watch("system.slice")
+
+
+HYBRID = Mounts("/sys/fs/cgroup/unified", ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu"))
+
+
+@pytest.mark.parametrize(
+    "mounts, pattern, rel",
+    [
+        (HYBRID, "/sys/fs/cgroup/unified/x", "x"),
+        (HYBRID, "/sys/fs/cgroup/unified/system.slice/*.service/", "system.slice/*.service"),
+        (HYBRID, "/system.slice/*.service", "system.slice/*.service"),  # as /proc/PID/cgroup
+        (Mounts("/sys/fs/cgroup", ()), "/sys/fs/cgroup/kubepods/**", "kubepods/**"),
+        (None, "/sys/fs/cgroup/unified/x", "sys/fs/cgroup/unified/x"),  # loads() alone
+    ],
+)
+def test_a_rule_under_the_cgroup2_mount_is_relative_to_it(mounts, pattern, rel):
+    assert loads(f'[[policy]]\ncgroup = "{pattern}"\n', mounts=mounts).rules[0].pattern == rel
+
+
+@pytest.mark.parametrize(
+    "pattern, needles",
+    [
+        ("/sys/fs/cgroup/memory/x", ["cgroup v1", "cgroup2 mount at /sys/fs/cgroup/unified"]),
+        ("/sys/fs/cgroup/cpu/a/*.service", ["cgroup v1"]),
+        ("/sys/fs/cgroup/x", ["not under the cgroup2 mount at /sys/fs/cgroup/unified"]),
+        ("/sys/fs/cgroup/unified", ["the root cgroup"]),
+    ],
+)
+def test_a_rule_that_can_never_match_is_refused(pattern, needles):
+    with pytest.raises(ConfigError) as e:
+        loads(f'[[policy]]\ncgroup = "{pattern}"\n', "f.toml", mounts=HYBRID)
+    msg = str(e.value)
+    assert msg.startswith("f.toml:2: policy[0].cgroup: ") and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
 
 
 def test_first_matching_rule_wins():

@@ -687,6 +687,196 @@ def test_cgroup_names_that_are_not_utf8(daemon, cgroups, spawn, probes, listener
     assert d.stop() == 0
 
 
+def test_a_raw_byte_and_a_literal_backslash_are_two_cgroups(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk
+):
+    """A cgroup named with the bytes ``bad\\xff\\xfe`` and one named with
+    the characters ``bad\\xff\\xfe`` (a backslash): two label values on
+    /metrics, two names in status and status --json -- not two identical
+    series, which Prometheus refuses, nor two rows of the same name."""
+    raw = cgroups.make(os.fsdecode(b"bad\xff\xfe"))
+    literal = cgroups.make("bad\\xff\\xfe")
+    base = cgroups.rel(cgroups.base)
+    port = free_port()
+    d = daemon(write_config(tmp_path / "c.toml", port, rule(f"{base}/bad*", keepidle=65)))
+    d.start()
+    for cg in (raw, literal):
+        assert keepidle_of_new_connection(spawn, probes, cg, listener) == 65
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    series = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    ]
+    assert len(series) == len(set(series)), "two series with the same labels"
+    names = {dict(labels)["cgroup"] for n, labels in series if n == "bpfkeep_policy_attached"}
+    assert names == {f"/{base}/bad\\xff\\xfe", f"/{base}/bad\\\\xff\\\\xfe"}
+    assert {a["cgroup"] for a in json.loads(bk("status", "--json").stdout)} == names
+    rows = [ln.split()[0] for ln in bk("status").stdout.splitlines() if ln.startswith("/")]
+    assert sorted(rows) == sorted(names)
+    assert d.stop() == 0
+
+
+def test_a_rule_written_as_a_path_under_the_cgroup2_mount_is_that_cgroup(
+    daemon, cgroups, spawn, probes, listener, tmp_path, pin_dir
+):
+    """``cgroup = "/sys/fs/cgroup/unified/x"``, as attach --cgroup takes
+    it: --check says ok and the daemon attaches x (it used to become the
+    pattern "sys/fs/cgroup/unified/x", which matches nothing)."""
+    a = cgroups.make("a.service")
+    cfg = write_config(tmp_path / "c.toml", free_port(), rule(a, keepidle=66))
+    check = subprocess.run(
+        bpfkeep_cmd(pin_dir, "daemon", "--config", str(cfg), "--check"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0 and "ok, 1 policy rule" in check.stdout, check.stderr
+    d = daemon(cfg)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 66
+    assert "matches no cgroup" not in d.log.read_text()
+    assert d.stop() == 0
+
+
+def _v1_mount() -> str:
+    from bpfkeep.kernel.cgroups import read_mounts
+
+    v1 = read_mounts().v1
+    if not v1:
+        pytest.skip("no cgroup v1 hierarchy mounted on this host")
+    return v1[0]
+
+
+def test_a_cgroup_v1_rule_is_refused_by_check_at_start_and_on_reload(
+    daemon, cgroups, spawn, probes, listener, tmp_path, pin_dir
+):
+    """A rule naming a cgroup v1 path can never match: one line naming the
+    file, the key and the fix -- from --check, from a daemon starting (exit
+    2) and from a reload (rejected, the old policies stay)."""
+    mount = cgroups.mount
+    v1 = f"{_v1_mount()}/bpfkeep-test-v1/*.service"
+    port = free_port()
+    bad = write_config(tmp_path / "v1.toml", port, rule(v1, keepidle=67))
+    for extra in (("--check",), ()):
+        proc = subprocess.run(
+            bpfkeep_cmd(pin_dir, "daemon", "--config", str(bad), *extra),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2, (extra, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        for needle in ("v1.toml:", "policy[0].cgroup", "cgroup v1", mount):
+            assert needle in lines[0], lines[0]
+    a = cgroups.make("a.service")
+    good = rule(f"{cgroups.rel(cgroups.base)}/*.service", keepidle=68)
+    cfg = write_config(tmp_path / "c.toml", port, good)
+    d = daemon(cfg)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 68
+    cfg.write_text(bad.read_text())
+    d.signal(signal.SIGHUP)
+    assert "cgroup v1" in d.wait_message("STATUS=reload rejected")
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 68
+    assert d.stop() == 0
+
+
+def test_rules_that_match_nothing_yet_are_logged_once_per_load(daemon, cgroups, tmp_path):
+    """The shipped config on a host without system.slice used to say only
+    "enforcing 0 cgroup(s)".  Now each rule that matches nothing yet is
+    logged at start and at each reload, once, with the directory watched
+    for it; one whose cgroups all take an earlier rule is named too."""
+    base = cgroups.rel(cgroups.base)
+    cgroups.make("m.service")
+    port = free_port()
+    text = (REPO / "deploy" / "bpfkeep.toml").read_text()
+    assert 'cgroup = "system.slice/*.service"' in text
+    text = text.replace(
+        'cgroup = "system.slice/*.service"', f'cgroup = "{base}/system.slice/*.service"'
+    ).replace('listen = "127.0.0.1:9977"', f'listen = "127.0.0.1:{port}"')
+    text += f'[[policy]]\ncgroup = "{base}/m.service"\n[[policy]]\ncgroup = "{base}/m.*"\n'
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    d = daemon(cfg)
+    d.start()
+
+    def lines(needle: str) -> list[str]:
+        return [ln for ln in d.log.read_text().splitlines() if needle in ln]
+
+    (first,) = lines("policy[0]")
+    assert "matches no cgroup yet" in first, first
+    assert f"watching {cgroups.base} for system.slice/*.service" in first, first
+    (shadowed,) = lines("policy[2]")
+    assert "an earlier rule" in shadowed, shadowed
+    assert lines("policy[1]") == []  # it matches m.service
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert len(lines("policy[0]")) == 2
+    svc = cgroups.make("system.slice/a.service")  # now it matches
+    assert wait_until(lambda: bpftool_prog_ids(svc, "cgroup_sock_ops"), 30), d.log.read_text()
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert len(lines("policy[0]")) == 2
+    assert d.stop() == 0
+
+
+def test_one_daemon_per_pin_directory(
+    daemon, cgroups, spawn, probes, listener, tmp_path, bk, pin_dir
+):
+    """A second daemon with another config and the same pin directory used
+    to start without a word and detach the first one's attachments as "no
+    longer in the config".  It now exits non-zero with one line naming the
+    pid that keeps the pin directory, and touches nothing -- also after an
+    rm -rf of the pin directory (which the first heals).  attach and detach
+    by hand still run beside the daemon, which leaves what they attach
+    alone."""
+    a, b = cgroups.make("a.service"), cgroups.make("b.service")
+    base = cgroups.rel(cgroups.base)
+    first = write_config(tmp_path / "one.toml", free_port(), rule(f"{base}/a.service", keepidle=71))
+    d = daemon(first)
+    d.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 71
+    other = write_config(
+        tmp_path / "two.toml",
+        free_port(),
+        rule(f"{base}/b.service", keepidle=72) + rule(f"{base}/a.service", keepidle=73),
+    )
+
+    def second_refused() -> None:
+        try:
+            proc = subprocess.run(
+                bpfkeep_cmd(pin_dir, "daemon", "--config", str(other)),
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second daemon started on the same pin directory")
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert f"pid {d.proc.pid}" in line and pin_dir in line, line
+        assert keepidle_of_new_connection(spawn, probes, a, listener) == 71
+        assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+
+    second_refused()
+    # By hand beside the daemon: not held up by its lock, and left alone.
+    t0 = time.monotonic()
+    bk("attach", "--cgroup", b, "--keepidle", "74")
+    assert time.monotonic() - t0 < 30
+    d.signal(signal.SIGHUP)
+    d.wait_message("STATUS=")
+    assert keepidle_of_new_connection(spawn, probes, b, listener) == 74
+    bk("detach", "--cgroup", b)
+    assert bpftool_prog_ids(b, "cgroup_sock_ops") == []
+    # rm -rf of the pin directory: the daemon restores it and still keeps it.
+    shutil.rmtree(pin_dir)
+    d.wait_log(f"/{cgroups.rel(a)}: restored", timeout=120)
+    second_refused()
+    assert "detached" not in d.log.read_text()
+    assert d.stop() == 0
+    # Once it is gone, the next one starts.
+    d2 = daemon(other)
+    d2.start()
+    assert keepidle_of_new_connection(spawn, probes, a, listener) == 73
+    assert d2.stop() == 0
+
+
 def test_hand_made_attachment_is_left_alone(daemon, cgroups, spawn, probes, listener, tmp_path, bk):
     """``bpfkeep attach --mode enforce --keepidle 50`` by hand, then a daemon
     whose rule matches the same cgroup: the attachment keeps its mode and

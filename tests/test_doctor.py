@@ -165,9 +165,12 @@ def test_privileges_from_capabilities(tmp_path):
     assert check("CAP_BPF").status == FAIL
 
 
-def test_bpffs_not_mounted_is_a_failure_elsewhere(tmp_path):
+def test_a_pin_directory_off_bpffs_is_a_failure_that_names_bpffs(tmp_path):
+    """Not "mount -t bpf bpf <its parent>": over /tmp or /sys that would
+    hide what is there."""
     c = doctor.check_bpffs(str(tmp_path / "pins"))
-    assert c.status == FAIL and "mount -t bpf bpf" in c.fix
+    assert c.status == FAIL and "not on a bpf filesystem" in c.message, c
+    assert "mount -t bpf bpf " + str(tmp_path) not in f"{c.message} {c.fix}"
 
 
 def _fake_python(tmp_path, code: int, stderr: str) -> str:

@@ -4,6 +4,7 @@ generate_latest's own output for anything else (no root needed)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -17,6 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from bpfkeep.kernel.cgroups import printable
 from bpfkeep.metrics.collector import Collector, Row, Snapshot
 from bpfkeep.metrics.exposition import exposition
 from bpfkeep.options import Policy
@@ -30,6 +32,10 @@ ODD = [
     "/dé.service",
     "/kubepods/besteffort/poda/x",
     "",
+    # A name with the raw bytes 0xff 0xfe and one with the characters
+    # \\xff\\xfe: two names, two label values (see cgroups.printable).
+    "/deleg/" + printable(os.fsdecode(b"bad\xff\xfe")),
+    "/deleg/" + printable("bad\\xff\\xfe"),
 ]
 
 
@@ -73,8 +79,14 @@ def test_the_daemons_families_are_written_as_generate_latest_writes_them(mode):
     reg.register(Collector(lambda: _snapshot(mode), keepalive_sysctls=lambda: (7200, 75, 9)))
     ours = exposition(reg)
     assert ours == generate_latest(reg)
-    # And it parses: every sample of the daemon's families is there.
-    assert sum(len(f.samples) for f in text_string_to_metric_families(ours.decode())) > 100
+    # And it parses: every sample of the daemon's families is there, each
+    # series once.
+    series = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for f in text_string_to_metric_families(ours.decode())
+        for s in f.samples
+    ]
+    assert len(series) > 100 and len(series) == len(set(series))
 
 
 def test_other_families_are_left_to_generate_latest():

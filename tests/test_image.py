@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BPFKEEP, REPO
+from conftest import BPFKEEP, REPO, remove_pin_dir
 from test_enforcer import assert_policy, assert_untouched
 
 from bpfkeep import __version__
@@ -216,6 +216,8 @@ def podman_args(config_dir: Path, *, host_pid: bool | None = None) -> tuple[list
             src = v["hostPath"]["path"]
             if src == "/sys/fs/cgroup":
                 src = cgroup2_mount()  # /sys/fs/cgroup/unified on a hybrid host
+            if not os.path.exists(src) and v["hostPath"]["type"] == "DirectoryOrCreate":
+                os.makedirs(src, mode=0o755)  # as kubelet does
             if not os.path.exists(src):
                 assert v["hostPath"]["type"] == "Socket", src
                 skipped.append(src)
@@ -229,13 +231,10 @@ def image_pin_dir(bpffs, podman):
     """A pin directory of its own for the daemon in the container (never
     the host's /sys/fs/bpf/bpfkeep); everything under it detached at the
     end -- after the containers are gone, or the daemon would restore it."""
-    from bpfkeep.enforcer import Enforcer
-
     d = os.path.join(bpffs, f"bpfkeep-test-img-{uuid.uuid4().hex[:8]}")
     yield d
     podman.cleanup()
-    if os.path.isdir(d):
-        Enforcer(d).destroy()
+    remove_pin_dir(d)
 
 
 def in_netns(pid: int, *argv: str) -> subprocess.CompletedProcess:

@@ -402,3 +402,44 @@ def test_policy_constructor_and_from_mapping_agree_for_every_option(values):
             assert getattr(p, opt.key) == opt.default, opt.key
     if "user_timeout" not in values:
         assert p.user_timeout == default_user_timeout(p.keepidle, p.keepintvl, p.keepcnt)
+
+
+# -- cgroup names as text ---------------------------------------------------------
+
+
+def _unprintable(text: str) -> bytes:
+    """printable's inverse, written from its contract: ``\\\\`` is a
+    backslash, ``\\xNN`` a byte that is not UTF-8, anything else itself."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1] == "\\":
+            out += b"\\"
+            i += 2
+        elif text[i] == "\\":
+            assert text[i + 1] == "x", text
+            out.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out += text[i].encode()
+            i += 1
+    return bytes(out)
+
+
+@PROPS
+@given(st.binary(max_size=40) | st.text(alphabet="\\xfe0/é", max_size=20).map(str.encode))
+def test_printable_names_are_utf8_and_give_the_name_back(name):
+    """A label value or a status row names exactly one cgroup: a raw byte
+    (b"\\xff") and the four characters \\, x, f, f stay apart."""
+    from bpfkeep.kernel.cgroups import printable
+
+    text = printable(os.fsdecode(name))
+    text.encode("utf-8")  # valid UTF-8: a Prometheus label may carry it
+    assert _unprintable(text) == name
+
+
+def test_a_raw_byte_and_a_literal_backslash_are_two_names():
+    from bpfkeep.kernel.cgroups import printable
+
+    raw, literal = os.fsdecode(b"bad\xff\xfe"), "bad\\xff\\xfe"
+    assert printable(raw) == "bad\\xff\\xfe"
+    assert printable(literal) == "bad\\\\xff\\\\xfe"

@@ -16,11 +16,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, remove_pin_dir
 from neighbours import attached
 from test_enforcer import assert_policy, assert_untouched
-
-from bpfkeep.enforcer import Enforcer
 
 pytestmark = pytest.mark.kernel
 
@@ -28,11 +26,20 @@ UNIT = REPO / "deploy" / "bpfkeep.service"
 BPFKEEP = [sys.executable, "-m", "bpfkeep"]
 
 
+def unit_setting(key: str) -> list[str]:
+    """The values of every ``key=`` line of the unit, split at spaces."""
+    return [
+        v
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(key + "=")
+        for v in line.split("=", 1)[1].split()
+    ]
+
+
 def unit_capabilities() -> list[str]:
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            return line.split("=", 1)[1].split()
-    raise AssertionError("the unit names no CapabilityBoundingSet")
+    caps = unit_setting("CapabilityBoundingSet")
+    assert caps, "the unit names no CapabilityBoundingSet"
+    return caps
 
 
 def as_unit(argv: list[str]) -> list[str]:
@@ -50,12 +57,36 @@ def as_unit(argv: list[str]) -> list[str]:
     ]
 
 
+def as_unit_sandboxed(argv: list[str]) -> list[str]:
+    """as_unit(argv), in a private mount namespace where, as under the
+    unit's ProtectSystem=strict, the root filesystem is read-only but for
+    what the unit makes writable: ReadWritePaths=, RuntimeDirectory= and
+    CacheDirectory= (made first, as systemd does), and /tmp and /var/tmp for
+    PrivateTmp= (writable, not private: the test's config is there);
+    ProtectControlGroups= makes the cgroup2 hierarchy read-only."""
+    from bpfkeep.kernel.cgroups import cgroup2_mount
+
+    assert unit_setting("ProtectSystem") == ["strict"]
+    made = [f"/run/{d}" for d in unit_setting("RuntimeDirectory")]
+    made += [f"/var/cache/{d}" for d in unit_setting("CacheDirectory")]
+    writable = [*unit_setting("ReadWritePaths"), *made]
+    if unit_setting("PrivateTmp") == ["yes"]:
+        writable += ["/tmp", "/var/tmp"]
+    read_only = [cgroup2_mount()] if unit_setting("ProtectControlGroups") == ["yes"] else []
+    script = ["set -e"]
+    script += [f"mkdir -p {d}" for d in made]
+    script += [f"mount --bind {d} {d}" for d in writable]
+    script += [f"mount -o remount,bind,ro {d}" for d in ["/", *read_only]]
+    script.append('exec "$@"')
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    return [*unshare, "sh", "-c", "\n".join(script), "unit-sandbox", *as_unit(argv)]
+
+
 @pytest.fixture()
 def fresh_pin_dir(bpffs):
     d = os.path.join(bpffs, f"bpfkeep-unit-{uuid.uuid4().hex[:8]}")
     yield d
-    if os.path.isdir(d):
-        Enforcer(d).destroy()
+    remove_pin_dir(d)
 
 
 def test_unit_grants_what_loading_and_the_sweep_need():
@@ -111,7 +142,13 @@ def test_first_attach_under_the_units_capabilities(
     assert priv and priv[0].startswith("OK"), doctor.stdout
 
 
-def test_daemon_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, probes, tmp_path):
+def test_daemon_under_the_units_capabilities_and_sandbox(
+    fresh_pin_dir, cgroups, spawn, probes, tmp_path
+):
+    """The daemon as the unit runs it -- its capabilities, a read-only root
+    but for the paths the unit makes writable -- compiles, pins and
+    attaches; a second one on the same pin directory, run the same way,
+    refuses to start, naming the first one's pid."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -126,11 +163,8 @@ def test_daemon_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, prob
     lport = int(lsrv.expect("ready").split()[1])
     log = tmp_path / "daemon.log"
     with open(log, "w") as err:
-        daemon = subprocess.Popen(
-            as_unit([*BPFKEEP, "--pin-dir", fresh_pin_dir, "daemon", "--config", str(cfg)]),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+        argv = [*BPFKEEP, "--pin-dir", fresh_pin_dir, "daemon", "--config", str(cfg)]
+        daemon = subprocess.Popen(as_unit_sandboxed(argv), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 90
         while "enforcing" not in log.read_text():
@@ -153,6 +187,15 @@ def test_daemon_under_the_units_capabilities(fresh_pin_dir, cgroups, spawn, prob
         fresh = spawn([probes["static"], "connect", "127.0.0.1", str(lport), "hold"], svc)
         assert fresh.values("client")["keepidle"] == 33
         assert "Traceback" not in log.read_text()
+        try:
+            second = subprocess.run(
+                as_unit_sandboxed(argv), capture_output=True, text=True, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second daemon started on the same pin directory")
+        assert second.returncode != 0, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert f"pid {daemon.pid}" in line and fresh_pin_dir in line, line
     finally:
         daemon.terminate()
         daemon.wait(timeout=10)

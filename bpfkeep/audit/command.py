@@ -112,6 +112,9 @@ def coverage_line(name: str, armed: int, total: int, busy: int = 0) -> str:
 
 def run(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
+    # A --pin-dir that is no pin directory is an error, not an empty
+    # policy check.
+    Enforcer(getattr(args, "pin_dir", None)).check_pin_dir()
     cgroup_id = None
     if getattr(args, "cgroup", None):
         # Read-only: the root cgroup is as fine to look at as any other.

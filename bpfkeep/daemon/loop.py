@@ -31,7 +31,7 @@ from bpfkeep.kernel.cgroups import cgroup2_mount, printable
 from bpfkeep.kernel.inotify import Inotify
 from bpfkeep.metrics.collector import Collector, Row, Snapshot
 from bpfkeep.metrics.http import MetricsServer
-from bpfkeep.pins.pindir import fully_attached
+from bpfkeep.pins.pindir import DaemonLock, fully_attached
 
 log = logging.getLogger("bpfkeep")
 
@@ -56,6 +56,7 @@ class Daemon:
         self.workloads: Workloads | None = None
         self.reconciler: Reconciler | None = None
         self.healer: Healer | None = None
+        self.lock: DaemonLock | None = None  # held from start() until run() returns
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -64,18 +65,18 @@ class Daemon:
         state = self.state
         state.cfg = config.load(state.config_path)  # a bad config at start: exit 2
         state.mount = cgroup2_mount()
+        # Before anything is loaded, attached or listened on: another
+        # daemon keeping this pin directory is one line and exit 69.
+        self.lock = state.enforcer.daemon_lock()
         state.enforcer.prepare()
         self._start_metrics(state.cfg.listen)
         self.inotify = Inotify()
         self.lookups = containers.Lookups(state.cfg.runtimes)
         self.workloads = Workloads(state, self.lookups)
         tree = Tree(state.mount, self.inotify, self.workloads.watches, self._walk_failed)
-        self.reconciler = Reconciler(state, tree, self.workloads, self.passes, self.retries)
+        self.reconciler = rec = Reconciler(state, tree, self.workloads, self.passes, self.retries)
         self.healer = Healer(state, self.reconciler, self.inotify)
-        self._guard(
-            "reconcile",
-            lambda: self.reconciler.full(prune=True, sweep_all=True),  # type: ignore[union-attr]
-        )
+        self._guard("reconcile", lambda: rec.full(prune=True, sweep_all=True, report=True))
         self.healer.watch()
         self._ready = True
 
@@ -91,21 +92,27 @@ class Daemon:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
-            self.start()
-            assert self.state.cfg and self.inotify and self.lookups
-            self.notifier.send(f"READY=1\nSTATUS={self._status()}")
-            log.info(
-                "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
-                self.state.table.count(OURS),
-                time.monotonic() - t0,
-                *self.state.cfg.listen,
-            )
-            self._loop(rfd)
+            try:
+                self.start()
+                assert self.state.cfg and self.inotify and self.lookups
+                self.notifier.send(f"READY=1\nSTATUS={self._status()}")
+                log.info(
+                    "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
+                    self.state.table.count(OURS),
+                    time.monotonic() - t0,
+                    *self.state.cfg.listen,
+                )
+                self._loop(rfd)
+            finally:
+                signal.set_wakeup_fd(-1)
+                if self.lookups is not None:
+                    self.lookups.close()
+            self._exit()
         finally:
-            signal.set_wakeup_fd(-1)
-            if self.lookups is not None:
-                self.lookups.close()
-        self._exit()
+            # Only now: a daemon started meanwhile must not find ours
+            # still detaching (detach_on_exit).
+            if self.lock is not None:
+                self.lock.release()
         return 0
 
     def _loop(self, rfd: int) -> None:
@@ -241,7 +248,7 @@ class Daemon:
             state.config_path,
             len(new.rules) + len(new.workload_rules),
         )
-        self.reconciler.full()
+        self.reconciler.full(report=True)
         self._plan_names()
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.

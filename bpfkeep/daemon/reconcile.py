@@ -63,7 +63,7 @@ class Reconciler:
 
     # -- the whole tree -------------------------------------------------------------
 
-    def full(self, prune: bool = False, sweep_all: bool = False) -> None:
+    def full(self, prune: bool = False, sweep_all: bool = False, report: bool = False) -> None:
         """Walk the directories that can hold matches (watching them), then
         make the kernel match the config.
 
@@ -78,14 +78,19 @@ class Reconciler:
         watched (at start, and after inotify lost events); at run time their
         removal is seen.  ``sweep_all``: sweep every matching cgroup's
         existing sockets afterwards (at start); otherwise only those
-        attached or changed now, or whose rule now asks for it."""
+        attached or changed now, or whose rule now asks for it.
+        ``report``: log the cgroup rules that give no cgroup a policy (at
+        start and after a reload: see unmatched)."""
         state, table, enforcer = self.state, self.state.table, self.state.enforcer
         failures = self.tree.failures
         desired: dict[int, tuple[Cgroup, Rule]] = {}
         seen: set[int] = set()
         asking: set[int] = set()  # containers whose runtime has not answered yet
+        rels: list[str] = []  # what the walk saw, for report
         for cg in self.tree.walk(state.mount):
             seen.add(cg.id)
+            if report:
+                rels.append(cg.rel)
             rule = self.workloads.rule_for(cg)
             if rule is None and self.workloads.asking(cg.id):
                 asking.add(cg.id)
@@ -145,6 +150,39 @@ class Reconciler:
         # their policy are left alone).
         self.passes.sweep_soon(sweep)
         state.reconciles += 1
+        if report:
+            self.unmatched(rels, {rule.index for _, rule in desired.values()})
+
+    def unmatched(self, rels: list[str], chosen: set[int]) -> None:
+        """Log each cgroup rule that gives none of the cgroups ``rels`` its
+        policy: one that matches none yet, with where the daemon watches for
+        one, and one whose matches all take an earlier rule.  ``chosen``:
+        the rules that gave some cgroup its policy.  (A rule for a service
+        that does not exist on this host, or a path that is not what
+        /proc/PID/cgroup shows, was otherwise silent: "enforcing 0
+        cgroup(s)".)  Beyond LOG_EACH such rules, one line counts the rest:
+        each costs a pass over the cgroups below its plain prefix."""
+        cfg = self.state.cfg
+        assert cfg
+        idle = [rule for rule in cfg.rules if rule.index not in chosen]
+        for rule in idle[:LOG_EACH]:
+            name = f'policy[{rule.index}] (cgroup "{printable(rule.pattern)}")'
+            prefix = "/".join(rule.plain_prefix())
+            below = [r for r in rels if r.startswith(prefix + "/") or r == prefix]
+            if any(rule.matches(r) for r in (below if prefix else rels)):
+                log.warning(
+                    "%s gives no cgroup a policy: an earlier rule matches its cgroups", name
+                )
+                continue
+            where, rest = self.tree.watched_for(rule)
+            log.warning(
+                "%s matches no cgroup yet; watching %s%s",
+                name,
+                printable(where),
+                f" for {printable(rest)}" if rest else "",
+            )
+        if len(idle) > LOG_EACH:
+            log.warning("... and %d more rules that give no cgroup a policy", len(idle) - LOG_EACH)
 
     # -- below one directory --------------------------------------------------------
 

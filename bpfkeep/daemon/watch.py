@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
+from bpfkeep.config import Rule
 from bpfkeep.kernel.cgroups import Cgroup
 from bpfkeep.kernel.inotify import Inotify
 
@@ -81,3 +82,15 @@ class Tree:
 
     def rel(self, path: str) -> str:
         return os.path.relpath(path, self.mount)
+
+    def watched_for(self, rule: Rule) -> tuple[str, str]:
+        """Where a rule's next match would appear: the deepest directory
+        that exists along its plain-name prefix (walk watches it), and the
+        rest of the pattern below it."""
+        segments, path = rule.segments(), self.mount
+        for i, name in enumerate(rule.plain_prefix()):
+            below = os.path.join(path, name)
+            if not os.path.isdir(below):
+                return path, "/".join(segments[i:])
+            path = below
+        return path, "/".join(segments[len(rule.plain_prefix()) :])

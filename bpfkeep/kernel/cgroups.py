@@ -137,12 +137,17 @@ def cgroup2_mount(mounts: Mounts | None = None) -> str:
 
 
 def printable(path: str) -> str:
-    """A path as valid UTF-8 text: bytes that are not UTF-8 become ``\\xff``.
+    """A path as valid UTF-8 text: bytes that are not UTF-8 become ``\\xff``
+    and a backslash becomes ``\\\\``.
 
     Cgroup names are bytes; Python keeps undecodable ones as surrogates
     (os.fsdecode), which is right for the filesystem and wrong for text
-    that leaves the process (a Prometheus label must be UTF-8)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    that leaves the process (a Prometheus label must be UTF-8).  The
+    backslash is escaped too, so that two names never give the same text:
+    the byte 0xff and the four characters ``\\xff`` (systemd writes "-" in
+    unit names as ``\\x2d``) would otherwise be one label value, and every
+    family would carry two identical series."""
+    return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +200,22 @@ def _shown(path: str) -> str:
     return path if path.isprintable() else repr(path)
 
 
+def mount_relative(path: str, mounts: Mounts) -> str | None:
+    """An absolute path's part below the cgroup2 mount ("" for the mount
+    itself), or None when it is not under it.  A path in a cgroup v1
+    hierarchy can never name a cgroup v2: UsageError with the fix.  (Under
+    ``ip netns exec`` the host's paths are taken too: see read_mounts.)"""
+    mount = cgroup2_mount(mounts)
+    path = os.path.normpath(path)
+    for m in {mount, mount[len(mounts.via) :] or "/"}:
+        if _under(path, m):
+            return path[len(m) :].strip("/")
+    for v1 in mounts.v1:
+        if _under(path, v1) or _under(path, v1[len(mounts.via) :]):
+            raise UsageError(f"cgroup v1 path: use a path under the cgroup2 mount at {mount}")
+    return None
+
+
 def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False) -> Cgroup:
     """Turn a user's cgroup path into a Cgroup, or raise a one-line error.
 
@@ -207,26 +228,23 @@ def resolve(spec: str, *, mounts: Mounts | None = None, force_root: bool = False
     if not spec or "\0" in spec:
         raise UsageError("--cgroup: empty path; give a path under " + mount)
     raw = _shown(spec)
-    if mounts.via and _under(os.path.normpath(spec), mount[len(mounts.via) :]):
-        spec = mounts.via + spec  # a host path, seen from under ip netns exec
     if os.path.isabs(spec):
-        path = os.path.normpath(spec)
-        for v1 in mounts.v1:
-            if _under(path, v1) and not _under(path, mount):
-                raise UsageError(
-                    f"{raw}: cgroup v1 path: use a path under the cgroup2 mount at {mount}"
-                )
-        if not _under(path, mount):
+        try:
+            rel = mount_relative(spec, mounts)
+        except UsageError as e:
+            raise UsageError(f"{raw}: {e}") from None
+        if rel is not None:
+            path = os.path.join(mount, rel) if rel else mount
+        else:
             # "/system.slice/x.service" as /proc/PID/cgroup writes it -- unless
             # no such cgroup exists and the path names a real file elsewhere
             # (/etc/passwd): then it was meant as a filesystem path.
-            inside = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
-            if not os.path.lexists(inside) and os.path.lexists(path):
+            path = os.path.normpath(os.path.join(mount, spec.lstrip("/")))
+            if not os.path.lexists(path) and os.path.lexists(os.path.normpath(spec)):
                 raise UsageError(
                     f"{raw}: not under the cgroup2 mount at {mount}: give a cgroup "
                     "directory there (or a path relative to it, as /proc/PID/cgroup shows)"
                 )
-            path = inside
     else:
         path = os.path.normpath(os.path.join(mount, spec))
     if not _under(path, mount):

@@ -3,6 +3,7 @@ and where can it pin them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 
@@ -74,6 +75,28 @@ def is_bpffs(path: str) -> bool:
     return statfs_type(path) == BPF_FS_MAGIC
 
 
+BPFFS_DEFAULT = "/sys/fs/bpf"  # where systemd mounts bpffs at boot
+
+
+def existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists: the filesystem that
+    would hold it."""
+    while not os.path.lexists(path) and path != "/":
+        path = os.path.dirname(path)
+    return path
+
+
+def bpffs_mounts(table: str = "/proc/self/mounts") -> list[str]:
+    """Where bpf filesystems are mounted in this mount namespace."""
+    out = []
+    with contextlib.suppress(OSError), open(table) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "bpf":
+                out.append(fields[1].replace("\\040", " "))
+    return out
+
+
 def bpffs_view(pin_dir: str) -> str:
     """pin_dir as this process can reach it.  Under ``ip netns exec`` our
     /sys is a fresh sysfs without the host's bpffs; the host's is reached
@@ -81,42 +104,53 @@ def bpffs_view(pin_dir: str) -> str:
     Pinning into a bpffs mounted in our private namespace instead would
     lose the pins -- and detach the policies -- when it goes away."""
     pin_dir = os.path.abspath(pin_dir)
-    parent = os.path.dirname(pin_dir)
-    if is_bpffs(parent):
+    if is_bpffs(existing(pin_dir)):
         return pin_dir
     for via, _ in host_views():
-        if is_bpffs(via + parent):
+        if is_bpffs(existing(via + pin_dir)):
             return via + pin_dir
     return pin_dir
 
 
+def mountable_bpffs(pin_dir: str) -> bool:
+    """Whether pin_dir is under the conventional /sys/fs/bpf while no bpffs
+    is mounted there yet: ensure_bpffs mounts it.  Anywhere else, mounting
+    bpffs is the operator's call (over /sys it would hide sysfs)."""
+    return (
+        pin_dir.startswith(BPFFS_DEFAULT + "/")
+        and os.path.isdir(BPFFS_DEFAULT)
+        and not is_bpffs(BPFFS_DEFAULT)
+    )
+
+
 def ensure_bpffs(pin_dir: str) -> None:
-    """Make sure pin_dir's parent is on a bpf filesystem; mount it if the
-    conventional /sys/fs/bpf is simply not mounted yet."""
-    parent = os.path.dirname(os.path.abspath(pin_dir))
-    if is_bpffs(parent):
+    """Make sure pin_dir is on a bpf filesystem: mount the conventional
+    /sys/fs/bpf if the pin directory is below it and it simply is not
+    mounted yet.  (PinDir.check has refused any other place.)"""
+    pin_dir = os.path.abspath(pin_dir)
+    if is_bpffs(existing(pin_dir)):
         return
     hint = netns_hint()
     if hint and hidden_mount("bpf"):
         raise EnvironmentProblem(
-            f"{parent} is not on a bpf filesystem in this mount namespace, and the "
+            f"{pin_dir} is not on a bpf filesystem in this mount namespace, and the "
             f"host's bpffs (at {hidden_mount('bpf')}) is out of reach: {hint} (or as root)"
         )
-    if parent == "/sys/fs/bpf" and os.path.isdir(parent):
+    if mountable_bpffs(pin_dir):
         proc = subprocess.run(
-            ["mount", "-t", "bpf", "bpf", parent],
+            ["mount", "-t", "bpf", "bpf", BPFFS_DEFAULT],
             capture_output=True,
             text=True,
             check=False,
         )
-        if proc.returncode == 0 and is_bpffs(parent):
+        if proc.returncode == 0 and is_bpffs(BPFFS_DEFAULT):
             return
         raise EnvironmentProblem(
-            f"bpffs is not mounted at {parent} and mounting it failed "
+            f"bpffs is not mounted at {BPFFS_DEFAULT} and mounting it failed "
             f"({proc.stderr.strip() or proc.returncode}): run "
-            f"mount -t bpf bpf {parent}"
+            f"mount -t bpf bpf {BPFFS_DEFAULT}"
         )
     raise EnvironmentProblem(
-        f"{parent} is not on a bpf filesystem: mount one (mount -t bpf bpf "
-        f"{parent}) or choose a pin directory under /sys/fs/bpf"
+        f"{pin_dir} is not on a bpf filesystem: choose a pin directory under "
+        f"{BPFFS_DEFAULT} (--pin-dir or BPFKEEP_PIN_DIR)"
     )

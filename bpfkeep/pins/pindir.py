@@ -11,7 +11,9 @@ Layout (default /sys/fs/bpf/bpfkeep; bpffs refuses "." in names):
 
 V is a hash of the BPF sources (progs.header.source_version): a bpfkeep
 whose programs differ loads its own set and migrates (pins.migrate).
-Every bpfkeep process that writes takes the directory's lock (flock).
+Every bpfkeep process that writes takes the directory's lock (flock) for
+the time it writes; the one daemon that keeps a pin directory holds a lock
+of its own for its life, outside bpffs (DaemonLock).
 """
 
 from __future__ import annotations
@@ -19,16 +21,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
 from bpfkeep.errors import EnvironmentProblem, UsageError
 from bpfkeep.kernel import bpfsys
-from bpfkeep.kernel.privileges import bpffs_view, ensure_bpffs, is_bpffs
+from bpfkeep.kernel.privileges import (
+    BPFFS_DEFAULT,
+    bpffs_mounts,
+    bpffs_view,
+    ensure_bpffs,
+    existing,
+    is_bpffs,
+    mountable_bpffs,
+)
 from bpfkeep.progs import loader
 from bpfkeep.progs.header import source_version
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/bpfkeep"
+# Where the daemons' locks are (see DaemonLock): the unit's
+# RuntimeDirectory=bpfkeep; a hostPath volume in the DaemonSet.
+DAEMON_LOCK_DIR = "/run/bpfkeep/daemons"
 NAME_MAX = 255  # bytes per path component (include/uapi/linux/limits.h)
 # (name, attach type, pinned program) of each cgroup hook a policy needs.
 HOOKS = (
@@ -47,12 +61,42 @@ def pin_dir_default() -> str:
     return os.environ.get("BPFKEEP_PIN_DIR") or DEFAULT_PIN_DIR
 
 
+def _ours(name: str) -> bool:
+    return name == "links" or name.startswith("obj-")
+
+
+def _foreign(directory: str) -> list[str]:
+    """What in ``directory`` is not bpfkeep's (obj-*/ and links/, both
+    directories); nothing when it cannot be listed (no privileges: the
+    command that needs them says so)."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted(
+                e.name for e in it if not (_ours(e.name) and e.is_dir(follow_symlinks=False))
+            )
+    except OSError:
+        return []
+
+
+def _on_bpffs() -> str:
+    """Where a pin directory can be instead: under the bpffs mounted here."""
+    mounts = bpffs_mounts()
+    if not mounts:
+        return f"mount one (mount -t bpf bpf {BPFFS_DEFAULT}) and use {DEFAULT_PIN_DIR}"
+    base = BPFFS_DEFAULT if BPFFS_DEFAULT in mounts else mounts[0]
+    return (
+        f"give a directory on bpffs, e.g. --pin-dir {base}/bpfkeep "
+        f"(or BPFKEEP_PIN_DIR; bpffs is mounted at {', '.join(mounts)})"
+    )
+
+
 class PinDir:
     """One pin directory: its paths, its lock, its objects and what is
     pinned in it."""
 
     def __init__(self, pin_dir: str | None = None, version: str | None = None):
-        self.pin_dir = bpffs_view(pin_dir or pin_dir_default())
+        self.given = pin_dir or pin_dir_default()
+        self.pin_dir = bpffs_view(self.given)
         self.version = version or source_version()
         self.obj_dir = os.path.join(self.pin_dir, f"obj-{self.version}")
         self.link_dir = os.path.join(self.pin_dir, "links")
@@ -61,9 +105,14 @@ class PinDir:
 
     def check(self) -> None:
         """One line naming the problem and the fix for a pin directory that
-        bpffs cannot hold, instead of an OSError from deep inside."""
+        cannot be one -- bpffs cannot hold it, it is not on bpffs, or it
+        holds what bpfkeep did not put there -- instead of an OSError from
+        deep inside, a status that finds nothing, or a ``detach --all``
+        that unpins another tool's objects."""
         fix = "choose another with --pin-dir or BPFKEEP_PIN_DIR"
         where = f"pin directory {self.pin_dir}"
+        if self.given.rstrip("/") != self.pin_dir:
+            where = f"pin directory {self.given} (that is {self.pin_dir})"
         for part in self.pin_dir.split("/"):
             if len(os.fsencode(part)) > NAME_MAX:
                 raise UsageError(
@@ -73,18 +122,40 @@ class PinDir:
         # The deepest part that exists must be a directory; what bpfkeep
         # creates below it must be a name bpffs accepts (no ".": the kernel
         # refuses it with EPERM, see bpf_lookup in kernel/bpf/inode.c).
-        path, to_make = self.pin_dir, []
-        while not os.path.lexists(path) and path != "/":
-            path, name = os.path.split(path)
-            to_make.append(name)
+        path = existing(self.pin_dir)
+        to_make = self.pin_dir[len(path) :].strip("/").split("/") if path != self.pin_dir else []
         if not os.path.isdir(path):
             raise UsageError(
                 f"{where}: {path} is not a directory (a pinned BPF program or map, or a "
                 f"file); {fix}"
             )
+        if not is_bpffs(path):
+            if to_make and mountable_bpffs(self.pin_dir):
+                return  # make() mounts bpffs at /sys/fs/bpf; nothing is pinned yet
+            raise UsageError(f"{where} is not on a bpf filesystem: {_on_bpffs()}")
         dotted = [n for n in to_make if "." in n]
-        if dotted and is_bpffs(path):
+        if dotted:
             raise UsageError(f"{where}: bpffs does not allow '.' in names ({dotted[-1]}); {fix}")
+        if not to_make:
+            self._check_contents(where, fix)
+
+    def _check_contents(self, where: str, fix: str) -> None:
+        """An existing pin directory holds only obj-*/ and links/."""
+        parent, name = os.path.split(self.pin_dir)
+        if _ours(name) and not _foreign(parent):
+            what = "links" if name == "links" else "objects"
+            raise UsageError(
+                f"{where} is the {what} directory of the pin directory {parent}: "
+                f"use --pin-dir {parent}"
+            )
+        foreign = _foreign(self.pin_dir)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UsageError(
+                f"{where} is not a bpfkeep pin directory: it holds {', '.join(foreign[:3])}"
+                f"{more} (bpfkeep keeps only obj-*/ and links/ there, and removes both "
+                f"at detach --all); {fix}"
+            )
 
     def error(self, e: OSError) -> Exception:
         """An OSError about the directory, as the one line to show."""
@@ -109,6 +180,11 @@ class PinDir:
             yield
         finally:
             os.close(fd)
+
+    def daemon_lock(self, lock_dir: str = DAEMON_LOCK_DIR) -> DaemonLock:
+        """The lock of the one daemon that keeps this pin directory (see
+        DaemonLock), taken; raises naming the daemon that holds it."""
+        return DaemonLock.take(self, lock_dir)
 
     @contextlib.contextmanager
     def objects(self, obj_dir: str | None = None) -> Iterator[dict[str, int]]:
@@ -247,3 +323,93 @@ class PinDir:
                     os.unlink(os.path.join(path, n))
                 os.rmdir(path)
         os.rmdir(self.pin_dir)
+
+
+class DaemonLock:
+    """One daemon per pin directory.  A second one would reconcile the same
+    pins against another config: detach the first one's attachments as no
+    longer wanted, overwrite the cgroups both name, and the first would put
+    them back -- gaps and flapping values.
+
+    The lock is a flock on a file in /run named after the pin directory's
+    path, held for the daemon's life and released by the kernel when it
+    dies.  Not in the pin directory: bpffs holds no regular files, an
+    ``rm -rf`` of the directory (which the daemon heals) must not drop it,
+    and PinDir.lock -- the short flock every ``bpfkeep attach`` takes on
+    the directory -- must not wait for it.  /proc/locks names the holder's
+    pid."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+
+    @staticmethod
+    def path_of(pins: PinDir, lock_dir: str = DAEMON_LOCK_DIR) -> tuple[str, str]:
+        """(the lock file, the pin directory's path it is named after)."""
+        key = os.path.realpath(os.path.abspath(pins.given))
+        name = hashlib.sha256(os.fsencode(key)).hexdigest()[:16]
+        return os.path.join(lock_dir, f"{name}.lock"), key
+
+    @classmethod
+    def take(cls, pins: PinDir, lock_dir: str) -> DaemonLock:
+        path, key = cls.path_of(pins, lock_dir)
+        try:
+            os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+            # The file may be unlinked by a holder that is exiting (release)
+            # between our open and our flock: then take the new one.
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _flock_holder(fd)
+                    os.close(fd)
+                    raise EnvironmentProblem(
+                        f"pin directory {pins.pin_dir} is kept by another bpfkeep daemon "
+                        f"({holder}): stop that one first, or give this one its own "
+                        "--pin-dir"
+                    ) from None
+                try:
+                    if os.path.samestat(os.fstat(fd), os.stat(path)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, os.fsencode(f"{os.getpid()}\n{key}\n"))
+        except OSError as e:
+            raise EnvironmentProblem(
+                f"pin directory {pins.pin_dir}: cannot take the daemon's lock {path} "
+                f"({e.strerror or e}): {lock_dir} must be writable (the unit's "
+                "RuntimeDirectory=bpfkeep; in a container, a volume there)"
+            ) from None
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlinked while still held, then closed: whoever opened it
+        meanwhile sees that it is gone and takes a new one."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _flock_holder(fd: int) -> str:
+    """Who holds the flock on ``fd``'s file: "pid N" from /proc/locks (in
+    our PID namespace), else the pid the holder wrote into it."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    shown = None  # 0: the holder is not in our PID namespace
+    with contextlib.suppress(OSError, ValueError), open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()  # 1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                shown = int(fields[4])
+                break
+    if shown:
+        return f"pid {shown}"
+    with contextlib.suppress(OSError, ValueError):
+        written = int(os.pread(fd, 64, 0).split(b"\n")[0])
+        return f"pid {written}" + (", in another PID namespace" if shown == 0 else "")
+    return "pid unknown"
