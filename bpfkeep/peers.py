@@ -23,6 +23,7 @@ and the audit agree by construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import socket
@@ -304,6 +305,11 @@ def flatten(
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _table(rules: tuple[Peer, ...]) -> dict[Network, tuple[Entry, ...]]:
+    return flatten(rules)
+
+
 def match(table: Mapping[Network, tuple[Entry, ...]], address: str, port: int) -> int:
     """The rule number (1-based; 0: the policy's own values) for a peer at
     ``address``:``port``, from a flattened table."""
@@ -398,3 +404,42 @@ def resolve_names(
 def policy_keys() -> set[str]:
     """Keys a peer rule accepts."""
     return set(RULE_KEYS) | {o.key for o in TUNABLE if o.bpf}
+
+
+# -- what a socket gets ----------------------------------------------------------
+
+ANY = "*"  # the label of the policy's own values (no peer rule)
+
+
+def path_network(address16: bytes) -> tuple[int, bytes]:
+    """The path of a peer under a policy's own values, for learned idle
+    limits: its /24 (IPv4, mapped: 120 bits) or its /64 (IPv6), as the
+    kernel keys it (struct bk_path_key: prefix length, network)."""
+    if address16[:12] == V4_MAPPED.network_address.packed[:12]:
+        return 120, address16[:15] + bytes(1)
+    return 64, address16[:8] + bytes(8)
+
+
+def effective(
+    policy: Policy,
+    address: str,
+    port: int,
+    learned: Callable[[str, bytes], int | None] = lambda _label, _addr: None,
+) -> tuple[str, Policy | None]:
+    """(the label of the rule a peer falls under -- ANY for the policy's own
+    values --, the values it gets; None: exempt), the keepidle learned for
+    its path in (``learned(label, address16)``: keepidle = "auto").  The
+    same choice the kernel makes (bk_view_of in bpf/common.bpf.h)."""
+    chosen, label = policy, ANY
+    addr = _as_v6(address)
+    if policy.peers and addr is not None:
+        from_table = match(_table(policy.peers), address, port)
+        if from_table:
+            rule = policy.peers[from_table - 1]
+            chosen, label = rule.policy, rule.label
+    if chosen is None or not chosen.auto or addr is None:
+        return label, chosen
+    keepidle = learned(label, addr.packed)
+    if not keepidle:
+        return label, chosen
+    return label, chosen.with_keepidle(keepidle)

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from bpfkeep import peers
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.kernel.privileges import require_privileges
-from bpfkeep.kernel.sockdiag import state_name
+from bpfkeep.kernel.sockdiag import LISTEN, state_name
 from bpfkeep.options import Policy, default_user_timeout
+from bpfkeep.pins import read
 from bpfkeep.progs import maps
 from bpfkeep.sweep import runs
+from bpfkeep.sweep.engine import Outcome
 
 # What the check compares: the options that decide when a dead peer is
 # noticed.  (getsockopt(TCP_MAXSEG) reports the MSS in use, not the value
 # asked for, so it cannot be compared.)
 CHECKED = ("keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout")
 OK, OWN, OFF = "at-policy", "program's own (set mode)", "off-policy"
+EXEMPT = "exempt"  # its peer rule leaves it as the program made it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +37,9 @@ class PolicyCheck:
     policy_cgroup: str  # the policy that covers it
     mode: str
     values: dict[str, int]  # read from the kernel (bpf_getsockopt); -1: unknown
-    verdict: str  # OK, OWN or OFF
+    verdict: str  # OK, OWN, OFF or EXEMPT
     reason: str
+    peer: str = peers.ANY  # the peer rule it falls under (its label; * for none)
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -86,12 +91,13 @@ def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]
     if not atts:
         return [], {}
     report = runs.read(enf.pins, [a.cgroup for a in atts.values()], set(atts))  # type: ignore[misc]
+    known = read.learned(enf.pins)
     out = []
     for o in report.outcomes:
         att = atts.get(o.target.owner)
-        if att is None or not o.entry.result & maps.SWR_SEEN:
+        if att is None or att.policy is None or not o.entry.result & maps.SWR_SEEN:
             continue
-        v, why = verdict(att.policy, maps.policy_flags(att.policy), o.entry)
+        label, v, why = _check_one(att.policy, att.cgroup_id, o, known)
         out.append(
             PolicyCheck(
                 netns=o.netns,
@@ -104,15 +110,37 @@ def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]
                 values={k: o.entry.values()[k] for k in CHECKED},
                 verdict=v,
                 reason=why,
+                peer=label,
             )
         )
     return out, report.unreachable
+
+
+def _check_one(
+    policy: Policy, owner: int, o: Outcome, known: dict[bytes, maps.Learned]
+) -> tuple[str, str, str]:
+    """(peer rule, verdict, reason) of one socket: checked against what its
+    peer gets (a peer rule's values, the keepidle learned for its path)."""
+    per_peer = bool(policy.peers) or policy.auto
+    if per_peer and o.target.state == LISTEN:
+        return peers.ANY, OK, "a listener: each accepted socket gets its own peer's values"
+    address, _, port = o.target.remote.rpartition(":")
+
+    def learned(label: str, address16: bytes) -> int | None:
+        got = known.get(maps.path_key(owner, label, address16))
+        return got.keepidle if got else None
+
+    label, values = peers.effective(policy, address, int(port) if port.isdigit() else 0, learned)
+    if values is None:
+        return label, EXEMPT, "its peer is exempt: left as the program made it"
+    v, why = verdict(values, maps.policy_flags(values), o.entry)
+    return label, v, why
 
 
 def check_summary(checks: list[PolicyCheck]) -> dict[str, dict[str, int]]:
     """policy cgroup -> counts of sockets by verdict."""
     out: dict[str, dict[str, int]] = {}
     for c in checks:
-        d = out.setdefault(c.policy_cgroup, {OK: 0, OWN: 0, OFF: 0})
+        d = out.setdefault(c.policy_cgroup, {OK: 0, OWN: 0, OFF: 0, EXEMPT: 0})
         d[c.verdict] += 1
     return out

@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 
-from bpfkeep.audit.check import CHECKED, OFF, OK, OWN, check_summary, policy_check
+from bpfkeep.audit.check import CHECKED, EXEMPT, OFF, OK, OWN, check_summary, policy_check
 from bpfkeep.audit.sockets import (
     ESTABLISHED_NAME,
     LISTEN_NAME,
@@ -22,6 +22,7 @@ from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel.cgroups import by_ids, resolve
 from bpfkeep.kernel.privileges import has_bpf_privileges
+from bpfkeep.peers import ANY
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -211,21 +212,32 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
     if not checks:
         print("  no TCP socket under a bpfkeep policy", file=out)
     for cg, counts in sorted(check_summary(checks).items()):
-        total = sum(counts.values())
+        total = sum(counts.values()) - counts[EXEMPT]
         line = f"  {cg}: {counts[OK]}/{total} sockets at the policy"
         extra = []
         if counts[OWN]:
             extra.append(f"{counts[OWN]} with the program's own values (set mode)")
         if counts[OFF]:
             extra.append(f"{counts[OFF]} off-policy")
+        if counts[EXEMPT]:
+            extra.append(f"{counts[EXEMPT]} of exempt peers, left alone")
+        by_peer: dict[str, int] = {}
+        for c in checks:
+            if c.policy_cgroup == cg:
+                by_peer[c.peer] = by_peer.get(c.peer, 0) + 1
+        if set(by_peer) != {ANY}:
+            extra.append(
+                "by peer rule: " + ", ".join(f"{p} {n}" for p, n in sorted(by_peer.items()))
+            )
         print(line + (f" ({'; '.join(extra)})" if extra else ""), file=out)
-    odd = [c for c in checks if c.verdict != OK]
+    odd = [c for c in checks if c.verdict not in (OK, EXEMPT)]
     if odd:
         rows = [
             [
                 c.state,
                 c.local,
                 c.remote,
+                c.peer,
                 " ".join(str(c.values[k]) for k in CHECKED),
                 c.verdict,
                 c.reason,
@@ -233,7 +245,7 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
             for c in odd
         ]
         print("", file=out)
-        header = ["STATE", "LOCAL", "REMOTE", "KA IDLE INTVL CNT UT", "VERDICT", "WHY"]
+        header = ["STATE", "LOCAL", "REMOTE", "PEER", "KA IDLE INTVL CNT UT", "VERDICT", "WHY"]
         _table(rows, header, out)
     for what, why in sorted((unreachable or {}).items()):
         print(f"  {what}: not checked: {why}", file=out)

@@ -252,3 +252,12 @@ def losses(pins: PinDir, ids: Iterable[int] | None = None) -> dict[int, dict[str
             else:
                 mine[label] = got
     return out
+
+
+def learned(pins: PinDir) -> dict[bytes, maps.Learned]:
+    """bk_path_key -> what the daemon learned of that path's idle limit."""
+    with pins.one(loader.MAP_LEARNED) as fd:
+        if fd is None:
+            return {}
+        items = bpfsys.map_items(fd, maps.PATH_KEY.size, maps.LEARNED.size)
+    return {k: maps.Learned.decode(v) for k, v in items}

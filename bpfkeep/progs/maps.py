@@ -104,6 +104,9 @@ LOSSES = _H.struct("bk_losses")
 CONFIG = _H.struct("bk_config")
 LOSS_EVENT = _H.struct("bk_loss_event")
 NIDLE = _H.define("BK_NIDLE")
+# Learned idle limits (bk_path_key -> bk_learned)
+PATH_KEY = _H.struct("bk_path_key")
+LEARNED = _H.struct("bk_learned")
 # The idle-time histogram's buckets (seconds): the timeouts that matter --
 # ALB 60 s, Azure LB and NAT 240 s, AWS NAT gateway and NLB 350 s, GCP
 # internal LB 600 s, Cloud NAT 1200 s, firewalls 3600 s, the kernel's
@@ -638,6 +641,41 @@ def loss_key_of(raw: bytes) -> tuple[int, int]:
     """(policy cgroup id, rule tag) of a bk_loss_key."""
     f = LOSS_KEY.unpack(raw)
     return int(f["owner"]), int(f["tag"])  # type: ignore[arg-type]
+
+
+def path_key(owner: int, label: str, address16: bytes = bytes(16)) -> bytes:
+    """The bk_path_key of a path: a peer rule of a policy (by its label),
+    or for the policy's own values (label peers.ANY) the peer's network."""
+    if label != peers.ANY:
+        return PATH_KEY.pack(owner=owner, tag=rule_tag(label))
+    plen, net = peers.path_network(address16)
+    return PATH_KEY.pack(owner=owner, plen=plen, net=net)
+
+
+def decode_path_key(raw: bytes) -> tuple[int, int, int, bytes]:
+    """(owner, tag, prefix length, network) of a bk_path_key."""
+    f = PATH_KEY.unpack(raw)
+    return int(f["owner"]), int(f["tag"]), int(f["plen"]), bytes(f["net"])  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class Learned:
+    """What is known of one path's idle limit (struct bk_learned)."""
+
+    keepidle: int  # s, for the path's connections (0: none learned)
+    limit: int  # s (0: unknown)
+    upper_ms: int
+    lower_ms: int
+    upper_at: int  # s since the epoch
+    losses: int
+    ignored: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Learned:
+        return cls(**{k: int(v) for k, v in LEARNED.unpack(raw).items()})  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        return LEARNED.pack(**dataclasses.asdict(self))
 
 
 def config_value(hz: int) -> bytes:
