@@ -38,6 +38,7 @@ WORKLOAD_LABELS = ("container", "namespace", "none")
 # day the gauge is stale; inf, nan and 1e308 made the loop's sleep overflow
 # or spin.
 AUDIT_MAX = 86400
+RESOLVE_MAX = 3600  # [daemon] resolve_interval, seconds
 
 
 class ConfigError(UsageError):
@@ -327,6 +328,8 @@ class Config:
     workload_rules: tuple[Rule, ...] = ()
     runtimes: containers.Sources = dataclasses.field(default_factory=containers.Sources)
     workload_labels: str = "container"
+    # Peer rules naming hosts: their addresses are looked up again this often.
+    resolve_interval: float = peers.HOST_TTL
 
     def workload_rule(self, rel: str, workload: containers.Workload | None) -> Rule | None:
         """The rule for a container's cgroup: the first in the file among
@@ -560,7 +563,7 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError(f"{where('daemon', 'daemon')}: must be a table [daemon]")
-    detach_on_exit, audit_interval = False, 15.0
+    detach_on_exit, audit_interval, resolve_interval = False, 15.0, peers.HOST_TTL
     for key, value in daemon.items():
         if key == "detach_on_exit":
             if not isinstance(value, bool):
@@ -580,6 +583,17 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
                     f"0 (no audit) or 1..{AUDIT_MAX}, got {show_value(value)}"
                 )
             audit_interval = float(value)
+        elif key == "resolve_interval":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 1 <= value <= RESOLVE_MAX
+            ):
+                raise ConfigError(
+                    f"{where(key, 'daemon.' + key, 'daemon')}: expected seconds, "
+                    f"1..{RESOLVE_MAX}, got {show_value(value)}"
+                )
+            resolve_interval = float(value)
         else:
             raise ConfigError(f"{where(key, 'daemon.' + _name(key), 'daemon')}: unknown key")
 
@@ -600,6 +614,7 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
         workload_rules=tuple(r for r in rules if r.selector is not None),
         runtimes=sources,
         workload_labels=workload_labels,
+        resolve_interval=resolve_interval,
     )
 
 

@@ -16,7 +16,7 @@ import typing
 
 from prometheus_client import CollectorRegistry
 
-from bpfkeep import config, containers, peers
+from bpfkeep import config, containers
 from bpfkeep.daemon.heal import Healer
 from bpfkeep.daemon.passes import Passes
 from bpfkeep.daemon.reconcile import Reconciler
@@ -75,6 +75,7 @@ class Daemon:
         self.workloads = Workloads(state, self.lookups)
         tree = Tree(state.mount, self.inotify, self.workloads.watches, self._walk_failed)
         self.reconciler = rec = Reconciler(state, tree, self.workloads, self.passes, self.retries)
+        self.resolver_ttl()
         self.healer = Healer(state, self.reconciler, self.inotify)
         self._guard("reconcile", lambda: rec.full(prune=True, sweep_all=True, report=True))
         self.healer.watch()
@@ -161,7 +162,12 @@ class Daemon:
         named = cfg is not None and any(
             p.is_name for r in (*cfg.rules, *cfg.workload_rules) for p in r.policy.peers
         )
-        self.sched.at("names", time.monotonic() + peers.HOST_TTL if named else None)
+        self.resolver_ttl()
+        self.sched.at("names", time.monotonic() + cfg.resolve_interval if named and cfg else None)
+
+    def resolver_ttl(self) -> None:
+        if self.reconciler and self.state.cfg:
+            self.reconciler.resolver.ttl = self.state.cfg.resolve_interval
 
     def _plan_audit(self, when: float) -> None:
         assert self.state.cfg
