@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Structures and constants shared by bpfkeep's BPF programs
- * (keepalive.bpf.c) and its userspace: bpfkeep/bpfmaps.py reads this very
- * file (the installed copy) for the flags, callback and errno names and the
- * struct layouts, and tests/test_layout.py compares them with the BTF of the
- * compiled programs' maps.  So that it can: integer #defines, structs of
- * fixed-width types (__u8..__u64 and arrays of them), no padding holes; the
- * names after BK_CB_ and BK_ERR_ are the metric labels.
+ * Structures and constants shared by bpfkeep's BPF programs (sockops,
+ * setsockopt and sweep .bpf.c, over common.bpf.h) and its userspace:
+ * bpfkeep/progs/header.py reads this very file (the installed copy) for the
+ * flags, callback and errno names and the struct layouts, and
+ * tests/test_layout.py compares them with the BTF of the compiled programs'
+ * maps.  So that it can: integer #defines, structs of fixed-width types
+ * (__u8..__u64 and arrays of them), no padding holes; the names after
+ * BK_CB_ and BK_ERR_ are the metric labels.
  */
 #ifndef BPFKEEP_H
 #define BPFKEEP_H

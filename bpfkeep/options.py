@@ -43,7 +43,10 @@ class Option:
     # nginx-upstream shim's alias, the original libkeepalive's (Debian's
     # libkeepalive0); the first one set wins
     env: tuple[str, ...]
-    side: str  # "both", "connect" or "listen": where the shim applies it
+    # "both", "connect" or "listen": where it applies -- the shim at
+    # connect()/listen(); the BPF programs ("connect": TCP_CONNECT_CB, and
+    # in the sweep only sockets still connecting) likewise
+    side: str
     help: str
 
     @property

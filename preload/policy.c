@@ -40,7 +40,7 @@ struct bk_option {
 	int side;	  /* BK_SIDE_* */
 	/* enforce mode caps the application's value (0 keepalive becomes 1;
 	 * times above the policy, and a user timeout of 0, are lowered) --
-	 * the same rules as bk_setsockopt in bpf/keepalive.bpf.c */
+	 * the same rules as bk_setsockopt in bpf/setsockopt.bpf.c */
 	int enforce;
 	const char *unit; /* "s", "ms", "probes", "bytes", ... */
 	/* canonical name (libkeepalive), alias (nginx-upstream shim), legacy

@@ -49,9 +49,7 @@ def unit_text(path: Path) -> str:
     written in place of its include, once (the files are guarded anyway);
     ``#include <...>`` is left to the compiler.  bcc registers programs and
     rewrites its map syntax only in the text it is handed, never in an
-    included file: it keeps the rewritten main file alone (bcc 0.26,
-    frontends/clang/b_frontend_action.cc, is_rewritable_ext_func and
-    EndSourceFileAction).  Given as one text, a unit may be made of files."""
+    included file (bpf/bpfkeep.bpf.c says more)."""
     return _unit_text(path.resolve(), set())
 
 

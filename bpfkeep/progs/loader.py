@@ -19,8 +19,8 @@ from bpfkeep.progs.header import bpf_dir, unit_text
 from bpfkeep.progs.kheaders import bcc_environment
 
 # The translation unit of all three programs: bcc gets it as one text
-# (header.unit_text says why).
-SOURCE = "keepalive.bpf.c"
+# (header.unit_text; bpf/bpfkeep.bpf.c says why).
+SOURCE = "bpfkeep.bpf.c"
 # Pinned object names in PIN_DIR/obj (programs and maps).
 PROG_SOCKOPS = "prog_sockops"
 PROG_SETSOCKOPT = "prog_setsockopt"
