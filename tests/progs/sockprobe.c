@@ -15,6 +15,10 @@
  *                                        listener passed as fd 3 with
  *                                        LISTEN_FDS=1, LISTEN_PID=own pid;
  *                                        accepts after a line "accept")
+ *   sockprobe churn ADDR PORT [set OPT=VAL]...
+ *                                       (listen, then connect to itself
+ *                                        again and again until a line or
+ *                                        EOF on stdin; see churn())
  *
  * Prints "ready PORT" once listening / connected, then one line per socket:
  *   <role> keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
@@ -30,6 +34,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,7 +80,7 @@ static void report(const char *role, int fd)
 	fflush(stdout);
 }
 
-static void apply_sets(int fd, int argc, char **argv)
+static void apply_sets(int fd, int argc, char **argv, int quiet)
 {
 	for (int i = 0; i < argc; i++) {
 		if (strcmp(argv[i], "set") || i + 1 >= argc)
@@ -89,7 +94,9 @@ static void apply_sets(int fd, int argc, char **argv)
 				continue;
 			int rc = setsockopt(fd, opts[k].level, opts[k].optname,
 					    &val, sizeof(val));
-			printf("set %s=%d rc=%d\n", name, val, rc ? errno : 0);
+			if (!quiet)
+				printf("set %s=%d rc=%d\n", name, val,
+				       rc ? errno : 0);
 		}
 	}
 	fflush(stdout);
@@ -162,6 +169,103 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* The values of every option on a socket, as report() prints them. */
+static void values_of(int fd, int *v)
+{
+	for (size_t i = 0; i < NOPTS; i++) {
+		socklen_t len = sizeof(v[i]);
+		if (getsockopt(fd, opts[i].level, opts[i].optname, &v[i], &len))
+			v[i] = -errno;
+	}
+}
+
+#define CHURN_KINDS 16
+
+/* Distinct sets of values and how many sockets had each. */
+struct tally {
+	int kinds;
+	struct {
+		int v[NOPTS];
+		long n;
+	} kind[CHURN_KINDS];
+	long other; /* sockets of kinds beyond CHURN_KINDS */
+};
+
+static void count(struct tally *t, const int *v)
+{
+	int k;
+
+	for (k = 0; k < t->kinds; k++)
+		if (!memcmp(t->kind[k].v, v, sizeof(t->kind[k].v)))
+			break;
+	if (k == CHURN_KINDS) {
+		t->other++;
+		return;
+	}
+	if (k == t->kinds)
+		memcpy(t->kind[t->kinds++].v, v, sizeof(t->kind[k].v));
+	t->kind[k].n++;
+}
+
+static void print_tally(const char *role, const struct tally *t)
+{
+	for (int k = 0; k < t->kinds; k++) {
+		printf("%s n=%ld", role, t->kind[k].n);
+		for (size_t i = 0; i < NOPTS; i++)
+			printf(" %s=%d", opts[i].name, t->kind[k].v[i]);
+		printf("\n");
+	}
+	if (t->other)
+		printf("%s-other n=%ld\n", role, t->other);
+}
+
+/* churn: new connections without a pause, for watching a change of the
+ * programs under a workload: each client socket's values right after
+ * connect() ("churn") and after the sets ("churn-after") are tallied, and
+ * each distinct set of values is printed once with its count when a line
+ * or EOF arrives on stdin -- a policy missing for a moment is a second
+ * line; then "done".  "ready PORT" once the first connection is counted.
+ * Clients close with a reset: no TIME_WAIT piles up. */
+static int churn(int fd, struct sockaddr_storage *ss, socklen_t len, int argc,
+		 char **argv)
+{
+	static struct tally at, after;
+	struct linger reset = {.l_onoff = 1, .l_linger = 0};
+	struct pollfd in = {.fd = 0, .events = POLLIN};
+	int v[NOPTS];
+
+	if (bind(fd, (struct sockaddr *)ss, len) || listen(fd, 64))
+		die("listen");
+	len = sizeof(*ss);
+	if (getsockname(fd, (struct sockaddr *)ss, &len))
+		die("getsockname");
+	for (long i = 0;; i++) {
+		int c = socket(ss->ss_family, SOCK_STREAM, 0);
+		if (c < 0 || connect(c, (struct sockaddr *)ss, len))
+			die("connect");
+		values_of(c, v);
+		count(&at, v);
+		apply_sets(c, argc, argv, 1);
+		values_of(c, v);
+		count(&after, v);
+		int a = accept(fd, NULL, NULL);
+		if (a < 0)
+			die("accept");
+		setsockopt(c, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+		close(c);
+		close(a);
+		if (i == 0)
+			printf("ready %d\n",
+			       ntohs(((struct sockaddr_in *)ss)->sin_port));
+		if (poll(&in, 1, 0) > 0)
+			break;
+	}
+	print_tally("churn", &at);
+	print_tally("churn-after", &after);
+	printf("done\n");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct sockaddr_storage ss;
@@ -169,8 +273,8 @@ int main(int argc, char **argv)
 	char line[64];
 
 	if (argc < 4) {
-		fprintf(stderr, "usage: sockprobe connect|listen|accept|wait "
-				"ADDR PORT ...\n");
+		fprintf(stderr, "usage: sockprobe connect|listen|accept|wait|"
+				"churn ADDR PORT ...\n");
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -203,6 +307,8 @@ int main(int argc, char **argv)
 	int fd = socket(fam, SOCK_STREAM, 0);
 	if (fd < 0)
 		die("socket");
+	if (!strcmp(argv[1], "churn"))
+		return churn(fd, &ss, len, argc - 4, argv + 4);
 
 	if (!strcmp(argv[1], "connect") || !strcmp(argv[1], "wait")) {
 		if (connect(fd, (struct sockaddr *)&ss, len))
@@ -210,13 +316,13 @@ int main(int argc, char **argv)
 		printf("ready %s\n", argv[3]);
 		if (!strcmp(argv[1], "connect")) {
 			report("client", fd);
-			apply_sets(fd, argc - 4, argv + 4);
+			apply_sets(fd, argc - 4, argv + 4, 0);
 			report("client-after", fd);
 			if (has(argc, argv, "hold"))
 				hold("client", fd, NULL, -1);
 			return 0;
 		}
-		apply_sets(fd, argc - 4, argv + 4);
+		apply_sets(fd, argc - 4, argv + 4, 0);
 		report("client", fd);
 		if (!fgets(line, sizeof(line), stdin))
 			return 2;
@@ -252,11 +358,11 @@ int main(int argc, char **argv)
 		die("bind");
 	int late = has(argc, argv, "late");
 	if (!late)
-		apply_sets(fd, argc - 4, argv + 4);
+		apply_sets(fd, argc - 4, argv + 4, 0);
 	if (listen(fd, 16))
 		die("listen");
 	if (late) /* as nginx does: options after listen() */
-		apply_sets(fd, argc - 4, argv + 4);
+		apply_sets(fd, argc - 4, argv + 4, 0);
 	struct sockaddr_storage me;
 	socklen_t melen = sizeof(me);
 	getsockname(fd, (struct sockaddr *)&me, &melen);
