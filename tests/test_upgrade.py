@@ -1,6 +1,7 @@
-"""Upgrades across a BPF map layout change: attachments made by bpfkeep 0.1
-(its programs and policy layout, kept in tests/data/bpf-0.1) move to this
-version's programs with the policy kept and no moment without it."""
+"""Upgrades: attachments made by an earlier bpfkeep move to this version's
+programs with the policy kept and no moment without it -- across a BPF map
+layout change (bpfkeep 0.1, its sources in tests/data/bpf-0.1) and across
+the split of the programs into one file per hook (0.2, tests/data/bpf-0.2)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,20 @@ from conftest import bpftool_prog_ids, ss_keepalive_timers
 
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.kernel import bpfsys
+from bpfkeep.kernel.cgroups import resolve
 from bpfkeep.options import Policy
+from bpfkeep.pins import read
+from bpfkeep.pins.attach import Writer
+from bpfkeep.pins.pindir import PinDir
+from bpfkeep.progs import header as bk_header
+from bpfkeep.progs import loader
 from bpfkeep.progs import maps as bpfmaps
+from bpfkeep.progs.kheaders import bcc_environment
 
 pytestmark = pytest.mark.kernel
 
 OLD_SRC = Path(__file__).resolve().parent / "data" / "bpf-0.1"
+SRC_0_2 = Path(__file__).resolve().parent / "data" / "bpf-0.2"
 OLD_OBJECTS = ("prog_sockops", "prog_setsockopt", "map_policy", "map_counters", "map_policies")
 
 # bpfkeep 0.1's loader, reduced to what it did: compile with bcc, pin.
@@ -49,8 +59,6 @@ for name, fd in fds.items():
 def _old_install(pin_dir: str, cg_path: str, policy: Policy) -> dict[str, int]:
     """Load 0.1's programs under obj-0ld..., attach them to a cgroup and
     write the policy in 0.1's layout, as bpfkeep 0.1 left it pinned."""
-    from bpfkeep.progs.kheaders import bcc_environment
-
     obj = os.path.join(pin_dir, "obj-0ld0ld0ld0ld")
     subprocess.run(
         [sys.executable, "-c", _LOAD_OLD, str(OLD_SRC), obj],
@@ -114,6 +122,128 @@ def test_attachments_of_0_1_migrate_across_the_layout_change(bk, cgroups, spawn,
     assert held.values("now-client", consume=True)["keepidle"] == 23
     assert any(t.startswith("timer:(keepalive") for t in ss_keepalive_timers(port))
     # And a later update reaches it through this version's sweep.
+    bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "24", "--mode", "enforce")
+    held.send_line()
+    assert held.values("now-client", consume=True)["keepidle"] == 24
+
+
+# bpfkeep 0.2's loader (bpfkeep/progs/loader.py at fb23549), reduced to what
+# it did: compile keepalive.bpf.c with bcc, pin the programs and the maps.
+_LOAD_0_2 = """
+import os, sys
+from bcc import BPF, BPFAttachType
+from bcc.libbcc import lib
+src, out = sys.argv[1], sys.argv[2]
+b = BPF(src_file=(src + "/keepalive.bpf.c").encode(), cflags=["-I" + src, "-Wno-unused-function"])
+fds = {
+    "prog_sockops": b.load_func(b"bk_sockops", BPF.SOCK_OPS).fd,
+    "prog_setsockopt": b.load_func(
+        b"bk_setsockopt", 25, attach_type=BPFAttachType.CGROUP_SETSOCKOPT
+    ).fd,
+    "prog_sweep": b.load_func(b"bpf_iter__tcp", BPF.TRACING).fd,
+}
+for pin, name in (("map_policy", b"bk_policy"), ("map_counters", b"bk_counters"),
+                  ("map_policies", b"bk_policies"), ("map_sk", b"bk_sk"),
+                  ("map_sweep", b"bk_sweep"), ("map_sweepstats", b"bk_sweepstats")):
+    fds[pin] = lib.bpf_table_fd(b.module, name)
+os.makedirs(out)
+for name, fd in fds.items():
+    assert fd >= 0 and lib.bpf_obj_pin(fd, os.path.join(out, name).encode()) == 0, name
+"""
+
+
+def _install_0_2(pin_dir: str, cg_rel: str, policy: Policy) -> tuple[str, dict[str, int]]:
+    """0.2's programs loaded and pinned as bpfkeep 0.2 did (obj-V, V the
+    hash of its sources), and attached to a cgroup through 0.2's attach
+    path, which is this version's (pins.attach: the same links, the same
+    bk_policy layout).  Returns the object directory and the program ids."""
+    pins = PinDir(pin_dir, bk_header.source_version(SRC_0_2))
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_0_2, str(SRC_0_2), pins.obj_dir],
+        env=bcc_environment(),
+        check=True,
+        capture_output=True,
+    )
+    pins.make()
+    with pins.lock(), pins.objects() as objs:
+        assert Writer(pins, objs).attach(resolve(cg_rel), policy) == "attached"
+    return pins.obj_dir, pins.program_ids()
+
+
+def _tallies(probe, role: str) -> list[dict[str, int]]:
+    """A churn probe's counts, once it has ended: each distinct set of
+    values its sockets had (as ``role``), with ``n``, how many had it."""
+    probe.expect("done", timeout=30)  # its last line
+    assert not [ln for ln in probe.lines if ln.startswith(role + "-other ")], probe.lines
+    rows = [ln for ln in probe.lines if ln.startswith(role + " ")]
+    return [{k: int(v) for k, v in (f.split("=") for f in ln.split()[1:])} for ln in rows]
+
+
+def test_attachments_of_0_2_move_to_the_split_programs_without_a_gap(
+    bk, cgroups, spawn, probes, pin_dir
+):
+    """0.2 compiled one keepalive.bpf.c; this version one file per hook
+    over a shared header.  Same objects and policy layout, other sources:
+    the upgrade migrates 0.2's attachments.  A workload that connects
+    without a pause all through the migration, and sets its own keepidle
+    on every socket, finds the policy in force on each; the connection held
+    from before keeps it; the cgroup ends with this version's programs."""
+    old_layout = bk_header.parse_header(bk_header._source(SRC_0_2 / "bpfkeep.h"))
+    assert old_layout.struct("bk_policy") == bk_header.header().struct("bk_policy"), (
+        "struct bk_policy changed since 0.2: write 0.2's value in its own layout, "
+        "as _old_install does for 0.1"
+    )
+    assert bk_header.source_version(SRC_0_2) != bk_header.source_version()
+    cg, other = cgroups.make("svc"), cgroups.make("other")
+    policy = Policy.from_mapping({"keepidle": 23, "keepcnt": 4, "mode": "enforce"})
+    old_dir, old = _install_0_2(pin_dir, cgroups.rel(cg), policy)
+    assert bpftool_prog_ids(cg, "cgroup_sock_ops") == [old["sockops"]]
+    assert bpftool_prog_ids(cg, "cgroup_setsockopt") == [old["setsockopt"]]
+    srv = spawn([probes["static"], "listen", "127.0.0.1", "0", "hold"])
+    port = int(srv.expect("ready").split()[1])
+    held = spawn([probes["static"], "connect", "127.0.0.1", str(port), "hold"], cgroup=cg)
+    assert held.values("client")["keepidle"] == 23  # 0.2's programs at work
+    churn = spawn([probes["static"], "churn", "127.0.0.1", "0", "set", "keepidle=900"], cgroup=cg)
+    churn.expect("ready")
+    # 0.2's programs count the held connection and the churn's.
+    with PinDir(pin_dir, bk_header.source_version(SRC_0_2)).one(loader.MAP_COUNTERS) as fd:
+        before = read.counters(fd, os.stat(cg).st_ino)
+    assert before is not None and before.seen["connect"] >= 2
+
+    bk("attach", "--cgroup", cgroups.rel(other), "--keepidle", "31")  # this version
+
+    new = Enforcer(pin_dir).program_ids()
+    assert new["sockops"] != old["sockops"] and new["setsockopt"] != old["setsockopt"]
+    assert bpftool_prog_ids(cg, "cgroup_sock_ops") == [new["sockops"]]
+    assert bpftool_prog_ids(cg, "cgroup_setsockopt") == [new["setsockopt"]]
+    assert not os.path.exists(old_dir)
+    assert not [n for n in os.listdir(os.path.join(pin_dir, "links")) if n.endswith("_next")]
+    # The churn goes on under the new programs: they see its connections
+    # and cap its keepidle.
+    deadline = time.monotonic() + 10
+    while True:
+        status = {a["cgroup"]: a for a in json.loads(bk("status", "--json").stdout)}
+        mine = status["/" + cgroups.rel(cg)]
+        counted = mine["counters"]["seen"]["connect"], mine["counters"]["rewritten"]["keepidle"]
+        if min(counted) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert min(counted) > 0, mine["counters"]
+    assert (mine["policy"]["keepidle"], mine["policy"]["keepcnt"]) == (23, 4)
+    assert mine["policy"]["mode"] == "enforce"
+    churn.send_line()
+    # Every socket of the churn, from before the migration to after it, had
+    # the policy at connect() and kept keepidle 23 when it asked for 900.
+    for role in ("churn", "churn-after"):
+        kinds = _tallies(churn, role)
+        assert kinds and all(
+            (k["keepalive"], k["keepidle"], k["keepcnt"]) == (1, 23, 4) for k in kinds
+        ), (role, kinds)
+    # The connection made under 0.2's programs keeps its keepalive, and a
+    # later update reaches it through this version's sweep.
+    held.send_line()
+    assert held.values("now-client", consume=True)["keepidle"] == 23
+    assert any(t.startswith("timer:(keepalive") for t in ss_keepalive_timers(port))
     bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "24", "--mode", "enforce")
     held.send_line()
     assert held.values("now-client", consume=True)["keepidle"] == 24
