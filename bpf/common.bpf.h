@@ -34,8 +34,9 @@
 
 #include <uapi/linux/bpf.h>
 /* The names the option table gives levels and options: IPPROTO_TCP,
- * TCP_KEEPIDLE..., SOL_SOCKET and SO_KEEPALIVE (the generic socket.h:
- * x86 and arm64 use it). */
+ * TCP_KEEPIDLE..., SOL_SOCKET and SO_KEEPALIVE (from the generic socket.h:
+ * their values there are those of every architecture bpfkeep supports,
+ * the numbers bpfkeep/options.py has). */
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/asm-generic/socket.h>
