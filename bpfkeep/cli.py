@@ -274,6 +274,19 @@ def _fmt_peer(p: peers.Peer) -> str:
     return f"{p.label}{at}: {what}"
 
 
+def _fmt_learned(got) -> str:
+    """One path's learned idle limit, its evidence and the keepidle in force."""
+    limit = f"idle limit {got.limit} s" if got.limit else "no idle limit known"
+    evidence = [f"{got.losses} loss(es)"]
+    if got.ignored:
+        evidence.append(f"{got.ignored} set aside")
+    if got.upper_ms:
+        evidence.append(f"lost after {got.upper_ms / 1000:.0f} s idle")
+    if got.lower_ms:
+        evidence.append(f"survived {got.lower_ms / 1000:.0f} s idle")
+    return f"{limit} ({', '.join(evidence)}); keepidle {got.keepidle} s"
+
+
 def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
     if not has_bpf_privileges():
         raise PermissionProblem(
@@ -306,6 +319,8 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
                 f"{mean:.0f} s on average)",
                 file=out,
             )
+        for peer, got in sorted(a.learned.items()):
+            print(f"  learned:   {peer}: {_fmt_learned(got)}", file=out)
         c = a.counters
         if c:
             seen = " ".join(f"{k}={v}" for k, v in c.seen.items())

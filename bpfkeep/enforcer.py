@@ -19,7 +19,7 @@ from bpfkeep.pins.attach import Writer, detach_id
 from bpfkeep.pins.pindir import DaemonLock, PinDir
 from bpfkeep.pins.read import Attachment
 from bpfkeep.progs import loader, maps
-from bpfkeep.sweep import runs
+from bpfkeep.sweep import entries, runs
 from bpfkeep.sweep.engine import Report, Sweeper, SweepUnavailable
 
 __all__ = ["Attachment", "Enforcer"]
@@ -153,12 +153,12 @@ class Enforcer:
 
     # -- existing sockets ----------------------------------------------------------
 
-    def sweep(self, cgs: list[Cgroup]) -> Report:
+    def sweep(self, cgs: list[Cgroup], make: entries.Make = entries.apply_entry) -> Report:
         """Bring every existing TCP socket of these attached cgroups and
         their descendants to the policy that covers it (bpfkeep.sweep).
         Raises SweepUnavailable on a kernel that cannot."""
         self.prepare()
-        return runs.apply(self.pins, cgs)
+        return runs.apply(self.pins, cgs, make)
 
     def sweeper(self) -> contextlib.AbstractContextManager[Sweeper]:
         return runs.sweeper(self.pins)

@@ -18,8 +18,9 @@ periodic pass):
   probe), or data/probes never answered: T was at most the path's idle time
   then -- the time since the peer was last heard, when we spoke again (for
   a keepalive probe: the keepidle in force).
-- **Idle, then data both ways** bounds T from below: the path let that
-  much idle time pass.
+- **Idle, then heard from again** bounds T from below: the path let that
+  much idle time pass (data both ways after the idle time, or a keepalive
+  probe answered).
 
 Not fooled:
 
@@ -32,24 +33,37 @@ Not fooled:
   AGE seconds without a new loss, so one stray loss does not hold keepidle
   down for ever.
 
-keepidle = half the upper bound (at least the lower bound when that is
-higher, within keepidle_min..keepidle_max): the first probe goes out
-halfway to the limit, so one lost probe (retried keepintvl later), the
-kernel's timer slack (up to 1/8 of a long timer) and round trips still
-fit before the middlebox forgets.  Each loss at least halves keepidle: a
-path whose limit is T costs at most log2(keepidle_max / T) losses, and in
-practice one or two (the first loss's idle time is already close to T).
+keepidle, once a loss gave an upper bound U:
+
+- at once keepidle_min -- the safest the policy allows: the connections of
+  the path that exist now are swept to it, and one idle for longer probes
+  at once, so the first loss saves the others;
+- then it climbs: each time a connection survives an idle of the keepidle
+  in force (a keepalive probe answered), keepidle doubles (GROWTH),
+- up to half of U: the first probe goes out halfway to the
+  limit, so one lost probe (retried keepintvl later), the kernel's timer
+  slack (up to 1/8 of a long timer) and round trips still fit.
+
+A loss's idle time may be far above the limit (a connection that sat idle
+an hour and then spoke); halving from there could cost a loss per halving.
+Dropping low and climbing costs at most one more loss, when a step crosses
+the limit -- and that loss is at most twice the last idle survived, so the
+keepidle it leaves (U/2) has been survived already.  A stated idle_limit is
+taken as known: keepidle is half of it at once (options.learned_keepidle).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Iterable, Mapping
+
+from bpfkeep import peers
+from bpfkeep.options import Policy, learned_keepidle
 
 AGE = 3600.0  # seconds without a loss after which the upper bound doubles back
+GROWTH = 2.0  # keepidle climbs by this factor per idle survived
 BURST = 2.0  # seconds around a busy connection's loss in which idle losses are set aside
 BUSY = 1.0  # a connection heard from within this many seconds was busy, not idle
-MARGIN = 0.5  # keepidle = MARGIN x the upper bound
 
 
 @dataclasses.dataclass
@@ -95,11 +109,11 @@ class Path:
         return min(known) if known else None
 
     def keepidle(self) -> int:
-        limit = self.limit
-        if limit is None:
-            return self.keepidle_max
-        k = max(MARGIN * limit, min(self.lower, limit * 0.9))
-        return int(min(self.keepidle_max, max(self.keepidle_min, math.floor(k))))
+        """The keepidle the path's connections get."""
+        cap = learned_keepidle(self.limit, self.keepidle_min, self.keepidle_max)
+        if self.upper is None:
+            return cap  # nothing lost: the stated limit, or keepidle_max
+        return min(cap, max(self.keepidle_min, int(GROWTH * self.lower)))
 
     def loss(self, loss: Loss) -> None:
         """A loss on this path: held BURST seconds (settle) before it counts."""
@@ -122,6 +136,8 @@ class Path:
                 self.losses += 1
                 if self.upper is None or x < self.upper:
                     self.upper = x
+                if self.lower >= x:
+                    self.lower = 0.0  # the path got stricter: climb again
                 self.upper_at = loss.at
         if self.upper is not None and now - self.upper_at >= AGE:
             steps = int((now - self.upper_at) // AGE)
@@ -132,9 +148,106 @@ class Path:
         return self.keepidle() != before
 
     def survived(self, idle: float) -> bool:
-        """A connection of this path sat idle this long and then carried
-        data both ways.  True if keepidle changed."""
+        """A connection of this path sat idle this long and was heard from
+        again.  True if keepidle changed."""
         before = self.keepidle()
         if idle > self.lower:
             self.lower = idle if self.upper is None else min(idle, self.upper)
         return self.keepidle() != before
+
+
+# -- connections at risk ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """An idle limit known of a connection's path."""
+
+    limit: float  # seconds
+    source: str  # "learned" or "stated" (the operator's idle_limit)
+    label: str  # the peer rule's label, "*", or the network learned for
+
+
+def _better(a: Known | None, b: Known | None) -> Known | None:
+    if a is None or b is None:
+        return a or b
+    return a if a.limit <= b.limit else b
+
+
+class Limits:
+    """The idle limits known of paths: a policy's own (its rules' stated
+    idle_limit, what was learned for its paths), and for connections
+    outside every policy the networks these are known of (a connection of
+    an unmanaged service to a known NAT path is at risk too)."""
+
+    def __init__(
+        self, policies: Mapping[int, Policy], learned: Iterable[tuple[int, str, float]] = ()
+    ):
+        """``learned``: (policy cgroup id, path, the limit learned): the path
+        is a peer rule's label, or the network learned for (as shown)."""
+        self.policies = policies
+        self._rule: dict[tuple[int, str], float] = {}
+        self._net: dict[tuple[int, peers.Network], float] = {}
+        # For connections outside every policy: prefix length -> network -> limit.
+        self._outside: dict[int, dict[peers.Network, Known]] = {}
+        for policy in policies.values():
+            for rule in policy.peers:
+                if rule.policy is not None and rule.policy.idle_limit:
+                    for n in rule.networks:
+                        self._add(n, Known(rule.policy.idle_limit, "stated", rule.label))
+        for owner, label, limit in learned:
+            policy = policies.get(owner)
+            rule = next((r for r in policy.peers if r.label == label), None) if policy else None
+            if rule is not None:
+                self._rule[(owner, label)] = limit
+                for n in rule.networks:
+                    self._add(n, Known(limit, "learned", label))
+                continue
+            net = peers.parse_network(label)
+            if net is not None:
+                self._net[(owner, net)] = limit
+                self._add(net, Known(limit, "learned", label))
+        self._lens = sorted(self._outside, reverse=True)
+
+    def _add(self, net: peers.Network, known: Known) -> None:
+        by = self._outside.setdefault(net.prefixlen, {})
+        by[net] = _better(by.get(net), known)  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return bool(self._outside or self._rule or self._net) or any(
+            p.idle_limit for p in self.policies.values()
+        )
+
+    def of(self, owner: int | None, address16: bytes, port: int) -> Known | None:
+        """The idle limit of a connection's path: ``owner``, the policy that
+        covers it (None: none does); the peer as 16 bytes (IPv4 mapped)."""
+        policy = self.policies.get(owner) if owner is not None else None
+        if policy is None:
+            return self._outside_of(address16)
+        label, values = peers.effective(policy, peers.show_address(address16), port)
+        if values is None:
+            return None  # exempt: the operator chose to leave it alone
+        stated = Known(values.idle_limit, "stated", label) if values.idle_limit else None
+        if label != peers.ANY:
+            got = self._rule.get((owner, label))  # type: ignore[arg-type]
+            return _better(stated, Known(got, "learned", label) if got else None)
+        plen, raw = peers.path_network(address16)
+        net = peers.Network((raw, plen))
+        got = self._net.get((owner, net))  # type: ignore[arg-type]
+        return _better(stated, Known(got, "learned", peers.show_network(net)) if got else None)
+
+    def _outside_of(self, address16: bytes) -> Known | None:
+        value = int.from_bytes(address16, "big")
+        for plen in self._lens:
+            mask = ((1 << plen) - 1) << (128 - plen)
+            known = self._outside[plen].get(peers.Network((value & mask, plen)))
+            if known is not None:
+                return known  # the most specific network known
+        return None
+
+
+def at_risk(known: Known, keepalive: bool, keepidle: float | None) -> bool:
+    """Whether the keepalive in force cannot beat the path's idle limit:
+    keepalive off, or its keepidle at or above the limit (``keepidle``
+    None: not seen, e.g. probes out)."""
+    return not keepalive or (keepidle is not None and keepidle >= known.limit)

@@ -338,6 +338,16 @@ def _as_v6(address: str) -> ipaddress.IPv6Address | None:
     return a
 
 
+def endpoint(text: str) -> tuple[bytes, int] | None:
+    """A remote end as ss and inet_diag show it ("10.0.0.1:80",
+    "[::1]:80") as (16 bytes, IPv4 mapped; port); None if it is none."""
+    address, _, port = text.rpartition(":")
+    a = _as_v6(address)
+    if a is None or not port.isdigit():
+        return None
+    return a.packed, int(port)
+
+
 # -- host names -------------------------------------------------------------------
 
 
@@ -409,6 +419,12 @@ def policy_keys() -> set[str]:
 # -- what a socket gets ----------------------------------------------------------
 
 ANY = "*"  # the label of the policy's own values (no peer rule)
+
+
+def show_address(address16: bytes) -> str:
+    """A peer's 16 bytes (IPv4 mapped) as people write it."""
+    a = ipaddress.IPv6Address(address16)
+    return str(a.ipv4_mapped or a)
 
 
 def path_network(address16: bytes) -> tuple[int, bytes]:

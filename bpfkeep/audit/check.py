@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from bpfkeep import peers
+from bpfkeep import learning, peers
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.kernel.privileges import require_privileges
-from bpfkeep.kernel.sockdiag import LISTEN, state_name
+from bpfkeep.kernel.procfs import keepalive_sysctls
+from bpfkeep.kernel.sockdiag import ESTABLISHED, LISTEN, state_name
 from bpfkeep.options import Policy, default_user_timeout
 from bpfkeep.pins import read
 from bpfkeep.progs import maps
@@ -40,6 +41,7 @@ class PolicyCheck:
     verdict: str  # OK, OWN, OFF or EXEMPT
     reason: str
     peer: str = peers.ANY  # the peer rule it falls under (its label; * for none)
+    at_risk: str = ""  # why its keepalive cannot beat its path's idle limit ("": it can)
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -92,6 +94,8 @@ def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]
         return [], {}
     report = runs.read(enf.pins, [a.cgroup for a in atts.values()], set(atts))  # type: ignore[misc]
     known = read.learned(enf.pins)
+    limits = known_limits(atts.values())
+    host = keepalive_sysctls(fallback=True)
     out = []
     for o in report.outcomes:
         att = atts.get(o.target.owner)
@@ -111,9 +115,50 @@ def policy_check(pin_dir: str | None) -> tuple[list[PolicyCheck], dict[str, str]
                 verdict=v,
                 reason=why,
                 peer=label,
+                at_risk=_risk(limits, att.cgroup_id, o, host) if v != EXEMPT else "",
             )
         )
     return out, report.unreachable
+
+
+def known_limits(atts) -> learning.Limits:
+    """The idle limits known of paths: the policies' peer rules
+    (idle_limit) and what the daemon learned (bk_learned, via
+    read.attachments)."""
+    policies = {a.cgroup_id: a.policy for a in atts if a.policy is not None}
+    learned = [
+        (a.cgroup_id, label, got.upper_ms / 1000)
+        for a in atts
+        for label, got in a.learned.items()
+        if got.upper_ms
+    ]
+    return learning.Limits(policies, learned)
+
+
+def describe(known: learning.Known) -> str:
+    """``idle limit 350 s (stated for 0.0.0.0/0)``"""
+    how = "learned" if known.source == "learned" else "stated"
+    return f"idle limit {known.limit:.0f} s ({how} for {known.label})"
+
+
+def _risk(limits: learning.Limits, owner: int, o: Outcome, host: tuple[int, int, int]) -> str:
+    """Why this socket's keepalive in force cannot beat its path's idle
+    limit, or "" (it can, or no limit is known)."""
+    if o.target.state != ESTABLISHED:
+        return ""
+    end = peers.endpoint(o.target.remote)
+    known = limits.of(owner, *end) if end else None
+    if known is None:
+        return ""
+    values = o.entry.values()
+    if values["keepalive"] < 0:
+        return ""  # not read
+    keepalive = values["keepalive"] > 0
+    keepidle = values["keepidle"] if values["keepidle"] > 0 else host[0]
+    if not learning.at_risk(known, keepalive, keepidle):
+        return ""
+    what = "keepalive off" if not keepalive else f"keepidle {keepidle} s"
+    return f"{what}, {describe(known)}"
 
 
 def _check_one(

@@ -9,7 +9,18 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 
-from bpfkeep.audit.check import CHECKED, EXEMPT, OFF, OK, OWN, check_summary, policy_check
+from bpfkeep import learning, peers
+from bpfkeep.audit.check import (
+    CHECKED,
+    EXEMPT,
+    OFF,
+    OK,
+    OWN,
+    check_summary,
+    describe,
+    known_limits,
+    policy_check,
+)
 from bpfkeep.audit.sockets import (
     ESTABLISHED_NAME,
     LISTEN_NAME,
@@ -22,7 +33,6 @@ from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel.cgroups import by_ids, resolve
 from bpfkeep.kernel.privileges import has_bpf_privileges
-from bpfkeep.peers import ANY
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +91,33 @@ def _covering(name: str, policy_names: set[str]) -> str | None:
         probe = probe.rsplit("/", 1)[0] or "/"
 
 
-def _rows(records: list[SocketRecord], names: dict[int, str]) -> Iterator[list[str]]:
+def _limits(pin_dir: str | None) -> learning.Limits | None:
+    """The idle limits known of paths (needs to read bpfkeep's maps)."""
+    if not has_bpf_privileges():
+        return None
+    try:
+        return known_limits(Enforcer(pin_dir).attachments())
+    except (BpfkeepError, OSError):
+        return None
+
+
+def at_risk(
+    r: SocketRecord, limits: learning.Limits | None, owner: int | None
+) -> learning.Known | None:
+    """The idle limit an established socket's keepalive cannot beat (its
+    policy's, ``owner``; or a network's), or None."""
+    if limits is None or r.state != ESTABLISHED_NAME or not r.keepalive_known:
+        return None
+    end = peers.endpoint(r.remote)
+    known = limits.of(owner, *end) if end else None
+    if known is None or not learning.at_risk(known, r.keepalive, r.keepidle_seen):
+        return None
+    return known
+
+
+def _rows(
+    records: list[SocketRecord], names: dict[int, str], risk: dict[int, learning.Known]
+) -> Iterator[list[str]]:
     for r in records:
         if r.state == LISTEN_NAME:
             ka = "-"
@@ -90,7 +126,11 @@ def _rows(records: list[SocketRecord], names: dict[int, str]) -> Iterator[list[s
         else:
             ka = "armed" if r.keepalive else "off"
         owner = f"{r.pid}/{r.comm}" if r.pid is not None else "-"
-        yield [r.state, r.local, r.remote, ka, owner, names[r.cgroup_id]]
+        known = risk.get(id(r))
+        row = [r.state, r.local, r.remote, ka, owner, names[r.cgroup_id]]
+        if risk:
+            row.append(describe(known) if known else "-")
+        yield row
 
 
 def _table(rows: list[list[str]], header: list[str], out) -> None:
@@ -130,6 +170,14 @@ def run(args: argparse.Namespace, out=None) -> int:
     policy_names = {names[i] for i in policy_ids if names[i].startswith("/")}
     cov = coverage(records)
     busy = unknown(records)
+    limits = _limits(getattr(args, "pin_dir", None))
+    policy_id = {names[i]: i for i in policy_ids}
+    risk: dict[int, learning.Known] = {}
+    for r in records:
+        covering = _covering(names[r.cgroup_id], policy_names)
+        known = at_risk(r, limits, policy_id.get(covering) if covering else None)
+        if known is not None:
+            risk[id(r)] = known
     summary = []
     for cg in sorted(cov, key=lambda i: names[i]):
         armed, total = cov[cg]
@@ -149,6 +197,12 @@ def run(args: argparse.Namespace, out=None) -> int:
         for r in records:
             d = r.as_dict()
             d["cgroup"] = _path_or_none(names[r.cgroup_id])
+            known = risk.get(id(r))
+            d["at_risk"] = (
+                {"idle_limit": known.limit, "source": known.source, "peer": known.label}
+                if known
+                else None
+            )
             socks.append(d)
         check = None
         if checks is not None:
@@ -166,10 +220,12 @@ def run(args: argparse.Namespace, out=None) -> int:
         return 0
 
     header = ["STATE", "LOCAL", "REMOTE", "KEEPALIVE", "PID/COMM", "CGROUP"]
+    if risk:
+        header.append("AT RISK")
     conns = [r for r in records if r.state != LISTEN_NAME]
     listeners = [r for r in records if r.state == LISTEN_NAME]
     if conns:
-        _table(list(_rows(conns, names)), header, out)
+        _table(list(_rows(conns, names, risk)), header, out)
     else:
         print("no TCP connections", file=out)
     if listeners:
@@ -178,7 +234,7 @@ def run(args: argparse.Namespace, out=None) -> int:
             "the listener's options):",
             file=out,
         )
-        _table(list(_rows(listeners, names)), header, out)
+        _table(list(_rows(listeners, names, risk)), header, out)
     print("\ncoverage (this network namespace):", file=out)
     if not summary:
         print("  no established TCP sockets", file=out)
@@ -187,6 +243,12 @@ def run(args: argparse.Namespace, out=None) -> int:
         if s["policy_from"]:
             line += f" [policy: {s['policy_from']}]"
         print("  " + line, file=out)
+    if risk:
+        print(
+            f"  {len(risk)} connection(s) AT RISK: their keepalive cannot beat their path's "
+            "idle limit (keepalive off, or keepidle at or above it)",
+            file=out,
+        )
     print_policy_check(checks, unreachable, why_not, out)
     return 0
 
@@ -215,6 +277,9 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
         total = sum(counts.values()) - counts[EXEMPT]
         line = f"  {cg}: {counts[OK]}/{total} sockets at the policy"
         extra = []
+        risky = sum(1 for c in checks if c.policy_cgroup == cg and c.at_risk)
+        if risky:
+            extra.append(f"{risky} at risk")
         if counts[OWN]:
             extra.append(f"{counts[OWN]} with the program's own values (set mode)")
         if counts[OFF]:
@@ -225,12 +290,12 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
         for c in checks:
             if c.policy_cgroup == cg:
                 by_peer[c.peer] = by_peer.get(c.peer, 0) + 1
-        if set(by_peer) != {ANY}:
+        if set(by_peer) != {peers.ANY}:
             extra.append(
                 "by peer rule: " + ", ".join(f"{p} {n}" for p, n in sorted(by_peer.items()))
             )
         print(line + (f" ({'; '.join(extra)})" if extra else ""), file=out)
-    odd = [c for c in checks if c.verdict not in (OK, EXEMPT)]
+    odd = [c for c in checks if c.verdict not in (OK, EXEMPT) or c.at_risk]
     if odd:
         rows = [
             [
@@ -239,8 +304,8 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
                 c.remote,
                 c.peer,
                 " ".join(str(c.values[k]) for k in CHECKED),
-                c.verdict,
-                c.reason,
+                c.verdict + (" AT RISK" if c.at_risk else ""),
+                "; ".join(x for x in (c.reason if c.verdict != OK else "", c.at_risk) if x),
             ]
             for c in odd
         ]

@@ -56,6 +56,10 @@ class SocketRecord:
     keepalive: bool  # keepalive timer seen armed
     pid: int | None  # a process holding the socket (lowest pid), if found
     comm: str | None
+    # The keepidle in force as the timer shows it: the time since the peer
+    # was last heard plus the time until the keepalive timer fires (None:
+    # no keepalive timer armed, or no tcp_info).
+    keepidle_seen: float | None = None
 
     @property
     def keepalive_known(self) -> bool:
@@ -82,10 +86,13 @@ def scan(cgroup_id: int | None = None, *, with_owners: bool = True) -> list[Sock
     cgroup).  ``with_owners=False`` skips the walk of /proc (the costly
     part on hosts with many processes) for callers that need only counts.
     """
-    raws = _dump(sockdiag.FULL_SOCKETS, cgroup_id)
+    times: list[sockdiag.Times | None] = []
+    raws = _dump(sockdiag.FULL_SOCKETS, cgroup_id, times)
     own = procfs.socket_owners({r[7] for r in raws}) if with_owners else {}
     records = []
-    for fam, st, timer, sport, dport, src, dst, ino, cg, _cookie in raws:
+    for (fam, st, timer, sport, dport, src, dst, ino, cg, _cookie), t in zip(
+        raws, times, strict=True
+    ):
         state = state_name(st)
         # An orphaned FIN_WAIT2 socket (closed by its program, no inode)
         # runs its FIN_WAIT2 timeout on sk_timer: that is not keepalive.
@@ -103,6 +110,7 @@ def scan(cgroup_id: int | None = None, *, with_owners: bool = True) -> list[Sock
                 keepalive=keepalive,
                 pid=pid,
                 comm=comm,
+                keepidle_seen=(t[3] + min(t[1], t[2])) / 1000 if keepalive and t else None,
             )
         )
     return records
@@ -151,10 +159,12 @@ def unknown(records: Iterable[SocketRecord]) -> dict[int, int]:
     return out
 
 
-def _dump(states: int, cgroup_id: int | None = None) -> list[sockdiag.Raw]:
+def _dump(
+    states: int, cgroup_id: int | None = None, times: list | None = None
+) -> list[sockdiag.Raw]:
     """sockdiag.dump, any failure one line to show (EnvironmentProblem)."""
     try:
-        return sockdiag.dump(states, cgroup_id)
+        return sockdiag.dump(states, cgroup_id, times)
     except OSError as e:
         raise EnvironmentProblem(
             f"cannot read TCP sockets through inet_diag ({e.strerror or e})"

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from bpfkeep import config, containers
 from bpfkeep.daemon.heal import Healer
+from bpfkeep.daemon.learn import Learner
 from bpfkeep.daemon.passes import Passes
 from bpfkeep.daemon.reconcile import Reconciler
 from bpfkeep.daemon.scheduler import Retries, Scheduler
@@ -56,6 +57,7 @@ class Daemon:
         self.workloads: Workloads | None = None
         self.reconciler: Reconciler | None = None
         self.healer: Healer | None = None
+        self.learner = Learner(self.state)
         self.lock: DaemonLock | None = None  # held from start() until run() returns
 
     # -- lifecycle ---------------------------------------------------------
@@ -69,6 +71,7 @@ class Daemon:
         # daemon keeping this pin directory is one line and exit 69.
         self.lock = state.enforcer.daemon_lock()
         state.enforcer.prepare()
+        self.learner.open()
         self._start_metrics(state.cfg.listen)
         self.inotify = Inotify()
         self.lookups = containers.Lookups(state.cfg.runtimes)
@@ -78,6 +81,7 @@ class Daemon:
         self.resolver_ttl()
         self.healer = Healer(state, self.reconciler, self.inotify)
         self._guard("reconcile", lambda: rec.full(prune=True, sweep_all=True, report=True))
+        self._guard("restoring learned idle limits", self.learner.restore)
         self.healer.watch()
         self._ready = True
 
@@ -106,6 +110,7 @@ class Daemon:
                 self._loop(rfd)
             finally:
                 signal.set_wakeup_fd(-1)
+                self.learner.close()
                 if self.lookups is not None:
                     self.lookups.close()
             self._exit()
@@ -140,11 +145,21 @@ class Daemon:
                 sched.at("heal-settle", None)
                 self._guard("check of pins and links", self.healer.check)
                 sched.at("heal", time.monotonic() + self.healer.every())
+            settle = self.learner.next_deadline()
+            if settle is not None and settle <= now:
+                self._guard("learning idle limits", self.learner.settle)
             self._run_retries()
             self.passes.run_queued(now)
-            wake = sched.next(self.retries.next(), self.passes.next_sweep() or float("inf"))
+            wake = sched.next(
+                self.retries.next(),
+                self.passes.next_sweep() or float("inf"),
+                self.learner.next_deadline() or float("inf"),
+            )
             timeout = min(max(0.0, wake - time.monotonic()), 3600.0)
-            r, _, _ = select.select([self.inotify.fd, rfd, self.lookups.fd], [], [], timeout)
+            fds = [self.inotify.fd, rfd, self.lookups.fd]
+            if self.learner.fd is not None:
+                fds.append(self.learner.fd)
+            r, _, _ = select.select(fds, [], [], timeout)
             if rfd in r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 4096)
@@ -155,6 +170,8 @@ class Daemon:
                 self._guard("cgroup event", self._events)
             if self.lookups.fd in r:
                 self._guard("container lookup", self.reconciler.answered)  # type: ignore[union-attr]
+            if self.learner.fd is not None and self.learner.fd in r:
+                self._guard("lost connections", self.learner.events)
 
     def _plan_names(self) -> None:
         """Host names in peer rules are resolved again every HOST_TTL."""
@@ -189,6 +206,7 @@ class Daemon:
             return rule is not None and rule.existing
 
         self.passes.audit(sweeps_existing)
+        self._guard("looking at idle connections", self.learner.sample)
 
     def _exit(self) -> None:
         state = self.state
@@ -348,6 +366,8 @@ class Daemon:
             ),
             workloads=workloads,
             workload_labels=cfg.workload_labels if cfg else "container",
+            paths=self.learner.rows(),
+            at_risk=dict(self.learner.at_risk),
         )
 
 

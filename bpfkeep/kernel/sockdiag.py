@@ -84,6 +84,7 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLA_TYPE_MASK = 0x3FFF
 INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_INFO = 2  # struct tcp_info, asked for with ext bit 1 << (2 - 1)
 INET_DIAG_BC_CGROUP_COND = 17  # kernel >= 5.7
 INET_DIAG_CGROUP_ID = 21  # kernel >= 5.7, sent for every full socket
 
@@ -107,10 +108,12 @@ _BC_CGROUP = struct.Struct("=BBHQ")
 Raw = tuple[int, int, int, int, int, bytes, bytes, int, int, int]
 
 
-def request(family: int, cgroup_id: int | None, seq: int, states: int = FULL_SOCKETS) -> bytes:
+def request(
+    family: int, cgroup_id: int | None, seq: int, states: int = FULL_SOCKETS, ext: int = 0
+) -> bytes:
     """A SOCK_DIAG_BY_FAMILY dump request, filtered by cgroup in the kernel
-    when ``cgroup_id`` is given."""
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states)
+    when ``cgroup_id`` is given; ``ext``: extensions asked for (bits)."""
+    body = _REQ.pack(family, socket.IPPROTO_TCP, ext, 0, states)
     if cgroup_id is not None:
         op = _BC_CGROUP.pack(
             INET_DIAG_BC_CGROUP_COND, _BC_CGROUP.size, _BC_CGROUP.size + 4, cgroup_id
@@ -122,8 +125,16 @@ def request(family: int, cgroup_id: int | None, seq: int, states: int = FULL_SOC
     return hdr + body
 
 
-def parse(buf: memoryview, n: int, seq: int, out: list[Raw]) -> bool:
-    """Decode one datagram of the dump into ``out``; True at NLMSG_DONE."""
+# struct tcp_info: the times since the last data sent, data received and
+# ACK received (ms), after its eight u8 and nine u32 fields.
+_TCP_INFO_TIMES = struct.Struct("=44xI4xII")
+
+
+def parse(buf: memoryview, n: int, seq: int, out: list[Raw], times: list | None = None) -> bool:
+    """Decode one datagram of the dump into ``out``; True at NLMSG_DONE.
+    ``times``: also (last data sent, last data received, last ACK received
+    -- ms ago, from INET_DIAG_INFO --, the timer's expiry in ms) per
+    socket (None without tcp_info)."""
     off = 0
     while off + _NLMSGHDR.size <= n:
         mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
@@ -156,41 +167,55 @@ def parse(buf: memoryview, n: int, seq: int, out: list[Raw]) -> bool:
                 dst,
                 _if,
                 cookie,
-                _exp,
+                expires,
                 _rq,
                 _wq,
                 _uid,
                 ino,
             ) = _MSG.unpack_from(buf, body)
             cgroup_id = 0
+            tinfo = None
             a, end = body + _MSG.size, off + mlen
             while a + _NLATTR.size <= end:
                 alen, atype = _NLATTR.unpack_from(buf, a)
                 if alen < _NLATTR.size:
                     break
-                if atype & NLA_TYPE_MASK == INET_DIAG_CGROUP_ID and alen >= 12:
+                kind = atype & NLA_TYPE_MASK
+                if kind == INET_DIAG_CGROUP_ID and alen >= 12:
                     (cgroup_id,) = _U64.unpack_from(buf, a + _NLATTR.size)
-                    break
+                    if times is None:
+                        break
+                elif (
+                    kind == INET_DIAG_INFO
+                    and times is not None
+                    and alen >= _NLATTR.size + _TCP_INFO_TIMES.size
+                ):
+                    tinfo = _TCP_INFO_TIMES.unpack_from(buf, a + _NLATTR.size)
                 a += (alen + 3) & ~3
+            if times is not None:
+                times.append(None if tinfo is None else (*tinfo, expires))
             sport, dport = _PORTS.unpack(sp + dp)
             out.append((fam, state, timer, sport, dport, src, dst, ino, cgroup_id, cookie))
         off += (mlen + 3) & ~3
     return False
 
 
-def _dump_family(family: int, cgroup_id: int | None, states: int) -> list[Raw]:
+def _dump_family(
+    family: int, cgroup_id: int | None, states: int, times: list | None = None
+) -> list[Raw]:
     out: list[Raw] = []
     seq = 1
+    ext = 1 << (INET_DIAG_INFO - 1) if times is not None else 0
     with socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as s:
         s.bind((0, 0))
-        s.sendall(request(family, cgroup_id, seq, states))
+        s.sendall(request(family, cgroup_id, seq, states, ext))
         buf = bytearray(1 << 18)
         view = memoryview(buf)
         while True:
             n = s.recv_into(buf)
-            if n == 0 or parse(view, n, seq, out):
+            if n == 0 or parse(view, n, seq, out, times):
                 return out
 
 
@@ -198,10 +223,14 @@ def _dump_family(family: int, cgroup_id: int | None, states: int) -> list[Raw]:
 _UNAVAILABLE = (errno.ENOENT, errno.EINVAL, errno.EPROTONOSUPPORT)
 
 
-def dump(states: int = FULL_SOCKETS, cgroup_id: int | None = None) -> list[Raw]:
+def dump(
+    states: int = FULL_SOCKETS, cgroup_id: int | None = None, times: list | None = None
+) -> list[Raw]:
     """Every TCP socket (IPv4, then IPv6) of the calling thread's network
     namespace in one of ``states``, or only those of one cgroup (not its
     descendants: filtered in the kernel, or here before Linux 5.7).
+    ``times``: filled with each socket's Times (None without tcp_info), in
+    the same order.
 
     Raises EnvironmentProblem when the kernel has no inet_diag to ask;
     other OSErrors (the namespace went away, ...) as they are."""
@@ -209,12 +238,17 @@ def dump(states: int = FULL_SOCKETS, cgroup_id: int | None = None) -> list[Raw]:
     try:
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
-                out += _dump_family(family, cgroup_id, states)
+                out += _dump_family(family, cgroup_id, states, times)
             except OSError as e:
                 if cgroup_id is None or e.errno != errno.EINVAL:
                     raise
                 # Before 5.7: no cgroup condition in the bytecode; filter here.
-                out += [r for r in _dump_family(family, None, states) if r[8] == cgroup_id]
+                got: list | None = None if times is None else []
+                raws = _dump_family(family, None, states, got)
+                keep = [i for i, r in enumerate(raws) if r[8] == cgroup_id]
+                out += [raws[i] for i in keep]
+                if times is not None and got is not None:
+                    times += [got[i] for i in keep]
     except OSError as e:
         if e.errno not in _UNAVAILABLE:
             raise
@@ -238,3 +272,16 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 def mapped(family: int, raw: bytes) -> bytes:
     """An address as the 16 bytes of IPv6 (IPv4 as ::ffff:a.b.c.d)."""
     return _V4_MAPPED + raw[:4] if family == socket.AF_INET else raw[:16]
+
+
+# (ms since data was last sent, since data was last received, since an
+# ACK was last received -- from tcp_info --; ms until the socket's timer fires)
+Times = tuple[int, int, int, int]
+
+
+def dump_times(states: int, cgroup_id: int | None = None) -> list[tuple[Raw, Times | None]]:
+    """dump(), each socket with its Times (None where the kernel gave no
+    tcp_info)."""
+    times: list[Times | None] = []
+    raws = dump(states, cgroup_id, times)
+    return list(zip(raws, times, strict=True))

@@ -35,6 +35,16 @@ class Row:
     losses: dict[str, Losses] | None = None  # peer label ("*": none) -> lost connections
 
 
+@dataclasses.dataclass(frozen=True)
+class PathRow:
+    """One path a policy learns its idle limit for (keepidle = "auto")."""
+
+    cgroup: str
+    peer: str  # the peer rule's label, or the network learned for
+    limit: float | None  # seconds; None: nothing lost yet
+    keepidle: int  # in force for the path's connections
+
+
 @dataclasses.dataclass
 class Snapshot:
     rows: list[Row]
@@ -54,6 +64,10 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
+    paths: list[PathRow] = dataclasses.field(default_factory=list)
+    # (cgroup, peer) -> established connections whose keepalive cannot beat
+    # their path's known idle limit (the periodic pass; outside policies too).
+    at_risk: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
 
 Samples = Iterable[tuple[tuple[str, ...], float]]  # (label values after cgroup, value)
@@ -132,6 +146,13 @@ PER_CGROUP: tuple[PerCgroup, ...] = (
         "Accepted sockets that inherited keepalive from their listener",
         (),
         _one(lambda row: row.counters.inherited if row.counters else None),
+    ),
+    PerCgroup(
+        "bpfkeep_sockets_exempt",
+        CounterMetricFamily,
+        "New TCP sockets left as they were: their peer is exempt by a peer rule",
+        (),
+        _one(lambda row: row.counters.exempt if row.counters else None),
     ),
     PerCgroup(
         "bpfkeep_options_applied",
@@ -238,6 +259,7 @@ class Collector(_CollectorBase):
         )
         yield from per_cgroup[AFTER_ATTACHED:]
         yield _idle_before_loss(snap.rows)
+        yield from _paths(snap)
         yield from _daemon(snap)
 
     @staticmethod
@@ -260,6 +282,37 @@ def _idle_before_loss(rows: list[Row]) -> HistogramMetricFamily:
         for peer, ls in sorted((row.losses or {}).items()):
             family.add_metric([row.cgroup, peer], ls.cumulative(), ls.idle_seconds)
     return family
+
+
+def _paths(snap: Snapshot) -> Iterator:
+    """What was learned of each path, and the connections at risk."""
+    limit = GaugeMetricFamily(
+        "bpfkeep_peer_idle_limit_seconds",
+        "The idle limit known of a path (keepidle = auto): the shortest idle a connection "
+        "was lost after, or the rule's idle_limit when lower; absent until one is known",
+        labels=["cgroup", "peer"],
+    )
+    keepidle = GaugeMetricFamily(
+        "bpfkeep_peer_keepidle_seconds",
+        "The keepidle in force for a path's connections (keepidle = auto)",
+        labels=["cgroup", "peer"],
+    )
+    for p in sorted(snap.paths, key=lambda p: (p.cgroup, p.peer)):
+        if p.limit is not None:
+            limit.add_metric([p.cgroup, p.peer], p.limit)
+        keepidle.add_metric([p.cgroup, p.peer], p.keepidle)
+    yield limit
+    yield keepidle
+    risk = GaugeMetricFamily(
+        "bpfkeep_connections_at_risk",
+        "Established connections whose keepalive cannot beat their path's known idle "
+        "limit (keepalive off, or keepidle at or above it), by cgroup (the policy's, or "
+        "the connection's own outside every policy) and peer",
+        labels=["cgroup", "peer"],
+    )
+    for (cg, peer), n in sorted(snap.at_risk.items()):
+        risk.add_metric([cg, peer], n)
+    yield risk
 
 
 def _listed(name: str, help_: str, cgroups: list[str]) -> GaugeMetricFamily:

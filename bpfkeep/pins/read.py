@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from bpfkeep.kernel import bpfsys
 from bpfkeep.kernel.cgroups import Cgroup, by_ids, cgroup2_mount
 from bpfkeep.options import Policy
-from bpfkeep.peers import Peer, parse_network
+from bpfkeep.peers import ANY, Network, Peer, parse_network, show_network
 from bpfkeep.pins.attach import key_of
 from bpfkeep.pins.pindir import PinDir
 from bpfkeep.progs import loader, maps
@@ -28,6 +28,9 @@ class Attachment:
     prog_ids: dict[str, int]
     managed: bool = False
     losses: dict[str, maps.Losses] = dataclasses.field(default_factory=dict)  # by peer label
+    # keepidle = "auto": what was learned of each path (the peer rule's
+    # label, or the network learned for).
+    learned: dict[str, maps.Learned] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -36,6 +39,7 @@ class Attachment:
             "policy": self.policy.as_dict() if self.policy else None,
             "counters": self.counters.as_dict() if self.counters else None,
             "lost_connections": {p: ls.as_dict() for p, ls in sorted(self.losses.items())},
+            "learned": {p: dataclasses.asdict(v) for p, v in sorted(self.learned.items())},
             "links": self.link_ids,
             "programs": self.prog_ids,
             "managed_by_daemon": self.managed,
@@ -196,8 +200,22 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
                     found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
             out.append(Attachment(cg_id, cgs.get(cg_id), policy, found, links, progs, managed))
     lost = losses(pins, ids)
+    paths = learned(pins)
     for a in out:
         a.losses = lost.get(a.cgroup_id, {})
+    for key, got in paths.items():
+        owner, tag, plen, net = maps.decode_path_key(key)
+        a = next((a for a in out if a.cgroup_id == owner), None)
+        if a is None or a.policy is None:
+            continue
+        if tag == 0:
+            label = show_network(Network((net, plen)))
+        else:
+            rule = next((r for r in a.policy.peers if maps.rule_tag(r.label) == tag), None)
+            if rule is None:
+                continue  # a rule the policy no longer has
+            label = rule.label
+        a.learned[label] = got
     return out
 
 
@@ -210,9 +228,6 @@ def rule_labels(objs: dict[str, int]) -> dict[tuple[int, int], str]:
         _flags, tag, ports, address, _values = maps.decode_rule(raw)
         out[(maps.rule_key_set(k), tag)] = Peer(address, ports).label
     return out
-
-
-ANY_PEER = "*"  # the label of a policy's own values (no peer rule)
 
 
 def losses(pins: PinDir, ids: Iterable[int] | None = None) -> dict[int, dict[str, maps.Losses]]:
@@ -232,7 +247,7 @@ def losses(pins: PinDir, ids: Iterable[int] | None = None) -> dict[int, dict[str
             if wanted is not None and owner not in wanted:
                 continue
             if tag == 0:
-                label = ANY_PEER
+                label = ANY
             else:
                 if owner not in sets:
                     p = bpfsys.map_lookup(

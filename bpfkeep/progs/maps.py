@@ -588,11 +588,13 @@ class Counters:
     failed: dict[tuple[str, str], int]  # (option, errno name) -> count
     rewritten: dict[str, int]
     sweep: SweepStats | None = None  # existing sockets brought to the policy
+    exempt: int = 0  # new sockets of exempt peers, left as they were
 
     def as_dict(self) -> dict[str, object]:
         return {
             "seen": self.seen,
             "inherited": self.inherited,
+            "exempt": self.exempt,
             "applied": self.applied,
             "failed": {f"{o}/{e}": n for (o, e), n in self.failed.items()},
             "rewritten": self.rewritten,
@@ -713,7 +715,8 @@ def decode_counters(raw: bytes) -> Counters:
     seen = dict(zip(CALLBACKS, total["seen"], strict=True))
     applied, failed = _applied_and_failed(total["applied"], total["failed"])
     rewritten = dict(zip((o.key for o in BPF_OPTIONS), total["rewritten"], strict=True))
-    return Counters(seen, total["inherited"][0], applied, failed, rewritten)
+    exempt = total.get("exempt", [0])[0]
+    return Counters(seen, total["inherited"][0], applied, failed, rewritten, exempt=exempt)
 
 
 def _applied_and_failed(

@@ -129,3 +129,33 @@ def keep_entry(policy: Policy) -> Make:
 
 def read_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
     return maps.SweepEntry(0, maps.SWEEP_READ)
+
+
+def relearn_entry(
+    policies: dict[int, Policy], before: Callable[[int, str, bytes], int | None]
+) -> Make:
+    """Work items after the keepidle learned for some paths changed (no
+    generation changes with it): every socket's values are checked again
+    (SWI_RECHECK), and one still at what bpfkeep gave it before --
+    ``before(owner, label, address16)``, the keepidle its path had then --
+    is recognised as bpfkeep's (SWI_FP), not taken for the program's own."""
+
+    def make(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
+        e = apply_entry(target, defaults)
+        e.in_flags |= maps.SWI_RECHECK
+        policy = policies.get(target.owner)
+        if policy is None or target.state == LISTEN:
+            return e
+        address, _, port = target.remote.rpartition(":")
+        _label, old = peers.effective(
+            policy,
+            address,
+            int(port) if port.isdigit() else 0,
+            lambda label, a16: before(target.owner, label, a16),
+        )
+        if old is not None:
+            e.in_flags |= maps.SWI_FP
+            e.fp = maps.fingerprint(old)
+        return e
+
+    return make

@@ -53,17 +53,18 @@ def owners(ids: set[int], live: set[int]) -> dict[int, int]:
     return out
 
 
-def apply(pins: PinDir, cgs: list[Cgroup]) -> Report:
+def apply(pins: PinDir, cgs: list[Cgroup], make: entries.Make = entries.apply_entry) -> Report:
     """Bring every existing TCP socket of these attached cgroups and their
-    descendants to the policy that covers it.  Raises SweepUnavailable on
-    a kernel that cannot."""
+    descendants to the policy that covers it (``make``: each socket's work
+    item; entries.relearn_entry after a learned keepidle changed).  Raises
+    SweepUnavailable on a kernel that cannot."""
     with sweeper(pins) as sw:
         live = pins.live_ids()
         sc = scope(cgs, live)
         writer = Writer(pins, sw.objs)
         gens = {o: writer.raw_policy(o) for o in set(sc.owner_of_cgroup.values())}
         sc.peered = frozenset(o for o, raw in gens.items() if raw and maps.per_peer(raw))
-        report = sweep(sw, sc, entries.apply_entry, owners_elsewhere=lambda ids: owners(ids, live))
+        report = sweep(sw, sc, make, owners_elsewhere=lambda ids: owners(ids, live))
         if not report.unreachable:
             for owner, raw in gens.items():
                 if raw is not None:

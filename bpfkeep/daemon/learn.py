@@ -1,0 +1,432 @@
+"""The daemon's side of keepidle = "auto" (bpfkeep.learning decides):
+
+- it reads the kernel's loss events (a ring buffer the loss program
+  writes; its descriptor wakes the loop) and gives each to its path;
+- after a loss has settled (learning.BURST), a path whose keepidle changed
+  is written to the kernel's bk_learned map -- new connections get it at
+  connect and accept at once -- and the connections of that policy are
+  swept to it (the first loss saves the others);
+- at the periodic pass it looks at every established connection of the
+  policies' network namespaces (inet_diag with tcp_info: when each was
+  last heard from, when its keepalive timer fires): which sat idle and were
+  heard from again (lower bounds), and which are at risk -- keepalive off,
+  or a keepidle at or above their path's known idle limit;
+- what it learned is kept in bk_learned, pinned: a restart or an upgrade
+  starts from it.
+
+A path is a peer rule of a policy (by its label), or for the policy's own
+values the peer's /24 (IPv4) or /64 (IPv6) network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+
+from bpfkeep import learning, peers
+from bpfkeep.daemon.state import OURS, State
+from bpfkeep.errors import BpfkeepError
+from bpfkeep.kernel import bpfsys, procfs, sockdiag
+from bpfkeep.kernel.cgroups import Cgroup, by_ids
+from bpfkeep.kernel.sockdiag import TIMER_KEEPALIVE, TIMER_PROBE0, TIMER_RETRANSMIT
+from bpfkeep.metrics.collector import PathRow
+from bpfkeep.options import Policy
+from bpfkeep.pins import read
+from bpfkeep.progs import loader, maps
+from bpfkeep.sweep import entries
+from bpfkeep.sweep.engine import SweepUnavailable, scope
+
+ESTABLISHED_ONLY = sockdiag.states_mask([sockdiag.ESTABLISHED])
+SLACK_MS = 500  # jiffies and the time a dump takes: differences below are noise
+
+log = logging.getLogger("bpfkeep")
+
+
+@dataclasses.dataclass
+class Tracked:
+    """One path the daemon learns for."""
+
+    owner: int
+    label: str  # the peer rule's label, or the network ("10.1.2.0/24")
+    path: learning.Path
+    written: int = 0  # the keepidle last written to the kernel
+
+
+def _network_label(address16: bytes) -> str:
+    plen, net = peers.path_network(address16)
+    return peers.show_network(peers.Network((net, plen)))
+
+
+class Learner:
+    def __init__(self, state: State):
+        self.state = state
+        self.paths: dict[bytes, Tracked] = {}  # bk_path_key -> path
+        self.ring: bpfsys.RingBuffer | None = None
+        self._ring_map = -1
+        self.events_seen = 0
+        self.settle_at: float | None = None
+        # The last look at each connection: (netns, cookie) -> (when, ms
+        # since data sent, since data received, since heard from).
+        self._seen: dict[tuple[int, int], tuple[float, int, int, int]] = {}
+        self.at_risk: dict[tuple[str, str], int] = {}  # (cgroup, peer) -> connections
+        # The offset between the kernel map's epoch seconds and monotonic.
+        self._epoch = time.time() - time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        """The ring buffer of loss events (its descriptor wakes the loop)."""
+        try:
+            pinned = f"{self.state.enforcer.obj_dir}/{loader.MAP_LOSS_EVENTS}"
+            self._ring_map = bpfsys.obj_get(pinned)
+            self.ring = bpfsys.RingBuffer(self._ring_map)
+        except OSError as e:
+            log.warning("lost connections cannot be learned from: %s", e)
+            self.ring = None
+
+    def restore(self) -> None:
+        """What was learned before a restart or an upgrade (bk_learned),
+        for the policies that still learn (after the first reconcile)."""
+        for key, got in read.learned(self.state.enforcer.pins).items():
+            owner, tag, _plen, _net = maps.decode_path_key(key)
+            bounds = self._bounds(owner, tag, key)
+            if bounds is None:
+                continue
+            policy, label = bounds
+            p = learning.Path(policy.keepidle_min, policy.keepidle_max)
+            p.upper = got.upper_ms / 1000 if got.upper_ms else None
+            p.upper_at = got.upper_at - self._epoch if got.upper_at else 0.0
+            p.lower = got.lower_ms / 1000
+            p.stated = policy.idle_limit or None
+            p.losses, p.ignored = got.losses, got.ignored
+            self.paths[key] = Tracked(owner, label, p, got.keepidle or p.keepidle())
+
+    @property
+    def fd(self) -> int | None:
+        return self.ring.fd if self.ring is not None else None
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+        if self._ring_map >= 0:
+            os.close(self._ring_map)
+            self._ring_map = -1
+
+    # -- the policies that learn --------------------------------------------------
+
+    def _policy_of(self, owner: int) -> Policy | None:
+        e = self.state.table.get(owner)
+        if e is None or not e.attached or e.policy is None:
+            return None
+        return e.policy
+
+    def _bounds(self, owner: int, tag: int, key: bytes) -> tuple[Policy, str] | None:
+        """(the values that learn for this path, its label), or None when
+        the path's policy does not learn (any more)."""
+        policy = self._policy_of(owner)
+        if policy is None:
+            return None
+        if tag == 0:
+            if not policy.auto:
+                return None
+            _o, _t, plen, net = maps.decode_path_key(key)
+            return policy, peers.show_network(peers.Network((net, plen)))
+        for rule in policy.peers:
+            if maps.rule_tag(rule.label) == tag and rule.policy is not None:
+                return (rule.policy, rule.label) if rule.policy.auto else None
+        return None
+
+    # -- evidence -------------------------------------------------------------------
+
+    def events(self) -> None:
+        """Loss events from the kernel, each to its path."""
+        if self.ring is None:
+            return
+        now = time.monotonic()
+        for raw in self.ring.consume():
+            self.events_seen += 1
+            ev = maps.LOSS_EVENT.unpack(raw)
+            owner, tag = int(ev["owner"]), int(ev["tag"])  # type: ignore[arg-type]
+            policy = self._policy_of(owner)
+            if policy is None:
+                continue
+            address16 = bytes(ev["addr"])  # type: ignore[arg-type]
+            label = self._label(policy, tag, address16)
+            key = maps.path_key(owner, label if tag else peers.ANY, address16)
+            tracked = self.paths.get(key)
+            if tracked is None:
+                bounds = self._bounds(owner, tag, key)
+                if bounds is None:
+                    continue  # this path's keepidle is not learned
+                values, shown = bounds
+                path = learning.Path(values.keepidle_min, values.keepidle_max)
+                path.stated = values.idle_limit or None
+                tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
+            reason = maps.LOSS_REASONS[int(ev["reason"]) % len(maps.LOSS_REASONS)]  # type: ignore[arg-type]
+            tracked.path.loss(
+                learning.Loss(
+                    at=now,
+                    reason=reason,
+                    path_idle=int(ev["path_idle_ms"]) / 1000,  # type: ignore[arg-type]
+                    keepidle=int(ev["keepidle"]),  # type: ignore[arg-type]
+                    solicited=bool(ev["unacked"] or ev["probes"]),
+                )
+            )
+            due = now + learning.BURST
+            self.settle_at = due if self.settle_at is None else min(self.settle_at, due)
+
+    @staticmethod
+    def _label(policy: Policy, tag: int, address16: bytes) -> str:
+        if tag == 0:
+            return _network_label(address16)
+        return next((r.label for r in policy.peers if maps.rule_tag(r.label) == tag), str(tag))
+
+    def survived(self, owner: int, address16: bytes, port: int, idle: float, probed: float) -> None:
+        """A connection of ``owner`` to this peer sat idle at least ``idle``
+        seconds and was heard from again -- ``probed``: the time between the
+        two times it was heard, when no data moved (a keepalive probe
+        answered: it survived the keepidle in force)."""
+        policy = self._policy_of(owner)
+        if policy is None:
+            return
+        label, values = peers.effective(policy, peers.show_address(address16), port)
+        if values is None or not values.auto:
+            return
+        key = maps.path_key(owner, label, address16)
+        tracked = self.paths.get(key)
+        if tracked is None:
+            shown = label if label != peers.ANY else _network_label(address16)
+            path = learning.Path(values.keepidle_min, values.keepidle_max)
+            path.stated = values.idle_limit or None
+            tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
+        if probed:
+            # Several probes may have been answered between two looks: no
+            # more than the keepidle in force is known to be survived.
+            idle = max(idle, min(probed, tracked.written * 0.95))
+        if tracked.path.survived(idle):
+            self._write({key: tracked.written})
+
+    # -- the periodic look ---------------------------------------------------------
+
+    def sample(self) -> None:
+        """Every established connection of the policies' network namespaces
+        (and ours): survivals for the paths that learn, and the connections
+        at risk (``at_risk``)."""
+        table = self.state.table
+        with table.lock:
+            kept = {i: e for i, e in table.items() if e.attached and e.policy is not None}
+        policies = {i: e.policy for i, e in kept.items()}
+        self._forget()
+        self.settle()  # bounds changed on reload: keepidle follows
+        limits = self.limits(policies)  # type: ignore[arg-type]
+        learns = any(_learns(p) for p in policies.values())  # type: ignore[arg-type]
+        if not limits and not learns:
+            self._seen, self.at_risk = {}, {}
+            return
+        sc = scope([e.cgroup for e in kept.values()], set(kept))
+        seen: dict[tuple[int, int], tuple[float, int, int, int]] = {}
+        risk: dict[tuple[int, str], int] = {}
+        for ns, tid in procfs.namespaces(sc.owner_of_pid).items():
+            try:
+                got = procfs.in_netns(tid, lambda: sockdiag.dump_times(ESTABLISHED_ONLY))
+            except (OSError, BpfkeepError) as e:
+                log.debug("network namespace %d not read: %s", ns, e)
+                continue
+            now = time.monotonic()
+            for raw, times in got:  # type: ignore[union-attr]
+                if times is None:
+                    continue
+                fam, _st, timer, _sp, dport, _src, dst, _ino, cg, cookie = raw
+                sent, recv, ack, expires = times
+                heard = min(recv, ack)
+                owner = sc.owner_of_cgroup.get(cg)
+                address16 = sockdiag.mapped(fam, dst)
+                seen[(ns, cookie)] = (now, sent, recv, heard)
+                prev = self._seen.get((ns, cookie))
+                if owner is not None and learns and prev is not None:
+                    self._look(owner, address16, dport, prev, now, sent, recv, heard)
+                known = limits.of(owner, address16, dport)
+                if known is None or timer in (TIMER_RETRANSMIT, TIMER_PROBE0):
+                    continue  # no limit known, or its keepalive hidden by a busy timer
+                keepalive = timer == TIMER_KEEPALIVE
+                keepidle = (expires + heard) / 1000 if keepalive else None
+                if learning.at_risk(known, keepalive, keepidle):
+                    where = (owner if owner is not None else -cg, known.label)
+                    risk[where] = risk.get(where, 0) + 1
+        self._seen = seen
+        self.at_risk = self._named(risk)
+
+    def _look(
+        self,
+        owner: int,
+        address16: bytes,
+        port: int,
+        prev: tuple[float, int, int, int],
+        now: float,
+        sent: int,
+        recv: int,
+        heard: int,
+    ) -> None:
+        """Compare a connection with the last look at it (times in ms ago)."""
+        t1, sent1, recv1, heard1 = prev
+        dt = (now - t1) * 1000
+        if heard1 < learning.BUSY * 1000 or heard + SLACK_MS >= heard1 + dt:
+            return  # busy then, or not heard from since
+        idle = min(sent1, heard1)  # the path's idle time at the last look
+        data = sent + SLACK_MS < sent1 + dt or recv + SLACK_MS < recv1 + dt
+        probed = 0.0 if data else (heard1 + dt - heard) / 1000
+        self.survived(owner, address16, port, idle / 1000, probed)
+
+    def _forget(self) -> None:
+        """Paths whose policy no longer learns (detached, or changed on
+        reload) go, from bk_learned too; the others take the policy's
+        bounds as they are now."""
+        gone = []
+        for key, t in self.paths.items():
+            owner, tag, _plen, _net = maps.decode_path_key(key)
+            bounds = self._bounds(owner, tag, key)
+            if bounds is None:
+                gone.append(key)
+                continue
+            values = bounds[0]
+            t.path.keepidle_min, t.path.keepidle_max = values.keepidle_min, values.keepidle_max
+            t.path.stated = values.idle_limit or None
+        if not gone:
+            return
+        for key in gone:
+            del self.paths[key]
+        with contextlib.suppress(OSError), self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
+            for key in gone if fd is not None else ():
+                with contextlib.suppress(OSError):
+                    bpfsys.map_delete(fd, key)
+
+    def _named(self, risk: dict[tuple[int, str], int]) -> dict[tuple[str, str], int]:
+        """At-risk counts by (cgroup, peer): a policy's cgroup (its id), or
+        for connections outside every policy their own cgroup (-id)."""
+        outside = by_ids({-i for i, _ in risk if i < 0}, self.state.mount)
+        out: dict[tuple[str, str], int] = {}
+        for (i, label), n in risk.items():
+            if i >= 0:
+                name = self._cgroup_name(i)
+            else:
+                cg = outside.get(-i)
+                name = cg.display if cg is not None else f"cgroup id {-i}"
+            out[(name, label)] = out.get((name, label), 0) + n
+        return out
+
+    # -- settling -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self.settle_at
+
+    def settle(self, now: float | None = None) -> None:
+        """Take settled losses as evidence, age the bounds; write and sweep
+        what changed."""
+        now = time.monotonic() if now is None else now
+        self.settle_at = None
+        changed: dict[bytes, int] = {}
+        for key, t in list(self.paths.items()):
+            if t.path.settle(now) or t.path.keepidle() != t.written:
+                changed[key] = t.written
+            if t.path.pending:
+                due = min(loss.at for loss in t.path.pending) + learning.BURST
+                self.settle_at = due if self.settle_at is None else min(self.settle_at, due)
+        if changed:
+            self._write(changed)
+
+    def _write(self, changed: dict[bytes, int]) -> None:
+        """bk_learned for these paths, then a sweep of their policies'
+        connections (``changed``: the keepidle each path had before)."""
+        try:
+            with self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
+                if fd is None:
+                    return
+                for key in changed:
+                    t = self.paths[key]
+                    bpfsys.map_update(fd, key, self._value(t).encode())
+                    old, t.written = t.written, t.path.keepidle()
+                    if old != t.written:
+                        log.info(
+                            "%s, peer %s: idle limit %s (%d loss(es), %d set aside); keepidle "
+                            "%d s (was %s)",
+                            self._cgroup_name(t.owner),
+                            t.label,
+                            f"{t.path.limit:.0f} s" if t.path.limit else "unknown",
+                            t.path.losses,
+                            t.path.ignored,
+                            t.written,
+                            f"{old} s" if old else "the policy's",
+                        )
+        except OSError as e:
+            self.state.errors += 1
+            log.error("writing learned idle limits: %s", e)
+            return
+        self._sweep(changed)
+
+    def _value(self, t: Tracked) -> maps.Learned:
+        p = t.path
+        return maps.Learned(
+            keepidle=p.keepidle(),
+            limit=int(p.limit or 0),
+            upper_ms=int((p.upper or 0) * 1000),
+            lower_ms=int(p.lower * 1000),
+            upper_at=int(p.upper_at + self._epoch) if p.upper is not None else 0,
+            losses=p.losses,
+            ignored=p.ignored,
+        )
+
+    def _sweep(self, changed: dict[bytes, int]) -> None:
+        owners = {self.paths[k].owner for k in changed}
+        cgs: list[Cgroup] = []
+        policies: dict[int, Policy] = {}
+        for owner in owners:
+            e = self.state.table.get(owner)
+            if e is None or e.attached != OURS or e.policy is None or not e.existing:
+                continue
+            cgs.append(e.cgroup)
+            policies[owner] = e.policy
+
+        def before(owner: int, label: str, address16: bytes) -> int | None:
+            return changed.get(maps.path_key(owner, label, address16)) or None
+
+        if not cgs:
+            return
+        try:
+            report = self.state.enforcer.sweep(cgs, entries.relearn_entry(policies, before))
+        except SweepUnavailable:
+            return
+        except (BpfkeepError, OSError) as e:
+            self.state.errors += 1
+            log.error("sweeping to the learned keepidle: %s", e)
+            return
+        if report.swept:
+            log.info("%s (learned keepidle)", report.summary())
+
+    def _cgroup_name(self, owner: int) -> str:
+        e = self.state.table.get(owner)
+        return e.cgroup.display if e is not None else f"cgroup id {owner}"
+
+    # -- what the metrics show ---------------------------------------------------------
+
+    def rows(self) -> list[PathRow]:
+        """Every path learned for, for the metrics (the scrape thread)."""
+        return [
+            PathRow(self._cgroup_name(t.owner), t.label, t.path.limit, t.path.keepidle())
+            for t in list(self.paths.values())
+        ]
+
+    def limits(self, policies: dict[int, Policy]) -> learning.Limits:
+        """The idle limits known (stated and learned), for the at-risk check."""
+        learned = [
+            (t.owner, t.label, t.path.upper)
+            for t in list(self.paths.values())
+            if t.path.upper is not None
+        ]
+        return learning.Limits(policies, learned)  # type: ignore[arg-type]
+
+
+def _learns(policy: Policy) -> bool:
+    return policy.auto or any(r.policy is not None and r.policy.auto for r in policy.peers)
