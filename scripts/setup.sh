@@ -15,6 +15,7 @@ pkgs=(
     python3 python3-venv python3-pip python3-bpfcc   # bcc: Debian's, not PyPI's "bcc"
     "linux-headers-$arch"                            # bcc compiles against any header set
     iproute2 bpftool strace                          # ss/ip netns, kernel views, shim tests
+    iptables                                         # tests/support/paths.py: NAT routers that forget
     gcc make libc6-dev                               # the preload shim, static test programs
     clang-format                                     # scripts/lint.sh: C formatting (.clang-format)
     ncat curl nginx-light                            # real client/server programs in tests
