@@ -1,0 +1,180 @@
+"""Learning a path's idle limit, without the kernel: the evidence a path
+gets (losses and idle times survived) on a clock the test drives.
+
+The real thing -- a router that forgets idle flows, the kernel's loss
+events, the daemon's sweep -- is in test_learning_path.py; here the rule
+itself is checked on many paths, limits and client habits at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfkeep import learning, peers
+from bpfkeep.learning import AGE, BURST, Known, Limits, Loss, Path
+from bpfkeep.options import Policy
+
+
+def lost(at: float, idle: float, *, reason: str = "reset", keepidle: float = 0, solicited=True):
+    return Loss(at=at, reason=reason, path_idle=idle, keepidle=keepidle, solicited=solicited)
+
+
+def settled(path: Path, loss: Loss) -> Path:
+    path.loss(loss)
+    path.settle(loss.at + BURST)
+    return path
+
+
+def test_nothing_lost_keeps_keepidle_max():
+    p = Path(10, 300)
+    assert p.keepidle() == 300
+    assert p.limit is None
+
+
+def test_the_first_loss_drops_to_the_minimum_then_it_climbs_to_half_the_limit():
+    p = settled(Path(10, 300), lost(0.0, 350.0))
+    assert p.limit == 350.0
+    assert p.keepidle() == 10  # at once: the connections of the path are swept to it
+    climbed = []
+    while True:
+        k = p.keepidle()
+        climbed.append(k)
+        if not p.survived(k):
+            break
+    assert climbed == [10, 20, 40, 80, 160, 175]  # doubling per idle survived, up to U/2
+    assert p.keepidle() == 175
+
+
+def test_a_loss_is_held_a_burst_before_it_counts():
+    p = Path(10, 300)
+    p.loss(lost(0.0, 100.0))
+    assert not p.settle(1.0)
+    assert p.keepidle() == 300
+    assert p.settle(BURST)
+    assert p.keepidle() == 10
+
+
+def test_a_reset_nobody_asked_for_is_no_evidence():
+    p = settled(Path(10, 300), lost(0.0, 500.0, solicited=False))
+    assert p.keepidle() == 300 and p.ignored == 1 and p.losses == 0
+
+
+def test_a_peer_restarting_does_not_lower_the_limit():
+    """Its connections reset at once, busy and idle alike: the busy ones
+    (heard from just now) show it is the peer failing, not the path
+    forgetting -- even the idle ones' RSTs answering our data are set aside."""
+    p = Path(10, 300)
+    p.loss(lost(0.0, 200.0))  # idle, answered our data
+    p.loss(lost(0.3, 0.2))  # busy
+    p.loss(lost(0.5, 90.0, solicited=False))
+    p.settle(10.0)
+    assert p.keepidle() == 300
+    assert (p.losses, p.ignored) == (0, 3)
+
+
+def test_a_keepalive_loss_bounds_the_limit_by_the_keepidle_in_force():
+    p = settled(Path(10, 300), lost(0.0, 300 + 9 * 75, reason="keepalive", keepidle=300))
+    assert p.limit == 300
+
+
+def test_evidence_ages_back_to_keepidle_max():
+    p = settled(Path(10, 300), lost(0.0, 100.0))
+    p.settle(AGE + BURST)
+    assert p.limit == 200.0
+    p.settle(3 * AGE + BURST)
+    assert p.limit is None and p.keepidle() == 300
+
+
+def test_a_stricter_path_restarts_the_climb():
+    p = settled(Path(10, 300), lost(0.0, 100.0))
+    for k in (10, 20, 40):
+        p.survived(k)
+    assert p.keepidle() == 50
+    settled(p, lost(10.0, 30.0))  # the path now forgets after at most 30 s
+    assert p.keepidle() == 10
+
+
+def test_a_stated_limit_gives_half_of_it_at_once():
+    p = Path(10, 300, stated=350)
+    assert p.keepidle() == 175
+    settled(p, lost(0.0, 100.0))  # what is learned below it takes over
+    assert p.limit == 100.0 and p.keepidle() == 10
+
+
+def simulate(limit: float, keepidle_max: int, idles: list[float], keepidle_min: int = 1) -> int:
+    """Connections one after another on a path that forgets after
+    ``limit`` s, each sitting idle ``idle`` s before it speaks: the losses.
+    A connection idle past the keepidle in force probes then (answered
+    while the path remembers); one that speaks first is answered if the
+    path still remembers."""
+    p, now, losses = Path(keepidle_min, keepidle_max), 0.0, 0
+    for idle in idles:
+        elapsed, quiet = 0.0, 0.0  # the client's idle time; the path's (probes count)
+        while elapsed < idle:
+            k = p.keepidle()
+            probes = k - quiet <= idle - elapsed  # a probe goes out before it speaks
+            step = k - quiet if probes else idle - elapsed
+            if quiet + step >= limit:  # the path forgot before it spoke or probed
+                now += step
+                losses += 1
+                p.loss(lost(now, quiet + step, keepidle=k if probes else 0))
+                now += BURST
+                p.settle(now)
+                break
+            now += step
+            elapsed += step
+            quiet += step
+            if probes:
+                p.survived(quiet)  # a probe answered: the path let that pass
+                quiet = 0.0
+    return losses
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.floats(5, 3600),
+    keepidle_max=st.integers(10, 7200),
+    habit=st.lists(st.floats(0.1, 20), min_size=3, max_size=12),
+)
+def test_at_most_two_connections_are_lost_however_far_the_limit(limit, keepidle_max, habit):
+    """keepidle_max above the limit, clients idle anything from a tenth to
+    twenty times the limit: at most two connections are lost, then none."""
+    idles = [limit * h for h in habit] + [limit * 3] * 5
+    assert simulate(limit, max(keepidle_max, int(limit) + 1), idles) <= 2
+
+
+def test_under_the_limit_nothing_is_lost():
+    assert simulate(400.0, 300, [1000.0] * 5) == 0
+
+
+def rule(address: str, **values) -> peers.Peer:
+    (p,) = peers.build({"keepidle": 600}, [{"address": address, **values}])
+    return p
+
+
+def test_limits_of_a_policy_and_of_connections_outside_every_policy():
+    nat = rule("0.0.0.0/0", idle_limit=350)
+    db = rule("10.1.2.3", keepidle="auto")
+    policy = Policy.from_mapping({"keepidle": 600}).with_peers((nat, db))
+    limits = Limits({7: policy}, [(7, "10.1.2.3", 40.0), (7, "192.168.5.0/24", 100.0)])
+
+    def v4(a: str) -> bytes:
+        return peers._as_v6(a).packed  # type: ignore[union-attr]
+
+    assert limits.of(7, v4("8.8.8.8"), 443) == Known(350, "stated", "0.0.0.0/0")
+    assert limits.of(7, v4("10.1.2.3"), 5432) == Known(40.0, "learned", "10.1.2.3")
+    # Outside every policy: the most specific network known.
+    assert limits.of(None, v4("10.1.2.3"), 5432) == Known(40.0, "learned", "10.1.2.3")
+    assert limits.of(None, v4("192.168.5.9"), 80) == Known(100.0, "learned", "192.168.5.0/24")
+    assert limits.of(None, v4("8.8.8.8"), 80) == Known(350, "stated", "0.0.0.0/0")
+    assert not Limits({}, [])
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "keepidle", "risky"),
+    [(False, None, True), (True, 400.0, True), (True, 350.0, True), (True, 175.0, False)],
+)
+def test_at_risk(keepalive, keepidle, risky):
+    assert learning.at_risk(Known(350, "stated", "*"), keepalive, keepidle) is risky
