@@ -28,6 +28,8 @@
 
 typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*listen_fn)(int, int);
+typedef int (*accept_fn)(int, struct sockaddr *, socklen_t *);
+typedef int (*accept4_fn)(int, struct sockaddr *, socklen_t *, int);
 typedef int (*socket_fn)(int, int, int);
 typedef int (*setsockopt_fn)(int, int, int, const void *, socklen_t);
 typedef ssize_t (*sendto_fn)(int, const void *, size_t, int,
@@ -41,6 +43,8 @@ typedef int (*dup3_fn)(int, int, int);
 static struct bk_shim_policy bk_shim;
 static connect_fn real_connect;
 static listen_fn real_listen;
+static accept_fn real_accept;
+static accept4_fn real_accept4;
 static socket_fn real_socket;
 static setsockopt_fn real_setsockopt;
 static sendto_fn real_sendto;
@@ -60,9 +64,9 @@ static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
  * it (fclose() of an fdopen()ed FILE and glibc's other internal closes,
  * close_range, closefrom, a raw system call) and its number come back as
  * a socket made without socket() (socketpair, accept, dup, SCM_RIGHTS, a
- * raw system call); see bk_want.  close, dup2, dup3 and socket() reset the
- * numbers they see.  Relaxed atomics: an fd's life is ordered by the
- * system calls themselves.
+ * raw system call); see bk_want.  close, dup2, dup3, socket(), accept()
+ * and accept4() reset the numbers they see.  Relaxed atomics: an fd's
+ * life is ordered by the system calls themselves.
  */
 #define BK_TRACKED_FDS 65536
 static _Atomic bool bk_fresh[BK_TRACKED_FDS];
@@ -136,6 +140,8 @@ static void bk_init(void)
 	bk_shim_policy_load(&bk_shim);
 	real_connect = (connect_fn)lookup("connect");
 	real_listen = (listen_fn)lookup("listen");
+	real_accept = (accept_fn)lookup("accept");
+	real_accept4 = (accept4_fn)lookup("accept4");
 	real_socket = (socket_fn)lookup("socket");
 	real_setsockopt = (setsockopt_fn)lookup("setsockopt");
 	real_sendto = (sendto_fn)lookup("sendto");
@@ -200,6 +206,36 @@ BK_EXPORT int listen(int fd, int backlog)
 	if (real_listen)
 		return real_listen(fd, backlog);
 	return (int)syscall(SYS_listen, fd, backlog);
+}
+
+/* The number accept() or accept4() returns is a new connection, not a
+ * socket that socket() made: a mark left on it by a close the shim did not
+ * see would have connect() (or a send with MSG_FASTOPEN) set the policy on
+ * an established connection.  No bk_ready(), as in close(): nothing but
+ * the mark is done here, and the constructor has set the real functions
+ * by now (if not, the system call is made). */
+BK_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
+{
+	int c;
+
+	if (real_accept)
+		c = real_accept(fd, addr, len);
+	else /* accept() is accept4() without flags; aarch64 has only that */
+		c = (int)syscall(SYS_accept4, fd, addr, len, 0);
+	bk_set_fresh(c, false);
+	return c;
+}
+
+BK_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+	int c;
+
+	if (real_accept4)
+		c = real_accept4(fd, addr, len, flags);
+	else
+		c = (int)syscall(SYS_accept4, fd, addr, len, flags);
+	bk_set_fresh(c, false);
+	return c;
 }
 
 /*

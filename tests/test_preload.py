@@ -317,6 +317,8 @@ def test_exports_only_the_wrappers(lib: pathlib.Path) -> None:
         "close",
         "dup2",
         "dup3",
+        "accept",
+        "accept4",
         # TCP Fast Open connects without connect()
         "sendto",
         "sendmsg",
@@ -673,12 +675,15 @@ def test_fd_closed_behind_the_shims_back_and_reused(
     shim: Shim, sockprobe: pathlib.Path, server: Server, env: dict
 ) -> None:
     """A TCP fd closed where the shim cannot see it (fclose(fdopen()),
-    close_range) whose number comes back as a socketpair or a raw socket:
-    connect() and listen() on those must leave them alone (issue 9 #12)."""
+    close_range) whose number comes back as a socketpair, a raw socket or
+    an accepted connection: connect() and listen() on those must leave them
+    alone (issue 9 #12; the accepted connection got the policy until
+    accept() was wrapped)."""
     res = shim.run([str(sockprobe), "reuse", str(server.port)], env)
     lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("reuse ")]
     done = {(w[1], w[2]): w[3:] for w in lines if w[3] != "unavailable"}
     assert ("fclose", "socketpair") in done and ("close_range", "socketpair") in done, lines
+    assert ("fclose", "accept") in done and ("close_range", "accept") in done, lines
     if os.geteuid() == 0:  # raw sockets need CAP_NET_RAW
         assert ("fclose", "raw") in done and ("close_range", "raw") in done, lines
     for case, fields in done.items():
