@@ -373,3 +373,14 @@ def test_run_via_auto_refuses_the_shim_for_a_static_program(probes, port):
         "and BPF needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
     ]
     assert missing.returncode == 127, missing.stderr
+
+
+def test_peer_rule_refuses_keepalive():
+    """keepalive in a peer rule (--peer, [[policy.peer]]) was taken in and
+    dropped without a word: keepalive=0 did nothing."""
+    out = cli("exec", "--peer", "10.0.0.0/8,keepalive=0", "--", "true")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "bpfkeep: --peer 10.0.0.0/8,keepalive=0: keepalive: keepalive is always on; exempt "
+        "leaves these peers' connections as the program made them"
+    ]
