@@ -22,6 +22,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "peers.h"
 #include "policy.h"
 
 #define BK_EXPORT __attribute__((visibility("default")))
@@ -173,47 +174,100 @@ int bk_real_setsockopt(int fd, int level, int optname, const void *optval,
 	return (int)syscall(SYS_setsockopt, fd, level, optname, optval, optlen);
 }
 
-/* What connect() and listen() do before the real call: the policy's options
- * on a TCP socket that has not connected or listened yet, when that hook is
- * on; errno left as it was. */
-static void bk_before(int fd, unsigned hook, int side)
+/* What connect() (and a send with MSG_FASTOPEN) does before the real call:
+ * the options on a TCP socket that has not connected yet, when that hook
+ * is on; errno left as it was.  Without peer rules the policy's own
+ * values, and the destination is not looked at; with them, its peer
+ * rule's values (none for an exempt peer).  The application's address is
+ * read without faulting (bk_read_app): a bad pointer still gets the
+ * kernel's EFAULT. */
+static void bk_before_connect(int fd, const char *call,
+			      const struct sockaddr *addr, socklen_t len,
+			      const struct msghdr *msg)
 {
 	bk_ready();
-	if (bk_shim.hooks & hook) {
+	if (bk_shim.hooks & BK_HOOK_CONNECT) {
 		int saved = errno;
 
-		if (bk_want(fd))
-			bk_apply(&bk_shim, fd, side);
+		if (bk_want(fd)) {
+			const struct bk_values *v = &bk_shim.own;
+
+			if (bk_shim.peers.nrules)
+				v = msg ? bk_values_to_msg(&bk_shim, fd, msg)
+					: bk_values_to(&bk_shim, fd, call, addr,
+						       len);
+			if (v)
+				bk_apply(&bk_shim, v, fd, BK_SIDE_CONNECT);
+		}
 		errno = saved;
 	}
 }
 
 /* Options first, so that TCP_SYNCNT, TCP_USER_TIMEOUT and TCP_MAXSEG
- * govern the handshake.  fd is not checked beyond asking the kernel;
- * addr is never read (a bad pointer must give EFAULT, not a crash). */
+ * govern the handshake.  fd is not checked beyond asking the kernel. */
 BK_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
-	bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
+	bk_before_connect(fd, "connect", addr, len, NULL);
 	if (real_connect)
 		return real_connect(fd, addr, len);
 	return (int)syscall(SYS_connect, fd, addr, len);
 }
 
-/* Accepted sockets inherit the listener's options. */
+/* Without peer rules accepted sockets inherit the listener's options.
+ * With them the listener gets only its own (TCP_DEFER_ACCEPT) and is
+ * otherwise left as the program made it, so that an exempt peer's
+ * connection inherits exactly what the program set; accept() sets the
+ * others per connection. */
 BK_EXPORT int listen(int fd, int backlog)
 {
-	bk_before(fd, BK_HOOK_LISTEN, BK_SIDE_LISTEN);
+	bk_ready();
+	if (bk_shim.hooks & BK_HOOK_LISTEN) {
+		int saved = errno;
+
+		if (bk_want(fd))
+			bk_apply(&bk_shim, &bk_shim.own, fd,
+				 bk_shim.peers.nrules ? BK_AT_LISTENER
+						      : BK_SIDE_LISTEN);
+		errno = saved;
+	}
 	if (real_listen)
 		return real_listen(fd, backlog);
 	return (int)syscall(SYS_listen, fd, backlog);
 }
 
-/* The number accept() or accept4() returns is a new connection, not a
- * socket that socket() made: a mark left on it by a close the shim did not
- * see would have connect() (or a send with MSG_FASTOPEN) set the policy on
- * an established connection.  No bk_ready(), as in close(): nothing but
- * the mark is done here, and the constructor has set the real functions
- * by now (if not, the system call is made). */
+/*
+ * After accept() or accept4() returned fd.  The number is a new
+ * connection, not a socket that socket() made: a mark left on it by a
+ * close the shim did not see would have connect() (or a send with
+ * MSG_FASTOPEN) set the policy on an established connection.
+ *
+ * With peer rules (and the listen hook on), the values of the client's
+ * rule, or none for an exempt client: the policy goes on once per
+ * connection here, as at connect() on the other side.  SO_PROTOCOL leaves
+ * out AF_UNIX, MPTCP and SMC listeners' connections.  Without peer rules
+ * nothing but the mark: no bk_ready() (as in close(); the constructor has
+ * set the real functions and the rules by now), no system call.
+ */
+static void bk_accepted(int fd, const char *call)
+{
+	if (fd < 0)
+		return;
+	bk_set_fresh(fd, false);
+	if (bk_shim.peers.nrules && (bk_shim.hooks & BK_HOOK_LISTEN)) {
+		int saved = errno;
+
+		if (bk_proto_is_tcp(fd)) {
+			bool known;
+			const struct bk_values *v =
+				bk_values_of(&bk_shim, fd, call, &known);
+
+			if (v)
+				bk_apply(&bk_shim, v, fd, BK_AT_ACCEPT);
+		}
+		errno = saved;
+	}
+}
+
 BK_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
 {
 	int c;
@@ -222,7 +276,7 @@ BK_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
 		c = real_accept(fd, addr, len);
 	else /* accept() is accept4() without flags; aarch64 has only that */
 		c = (int)syscall(SYS_accept4, fd, addr, len, 0);
-	bk_set_fresh(c, false);
+	bk_accepted(c, "accept");
 	return c;
 }
 
@@ -234,7 +288,7 @@ BK_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 		c = real_accept4(fd, addr, len, flags);
 	else
 		c = (int)syscall(SYS_accept4, fd, addr, len, flags);
-	bk_set_fresh(c, false);
+	bk_accepted(c, "accept4");
 	return c;
 }
 
@@ -249,7 +303,7 @@ BK_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
 			 const struct sockaddr *addr, socklen_t alen)
 {
 	if (flags & MSG_FASTOPEN)
-		bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
+		bk_before_connect(fd, "sendto", addr, alen, NULL);
 	if (real_sendto)
 		return real_sendto(fd, buf, len, flags, addr, alen);
 	return syscall(SYS_sendto, fd, buf, len, flags, addr, alen);
@@ -258,7 +312,7 @@ BK_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
 BK_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
 	if (flags & MSG_FASTOPEN)
-		bk_before(fd, BK_HOOK_CONNECT, BK_SIDE_CONNECT);
+		bk_before_connect(fd, "sendmsg", NULL, 0, msg);
 	if (real_sendmsg)
 		return real_sendmsg(fd, msg, flags);
 	return syscall(SYS_sendmsg, fd, msg, flags);
@@ -282,7 +336,7 @@ BK_EXPORT int socket(int domain, int type, int protocol)
 		if (tcp && (bk_shim.hooks & BK_HOOK_SOCKET)) {
 			int saved = errno;
 
-			bk_apply(&bk_shim, fd, BK_AT_SOCKET);
+			bk_apply(&bk_shim, &bk_shim.own, fd, BK_AT_SOCKET);
 			errno = saved;
 		}
 	}
@@ -326,7 +380,7 @@ BK_EXPORT int setsockopt(int fd, int level, int optname, const void *optval,
 	int capped;
 
 	bk_ready();
-	if (bk_shim.enforce) {
+	if (bk_shim.enforce_any) {
 		int saved = errno;
 		bool rewrite = bk_enforce(&bk_shim, fd, level, optname, optval,
 					  optlen, &capped);

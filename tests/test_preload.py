@@ -26,7 +26,7 @@ import pytest
 
 from bpfkeep import preload
 from bpfkeep.errors import EnvironmentProblem, UsageError
-from bpfkeep.options import Policy
+from bpfkeep.options import OPTIONS, Policy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HELPERS = ROOT / "tests" / "preload_helpers"
@@ -110,11 +110,36 @@ class Result:
             out.append(life)
         return out
 
+    def accepted(self) -> dict[str, list[Call]]:
+        """The calls on each connection accept() or accept4() returned, by
+        the peer's address, until its fd is reused."""
+        calls = self.calls()
+        out = {}
+        for i, c in enumerate(calls):
+            m = re.search(r'inet_(?:addr\("|pton\(AF_INET6, ")([^"]+)"', c.args)
+            if c.name not in ("accept", "accept4") or c.ret < 0 or not m:
+                continue
+            life = []
+            for later in calls[i + 1 :]:
+                if later.pid != c.pid:
+                    continue
+                if later.name in ("socket", "accept", "accept4") and later.ret == c.ret:
+                    break
+                if later.fd == c.ret:
+                    life.append(later)
+            out[m.group(1)] = life
+        return out
+
     def sets(self, n: int = 0) -> dict[str, int]:
         """Successful setsockopt, option -> value, on the n-th TCP socket;
         each option at most once."""
+        return self.sets_of(self.tcp_sockets()[n])
+
+    def sets_of(self, life: list[Call]) -> dict[str, int]:
+        """Successful setsockopt, option -> value, among a socket's calls;
+        each option at most once."""
         out: dict[str, int] = {}
-        for c in self.tcp_sockets()[n]:
+        for c in life:
             if c.name != "setsockopt":
                 continue
             m = SETSOCKOPT.match(c.args)
@@ -148,6 +173,7 @@ class Shim:
         *,
         strace: bool = True,
         preload_lib: bool = True,
+        trace: str = "network",
     ) -> tuple[list[str], dict[str, str], pathlib.Path]:
         """argv (under strace when it can trace here), its environment, the
         trace file (read it with :func:`read_trace`)."""
@@ -157,12 +183,12 @@ class Shim:
             env["LD_PRELOAD"] = str(self.lib)
         env.update(extra or {})
         self.n += 1
-        trace = self.tmp / f"trace{self.n}"
+        out = self.tmp / f"trace{self.n}"
         if strace and strace_problem() is None:
             # -E: the shim goes into the traced program, not into strace.
             pre = ["-E", "LD_PRELOAD=" + env.pop("LD_PRELOAD")] if "LD_PRELOAD" in env else []
-            argv = ["strace", "-f", "-qq", "-e", "trace=network", "-o", str(trace), *pre, *argv]
-        return argv, env, trace
+            argv = ["strace", "-f", "-qq", "-e", f"trace={trace}", "-o", str(out), *pre, *argv]
+        return argv, env, out
 
     def run(
         self,
@@ -172,12 +198,15 @@ class Shim:
         strace: bool = True,
         preload_lib: bool = True,
         check: bool = True,
+        trace: str = "network",
     ) -> Result:
-        cmd, full_env, trace = self.command(argv, env, strace=strace, preload_lib=preload_lib)
+        cmd, full_env, trace_file = self.command(
+            argv, env, strace=strace, preload_lib=preload_lib, trace=trace
+        )
         p = subprocess.run(
             cmd, env=full_env, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
         )
-        res = Result(p.returncode, p.stdout, p.stderr, read_trace(trace) if strace else None)
+        res = Result(p.returncode, p.stdout, p.stderr, read_trace(trace_file) if strace else None)
         if check:
             assert p.returncode == 0, f"{cmd} failed:\n{p.stdout}\n{p.stderr}"
         return res
@@ -846,6 +875,383 @@ def test_socket_hook_under_another_connect_wrapper(
     assert seen.records()[0]["keepalive"] == 1
 
 
+# --- peer rules (BPFKEEP_PEERS) ----------------------------------------------------
+#
+# Loopback only: 127.0.0.0/8 is all local, so 127.0.0.2 and 127.0.0.3 are
+# peers of their own; a connect() to a port where nothing listens is
+# refused at once, and the shim has set its options before it, so values
+# can be read back from refused sockets too.
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, Server]]:
+    """Listeners on 127.0.0.1, 127.0.0.2, 127.0.0.3 and ::1."""
+    made = {host: Server(host) for host in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "::1")}
+    yield made
+    for s in made.values():
+        s.close()
+
+
+def _peers(shim: Shim, env: dict, *targets: tuple[str, int], **kw) -> tuple[Result, list[dict]]:
+    """probe.py peers: one connection per (host, port), in order; the
+    records, in the same order."""
+    args = [x for host, port in targets for x in (host, str(port))]
+    res = shim.probe("peers", *args, env=env, **kw)
+    got = res.records()
+    assert [(r["host"], r["port"]) for r in got] == list(targets)
+    return res, got
+
+
+def _policy_of(got: dict) -> tuple[int, int, int, int, int]:
+    return (
+        got["keepalive"],
+        got["keepidle"],
+        got["keepintvl"],
+        got["keepcnt"],
+        got["user_timeout"],
+    )
+
+
+def test_peer_rules_give_each_peer_its_values(shim: Shim, servers: dict[str, Server]) -> None:
+    """Two IPv4 peers and ::1.  Keys a rule does not give come from the
+    policy; a rule's derived user timeout follows its own times."""
+    env = {
+        "TCP_KEEPIDLE": "20",
+        "BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepcnt=2 ; ::1, keepintvl=7, user_timeout=9000",
+    }
+    targets = [(h, servers[h].port) for h in ("127.0.0.1", "127.0.0.2", "::1")]
+    res, got = _peers(shim, env, *targets)
+    want = [
+        {**DEFAULTS, "TCP_KEEPIDLE": 20, "TCP_USER_TIMEOUT": 155_000},  # the policy's
+        {**DEFAULTS, "TCP_KEEPIDLE": 300, "TCP_KEEPCNT": 2, "TCP_USER_TIMEOUT": 330_000},
+        {**DEFAULTS, "TCP_KEEPIDLE": 20, "TCP_KEEPINTVL": 7, "TCP_USER_TIMEOUT": 9000},
+    ]
+    for n, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert g["rc"] == 0, g
+        assert res.sets(n) == w, (n, res.trace)
+        res.assert_set_before("connect", n)
+        # What the kernel holds, read back on the connected socket.
+        assert _policy_of(g) == (
+            1,
+            w["TCP_KEEPIDLE"],
+            w["TCP_KEEPINTVL"],
+            w["TCP_KEEPCNT"],
+            w["TCP_USER_TIMEOUT"],
+        )
+
+
+def test_exempt_peer_left_as_the_program_made_it(shim: Shim, servers: dict[str, Server]) -> None:
+    env = {"TCP_SYNCNT": "3", "BPFKEEP_PEERS": "127.0.0.2,exempt;::1,exempt"}
+    targets = [(h, servers[h].port) for h in ("127.0.0.2", "127.0.0.1", "::1")]
+    res, got = _peers(shim, env, *targets)
+    assert res.sets(0) == {} and res.sets(2) == {}, res.trace  # not one setsockopt
+    assert res.sets(1) == {**DEFAULTS, "TCP_SYNCNT": 3}
+    for g in (got[0], got[2]):
+        assert (g["keepalive"], g["user_timeout"]) == (0, 0), g
+        assert g["keepidle"] == kernel_default(KEEPALIVE_TIME)
+        assert g["syncnt"] == kernel_default("tcp_syn_retries")
+    assert (got[1]["keepalive"], got[1]["syncnt"]) == (1, 3)
+
+
+@pytest.fixture
+def closed_ports() -> Iterator[list[int]]:
+    """Three bound, non-listening ports on 127.0.0.1."""
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    yield [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+
+
+def test_port_rules(shim: Shim, closed_ports: list[int]) -> None:
+    """A port rule over none at the same prefix, the narrower range over
+    the wider, the first written between equals -- but the longest prefix
+    first: a port rule of a shorter prefix loses to any rule of a longer."""
+    p1, p2, p3 = closed_ports
+    rules = [
+        "127.0.0.1,port=1-65535,keepidle=101",
+        f"127.0.0.1,port={p1},keepidle=102",
+        f"127.0.0.0/8,port={p2},keepidle=103",
+        "127.0.0.0/8,keepidle=104",
+        f"127.0.0.1/32,port={p1},keepidle=105",  # the same as the second: first written wins
+        f"127.0.0.2,port={min(p3, 65000)}-{min(p3, 65000) + 10},keepidle=106",
+        "127.0.0.2,port=1-65535,keepidle=107",
+    ]
+    env = {"BPFKEEP_PEERS": ";".join(rules)}
+    targets = [
+        ("127.0.0.1", p1),  # 102: the narrowest range at /32
+        ("127.0.0.1", p2),  # 101: /32's 1-65535 beats /8's port p2
+        ("127.0.0.3", p2),  # 103: /8 with port p2 beats /8 without
+        ("127.0.0.3", p1),  # 104
+        ("127.0.0.2", min(p3, 65000) + 5),  # 106: 11 ports beat 65535
+        ("127.0.0.2", 1),  # 107
+    ]
+    _res, got = _peers(shim, env, *targets, strace=False)
+    assert [g["keepidle"] for g in got] == [102, 101, 103, 104, 106, 107], got
+
+
+def test_longest_prefix_wins(shim: Shim, closed_ports: list[int]) -> None:
+    port = closed_ports[0]
+    env = {
+        "BPFKEEP_PEERS": "127.0.0.0/8,keepidle=200;127.0.0.2/32,keepidle=300;"
+        "127.0.0.0/16,keepidle=250;::/0,keepidle=99"
+    }
+    hosts = ["127.0.0.2", "127.0.0.1", "127.1.0.1", "::1"]
+    _res, got = _peers(shim, env, *[(h, port) for h in hosts], strace=False)
+    assert [g["keepidle"] for g in got] == [300, 250, 200, 99], got
+
+
+def test_ipv4_mapped_peers_match_ipv4_rules(shim: Shim, servers: dict[str, Server]) -> None:
+    """An IPv6 socket talking to ::ffff:127.0.0.2 gets 127.0.0.2's rule,
+    and an IPv4 rule written the IPv6 way matches IPv4 sockets."""
+    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300;::ffff:127.0.0.0/104,keepidle=250"}
+    targets = [
+        ("::ffff:127.0.0.2", servers["127.0.0.2"].port),
+        ("127.0.0.3", servers["127.0.0.3"].port),
+        ("::1", servers["::1"].port),
+    ]
+    _res, got = _peers(shim, env, *targets, strace=False)
+    assert [g["rc"] for g in got] == [0, 0, 0]
+    assert [g["keepidle"] for g in got] == [300, 250, 15], got
+
+
+def _connect_from(source: str, port: int, payload: bytes = b"x") -> socket.socket:
+    c = socket.socket()
+    c.bind((source, 0))
+    c.connect(("127.0.0.1", port))
+    c.sendall(payload)  # TCP_DEFER_ACCEPT waits for data
+    return c
+
+
+def test_accepted_connections_get_their_clients_rule(shim: Shim) -> None:
+    """With peer rules the listener is left as the program made it (but for
+    TCP_DEFER_ACCEPT, a listener's option) and each accepted connection
+    gets its client's rule; an exempt client's inherits exactly what the
+    program set on the listener."""
+    env = {
+        "TCP_DEFER_ACCEPT": "5",
+        "TCP_KEEPCNT": "4",
+        "BPFKEEP_PEERS": "127.0.0.2,keepidle=300;127.0.0.3,exempt",
+    }
+    # The program's own choices on its listener, before listen().
+    cmd, full_env, trace = shim.command(
+        [PYTHON, PROBE, "serve", "127.0.0.1", "3", "keepalive=1", "keepidle=1800"], env
+    )
+    p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        port = json.loads(p.stdout.readline())["port"]
+        clients = [_connect_from(src, port) for src in ("127.0.0.2", "127.0.0.3", "127.0.0.1")]
+        # Not communicate(): it reads the pipe past what readline() has
+        # buffered already, losing lines the probe wrote at once.
+        out = p.stdout.read()
+        p.wait(timeout=15)
+    finally:
+        for c in clients:
+            c.close()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0
+    records = [json.loads(x) for x in out.splitlines()]
+    acc = {r["peer"]: r for r in records if "peer" in r}
+    listener = records[-1]["listener"]
+    assert listener["keepalive"] == 1 and listener["keepidle"] == 1800  # the program's
+    assert listener["user_timeout"] == 0 and listener["defer_accept"] > 0
+    assert (acc["127.0.0.2"]["keepalive"], acc["127.0.0.2"]["keepidle"]) == (1, 300)
+    assert acc["127.0.0.2"]["keepcnt"] == 4
+    assert acc["127.0.0.2"]["user_timeout"] == (300 + 15 * 4) * 1000
+    assert acc["127.0.0.3"] == {"peer": "127.0.0.3", **listener, "defer_accept": 0}
+    assert (acc["127.0.0.1"]["keepidle"], acc["127.0.0.1"]["keepcnt"]) == (15, 4)
+    assert acc["127.0.0.1"]["user_timeout"] == (15 + 15 * 4) * 1000
+    res = Result(p.returncode, "", "", read_trace(trace))
+    # The listener: the program's two options, and TCP_DEFER_ACCEPT.
+    assert res.sets(0) == {"SO_KEEPALIVE": 1, "TCP_KEEPIDLE": 1800, "TCP_DEFER_ACCEPT": 5}
+    lives = res.accepted()
+    assert res.sets_of(lives["127.0.0.3"]) == {}
+    assert res.sets_of(lives["127.0.0.2"]) == {
+        "TCP_KEEPIDLE": 300,
+        "TCP_KEEPINTVL": 15,
+        "TCP_KEEPCNT": 4,
+        "TCP_USER_TIMEOUT": 360_000,
+        "SO_KEEPALIVE": 1,
+    }
+
+
+def test_accept_in_c_gets_the_clients_rule(shim: Shim, probes: dict[str, str]) -> None:
+    """accept() (the C probe), not only Python's accept4()."""
+    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepintvl=6"}
+    cmd, full_env, _ = shim.command(
+        [probes["dynamic"], "listen", "127.0.0.1", "0"], env, strace=False
+    )
+    p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(p.stdout.readline().split()[1])
+        client = _connect_from("127.0.0.2", port)
+        # Not communicate(): it reads the pipe past what readline() has
+        # buffered already, losing lines the probe wrote at once.
+        out = p.stdout.read()
+        p.wait(timeout=15)
+        client.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    line = next(x for x in out.splitlines() if x.startswith("accepted "))
+    got = {k: int(v) for k, v in (f.split("=") for f in line.split()[1:])}
+    assert (got["keepalive"], got["keepidle"], got["keepintvl"]) == (1, 300, 6), line
+    listener = next(x for x in out.splitlines() if x.startswith("listener "))
+    assert "keepalive=0 " in listener, listener  # no policy on the listener
+
+
+def test_enforce_caps_by_the_peers_rule(shim: Shim, servers: dict[str, Server]) -> None:
+    """BPFKEEP_ENFORCE caps each socket by its peer's rule; an exempt peer
+    and a rule with mode=set are not capped."""
+    env = {
+        "BPFKEEP_ENFORCE": "1",
+        "BPFKEEP_PEERS": "127.0.0.2,keepidle=300;127.0.0.3,exempt;::1,mode=set",
+    }
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"]
+    targets = [x for h in hosts for x in (h, str(servers[h].port))]
+    got = shim.probe("peers", "--weaken", *targets, env=env, strace=False).records()
+    assert [g["rc"] for g in got] == [0] * 4, got
+    # keepalive, keepidle, user_timeout after the program's 0, 10000, 0
+    assert [(g["keepalive"], g["keepidle"], g["user_timeout"]) for g in got] == [
+        (1, 15, 150_000),  # the policy's values cap it
+        (1, 300, 435_000),  # its rule's
+        (0, 10000, 0),  # exempt: the program's
+        (0, 10000, 0),  # mode=set: set at connect, not capped
+    ]
+    # Without BPFKEEP_ENFORCE, a rule may enforce on its own.
+    env = {"BPFKEEP_PEERS": "127.0.0.2,mode=enforce"}
+    targets = [x for h in hosts[:2] for x in (h, str(servers[h].port))]
+    got = shim.probe("peers", "--weaken", *targets, env=env, strace=False).records()
+    assert [(g["keepalive"], g["keepidle"]) for g in got] == [(0, 10000), (1, 15)]
+
+
+def test_enforce_caps_a_connection_still_connecting(shim: Shim) -> None:
+    """A non-blocking connect() still in SYN_SENT has no peer for
+    getpeername(); SO_PEERNAME tells it, so enforce mode caps it by its
+    rule.  The listener's accept queue is full: the SYN goes unanswered."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.2", 0))
+    ls.listen(0)
+    port = ls.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.2", port))  # fills the queue
+    try:
+        env = {"BPFKEEP_ENFORCE": "1", "BPFKEEP_PEERS": "127.0.0.2,keepidle=300"}
+        got = shim.probe(
+            "peers", "--nonblock", "--weaken", "127.0.0.2", str(port), env=env, strace=False
+        ).records()[0]
+    finally:
+        filler.close()
+        ls.close()
+    assert got["rc"] == "EINPROGRESS" and got["state"] == 2, got  # TCP_SYN_SENT
+    assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (1, 300, 435_000), got
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+def test_tcp_fast_open_gets_the_peers_rule(shim: Shim, server: Server, how: str) -> None:
+    if not kernel_default("tcp_fastopen") & 1:
+        pytest.skip("net.ipv4.tcp_fastopen has client mode off")
+    env = {"BPFKEEP_PEERS": "127.0.0.1,keepidle=300;127.0.0.2,exempt"}
+    res = shim.probe("tfo", "127.0.0.1", str(server.port), how, env=env)
+    assert res.sets() == {**DEFAULTS, "TCP_KEEPIDLE": 300, "TCP_USER_TIMEOUT": 435_000}
+    res.assert_set_before(how)
+
+
+def test_bad_peer_items_ignored_with_a_debug_line(shim: Shim, closed_ports: list[int]) -> None:
+    """An item is applied as written or not at all: a bad value is never
+    taken for 0 (the kernel default), and a host name is never resolved."""
+    bad = [
+        "127.0.0.2,keepidle=abc",
+        "localhost,keepidle=5",
+        "127.0.0.3,exempt,keepidle=4",
+        "127.0.0.4/33,keepidle=6",
+        "127.0.0.5,defer_accept=3",
+        "127.0.0.6,port=0",
+        "127.0.0.7,keepidle=7,keepidle=8",
+        "127.0.0.8,keepidle=9,",
+    ]
+    env = {"BPFKEEP_PEERS": ";".join([*bad, "127.0.0.1,keepidle=300"])}
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    targets = [(h, closed_ports[0]) for h in hosts]
+    _r, quiet = _peers(shim, env, *targets, strace=False)
+    loud_res, loud = _peers(shim, {**env, "BPFKEEP_DEBUG": "1"}, *targets, strace=False)
+    assert _r.stderr == ""
+    for got in (quiet, loud):
+        assert [g["keepidle"] for g in got] == [300, 15, 15, 15, 15], got
+        assert all(g["keepalive"] == 1 for g in got)  # no item made an exemption
+    lines = [x for x in loud_res.stderr.splitlines() if "BPFKEEP_PEERS" in x]
+    assert len(lines) == len(bad), loud_res.stderr
+    for item, line in zip(bad, lines, strict=True):
+        assert line.startswith(f'libbpfkeep: BPFKEEP_PEERS item "{item}": ') and line.endswith(
+            ": ignored"
+        ), line
+    assert "host name" in lines[1]
+
+
+def test_more_than_64_peer_rules_ignored_with_a_debug_line(
+    shim: Shim, closed_ports: list[int]
+) -> None:
+    rules = [f"10.0.{i}.0/24,keepidle={i + 1}" for i in range(64)]
+    env = {"BPFKEEP_PEERS": ";".join([*rules, "127.0.0.1,keepidle=300"]), "BPFKEEP_DEBUG": ""}
+    res, got = _peers(shim, env, ("127.0.0.1", closed_ports[0]), strace=False)
+    assert got[0]["keepidle"] == 15
+    assert (
+        'more than 64 rules: the 1 item(s) from "127.0.0.1,keepidle=300" on are ignored'
+        in res.stderr
+    )
+
+
+def test_socket_hook_ignores_peer_rules(shim: Shim, server: Server) -> None:
+    """At socket() the peer is not known: an exempt peer would get the
+    policy all the same.  The rules are ignored, and the debug line says so."""
+    env = {"BPFKEEP_HOOK": "socket", "BPFKEEP_PEERS": "127.0.0.1,exempt", "BPFKEEP_DEBUG": "1"}
+    res = shim.probe("client", "127.0.0.1", str(server.port), env=env)
+    assert res.sets() == DEFAULTS
+    assert "BPFKEEP_PEERS ignored: BPFKEEP_HOOK=socket" in res.stderr
+
+
+def test_no_peer_rules_no_extra_work(shim: Shim, server: Server) -> None:
+    """Without BPFKEEP_PEERS a connect() costs what it did: the destination
+    is not read, no peer is asked for."""
+    res = shim.probe("client", "127.0.0.1", str(server.port), trace="network,process_vm_readv")
+    life = [c.name for c in res.tcp_sockets()[0]]
+    assert life[: life.index("connect") + 1] == ["getsockopt", *["setsockopt"] * 5, "connect"]
+    assert "process_vm_readv" not in res.trace and "getpeername" not in res.trace
+    # With rules the destination is read, once.
+    ruled = shim.probe(
+        "client",
+        "127.0.0.1",
+        str(server.port),
+        env={"BPFKEEP_PEERS": "127.0.0.2,exempt"},
+        trace="network,process_vm_readv",
+    )
+    assert ruled.trace.count("process_vm_readv(") == 1, ruled.trace
+
+
+def test_no_peer_rules_accept_asks_nothing(shim: Shim) -> None:
+    """Without BPFKEEP_PEERS accepted connections inherit the listener's
+    options, and accept() asks the kernel nothing more."""
+    cmd, env, trace = shim.command([PYTHON, PROBE, "server", "127.0.0.1"])
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(p.stdout.readline())["port"]
+        _connect_when_listening(port, b"x")
+        out, _ = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert json.loads(out.splitlines()[-1])["accepted"]["keepidle"] == 15
+    res = Result(p.returncode, "", "", read_trace(trace))
+    (life,) = res.accepted().values()
+    # Only Python's getsockname and the probe's getsockopt of the values:
+    # no SO_PROTOCOL, no peer asked for, nothing set.
+    assert {c.name for c in life} == {"getsockname", "getsockopt"}, life
+    assert not any("SO_PROTOCOL" in c.args for c in life), life
+    assert "getpeername" not in res.trace
+
+
 # --- bpfkeep.preload ----------------------------------------------------------------
 
 
@@ -917,6 +1323,13 @@ def test_preload_env_runs_the_policy(shim: Shim, server: Server) -> None:
     }
     got = res.records()[0]
     assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (1, 42, 52_000)
+
+
+def test_shim_rule_keys_are_the_policy_keys() -> None:
+    """The shim finds a rule's KEY by the option's name less its "TCP_" or
+    "SO_" (option_by_key in preload/policy.c): that is the policy key."""
+    for opt in OPTIONS:
+        assert opt.key == opt.optname.split("_", 1)[1].lower(), opt
 
 
 def test_library_path(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
