@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import socket
@@ -24,9 +26,9 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from bpfkeep import preload
+from bpfkeep import peers, preload
 from bpfkeep.errors import EnvironmentProblem, UsageError
-from bpfkeep.options import OPTIONS, Policy
+from bpfkeep.options import OPTIONS, TUNABLE, Policy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HELPERS = ROOT / "tests" / "preload_helpers"
@@ -1252,6 +1254,182 @@ def test_no_peer_rules_accept_asks_nothing(shim: Shim) -> None:
     assert "getpeername" not in res.trace
 
 
+# --- the shim's choice is bpfkeep.peers.match's ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def peermatch(cc) -> pathlib.Path:
+    """The shim's own policy.c and peers.c under a test driver."""
+    pre = ROOT / "preload"
+    return cc(
+        "peermatch",
+        HELPERS / "peermatch.c",
+        str(pre / "policy.c"),
+        str(pre / "peers.c"),
+        f"-I{pre}",
+        f"-I{ROOT / 'bpf'}",
+        "-D_GNU_SOURCE",
+        "-Wextra",
+        "-Werror",
+    )
+
+
+V4_BASES = ["10.0.0.0", "10.1.0.0", "10.1.2.0", "10.1.2.3", "10.1.2.200", "127.0.0.1", "0.0.0.0"]
+V6_BASES = ["fd00::", "fd00:1::", "fd00:1::5", "::1", "::ffff:10.1.0.0", "::"]
+PORTS = [1, 79, 80, 85, 90, 443, 5432, 5439, 65535]
+
+
+def _random_rules(rng: random.Random) -> tuple[dict, list[dict]]:
+    """A policy's given values and its peer rule tables: few networks, so
+    that they nest and overlap; ports and port ranges that overlap too."""
+    given = {
+        k: v
+        for k, v in {
+            "keepidle": rng.choice([None, 0, 15, 60]),
+            "keepcnt": rng.choice([None, 0, 3]),
+            "user_timeout": rng.choice([None, None, 0, 5000]),
+            "mode": rng.choice(["set", "enforce"]),
+        }.items()
+        if v is not None
+    }
+    tables = []
+    for _ in range(rng.randint(1, 12)):
+        if rng.random() < 0.6:
+            net = f"{rng.choice(V4_BASES)}/{rng.choice([0, 8, 16, 24, 31, 32])}"
+        else:
+            net = f"{rng.choice(V6_BASES)}/{rng.choice([0, 16, 64, 100, 104, 120, 128])}"
+        table: dict[str, object] = {"address": net}
+        if rng.random() < 0.5:
+            lo = rng.choice(PORTS[:-1])
+            table["port"] = (
+                str(lo)
+                if rng.random() < 0.5
+                else f"{lo}-{rng.choice([p for p in PORTS if p >= lo])}"
+            )
+        if rng.random() < 0.25:
+            table["exempt"] = True
+        else:
+            for key, choices in (
+                ("keepidle", [300, 0, 7]),
+                ("keepintvl", [5, 0]),
+                ("user_timeout", [9000, 0]),
+                ("maxseg", [1200]),
+                ("mode", ["set", "enforce"]),
+            ):
+                if rng.random() < 0.3:
+                    table[key] = rng.choice(choices)
+        tables.append(table)
+    return given, tables
+
+
+def _random_peers(
+    rng: random.Random, rules: tuple[peers.Peer, ...], n: int
+) -> list[tuple[str, int]]:
+    """Addresses in, at the edges of and outside the rules' networks, IPv4
+    ones also written IPv4-mapped."""
+    out = []
+    for _ in range(n):
+        net = rng.choice([p.networks[0] for p in rules])
+        size = net.num_addresses
+        pick = rng.choice([0, size - 1, rng.randrange(size), size, -1])
+        addr = ipaddress.IPv6Address((int(net.network_address) + pick) % 2**128)
+        text = str(addr.ipv4_mapped or addr) if rng.random() < 0.7 else str(addr)
+        out.append((text, rng.choice(PORTS)))
+    out += [("10.1.2.3", 80), ("::ffff:10.1.2.3", 80), ("192.0.2.1", 443), ("2001:db8::1", 80)]
+    return out
+
+
+def _shim_rules(policy: Policy) -> list[str]:
+    """What peermatch prints for each rule: the values bpfkeep.peers gave it."""
+    out = []
+    for p in policy.peers:
+        if p.policy is None:
+            out.append("exempt")
+            continue
+        vals = " ".join(f"{o.key}={p.policy.value(o.key)}" for o in TUNABLE if o.side != "listen")
+        out.append(f"{vals} mode={p.policy.mode}")
+    return out
+
+
+def test_shims_choice_is_peers_match(peermatch: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Random rule sets and peers: the shim's matcher (its own C, fed the
+    variable bpfkeep exec writes) picks the rule bpfkeep.peers.match picks
+    from flatten, and each rule carries the values peers.build gave it."""
+    rng = random.Random(18)
+    checked = 0
+    while checked < 150:
+        given, tables = _random_rules(rng)
+        try:
+            rules = peers.build(given, tables)
+        except UsageError:
+            continue  # duplicates, too many port rules at one address: refused
+        policy = Policy.from_mapping(given).with_peers(rules)
+        env = preload.preload_env(policy, {**fake_lib(tmp_path), "PATH": "/usr/bin:/bin"})
+        targets = _random_peers(rng, rules, 40)
+        out = subprocess.run(
+            [str(peermatch), "match"],
+            input="".join(f"{a} {p}\n" for a, p in targets),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        table = peers.flatten(rules)
+        want = [str(peers.match(table, a, p)) for a, p in targets]
+        assert out == want, (
+            env["BPFKEEP_PEERS"],
+            [t for t, o, w in zip(targets, out, want, strict=True) if o != w],
+        )
+        got_rules = subprocess.run(
+            [str(peermatch), "rules"], env=env, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        assert got_rules == _shim_rules(policy), env
+        checked += 1
+
+
+_DEBUG_CHOICE = re.compile(
+    r"connect\(\d+\): peer (\S+) port (\d+): (?:peer rule (\d+)|no peer rule)"
+)
+
+
+def test_shims_choice_on_real_connects(shim: Shim, closed_ports: list[int]) -> None:
+    """The same through the library itself: connections to random 127/8
+    peers (refused at once), the rule each got read from its debug line."""
+    rng = random.Random(1818)
+    done = 0
+    while done < 4:
+        tables = []
+        for _ in range(rng.randint(3, 9)):
+            net = f"127.{rng.choice([0, 1])}.{rng.choice([0, 2])}.{rng.choice([0, 1, 5])}"
+            table: dict[str, object] = {"address": f"{net}/{rng.choice([8, 16, 24, 30, 32])}"}
+            if rng.random() < 0.5:
+                table["port"] = str(rng.choice(closed_ports))
+            table["keepidle"] = rng.randint(1, 999)
+            tables.append(table)
+        try:
+            rules = peers.build({}, tables)
+        except UsageError:
+            continue
+        env = {
+            "BPFKEEP_PEERS": preload.peers_value(Policy().with_peers(rules)),
+            "BPFKEEP_DEBUG": "1",
+        }
+        hosts = [
+            f"127.{rng.choice([0, 1, 9])}.{rng.choice([0, 2, 3])}.{rng.choice([1, 2, 5, 7])}"
+            for _ in range(25)
+        ]
+        targets = [(h, rng.choice(closed_ports)) for h in hosts]
+        res, got = _peers(shim, env, *targets, strace=False)
+        choices = [m.groups() for m in map(_DEBUG_CHOICE.search, res.stderr.splitlines()) if m]
+        table = peers.flatten(rules)
+        assert [(h, str(p)) for h, p, _ in choices] == [(h, str(p)) for h, p in targets]
+        for (host, port), (_h, _p, rule), g in zip(targets, choices, got, strict=True):
+            n = peers.match(table, host, port)
+            assert int(rule or 0) == n, (env, host, port)
+            assert g["keepidle"] == (rules[n - 1].policy.keepidle if n else 15)
+        done += 1
+
+
 # --- bpfkeep.preload ----------------------------------------------------------------
 
 
@@ -1323,6 +1501,69 @@ def test_preload_env_runs_the_policy(shim: Shim, server: Server) -> None:
     }
     got = res.records()[0]
     assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (1, 42, 52_000)
+
+
+def _with_peers(given: dict, *specs: str) -> Policy:
+    rules = peers.build(given, [peers.parse_spec(s) for s in specs])
+    return Policy.from_mapping(given).with_peers(rules)
+
+
+def test_preload_env_peer_rules(tmp_path: pathlib.Path) -> None:
+    """One item per rule, in order; only the values where the rule differs
+    from the policy (a derived user timeout follows the rule's times); a
+    host name's addresses as alternatives, the name kept; a name that did
+    not resolve left out; an IPv6 scope dropped (the lookup ignores it)."""
+    policy = _with_peers(
+        {"keepidle": 20},
+        "10.20.0.0/16,keepidle=300",
+        "::1,exempt",
+        "127.0.0.1,port=5432-5439,keepcnt=3,mode=enforce",
+        "db.example,port=80,keepintvl=5",
+        "gone.example,keepidle=1",
+        "fe80::1%eth0,user_timeout=5000",
+        "::ffff:10.0.0.0/104,keepidle=20",
+    )
+    lookup = {"db.example": ["10.9.0.1", "fd00::9"], "gone.example": []}
+    failed = []
+    resolved = peers.resolve_names(
+        policy, peers.Resolver(lookup.__getitem__), lambda name, why: failed.append(name)
+    )
+    assert failed == ["gone.example"]
+    env = preload.preload_env(resolved, fake_lib(tmp_path))
+    assert env["BPFKEEP_PEERS"].split(";") == [
+        "10.20.0.0/16,keepidle=300,user_timeout=435000",
+        "::1,exempt",
+        "127.0.0.1,port=5432-5439,keepcnt=3,user_timeout=65000,mode=enforce",
+        "10.9.0.1|fd00::9,port=80,name=db.example,keepintvl=5,user_timeout=65000",
+        "fe80::1,user_timeout=5000",
+        "10.0.0.0/8",  # the policy's values: only the rule's place
+    ]
+    assert env["TCP_KEEPIDLE"] == "20" and env["TCP_USER_TIMEOUT"] == "155000"
+
+
+def test_preload_env_peer_rules_removed_refused_and_bounded(tmp_path: pathlib.Path) -> None:
+    inherited = {**fake_lib(tmp_path), "BPFKEEP_PEERS": "127.0.0.1,exempt"}
+    assert "BPFKEEP_PEERS" not in preload.preload_env(Policy(), inherited)
+    ruled = _with_peers({}, "127.0.0.1,exempt")
+    with pytest.raises(UsageError, match="before the peer is known"):
+        preload.preload_env(ruled, fake_lib(tmp_path), hook="socket")
+    many = _with_peers({}, *(f"10.0.{i}.0/24,keepidle=7" for i in range(65)))
+    with pytest.raises(UsageError, match="at most 64 rules"):
+        preload.preload_env(many, fake_lib(tmp_path))
+    assert len(preload.peers_value(_with_peers({}, *(f"10.0.{i}.0/24" for i in range(64))))) > 0
+    wide = _with_peers({}, "big.example,keepidle=7")
+    addrs = [f"10.1.{i // 256}.{i % 256}" for i in range(257)]
+    wide = peers.resolve_names(wide, peers.Resolver(lambda name: addrs))
+    with pytest.raises(UsageError, match="256 addresses"):
+        preload.preload_env(wide, fake_lib(tmp_path))
+
+
+def test_shim_bounds_are_preloads() -> None:
+    """preload.py refuses what the shim would ignore: the same bounds."""
+    header = (ROOT / "preload" / "policy.h").read_text()
+    bound = dict(re.findall(r"#define (BK_PEER_MAX_\w+) (\d+)", header))
+    assert int(bound["BK_PEER_MAX_RULES"]) == preload.MAX_PEER_RULES
+    assert int(bound["BK_PEER_MAX_NETS"]) == preload.MAX_PEER_ADDRESSES
 
 
 def test_shim_rule_keys_are_the_policy_keys() -> None:
