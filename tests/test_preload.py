@@ -1105,6 +1105,39 @@ def test_accept_in_c_gets_the_clients_rule(shim: Shim, probes: dict[str, str]) -
     assert "keepalive=0 " in listener, listener  # no policy on the listener
 
 
+def test_socket_activated_listeners_connections_get_their_rule(
+    shim: Shim, probes: dict[str, str]
+) -> None:
+    """A listener another process made (systemd socket activation): the
+    shim never saw it listen(), yet with peer rules each connection it
+    accepts gets its client's rule."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    handover = (
+        "import os, sys\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n"
+    )
+    fd = lst.fileno()
+    argv = [PYTHON, "-c", handover, str(fd), probes["dynamic"], "activated", "-", "0"]
+    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300"}
+    cmd, full_env, _ = shim.command(argv, env, strace=False)
+    # Queued in the kernel before the program runs: accept() takes it.
+    client = _connect_from("127.0.0.2", lst.getsockname()[1])
+    try:
+        p = subprocess.Popen(
+            cmd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            pass_fds=(fd,),
+        )  # fmt: skip
+        out, _ = p.communicate("accept\n", timeout=15)
+    finally:
+        client.close()
+        lst.close()
+    assert p.returncode == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("accepted "))
+    assert " keepalive=1 keepidle=300 " in line, out
+
+
 def test_enforce_caps_by_the_peers_rule(shim: Shim, servers: dict[str, Server]) -> None:
     """BPFKEEP_ENFORCE caps each socket by its peer's rule; an exempt peer
     and a rule with mode=set are not capped."""
