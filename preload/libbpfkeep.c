@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -56,33 +57,68 @@ static dup3_fn real_dup3;
 static pthread_once_t bk_once = PTHREAD_ONCE_INIT;
 
 /*
- * The fds that socket() made as TCP and that have not connected or
- * listened yet ("fresh"): connect() or listen() on them asks the kernel
- * one question instead of two (one system call is ~1 % of a loopback
- * connection).  Every other fd is asked in full.
+ * What the shim knows of an fd number, one byte each:
+ *
+ * BK_FD_FRESH: socket() made it as TCP and it has not connected or
+ * listened yet: connect() or listen() on it asks the kernel one question
+ * instead of two (one system call is ~1 % of a loopback connection).
+ * Every other fd is asked in full.
+ *
+ * BK_FD_LISTENER: with peer rules, a listener the shim saw listen(); the
+ * low bits (1 << option id, the options enforce mode watches) are those
+ * the program has set on it since.  In set mode they stand on what it
+ * accepts, as the kernel path's record of them does (bk_sk.app):
+ * nginx's so_keepalive, set between its two listen()s, keeps its own
+ * values.
  *
  * A mark is not trusted alone: an fd can be closed where no wrapper sees
  * it (fclose() of an fdopen()ed FILE and glibc's other internal closes,
  * close_range, closefrom, a raw system call) and its number come back as
  * a socket made without socket() (socketpair, accept, dup, SCM_RIGHTS, a
  * raw system call); see bk_want.  close, dup2, dup3, socket(), accept()
- * and accept4() reset the numbers they see.  Relaxed atomics: an fd's
- * life is ordered by the system calls themselves.
+ * and accept4() reset the numbers they see, and a socket that starts to
+ * connect or listen starts afresh.  Relaxed atomics: an fd's life is
+ * ordered by the system calls themselves.
  */
 #define BK_TRACKED_FDS 65536
-static _Atomic bool bk_fresh[BK_TRACKED_FDS];
+#define BK_FD_FRESH 0x80u
+#define BK_FD_LISTENER 0x40u
+#define BK_FD_OWN ((1u << BK_OWN_BITS) - 1)
+_Static_assert(BK_FD_OWN < BK_FD_LISTENER, "option bits overlap the flags");
+static _Atomic uint8_t bk_fd[BK_TRACKED_FDS];
 
-static void bk_set_fresh(int fd, bool fresh)
+static void bk_fd_set(int fd, unsigned bits)
 {
 	if (fd >= 0 && fd < BK_TRACKED_FDS)
-		atomic_store_explicit(&bk_fresh[fd], fresh,
+		atomic_store_explicit(&bk_fd[fd], (uint8_t)bits,
 				      memory_order_relaxed);
 }
 
-static bool bk_is_fresh(int fd)
+static unsigned bk_fd_get(int fd)
 {
-	return fd >= 0 && fd < BK_TRACKED_FDS &&
-	       atomic_load_explicit(&bk_fresh[fd], memory_order_relaxed);
+	if (fd < 0 || fd >= BK_TRACKED_FDS)
+		return 0;
+	return atomic_load_explicit(&bk_fd[fd], memory_order_relaxed);
+}
+
+/* The number is another socket now, or none. */
+static void bk_forget(int fd)
+{
+	bk_fd_set(fd, 0);
+}
+
+/* The program set option (level, optname) on fd itself: on a listener the
+ * shim saw listen() with peer rules, note it.  No system call. */
+static void bk_note_own(int fd, int level, int optname)
+{
+	int id;
+
+	if (!(bk_fd_get(fd) & BK_FD_LISTENER))
+		return;
+	id = bk_watched_option(level, optname);
+	if (id >= 0)
+		atomic_fetch_or_explicit(&bk_fd[fd], (uint8_t)(1u << id),
+					 memory_order_relaxed);
 }
 
 /*
@@ -108,14 +144,14 @@ static bool bk_is_fresh(int fd)
  */
 static bool bk_want(int fd)
 {
-	int state;
-
-	if (bk_is_fresh(fd)) {
-		bk_set_fresh(fd, false); /* it connects or listens now */
+	if (bk_fd_get(fd) & BK_FD_FRESH) {
+		bk_forget(fd); /* it connects or listens now */
 		return bk_proto_is_tcp(fd);
 	}
-	state = bk_tcp_state(fd);
-	return state == TCP_CLOSE && bk_proto_is_tcp(fd);
+	if (bk_tcp_state(fd) != TCP_CLOSE || !bk_proto_is_tcp(fd))
+		return false;
+	bk_forget(fd); /* what a socket at this number was is past */
+	return true;
 }
 
 static void *lookup(const char *name)
@@ -197,7 +233,7 @@ static void bk_before_connect(int fd, const char *call,
 					: bk_values_to(&bk_shim, fd, call, addr,
 						       len);
 			if (v)
-				bk_apply(&bk_shim, v, fd, BK_SIDE_CONNECT);
+				bk_apply(&bk_shim, v, fd, BK_SIDE_CONNECT, 0);
 		}
 		errno = saved;
 	}
@@ -224,10 +260,17 @@ BK_EXPORT int listen(int fd, int backlog)
 	if (bk_shim.hooks & BK_HOOK_LISTEN) {
 		int saved = errno;
 
-		if (bk_want(fd))
-			bk_apply(&bk_shim, &bk_shim.own, fd,
-				 bk_shim.peers.nrules ? BK_AT_LISTENER
-						      : BK_SIDE_LISTEN);
+		if (bk_want(fd)) {
+			if (bk_shim.peers.nrules) {
+				bk_apply(&bk_shim, &bk_shim.own, fd,
+					 BK_AT_LISTENER, 0);
+				/* from now on, note the program's own */
+				bk_fd_set(fd, BK_FD_LISTENER);
+			} else {
+				bk_apply(&bk_shim, &bk_shim.own, fd,
+					 BK_SIDE_LISTEN, 0);
+			}
+		}
 		errno = saved;
 	}
 	if (real_listen)
@@ -243,16 +286,20 @@ BK_EXPORT int listen(int fd, int backlog)
  *
  * With peer rules (and the listen hook on), the values of the client's
  * rule, or none for an exempt client: the policy goes on once per
- * connection here, as at connect() on the other side.  SO_PROTOCOL leaves
- * out AF_UNIX, MPTCP and SMC listeners' connections.  Without peer rules
- * nothing but the mark: no bk_ready() (as in close(); the constructor has
- * set the real functions and the rules by now), no system call.
+ * connection here, as at connect() on the other side -- in set mode but
+ * for the options the program set on the listener after listen(), which
+ * stand, as on the kernel path.  SO_PROTOCOL leaves out AF_UNIX, MPTCP and
+ * SMC listeners' connections.  Without peer rules nothing but the mark:
+ * no bk_ready() (as in close(); the constructor has set the real functions
+ * and the rules by now), no system call.
  */
-static void bk_accepted(int fd, const char *call)
+static void bk_accepted(int listener, int fd, const char *call)
 {
+	unsigned own = bk_fd_get(listener);
+
 	if (fd < 0)
 		return;
-	bk_set_fresh(fd, false);
+	bk_forget(fd);
 	if (bk_shim.peers.nrules && (bk_shim.hooks & BK_HOOK_LISTEN)) {
 		int saved = errno;
 
@@ -261,8 +308,10 @@ static void bk_accepted(int fd, const char *call)
 			const struct bk_values *v =
 				bk_values_of(&bk_shim, fd, call, &known);
 
+			own = (own & BK_FD_LISTENER) ? own & BK_FD_OWN : 0;
 			if (v)
-				bk_apply(&bk_shim, v, fd, BK_AT_ACCEPT);
+				bk_apply(&bk_shim, v, fd, BK_AT_ACCEPT,
+					 v->enforce ? 0 : own);
 		}
 		errno = saved;
 	}
@@ -276,7 +325,7 @@ BK_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
 		c = real_accept(fd, addr, len);
 	else /* accept() is accept4() without flags; aarch64 has only that */
 		c = (int)syscall(SYS_accept4, fd, addr, len, 0);
-	bk_accepted(c, "accept");
+	bk_accepted(fd, c, "accept");
 	return c;
 }
 
@@ -288,7 +337,7 @@ BK_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 		c = real_accept4(fd, addr, len, flags);
 	else
 		c = (int)syscall(SYS_accept4, fd, addr, len, flags);
-	bk_accepted(c, "accept4");
+	bk_accepted(fd, c, "accept4");
 	return c;
 }
 
@@ -332,11 +381,11 @@ BK_EXPORT int socket(int domain, int type, int protocol)
 	if (fd >= 0) {
 		bool tcp = bk_is_tcp_args(domain, type, protocol);
 
-		bk_set_fresh(fd, tcp);
+		bk_fd_set(fd, tcp ? BK_FD_FRESH : 0);
 		if (tcp && (bk_shim.hooks & BK_HOOK_SOCKET)) {
 			int saved = errno;
 
-			bk_apply(&bk_shim, &bk_shim.own, fd, BK_AT_SOCKET);
+			bk_apply(&bk_shim, &bk_shim.own, fd, BK_AT_SOCKET, 0);
 			errno = saved;
 		}
 	}
@@ -347,7 +396,7 @@ BK_EXPORT int socket(int domain, int type, int protocol)
  * async-signal-safe; the constructor has set real_close by now. */
 BK_EXPORT int close(int fd)
 {
-	bk_set_fresh(fd, false);
+	bk_forget(fd);
 	if (real_close)
 		return real_close(fd);
 	return (int)syscall(SYS_close, fd);
@@ -356,7 +405,7 @@ BK_EXPORT int close(int fd)
 BK_EXPORT int dup2(int oldfd, int newfd)
 {
 	if (oldfd != newfd)
-		bk_set_fresh(newfd, false);
+		bk_forget(newfd);
 	if (real_dup2)
 		return real_dup2(oldfd, newfd);
 	if (oldfd == newfd) /* dup3 refuses this; dup2 checks oldfd */
@@ -367,17 +416,19 @@ BK_EXPORT int dup2(int oldfd, int newfd)
 BK_EXPORT int dup3(int oldfd, int newfd, int flags)
 {
 	if (oldfd != newfd)
-		bk_set_fresh(newfd, false);
+		bk_forget(newfd);
 	if (real_dup3)
 		return real_dup3(oldfd, newfd, flags);
 	return (int)syscall(SYS_dup3, oldfd, newfd, flags);
 }
 
-/* BPFKEEP_ENFORCE: the application cannot weaken the policy. */
+/* BPFKEEP_ENFORCE (or a peer rule's mode=enforce): the application
+ * cannot weaken the policy.  With peer rules, also note the options the
+ * program sets itself on a listener (bk_fd): no system call for that. */
 BK_EXPORT int setsockopt(int fd, int level, int optname, const void *optval,
 			 socklen_t optlen)
 {
-	int capped;
+	int capped, ret;
 
 	bk_ready();
 	if (bk_shim.enforce_any) {
@@ -391,5 +442,8 @@ BK_EXPORT int setsockopt(int fd, int level, int optname, const void *optval,
 			optlen = sizeof(capped);
 		}
 	}
-	return bk_real_setsockopt(fd, level, optname, optval, optlen);
+	ret = bk_real_setsockopt(fd, level, optname, optval, optlen);
+	if (ret == 0 && bk_shim.peers.nrules)
+		bk_note_own(fd, level, optname);
+	return ret;
 }

@@ -65,6 +65,13 @@ static const struct bk_option bk_options[BK_NOPT] = {
 	BK_OPTION_TABLE(BK_OPTION)};
 #undef BK_OPTION
 
+/* Every watched option fits in libbpfkeep.c's byte per fd. */
+#define BK_FITS(id, lvl, opt, lo, hi, def, sd, enf, ...)                       \
+	_Static_assert(!(enf) || (id) < BK_OWN_BITS,                           \
+		       #opt " is watched: it needs a bit below BK_OWN_BITS");
+BK_OPTION_TABLE(BK_FITS)
+#undef BK_FITS
+
 void bk_debug(const struct bk_shim_policy *p, const char *fmt, ...)
 {
 	char buf[512];
@@ -445,12 +452,12 @@ static bool applies_at(int side, int at)
 }
 
 static void apply_one(const struct bk_shim_policy *p, const struct bk_values *v,
-		      int fd, int id, int at)
+		      int fd, int id, int at, unsigned keep)
 {
 	const struct bk_option *o = &bk_options[id];
 	int x;
 
-	if (!applies_at(o->side, at))
+	if (!applies_at(o->side, at) || (keep & (1u << id)))
 		return;
 	x = effective(v, fd, id);
 	if (!x)
@@ -461,14 +468,14 @@ static void apply_one(const struct bk_shim_policy *p, const struct bk_values *v,
 }
 
 void bk_apply(const struct bk_shim_policy *p, const struct bk_values *v, int fd,
-	      int at)
+	      int at, unsigned keep)
 {
 	for (int id = 0; id < BK_NOPT; id++)
 		if (id != BK_OPT_KEEPALIVE)
-			apply_one(p, v, fd, id, at);
+			apply_one(p, v, fd, id, at, keep);
 	/* Last: on a connected socket, every TCP_KEEP* set after
 	 * SO_KEEPALIVE re-arms the keepalive timer. */
-	apply_one(p, v, fd, BK_OPT_KEEPALIVE, at);
+	apply_one(p, v, fd, BK_OPT_KEEPALIVE, at, keep);
 }
 
 /*
@@ -505,20 +512,23 @@ static const struct bk_values *enforced(const struct bk_shim_policy *p, int fd)
 	return known && v && v->enforce ? v : NULL;
 }
 
+int bk_watched_option(int level, int optname)
+{
+	for (int id = 0; id < BK_NOPT; id++)
+		if (bk_options[id].enforce && bk_options[id].level == level &&
+		    bk_options[id].optname == optname)
+			return id;
+	return -1;
+}
+
 bool bk_enforce(const struct bk_shim_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out)
 {
-	const struct bk_option *o = NULL;
+	int id = bk_watched_option(level, optname);
+	const struct bk_option *o = id >= 0 ? &bk_options[id] : NULL;
 	const struct bk_values *values;
-	int id, v, cap;
+	int v, cap;
 
-	for (id = 0; id < BK_NOPT; id++) {
-		if (bk_options[id].enforce && bk_options[id].level == level &&
-		    bk_options[id].optname == optname) {
-			o = &bk_options[id];
-			break;
-		}
-	}
 	/* Too short: the kernel refuses it (EINVAL) whatever we do.  An
 	 * optval the kernel cannot read: it answers EFAULT, untouched. */
 	if (!o || !optval || optlen < sizeof(int) ||

@@ -106,11 +106,19 @@ bool bk_is_tcp_args(int domain, int type, int protocol);
 
 /* Set values v (the policy's own or a peer rule's) on fd for the call
  * site `at` (BK_SIDE_CONNECT, BK_SIDE_LISTEN, BK_AT_*): TCP_* first,
- * SO_KEEPALIVE last.  The caller has checked that fd is TCP.  Failures are
- * reported (debug) and otherwise ignored; errno is clobbered, the caller
- * restores it. */
+ * SO_KEEPALIVE last, but for the options in keep (1 << option id: the
+ * program's own, which stand in set mode).  The caller has checked that fd
+ * is TCP.  Failures are reported (debug) and otherwise ignored; errno is
+ * clobbered, the caller restores it. */
 void bk_apply(const struct bk_shim_policy *p, const struct bk_values *v, int fd,
-	      int at);
+	      int at, unsigned keep);
+
+/* The options enforce mode watches (the table's enforce column) have ids
+ * below this: libbpfkeep.c keeps them in a byte per fd. */
+#define BK_OWN_BITS 6
+
+/* The id of option (level, optname) if enforce mode watches it, else -1. */
+int bk_watched_option(int level, int optname);
 
 /* Enforce mode: if the application's setsockopt(fd, level, optname,
  * optval, optlen) would weaken the values in force for fd (SO_KEEPALIVE 0,

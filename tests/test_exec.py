@@ -287,20 +287,28 @@ def _check_nginx(got: dict[str, float | None]) -> None:
     assert got["plain"] is not None and got["plain"] <= 7, got
 
 
-def test_exec_nginx_keeps_its_own_so_keepalive(nginx_conf):
+# A peer rule for another peer: the values of nginx's connections then go on
+# at accept() (shim) or PASSIVE_ESTABLISHED (kernel), not on the listener.
+WITH_PEER_RULES = [(), ("--peer", "127.0.0.2,exempt")]
+
+
+@pytest.mark.parametrize("rules", WITH_PEER_RULES, ids=["", "peer-rules"])
+def test_exec_nginx_keeps_its_own_so_keepalive(nginx_conf, rules):
     """The shim applies the policy at nginx's first listen() only; what nginx
-    sets before its second listen() stands (issue 10, item 3)."""
+    sets before its second listen() stands (issue 10, item 3).  With peer
+    rules too, where accept() sets each connection's values: what nginx
+    set on its listener after listen() stands there as well."""
     argv, ports = nginx_conf
-    _check_nginx(
-        _nginx_keepalive(bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", "--", *argv), ports)
-    )
+    cmd = bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", *rules, "--", *argv)
+    _check_nginx(_nginx_keepalive(cmd, ports))
 
 
 @pytest.mark.kernel
-def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir):
+@pytest.mark.parametrize("rules", WITH_PEER_RULES, ids=["", "peer-rules"])
+def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir, rules):
     """The same nginx under the kernel path gives what the shim gives."""
     argv, ports = nginx_conf
-    cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", "--", *argv)
+    cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", *rules, "--", *argv)
     _check_nginx(_nginx_keepalive(cmd, ports))
 
 

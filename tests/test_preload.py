@@ -1080,6 +1080,44 @@ def test_accepted_connections_get_their_clients_rule(shim: Shim) -> None:
     }
 
 
+@pytest.mark.parametrize("mode", ["set", "enforce"])
+def test_listener_choices_after_listen_stand_on_what_it_accepts(shim: Shim, mode: str) -> None:
+    """What the program sets on its listener after listen() (nginx's
+    so_keepalive) stands on each connection in set mode, as on the kernel
+    path; what it set before listen() is replaced, as before connect().
+    Enforce mode replaces both."""
+    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepcnt=2"}
+    if mode == "enforce":
+        env["BPFKEEP_ENFORCE"] = "1"
+    cmd, full_env, _ = shim.command(
+        [PYTHON, PROBE, "serve", "127.0.0.1", "2", "keepidle=1800", "--late", "keepalive=0",
+         "keepintvl=33"],
+        env,
+        strace=False,
+    )  # fmt: skip
+    p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        port = json.loads(p.stdout.readline())["port"]
+        clients = [_connect_from(src, port) for src in ("127.0.0.2", "127.0.0.1")]
+        out = p.stdout.read()  # not communicate(), see test_accept_in_c_gets_...
+        p.wait(timeout=15)
+    finally:
+        for c in clients:
+            c.close()
+        if p.poll() is None:
+            p.kill()
+    acc = {r["peer"]: r for r in map(json.loads, out.splitlines()) if "peer" in r}
+    got = {
+        peer: (r["keepalive"], r["keepidle"], r["keepintvl"], r["keepcnt"])
+        for peer, r in acc.items()
+    }
+    if mode == "set":
+        assert got == {"127.0.0.2": (0, 300, 33, 2), "127.0.0.1": (0, 15, 33, 9)}
+    else:
+        assert got == {"127.0.0.2": (1, 300, 15, 2), "127.0.0.1": (1, 15, 15, 9)}
+
+
 def test_accept_in_c_gets_the_clients_rule(shim: Shim, probes: dict[str, str]) -> None:
     """accept() (the C probe), not only Python's accept4()."""
     env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepintvl=6"}

@@ -21,7 +21,9 @@ it with what strace saw the shim ask for.
                                          fine); --weaken: then try to weaken
                                          keepalive, as `enforce`;
                                          --nonblock: without waiting
-    probe.py serve HOST N [OPT=VAL]...   set the options on a listener,
+    probe.py serve HOST N [OPT=VAL]... [--late OPT=VAL...]
+                                         set the options on a listener (those
+                                         after --late once it listens),
                                          listen, print port, accept N (with
                                          accept4), then report each and the
                                          listener
@@ -196,16 +198,22 @@ def peers(*args: str) -> None:
         s.close()
 
 
-def serve(host: str, n: str, *own: str) -> None:
-    ls = socket.socket(family(host), socket.SOCK_STREAM)
-    ls.bind((host, 0))
-    for item in own:
+def set_own(s: socket.socket, items: tuple[str, ...]) -> None:
+    for item in items:
         name, value = item.split("=")
         if name == "keepalive":
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(value))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(value))
         else:
-            ls.setsockopt(socket.IPPROTO_TCP, TCP_OPTS[name], int(value))
+            s.setsockopt(socket.IPPROTO_TCP, TCP_OPTS[name], int(value))
+
+
+def serve(host: str, n: str, *own: str) -> None:
+    early = own[: own.index("--late")] if "--late" in own else own
+    ls = socket.socket(family(host), socket.SOCK_STREAM)
+    ls.bind((host, 0))
+    set_own(ls, early)
     ls.listen(16)
+    set_own(ls, own[len(early) + 1 :])
     emit(port=ls.getsockname()[1])
     ls.settimeout(10)
     conns = []
