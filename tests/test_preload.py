@@ -1085,12 +1085,13 @@ def test_listener_choices_after_listen_stand_on_what_it_accepts(shim: Shim, mode
     """What the program sets on its listener after listen() (nginx's
     so_keepalive) stands on each connection in set mode, as on the kernel
     path; what it set before listen() is replaced, as before connect().
-    Enforce mode replaces both."""
-    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepcnt=2"}
+    Enforce mode replaces both.  An exempt client's connection has all the
+    program's values, in enforce mode too: the listener is not capped."""
+    env = {"BPFKEEP_PEERS": "127.0.0.2,keepidle=300,keepcnt=2;127.0.0.3,exempt"}
     if mode == "enforce":
         env["BPFKEEP_ENFORCE"] = "1"
     cmd, full_env, _ = shim.command(
-        [PYTHON, PROBE, "serve", "127.0.0.1", "2", "keepidle=1800", "--late", "keepalive=0",
+        [PYTHON, PROBE, "serve", "127.0.0.1", "3", "keepidle=1800", "--late", "keepalive=0",
          "keepintvl=33"],
         env,
         strace=False,
@@ -1099,7 +1100,7 @@ def test_listener_choices_after_listen_stand_on_what_it_accepts(shim: Shim, mode
     clients = []
     try:
         port = json.loads(p.stdout.readline())["port"]
-        clients = [_connect_from(src, port) for src in ("127.0.0.2", "127.0.0.1")]
+        clients = [_connect_from(src, port) for src in ("127.0.0.2", "127.0.0.1", "127.0.0.3")]
         out = p.stdout.read()  # not communicate(), see test_accept_in_c_gets_...
         p.wait(timeout=15)
     finally:
@@ -1112,10 +1113,19 @@ def test_listener_choices_after_listen_stand_on_what_it_accepts(shim: Shim, mode
         peer: (r["keepalive"], r["keepidle"], r["keepintvl"], r["keepcnt"])
         for peer, r in acc.items()
     }
+    exempt = (0, 1800, 33, kernel_default("tcp_keepalive_probes"))
     if mode == "set":
-        assert got == {"127.0.0.2": (0, 300, 33, 2), "127.0.0.1": (0, 15, 33, 9)}
+        assert got == {
+            "127.0.0.2": (0, 300, 33, 2),
+            "127.0.0.1": (0, 15, 33, 9),
+            "127.0.0.3": exempt,
+        }
     else:
-        assert got == {"127.0.0.2": (1, 300, 15, 2), "127.0.0.1": (1, 15, 15, 9)}
+        assert got == {
+            "127.0.0.2": (1, 300, 15, 2),
+            "127.0.0.1": (1, 15, 15, 9),
+            "127.0.0.3": exempt,
+        }
 
 
 def test_accept_in_c_gets_the_clients_rule(shim: Shim, probes: dict[str, str]) -> None:
