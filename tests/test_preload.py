@@ -747,12 +747,18 @@ def test_static_program_not_affected(shim: Shim, cc, server: Server) -> None:
 # --- invisibility: errno, return values, failures -------------------------------
 
 
+# With peer rules connect() reads the address (a bad one must still give
+# EFAULT) and asks for a rule.
+PEER_RULES_ENV = {"BPFKEEP_PEERS": "127.0.0.1,keepidle=300;127.0.0.2,exempt"}
+
+
+@pytest.mark.parametrize("env", [{}, PEER_RULES_ENV], ids=["", "peer-rules"])
 def test_errno_untouched_c(
-    shim: Shim, sockprobe: pathlib.Path, server: Server, closed_port: int
+    shim: Shim, sockprobe: pathlib.Path, server: Server, closed_port: int, env: dict
 ) -> None:
     argv = [str(sockprobe), "errno", str(server.port), str(closed_port)]
     bare = shim.run(argv, preload_lib=False, strace=False)  # the checks hold without it
-    res = shim.run(argv, strace=False)
+    res = shim.run(argv, env, strace=False)
     for r in (bare, res):
         assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 10, r.stdout
     assert "keepalive 1" in res.stdout and "keepalive 0" in bare.stdout
@@ -779,6 +785,21 @@ def test_without_dlsym_uses_system_calls(
     )
     assert "FAIL" not in res.stdout and "keepalive 1" in res.stdout, res.stdout
     assert 'dlsym(RTLD_NEXT, "connect") failed' in res.stderr
+    # accept() and accept4() (Python's) with peer rules: the system call.
+    cmd, env, _ = shim.command(
+        [PYTHON, PROBE, "serve", "127.0.0.1", "1"], PEER_RULES_ENV, strace=False
+    )
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(p.stdout.readline())["port"]
+        client = _connect_from("127.0.0.1", port)
+        accepted = json.loads(p.stdout.readline())
+        p.wait(timeout=15)
+        client.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (accepted["keepalive"], accepted["keepidle"]) == (1, 300), accepted
 
 
 def test_bad_values_fall_back_to_defaults(shim: Shim, server: Server) -> None:
@@ -824,14 +845,21 @@ def test_enforce(shim: Shim, server: Server, mode: str) -> None:
         assert (got["keepalive"], got["keepidle"], got["user_timeout"]) == (0, 10000, 0)
 
 
+@pytest.mark.parametrize(
+    "env",
+    # BPFKEEP_ENFORCE; or a peer rule for 127.0.0.1 enforcing the policy's
+    # values, whose caps look the socket's peer up first.
+    [{"BPFKEEP_ENFORCE": "1"}, {"BPFKEEP_PEERS": "127.0.0.1,mode=enforce"}],
+    ids=["enforce", "peer-rule"],
+)
 def test_enforce_bad_pointer_gives_efault_not_a_crash(
-    shim: Shim, sockprobe: pathlib.Path, server: Server
+    shim: Shim, sockprobe: pathlib.Path, server: Server, env: dict
 ) -> None:
     """A C program passing setsockopt pointers the kernel cannot read gets
     -1/EFAULT under enforce mode, exactly as without the shim (issue 9 #8)."""
     argv = [str(sockprobe), "badptr", str(server.port)]
     bare = shim.run(argv, preload_lib=False, strace=False)
-    res = shim.run(argv, {"BPFKEEP_ENFORCE": "1"}, strace=False, check=False)
+    res = shim.run(argv, env, strace=False, check=False)
     assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
     for r in (bare, res):
         assert "FAIL" not in r.stdout and r.stdout.count("ok ") == 15, r.stdout
