@@ -286,6 +286,10 @@ static bool parse_field(struct span f, struct bk_peer_rule *r,
 			}
 		} else if (span_is(key, "name")) {
 			bit = SEEN_NAME;
+			if (!val.n) {
+				(void)snprintf(why, whylen, "an empty name");
+				return false;
+			}
 			set_label(r, val);
 		} else if (span_is(key, "mode")) {
 			bit = SEEN_MODE;

@@ -1282,6 +1282,7 @@ def test_bad_peer_items_ignored_with_a_debug_line(shim: Shim, closed_ports: list
         "127.0.0.6,port=0",
         "127.0.0.7,keepidle=7,keepidle=8",
         "127.0.0.8,keepidle=9,",
+        "127.0.0.9,name=,keepidle=10",
     ]
     env = {"BPFKEEP_PEERS": ";".join([*bad, "127.0.0.1,keepidle=300"])}
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
