@@ -176,6 +176,13 @@ def build(
                         f"{where(i, key)}: expected true or false, got {show_value(value)}"
                     )
                 exempt = value
+            elif key == "keepalive":
+                # An option, but not a value: taken in, it was dropped
+                # without a word (Policy has no keepalive field).
+                raise UsageError(
+                    f"{where(i, key)}: keepalive is always on; exempt leaves these "
+                    "peers' connections as the program made them"
+                )
             elif key not in RULE_KEYS and key not in BY_KEY:
                 raise UsageError(f"{where(i, key)}: unknown key in a peer rule")
             elif key in BY_KEY and not BY_KEY[key].bpf:

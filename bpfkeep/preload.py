@@ -8,6 +8,7 @@ function takes what it needs and returns a new value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import pathlib
 import re
@@ -19,10 +20,17 @@ from typing import BinaryIO
 
 from bpfkeep.errors import EnvironmentProblem, UsageError
 from bpfkeep.options import TUNABLE, Policy
+from bpfkeep.peers import Network, show_network
 
 LIB_NAME = "libbpfkeep.so"
 LIB_ENV = "BPFKEEP_PRELOAD_LIB"
 HOOKS = ("connect", "socket")
+PEERS_ENV = "BPFKEEP_PEERS"
+# What the shim holds (BK_PEER_MAX_RULES and BK_PEER_MAX_NETS in
+# preload/policy.h; tests/test_preload.py keeps them equal): more would be
+# ignored there, so preload_env refuses it here.
+MAX_PEER_RULES = 64
+MAX_PEER_ADDRESSES = 256
 
 # ld.so splits LD_PRELOAD on blanks and colons.
 _PRELOAD_SEPARATORS = " :"
@@ -74,13 +82,20 @@ def preload_env(
     The shim is appended to LD_PRELOAD (existing entries kept, not added
     twice); every tunable option is written under its canonical name, so
     inherited aliases (FORCE_KEEPALIVE_*, KEEPIDLE...) cannot override it;
-    0 stays "0" (kernel default).  BPFKEEP_ENFORCE and BPFKEEP_HOOK are set
-    or removed to match ``policy.mode`` and ``hook``, and an inherited
-    KEEPALIVE=off (the original libkeepalive's off switch, honoured by the
-    shim) is removed: the caller asked for this policy.
+    0 stays "0" (kernel default).  BPFKEEP_ENFORCE, BPFKEEP_HOOK and
+    BPFKEEP_PEERS are set or removed to match ``policy.mode``, ``hook`` and
+    ``policy.peers`` (host names resolved already: peers.resolve_names), and
+    an inherited KEEPALIVE=off (the original libkeepalive's off switch,
+    honoured by the shim) is removed: the caller asked for this policy.
     """
     if hook not in HOOKS:
         raise UsageError(f"hook: {hook!r} is not one of {', '.join(HOOKS)}")
+    if policy.peers and hook == "socket":
+        raise UsageError(
+            "--hook socket sets the options at socket(), before the peer is known: "
+            "peer rules need --hook connect"
+        )
+    peers = peers_value(policy)
     lib = str(library_path(environ))
     if any(sep in lib for sep in _PRELOAD_SEPARATORS):
         raise EnvironmentProblem(
@@ -104,9 +119,61 @@ def preload_env(
         env["BPFKEEP_HOOK"] = "socket"
     else:
         env.pop("BPFKEEP_HOOK", None)
+    if peers:
+        env[PEERS_ENV] = peers
+    else:
+        env.pop(PEERS_ENV, None)
     if env.get("KEEPALIVE", "").lower() == "off":
         del env["KEEPALIVE"]
     return env
+
+
+def peers_value(policy: Policy) -> str:
+    """The policy's peer rules as the shim reads them (BPFKEEP_PEERS; the
+    grammar is in preload/README.md): one item per rule, in the order
+    written, separated by ``;``.  An item is the rule's networks joined by
+    ``|`` (a host name's addresses, the name kept as ``name=``), its
+    ``port=``, then ``exempt`` or the values in which the rule differs from
+    the policy -- the shim takes the others from the policy, whose values
+    preload_env writes out in full.  A host name that resolved to nothing
+    applies to no connection (peers.resolve_names reported it): left out.
+    """
+    items = []
+    addresses = 0
+    for peer in policy.peers:
+        if not peer.networks:
+            continue
+        addresses += len(peer.networks)
+        fields = ["|".join(_shim_network(n) for n in peer.networks)]
+        if peer.ports is not None:
+            lo, hi = peer.ports
+            fields.append(f"port={lo}" if lo == hi else f"port={lo}-{hi}")
+        if peer.is_name:
+            fields.append(f"name={peer.address}")
+        if peer.policy is None:
+            fields.append("exempt")
+        else:
+            fields += [
+                f"{opt.key}={peer.policy.value(opt.key)}"
+                for opt in TUNABLE
+                if opt.side != "listen" and peer.policy.value(opt.key) != policy.value(opt.key)
+            ]
+            if peer.policy.mode != policy.mode:
+                fields.append(f"mode={peer.policy.mode}")
+        items.append(",".join(fields))
+    if len(items) > MAX_PEER_RULES or addresses > MAX_PEER_ADDRESSES:
+        raise UsageError(
+            f"peer rules: the LD_PRELOAD shim holds at most {MAX_PEER_RULES} rules with "
+            f"{MAX_PEER_ADDRESSES} addresses between them, this policy has {len(items)} "
+            f"with {addresses}: merge them into CIDRs, or use bpfkeep run --via bpf"
+        )
+    return ";".join(items)
+
+
+def _shim_network(net: Network) -> str:
+    """A network as the shim parses it: without an IPv6 scope (which the
+    lookup ignores, here and in the kernel), IPv4 ones as IPv4."""
+    return show_network(ipaddress.IPv6Network((int(net.network_address), net.prefixlen)))
 
 
 def _resolve(path_or_name: str) -> str:

@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 
+from bpfkeep import peers
 from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError, EnvironmentProblem, PermissionProblem, UsageError
 from bpfkeep.kernel import cgroups
@@ -63,13 +64,16 @@ def _exec_failure_status(err: int) -> int:
 
 
 def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> int:
-    """Replace this process with COMMAND under the LD_PRELOAD shim."""
+    """Replace this process with COMMAND under the LD_PRELOAD shim.  Peer
+    rules' host names are resolved here, once: the shim never resolves a
+    name (not inside the program's connect())."""
     reason = _unreachable(cmd[0])
     if reason:
         _notice(
             f"warning: {cmd[0]} is {reason}: the LD_PRELOAD shim cannot "
             "reach it; use bpfkeep run --via bpf (needs root/CAP_BPF)"
         )
+    policy = peers.resolve_names(policy, peers.Resolver(), failed=_unresolved)
     env = preload_env(policy, os.environ, hook=hook)
     try:
         os.execvpe(cmd[0], cmd, env)
@@ -77,6 +81,13 @@ def exec_preload(policy: Policy, cmd: list[str], *, hook: str = "connect") -> in
         _notice(f"cannot run {cmd[0]}: {e.strerror}")
         return _exec_failure_status(e.errno or 0)
     return NOT_FOUND  # not reached
+
+
+def _unresolved(name: str, why: str) -> None:
+    _notice(
+        f"warning: peer {name} does not resolve ({why}): its rule applies to no "
+        "connection of this program (the shim does not resolve names again)"
+    )
 
 
 def _unreachable(program: str) -> str | None:

@@ -21,10 +21,11 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "peers.h"
 #include "policy.h"
 
 /* Table default -1: TCP_USER_TIMEOUT is derived from the keepalive
- * values.  Also the value stored in bk_shim_policy.value[] when that has to be
+ * values.  Also the value stored in bk_values.value[] when that has to be
  * done per socket. */
 #define BK_DERIVED (-1)
 
@@ -63,6 +64,13 @@ struct bk_option {
 static const struct bk_option bk_options[BK_NOPT] = {
 	BK_OPTION_TABLE(BK_OPTION)};
 #undef BK_OPTION
+
+/* Every watched option fits in libbpfkeep.c's byte per fd. */
+#define BK_FITS(id, lvl, opt, lo, hi, def, sd, enf, ...)                       \
+	_Static_assert(!(enf) || (id) < BK_OWN_BITS,                           \
+		       #opt " is watched: it needs a bit below BK_OWN_BITS");
+BK_OPTION_TABLE(BK_FITS)
+#undef BK_FITS
 
 void bk_debug(const struct bk_shim_policy *p, const char *fmt, ...)
 {
@@ -152,6 +160,78 @@ static int load_option(const struct bk_shim_policy *p, int id)
 	return (int)v;
 }
 
+/* The option whose key (a policy key: its name without "TCP_" or "SO_",
+ * in lower case; '-' for '_' accepted, as on the command line) is key[0..
+ * len); -1 for none. */
+static int option_by_key(const char *key, size_t len)
+{
+	for (int id = 0; id < BK_NOPT; id++) {
+		const char *name = strchr(bk_options[id].name, '_') + 1;
+		size_t i;
+
+		if (strlen(name) != len)
+			continue;
+		for (i = 0; i < len; i++) {
+			char k = key[i] == '-' ? '_' : key[i];
+			char n = name[i];
+
+			if (n >= 'A' && n <= 'Z')
+				n = (char)(n - 'A' + 'a');
+			if (k != n)
+				break;
+		}
+		if (i == len)
+			return id;
+	}
+	return -1;
+}
+
+bool bk_rule_option(struct bk_values *v, const char *key, size_t klen,
+		    const char *val, size_t vlen, int *idp, char *why,
+		    size_t whylen)
+{
+	int id = option_by_key(key, klen);
+	const struct bk_option *o;
+	char buf[24];
+	long x;
+
+	if (id < 0 || id == BK_OPT_KEEPALIVE) { /* keepalive: always on */
+		(void)snprintf(why, whylen, "unknown key \"%.*s\"",
+			       (int)(klen > 40 ? 40 : klen), key);
+		return false;
+	}
+	o = &bk_options[id];
+	if (o->side == BK_SIDE_LISTEN) {
+		(void)snprintf(why, whylen,
+			       "%s is a listener's option, not a "
+			       "connection's: it is not set per peer",
+			       o->name);
+		return false;
+	}
+	/* Whole numbers as peers.py takes them: ASCII digits, maybe a minus
+	 * (no plus, no blanks inside). */
+	if (vlen && vlen < sizeof(buf) && val[0] != '+') {
+		memcpy(buf, val, vlen);
+		buf[vlen] = '\0';
+	} else {
+		buf[0] = '\0';
+	}
+	if (!parse_long(buf, &x) ||
+	    (x && !(x == BK_DERIVED && o->dflt == BK_DERIVED) &&
+	     (x < o->min || x > o->max))) {
+		(void)snprintf(why, whylen,
+			       "%.*s=\"%.*s\" is not a whole number %ld..%ld "
+			       "(%s), or 0 for the kernel default",
+			       (int)(klen > 40 ? 40 : klen), key,
+			       (int)(vlen > 40 ? 40 : vlen), val, o->min,
+			       o->max, o->unit);
+		return false;
+	}
+	v->value[id] = (int)x;
+	*idp = id;
+	return true;
+}
+
 /* (keepidle s + keepintvl s * keepcnt) in ms, at most INT_MAX:
  * (32767 + 32767 * 127) * 1000 does not fit in an int. */
 static int derive_user_timeout(long idle, long intvl, long cnt)
@@ -225,25 +305,51 @@ static unsigned parse_hooks(const struct bk_shim_policy *p)
 	return hooks ? hooks : BK_HOOK_DEFAULT;
 }
 
+void bk_values_resolve(struct bk_values *v)
+{
+	int *x = v->value;
+
+	/* Derived from the values in force: ours, or when one of them is 0
+	 * the kernel's (per network namespace), read from each socket. */
+	if (x[BK_OPT_USER_TIMEOUT] == BK_DERIVED && x[BK_OPT_KEEPIDLE] &&
+	    x[BK_OPT_KEEPINTVL] && x[BK_OPT_KEEPCNT])
+		x[BK_OPT_USER_TIMEOUT] = derive_user_timeout(
+			x[BK_OPT_KEEPIDLE], x[BK_OPT_KEEPINTVL],
+			x[BK_OPT_KEEPCNT]);
+}
+
+/* BPFKEEP_PEERS: parsed only when it is set and can apply; without it
+ * nothing differs from a shim that knows no peer rules. */
+static void load_peers(struct bk_shim_policy *p)
+{
+	const char *raw = getenv("BPFKEEP_PEERS");
+
+	if (!raw)
+		return;
+	if (p->hooks & BK_HOOK_SOCKET) {
+		/* At socket() the peer is not known yet: an exempt peer's
+		 * connection would get the policy all the same. */
+		bk_debug(p,
+			 "BPFKEEP_PEERS ignored: BPFKEEP_HOOK=socket sets the "
+			 "options before the peer is known");
+		return;
+	}
+	bk_peers_load(p, raw);
+	for (unsigned i = 0; i < p->peers.nrules; i++)
+		p->enforce_any |= p->peers.rules[i].values.enforce;
+}
+
 void bk_shim_policy_load(struct bk_shim_policy *p)
 {
 	const char *legacy;
-	int *v = p->value;
 
 	memset(p, 0, sizeof(*p));
 	p->debug = getenv("LIBKEEPALIVE_DEBUG") || getenv("BPFKEEP_DEBUG");
 	p->hooks = parse_hooks(p);
-	p->enforce = env_truthy(p, "BPFKEEP_ENFORCE");
+	p->own.enforce = env_truthy(p, "BPFKEEP_ENFORCE");
+	p->enforce_any = p->own.enforce;
 	for (int id = 0; id < BK_NOPT; id++)
-		v[id] = load_option(p, id);
-
-	/* Derived from the values in force: ours, or when one of them is 0
-	 * the kernel's (per network namespace), read from each socket. */
-	if (v[BK_OPT_USER_TIMEOUT] == BK_DERIVED && v[BK_OPT_KEEPIDLE] &&
-	    v[BK_OPT_KEEPINTVL] && v[BK_OPT_KEEPCNT])
-		v[BK_OPT_USER_TIMEOUT] = derive_user_timeout(
-			v[BK_OPT_KEEPIDLE], v[BK_OPT_KEEPINTVL],
-			v[BK_OPT_KEEPCNT]);
+		p->own.value[id] = load_option(p, id);
 
 	/* The original libkeepalive's switch: KEEPALIVE=off leaves sockets
 	 * alone.  Here it turns the whole shim off, enforce mode included. */
@@ -251,8 +357,14 @@ void bk_shim_policy_load(struct bk_shim_policy *p)
 	if (legacy && !strcasecmp(legacy, "off")) {
 		bk_debug(p, "KEEPALIVE=off: not touching any socket");
 		p->hooks = 0;
-		p->enforce = 0;
+		p->own.enforce = p->enforce_any = false;
+	} else {
+		/* Before the policy's own user timeout is resolved: a rule
+		 * that gives none derives its own from its own times when the
+		 * policy's is derived, as in bpfkeep/peers.py. */
+		load_peers(p);
 	}
+	bk_values_resolve(&p->own);
 }
 
 static int getsockopt_int(int fd, int level, int optname, int *out)
@@ -305,104 +417,143 @@ bool bk_is_tcp_args(int domain, int type, int protocol)
 	       (protocol == 0 || protocol == IPPROTO_TCP);
 }
 
-/* The policy's value of option id for socket fd; 0: not set. */
-static int effective(const struct bk_shim_policy *p, int fd, int id)
+/* The value of option id in v for socket fd; 0: not set. */
+static int effective(const struct bk_values *v, int fd, int id)
 {
 	static const int keep[] = {BK_OPT_KEEPIDLE, BK_OPT_KEEPINTVL,
 				   BK_OPT_KEEPCNT};
 	int k[3];
 
-	if (p->value[id] != BK_DERIVED)
-		return p->value[id];
+	if (v->value[id] != BK_DERIVED)
+		return v->value[id];
 	for (int i = 0; i < 3; i++) {
 		const struct bk_option *o = &bk_options[keep[i]];
 
-		k[i] = p->value[keep[i]];
+		k[i] = v->value[keep[i]];
 		if (!k[i] && !getsockopt_int(fd, o->level, o->optname, &k[i]))
 			return 0;
 	}
 	return derive_user_timeout(k[0], k[1], k[2]);
 }
 
-static void apply_one(const struct bk_shim_policy *p, int fd, int id, int at)
+/* Whether an option of this side is set at call site `at`. */
+static bool applies_at(int side, int at)
+{
+	switch (at) {
+	case BK_AT_SOCKET: /* the role is not known yet: everything */
+		return true;
+	case BK_AT_ACCEPT: /* a connection: the options of both sides */
+		return side == BK_SIDE_BOTH;
+	case BK_AT_LISTENER: /* with peer rules: the listener's own only */
+		return side == BK_SIDE_LISTEN;
+	default: /* BK_SIDE_CONNECT, BK_SIDE_LISTEN */
+		return side == BK_SIDE_BOTH || side == at;
+	}
+}
+
+static void apply_one(const struct bk_shim_policy *p, const struct bk_values *v,
+		      int fd, int id, int at, unsigned keep)
 {
 	const struct bk_option *o = &bk_options[id];
-	int v;
+	int x;
 
-	if (o->side != BK_SIDE_BOTH && at != BK_AT_SOCKET && at != o->side)
+	if (!applies_at(o->side, at) || (keep & (1u << id)))
 		return;
-	v = effective(p, fd, id);
-	if (!v)
+	x = effective(v, fd, id);
+	if (!x)
 		return;
-	if (bk_real_setsockopt(fd, o->level, o->optname, &v, sizeof(v)) < 0)
-		bk_debug(p, "setsockopt(%d, %s, %d): %s", fd, o->name, v,
+	if (bk_real_setsockopt(fd, o->level, o->optname, &x, sizeof(x)) < 0)
+		bk_debug(p, "setsockopt(%d, %s, %d): %s", fd, o->name, x,
 			 strerror(errno));
 }
 
-void bk_apply(const struct bk_shim_policy *p, int fd, int at)
+void bk_apply(const struct bk_shim_policy *p, const struct bk_values *v, int fd,
+	      int at, unsigned keep)
 {
 	for (int id = 0; id < BK_NOPT; id++)
 		if (id != BK_OPT_KEEPALIVE)
-			apply_one(p, fd, id, at);
+			apply_one(p, v, fd, id, at, keep);
 	/* Last: on a connected socket, every TCP_KEEP* set after
 	 * SO_KEEPALIVE re-arms the keepalive timer. */
-	apply_one(p, fd, BK_OPT_KEEPALIVE, at);
+	apply_one(p, v, fd, BK_OPT_KEEPALIVE, at, keep);
 }
 
 /*
- * Copy the int at the application's optval without ever faulting on it:
- * a bad pointer must get the kernel's EFAULT, not a SIGSEGV in the shim.
+ * The application's memory without ever faulting on it: a bad pointer
+ * must get the kernel's EFAULT, not a SIGSEGV in the shim.
  * process_vm_readv on our own process reads through the kernel's
- * copy_from_user, like setsockopt itself; reading our own memory passes
- * the ptrace access check unconditionally (same thread group).  False
- * when not all four bytes are readable (the kernel will refuse them too)
- * or when the call is refused (a seccomp filter returning an errno): then
- * the application's call goes to the kernel unchanged.
+ * copy_from_user, like setsockopt and connect themselves; reading our own
+ * memory passes the ptrace access check unconditionally (same thread
+ * group).  False when not all of it is readable (the kernel will refuse it
+ * too) or when the call is refused (a seccomp filter returning an errno).
  */
-static bool read_app_int(const void *optval, int *out)
+bool bk_read_app(const void *src, void *dst, size_t len)
 {
-	struct iovec local = {.iov_base = out, .iov_len = sizeof(*out)};
-	struct iovec remote = {.iov_base = (void *)(uintptr_t)optval,
-			       .iov_len = sizeof(*out)};
+	struct iovec local = {.iov_base = dst, .iov_len = len};
+	struct iovec remote = {.iov_base = (void *)(uintptr_t)src,
+			       .iov_len = len};
 
 	return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) ==
-	       (ssize_t)sizeof(*out);
+	       (ssize_t)len;
+}
+
+/* The values enforce mode caps fd by: NULL when none. */
+static const struct bk_values *enforced(const struct bk_shim_policy *p, int fd)
+{
+	const struct bk_values *v;
+	bool known;
+
+	if (!p->peers.nrules)
+		return p->own.enforce ? &p->own : NULL;
+	/* With peer rules a socket is capped once it has a peer: before
+	 * that, connect() will set its peer's values (or none: exempt), and
+	 * a listener is left as the program made it. */
+	v = bk_values_of(p, fd, NULL, &known);
+	return known && v && v->enforce ? v : NULL;
+}
+
+int bk_watched_option(int level, int optname)
+{
+	for (int id = 0; id < BK_NOPT; id++)
+		if (bk_options[id].enforce && bk_options[id].level == level &&
+		    bk_options[id].optname == optname)
+			return id;
+	return -1;
 }
 
 bool bk_enforce(const struct bk_shim_policy *p, int fd, int level, int optname,
 		const void *optval, socklen_t optlen, int *out)
 {
-	const struct bk_option *o = NULL;
-	int id, v, cap;
+	int id = bk_watched_option(level, optname);
+	const struct bk_option *o = id >= 0 ? &bk_options[id] : NULL;
+	const struct bk_values *values;
+	int v, cap;
 
-	for (id = 0; id < BK_NOPT; id++) {
-		if (bk_options[id].enforce && bk_options[id].level == level &&
-		    bk_options[id].optname == optname) {
-			o = &bk_options[id];
-			break;
-		}
-	}
 	/* Too short: the kernel refuses it (EINVAL) whatever we do.  An
 	 * optval the kernel cannot read: it answers EFAULT, untouched. */
-	if (!o || !optval || optlen < sizeof(int) || !read_app_int(optval, &v))
+	if (!o || !optval || optlen < sizeof(int) ||
+	    !bk_read_app(optval, &v, sizeof(v)))
 		return false;
 
 	if (id == BK_OPT_KEEPALIVE) {
 		if (v != 0)
 			return false;
 	} else {
-		if (!p->value[id])
+		if (!p->peers.nrules && !p->own.value[id])
 			return false; /* kernel default: no cap */
 		if (v < 0 || (v == 0 && id != BK_OPT_USER_TIMEOUT))
 			return false; /* invalid: the kernel refuses it */
 	}
 	if (!bk_is_tcp_fd(fd))
 		return false;
+	values = enforced(p, fd);
+	if (!values)
+		return false;
 	if (id == BK_OPT_KEEPALIVE) {
 		cap = 1;
 	} else {
 		/* TCP_USER_TIMEOUT 0 means "never": above any cap. */
-		cap = effective(p, fd, id);
+		cap = effective(values, fd, id);
 		if (!cap || (v > 0 && v <= cap))
 			return false;
 	}

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import as_nobody, bpfkeep_cmd
 
+from bpfkeep import cli as cli_module
+from bpfkeep import peers, runner
+
 
 def values(stdout: str, role: str = "client") -> dict[str, int]:
     line = next(ln for ln in stdout.splitlines() if ln.startswith(role + " "))
@@ -284,20 +287,28 @@ def _check_nginx(got: dict[str, float | None]) -> None:
     assert got["plain"] is not None and got["plain"] <= 7, got
 
 
-def test_exec_nginx_keeps_its_own_so_keepalive(nginx_conf):
+# A peer rule for another peer: the values of nginx's connections then go on
+# at accept() (shim) or PASSIVE_ESTABLISHED (kernel), not on the listener.
+WITH_PEER_RULES = [(), ("--peer", "127.0.0.2,exempt")]
+
+
+@pytest.mark.parametrize("rules", WITH_PEER_RULES, ids=["", "peer-rules"])
+def test_exec_nginx_keeps_its_own_so_keepalive(nginx_conf, rules):
     """The shim applies the policy at nginx's first listen() only; what nginx
-    sets before its second listen() stands (issue 10, item 3)."""
+    sets before its second listen() stands (issue 10, item 3).  With peer
+    rules too, where accept() sets each connection's values: what nginx
+    set on its listener after listen() stands there as well."""
     argv, ports = nginx_conf
-    _check_nginx(
-        _nginx_keepalive(bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", "--", *argv), ports)
-    )
+    cmd = bpfkeep_cmd("/nonexistent", "exec", "--keepidle", "7", *rules, "--", *argv)
+    _check_nginx(_nginx_keepalive(cmd, ports))
 
 
 @pytest.mark.kernel
-def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir):
+@pytest.mark.parametrize("rules", WITH_PEER_RULES, ids=["", "peer-rules"])
+def test_run_via_bpf_nginx_agrees_with_the_shim(nginx_conf, pin_dir, rules):
     """The same nginx under the kernel path gives what the shim gives."""
     argv, ports = nginx_conf
-    cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", "--", *argv)
+    cmd = bpfkeep_cmd(pin_dir, "run", "--via", "bpf", "--keepidle", "7", *rules, "--", *argv)
     _check_nginx(_nginx_keepalive(cmd, ports))
 
 
@@ -373,3 +384,88 @@ def test_run_via_auto_refuses_the_shim_for_a_static_program(probes, port):
         "and BPF needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
     ]
     assert missing.returncode == 127, missing.stderr
+
+
+# --- peer rules through the shim ---------------------------------------------
+
+
+@pytest.fixture()
+def peer_ports(spawn, probes) -> dict[str, str]:
+    """Listeners (the probe, holding what it accepts) on three peers."""
+    out = {}
+    for host in ("127.0.0.1", "127.0.0.2", "::1"):
+        srv = spawn([probes["dynamic"], "listen", host, "0", "hold"])
+        out[host] = srv.expect("ready").split()[1]
+    return out
+
+
+PEER_RULES = ("--keepidle", "20", "--peer", "127.0.0.2,keepidle=300", "--peer", "::1,exempt")
+
+
+@pytest.mark.parametrize("command", [("exec",), ("run", "--via", "preload")])
+def test_exec_and_run_pass_peer_rules(probes, peer_ports, command):
+    """bpfkeep exec and run --via preload give the shim the rules: each
+    peer gets its rule's values, the exempt one none, the others the
+    policy's."""
+    got = {}
+    for host, port in peer_ports.items():
+        out = cli(*command, *PEER_RULES, "--", probes["dynamic"], "connect", host, port)
+        assert out.returncode == 0, out.stderr
+        got[host] = values(out.stdout)
+    assert (got["127.0.0.1"]["keepalive"], got["127.0.0.1"]["keepidle"]) == (1, 20)
+    assert got["127.0.0.1"]["user_timeout"] == (20 + 15 * 9) * 1000
+    assert (got["127.0.0.2"]["keepalive"], got["127.0.0.2"]["keepidle"]) == (1, 300)
+    assert got["127.0.0.2"]["user_timeout"] == (300 + 15 * 9) * 1000  # its own times
+    assert (got["::1"]["keepalive"], got["::1"]["user_timeout"]) == (0, 0)
+
+
+def test_exec_resolves_peer_host_names_itself(probes, peer_ports):
+    """The shim resolves no name: exec does, before the program starts,
+    and passes the addresses with the name for the debug line."""
+    out = cli("exec", "--peer", "localhost,keepidle=301", "--", probes["dynamic"], "connect",
+              "127.0.0.1", peer_ports["127.0.0.1"], env={"BPFKEEP_DEBUG": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert values(out.stdout)["keepidle"] == 301
+    assert re.search(r"connect\(\d+\): peer 127\.0\.0\.1 port \d+: peer rule 1 \(localhost\)",
+                     out.stderr), out.stderr  # fmt: skip
+
+
+def test_exec_warns_about_a_peer_name_that_does_not_resolve(monkeypatch, capsys):
+    """Its rule applies to no connection; the program still runs (no DNS
+    query leaves this host: the lookup is replaced)."""
+
+    def no_such_host(name):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    ran = {}
+
+    def execvpe(path, argv, env):
+        ran.update(env=env, argv=argv)
+        raise OSError(2, "No such file or directory")  # as if not found: exec returns
+
+    monkeypatch.setattr(peers, "_getaddrinfo", no_such_host)
+    monkeypatch.setattr(runner.os, "execvpe", execvpe)
+    args = cli_module.build_parser().parse_args(
+        ["exec", "--peer", "db.invalid,keepidle=5", "--peer", "127.0.0.2,exempt", "--", "true"]
+    )
+    runner.exec_preload(cli_module.policy_from_args(args), ["true"])
+    err = capsys.readouterr().err
+    assert "warning: peer db.invalid does not resolve (Name or service not known)" in err
+    assert ran["env"]["BPFKEEP_PEERS"] == "127.0.0.2,exempt"
+
+
+def test_exec_refuses_peer_rules_with_the_socket_hook():
+    out = cli("exec", "--hook", "socket", "--peer", "127.0.0.2,exempt", "--", "true")
+    assert out.returncode == 2
+    assert "peer rules need --hook connect" in out.stderr, out.stderr
+
+
+def test_peer_rule_refuses_keepalive():
+    """keepalive in a peer rule (--peer, [[policy.peer]]) was taken in and
+    dropped without a word: keepalive=0 did nothing."""
+    out = cli("exec", "--peer", "10.0.0.0/8,keepalive=0", "--", "true")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "bpfkeep: --peer 10.0.0.0/8,keepalive=0: keepalive: keepalive is always on; exempt "
+        "leaves these peers' connections as the program made them"
+    ]

@@ -16,6 +16,17 @@ it with what strace saw the shim ask for.
     probe.py relisten HOST               listen(), own setsockopt, listen()
                                          again (what nginx does)
     probe.py tfo HOST PORT sendto|sendmsg  TCP Fast Open: connect by sending
+    probe.py peers [--weaken] [--nonblock] HOST PORT...
+                                         connect to each in turn (refused is
+                                         fine); --weaken: then try to weaken
+                                         keepalive, as `enforce`;
+                                         --nonblock: without waiting
+    probe.py serve HOST N [OPT=VAL]... [--late OPT=VAL...]
+                                         set the options on a listener (those
+                                         after --late once it listens),
+                                         listen, print port, accept N (with
+                                         accept4), then report each and the
+                                         listener
 """
 
 from __future__ import annotations
@@ -168,6 +179,51 @@ def enforce(host: str, port: str) -> None:
     emit(udp_keepalive=udp_keepalive, **opts(s))
 
 
+def weaken(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10000)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+
+
+def peers(*args: str) -> None:
+    pairs = [a for a in args if not a.startswith("--")]
+    for host, port in zip(pairs[::2], pairs[1::2], strict=True):
+        s = socket.socket(family(host), socket.SOCK_STREAM)
+        s.setblocking("--nonblock" not in args)
+        rc = s.connect_ex((host, int(port)))
+        if "--weaken" in args and rc in (0, errno.EINPROGRESS):
+            weaken(s)
+        state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        emit(host=host, port=int(port), rc=errno.errorcode.get(rc, rc), state=state, **opts(s))
+        s.close()
+
+
+def set_own(s: socket.socket, items: tuple[str, ...]) -> None:
+    for item in items:
+        name, value = item.split("=")
+        if name == "keepalive":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(value))
+        else:
+            s.setsockopt(socket.IPPROTO_TCP, TCP_OPTS[name], int(value))
+
+
+def serve(host: str, n: str, *own: str) -> None:
+    early = own[: own.index("--late")] if "--late" in own else own
+    ls = socket.socket(family(host), socket.SOCK_STREAM)
+    ls.bind((host, 0))
+    set_own(ls, early)
+    ls.listen(16)
+    set_own(ls, own[len(early) + 1 :])
+    emit(port=ls.getsockname()[1])
+    ls.settimeout(10)
+    conns = []
+    for _ in range(int(n)):
+        conn, addr = ls.accept()
+        conns.append(conn)
+        emit(peer=addr[0], **opts(conn))
+    emit(listener=opts(ls))
+
+
 def threads(host: str, port: str, n: str) -> None:
     results: list[dict[str, int]] = []
     lock = threading.Lock()
@@ -255,6 +311,8 @@ MODES = {
     "nonblock": nonblock,
     "relisten": relisten,
     "tfo": tfo,
+    "peers": peers,
+    "serve": serve,
 }
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@
  *                                 with good pointers
  *   sockprobe reuse PORT          TCP fds closed behind a shim's back
  *                                 (fclose(fdopen()), close_range) whose
- *                                 number comes back as a socketpair or
- *                                 raw socket made without socket();
+ *                                 number comes back as a socketpair, a
+ *                                 raw socket or a connection accept()
+ *                                 returned, all made without socket();
  *                                 connect() and listen() on those; one
  *                                 "reuse CLOSER FILLER same=0|1
  *                                 keepalive=N" line each
@@ -224,10 +225,28 @@ static void close_behind(int fd, const char *how)
 	}
 }
 
-/* A non-TCP socket on the lowest free fd, made without socket(): a
- * socketpair (AF_UNIX stream) or a raw ICMP socket (needs CAP_NET_RAW;
- * -1 without it). */
-static int fill(const char *what, int *peer)
+/* A TCP socket made by system calls a shim does not wrap: listening on
+ * 127.0.0.1 (port 0: any), or connected to port. */
+static int raw_tcp(int port, int do_listen)
+{
+	struct sockaddr_in a = loopback(port);
+	int fd = (int)syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
+
+	if (fd < 0)
+		return -1;
+	if (do_listen ? syscall(SYS_bind, fd, &a, sizeof(a)) ||
+				syscall(SYS_listen, fd, 4)
+		      : syscall(SYS_connect, fd, &a, sizeof(a))) {
+		syscall(SYS_close, fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* A socket on the lowest free fd, made without socket(): a socketpair
+ * (AF_UNIX stream), a raw ICMP socket (needs CAP_NET_RAW; -1 without it),
+ * or the TCP connection accept() takes from listener. */
+static int fill(const char *what, int *peer, int listener)
 {
 	int sv[2];
 
@@ -238,21 +257,36 @@ static int fill(const char *what, int *peer)
 		*peer = sv[1];
 		return sv[0];
 	}
+	if (!strcmp(what, "accept"))
+		return accept(listener, NULL, NULL);
 	return (int)syscall(SYS_socket, AF_INET, SOCK_RAW, IPPROTO_ICMP);
 }
 
 static int reuse(int port)
 {
 	static const char *const closers[] = {"fclose", "close_range"};
-	static const char *const fillers[] = {"socketpair", "raw"};
-	struct sockaddr_in a = loopback(port);
+	static const char *const fillers[] = {"socketpair", "raw", "accept"};
+	struct sockaddr_in a = loopback(port), me;
+	socklen_t melen = sizeof(me);
+	/* No policy on it (no listen() seen): what it accepts has none. */
+	int listener = raw_tcp(0, 1);
 
+	if (listener < 0 ||
+	    getsockname(listener, (struct sockaddr *)&me, &melen) < 0) {
+		perror("listener");
+		return 1;
+	}
 	for (size_t i = 0; i < 2; i++) {
-		for (size_t j = 0; j < 2; j++) {
-			int tcp = socket(AF_INET, SOCK_STREAM, 0), peer, fd;
+		for (size_t j = 0; j < 3; j++) {
+			int tcp = socket(AF_INET, SOCK_STREAM, 0), peer = -1;
+			int client = -1, fd;
 
+			/* accept() gives the lowest free number: the client
+			 * connects first, taking a number above tcp's. */
+			if (!strcmp(fillers[j], "accept"))
+				client = raw_tcp(ntohs(me.sin_port), 0);
 			close_behind(tcp, closers[i]);
-			fd = fill(fillers[j], &peer);
+			fd = fill(fillers[j], &peer, listener);
 			if (fd < 0) {
 				printf("reuse %s %s unavailable\n", closers[i],
 				       fillers[j]);
@@ -268,6 +302,8 @@ static int reuse(int port)
 			close(fd);
 			if (peer >= 0)
 				close(peer);
+			if (client >= 0)
+				close(client);
 		}
 	}
 	return 0;
