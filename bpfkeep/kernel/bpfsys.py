@@ -138,8 +138,11 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     _check(_lib().bpf_map_update_elem(fd, key, value, flags), "map update")
 
 
-def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    buf = ctypes.create_string_buffer(value_size)
+def map_lookup(fd: int, key: bytes, value_size: int, buf=None) -> bytes | None:
+    """The value of ``key``, or None.  ``buf``: a ctypes buffer of
+    ``value_size`` bytes to read into, for a caller that reads many."""
+    if buf is None:
+        buf = ctypes.create_string_buffer(value_size)
     ret = _lib().bpf_map_lookup_elem(fd, key, buf)
     if ret == -errno.ENOENT or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
         return None

@@ -142,6 +142,8 @@ def printable(path: str) -> str:
     Cgroup names are bytes; Python keeps undecodable ones as surrogates
     (os.fsdecode), which is right for the filesystem and wrong for text
     that leaves the process (a Prometheus label must be UTF-8)."""
+    if path.isascii():  # nearly every path; a scrape asks for 10,000 of them
+        return path
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 

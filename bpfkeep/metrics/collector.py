@@ -2,20 +2,23 @@
 read from the BPF maps at scrape time (per-CPU counters summed), in the
 manner of ebpf_exporter.  Each family is one line of a table: its name,
 type, help, labels and how a row (one attached cgroup) gives its samples.
+The families with a series per cgroup are metrics.family.CgroupFamily:
+written in the text format straight from the rows (a scrape of 10,000
+cgroups writes ~330,000 samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector as _CollectorBase
 
 from bpfkeep import __version__
 from bpfkeep.kernel.procfs import keepalive_sysctls
-from bpfkeep.metrics.workloads import with_workload_labels
+from bpfkeep.metrics.family import CgroupFamily, CgroupLabels, CgroupTable, Samples
 from bpfkeep.options import Policy, dead_peer_bound
 from bpfkeep.progs.maps import Counters
 
@@ -48,9 +51,6 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
-
-
-Samples = Iterable[tuple[tuple[str, ...], float]]  # (label values after cgroup, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,48 +194,47 @@ class Collector(_CollectorBase):
         yield from self._families(Snapshot([], []))
 
     def collect(self) -> Iterator:
-        snap = self._source()
-        for family in self._families(snap):
-            yield with_workload_labels(family, snap.workloads, snap.workload_labels)
+        yield from self._families(self._source())
 
     def _families(self, snap: Snapshot) -> Iterator:
         info = InfoMetricFamily("bpfkeep_build", "bpfkeep version and running kernel")
         info.add_metric([], {"version": __version__, "kernel": platform.release()})
         yield info
         host = self._sysctls() if any(r.policy for r in snap.rows) else (0, 0, 0)
-        per_cgroup = [self._per_cgroup(spec, snap.rows, host) for spec in PER_CGROUP]
+        cgroups = CgroupLabels(snap.workloads, snap.workload_labels)
+        table = CgroupTable(snap.rows, lambda row: row.cgroup, cgroups)
+        per_cgroup = [
+            table.family(
+                spec.name, spec.kind, spec.help, spec.labels,
+                lambda row, spec=spec: spec.samples(row, host),
+            )
+            for spec in PER_CGROUP
+        ]  # fmt: skip
         yield from per_cgroup[:AFTER_ATTACHED]
         yield _listed(
+            cgroups,
             "bpfkeep_policy_expected",
             "1 for each existing cgroup that the daemon's config gives a policy",
             snap.expected,
         )
         yield _listed(
+            cgroups,
             "bpfkeep_policy_unmanaged",
             "1 for each cgroup the config matches whose policy was attached by hand "
             "(bpfkeep attach): the daemon leaves it alone",
             snap.unmanaged,
         )
         yield from per_cgroup[AFTER_ATTACHED:]
-        yield from _daemon(snap)
-
-    @staticmethod
-    def _per_cgroup(spec: PerCgroup, rows: list[Row], host: tuple[int, int, int]):
-        family = spec.kind(spec.name, spec.help, labels=["cgroup", *spec.labels])
-        for row in rows:
-            for values, n in spec.samples(row, host):
-                family.add_metric([row.cgroup, *values], n)
-        return family
+        yield from _daemon(snap, cgroups)
 
 
-def _listed(name: str, help_: str, cgroups: list[str]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_, labels=["cgroup"])
-    for cg in cgroups:
-        family.add_metric([cg], 1)
-    return family
+def _listed(cgroups: CgroupLabels, name: str, help_: str, listed: list[str]) -> CgroupFamily:
+    return CgroupFamily(
+        name, GaugeMetricFamily, help_, (), lambda: ((cg, (((), 1),)) for cg in listed), cgroups
+    )
 
 
-def _daemon(snap: Snapshot) -> Iterator:
+def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
     """The daemon's own health and the periodic audit."""
     yield GaugeMetricFamily(
         "bpfkeep_attached_policies", "Cgroups with a bpfkeep policy", value=len(snap.rows)
@@ -249,16 +248,16 @@ def _daemon(snap: Snapshot) -> Iterator:
         "update, detach or walk of the cgroup tree, and pins or links it had to restore",
         value=snap.reconcile_errors,
     )
-    audit = GaugeMetricFamily(
+    coverage = sorted((snap.coverage or {}).items())
+    yield CgroupFamily(
         "bpfkeep_audit_sockets",
+        GaugeMetricFamily,
         "Established TCP sockets per attached cgroup, by keepalive timer state "
         "(inet_diag; sockets the policy has not reached show as off)",
-        labels=["cgroup", "keepalive"],
+        ("keepalive",),
+        lambda: ((cg, ((("armed",), a), (("off",), t - a))) for cg, (a, t) in coverage),
+        cgroups,
     )
-    for cg, (armed, total) in sorted((snap.coverage or {}).items()):
-        audit.add_metric([cg, "armed"], armed)
-        audit.add_metric([cg, "off"], total - armed)
-    yield audit
     yield CounterMetricFamily(
         "bpfkeep_audit_errors", "Failed socket audits", value=snap.audit_errors
     )

@@ -13,9 +13,10 @@ import dataclasses
 import functools
 import hashlib
 import math
+import operator
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from bpfkeep.errors import EnvironmentProblem
@@ -152,9 +153,38 @@ class Layout:
 
     def unpack(self, raw: bytes, offset: int = 0) -> dict[str, int | tuple[int, ...]]:
         """Members by name; arrays flat, in C order."""
-        words = self._struct.unpack_from(raw, offset)
+        return self._members(self._struct.unpack_from(raw, offset))
+
+    def unpack_summed(self, raw: bytes) -> dict[str, int | tuple[int, ...]]:
+        """Members by name, each summed over the copies of the struct that
+        ``raw`` holds one after the other (a per-CPU map value: one per
+        possible CPU): one unpack for all copies, then a sum per word."""
+        copies = len(raw) // self.size
+        if copies == 1:
+            return self.unpack(raw)
+        n = self._words
+        if not copies:
+            return self._members((0,) * n)
+        words = self._struct_of(copies).unpack_from(raw)
+        total: Iterable[int] = words[:n]
+        for at in range(n, len(words), n):
+            total = map(operator.add, total, words[at : at + n])
+        return self._members(tuple(total))
+
+    @functools.cached_property
+    def _words(self) -> int:
+        return sum(m.count for m in self.members)
+
+    def _struct_of(self, copies: int) -> struct.Struct:
+        """The struct module's Struct for ``copies`` of this struct in a row."""
+        made = self.__dict__.setdefault("_structs", {})
+        if copies not in made:
+            made[copies] = struct.Struct("=" + self.fmt[1:] * copies)
+        return made[copies]
+
+    def _members(self, words: Sequence[int]) -> dict[str, int | tuple[int, ...]]:
         return {
-            name: words[i : i + n] if n else words[i]  # type: ignore[misc]
+            name: tuple(words[i : i + n]) if n else words[i]  # type: ignore[misc]
             for name, i, n in self._slots
         }
 
