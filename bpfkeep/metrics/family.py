@@ -39,6 +39,8 @@ KINDS: dict[type, str] = {CounterMetricFamily: "counter", GaugeMetricFamily: "ga
 
 def escape_value(v: str) -> str:
     """A label value as the text format writes it."""
+    if v.isidentifier():  # most values here: "keepidle", "connect", "EINVAL"
+        return v
     if "\\" in v or "\n" in v or '"' in v:
         return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return v
