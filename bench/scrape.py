@@ -87,10 +87,16 @@ def run_size(session: Session, n: int, other: Path, rounds: int, timeout: float)
         for d in daemons.values():
             wait_idle(d, timeout)
         samples: dict[str, list[tuple[float, float, int]]] = {k: [] for k in daemons}
+        # A daemon answers a scrape that comes sooner than its last
+        # collection's duration after it with the next collection (at most
+        # half the time scraping): each is scraped only after that.
+        free = {k: 0.0 for k in daemons}
         for r in range(rounds + 1):  # round 0 warms both up, not counted
             order = ["this", "other"] if r % 2 == 0 else ["other", "this"]
             for who in order:
+                time.sleep(max(0.0, free[who] - time.monotonic()))
                 m = measure(daemons[who])
+                free[who] = time.monotonic() + 1.5 * m[0] / 1000
                 if r:
                     samples[who].append(m)
         for who, ms in samples.items():

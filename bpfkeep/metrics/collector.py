@@ -202,14 +202,11 @@ class Collector(_CollectorBase):
         yield info
         host = self._sysctls() if any(r.policy for r in snap.rows) else (0, 0, 0)
         cgroups = CgroupLabels(snap.workloads, snap.workload_labels)
-        table = CgroupTable(snap.rows, lambda row: row.cgroup, cgroups)
+        table = CgroupTable(snap.rows, lambda row: row.cgroup, cgroups, host)
         per_cgroup = [
-            table.family(
-                spec.name, spec.kind, spec.help, spec.labels,
-                lambda row, spec=spec: spec.samples(row, host),
-            )
+            table.family(spec.name, spec.kind, spec.help, spec.labels, spec.samples)
             for spec in PER_CGROUP
-        ]  # fmt: skip
+        ]
         yield from per_cgroup[:AFTER_ATTACHED]
         yield _listed(
             cgroups,

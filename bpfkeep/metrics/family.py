@@ -19,7 +19,7 @@ compare that path's ``generate_latest`` with ``text_format`` byte for byte.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -238,9 +238,17 @@ class CgroupTable(Generic[R]):
     fall among them, are worked out once a row rather than once a row and
     family.  Each family's text is kept until asked for."""
 
-    def __init__(self, rows: Sequence[R], cgroup: Callable[[R], str], cgroups: CgroupLabels):
+    def __init__(
+        self,
+        rows: Sequence[R],
+        cgroup: Callable[[R], str],
+        cgroups: CgroupLabels,
+        context: object = None,
+    ):
+        """``context``: passed to every family's ``samples(row, context)``."""
         self._rows, self._cgroup, self._cgroups = rows, cgroup, cgroups
-        self._families: list[tuple[CgroupFamily, Callable[[R], Samples]]] = []
+        self._context = context
+        self._families: list[tuple[CgroupFamily, Callable[[R, Any], Samples]]] = []
         self._texts: dict[int, str] | None = None
 
     def family(
@@ -249,12 +257,12 @@ class CgroupTable(Generic[R]):
         kind: type,
         documentation: str,
         labels: tuple[str, ...],
-        samples: Callable[[R], Samples],
+        samples: Callable[[R, Any], Samples],
     ) -> CgroupFamily:
-        rows, cgroup = self._rows, self._cgroup
+        rows, cgroup, context = self._rows, self._cgroup, self._context
 
         def series() -> Iterator[tuple[str, Samples]]:
-            return ((cgroup(row), samples(row)) for row in rows)
+            return ((cgroup(row), samples(row, context)) for row in rows)
 
         fam = CgroupFamily(name, kind, documentation, labels, series, self._cgroups, self)
         self._families.append((fam, samples))
@@ -269,7 +277,7 @@ class CgroupTable(Generic[R]):
         fams = self._families
         outs: list[list[str]] = [[fam.header()] for fam, _ in fams]
         layouts: dict[tuple[str, ...], list[_Layout]] = {}
-        cgroups = self._cgroups
+        cgroups, context = self._cgroups, self._context
         for row in self._rows:
             labels = cgroups.of(self._cgroup(row))
             keys = cgroups.keys(labels)
@@ -277,5 +285,5 @@ class CgroupTable(Generic[R]):
             if lays is None:
                 lays = layouts[keys] = [_layout(f.sample_name, keys, f.labels) for f, _ in fams]
             for (_, samples), layout, out in zip(fams, lays, outs, strict=True):
-                _write(out, layout, labels, samples(row))
+                _write(out, layout, labels, samples(row, context))
         return {id(fam): "".join(out) for (fam, _), out in zip(fams, outs, strict=True)}

@@ -16,7 +16,7 @@ import math
 import operator
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bpfkeep.errors import EnvironmentProblem
@@ -158,29 +158,21 @@ class Layout:
     def unpack_summed(self, raw: bytes) -> dict[str, int | tuple[int, ...]]:
         """Members by name, each summed over the copies of the struct that
         ``raw`` holds one after the other (a per-CPU map value: one per
-        possible CPU): one unpack for all copies, then a sum per word."""
+        possible CPU): each copy unpacked at once, then added word by word."""
         copies = len(raw) // self.size
         if copies == 1:
             return self.unpack(raw)
-        n = self._words
         if not copies:
-            return self._members((0,) * n)
-        words = self._struct_of(copies).unpack_from(raw)
-        total: Iterable[int] = words[:n]
-        for at in range(n, len(words), n):
-            total = map(operator.add, total, words[at : at + n])
-        return self._members(tuple(total))
+            return self._members((0,) * self._words)
+        each = self._struct.iter_unpack(memoryview(raw)[: copies * self.size])
+        total = next(each)
+        for words in each:
+            total = tuple(map(operator.add, total, words))
+        return self._members(total)
 
     @functools.cached_property
     def _words(self) -> int:
         return sum(m.count for m in self.members)
-
-    def _struct_of(self, copies: int) -> struct.Struct:
-        """The struct module's Struct for ``copies`` of this struct in a row."""
-        made = self.__dict__.setdefault("_structs", {})
-        if copies not in made:
-            made[copies] = struct.Struct("=" + self.fmt[1:] * copies)
-        return made[copies]
 
     def _members(self, words: Sequence[int]) -> dict[str, int | tuple[int, ...]]:
         return {
