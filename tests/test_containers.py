@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from test_daemon import daemon, free_port, scrape  # noqa: F401 - the fixture
 
 from bpfkeep import containers
+from bpfkeep import podman as podman_files
 from bpfkeep.containers import CgroupInfo, Selector, Workload, parse
 from bpfkeep.metrics.collector import Collector, Row, Snapshot
 from bpfkeep.options import Policy
@@ -758,6 +760,103 @@ def test_attach_and_detach_by_container_and_pod_name(runtime, bk, tmp_path, spaw
     assert unreachable.returncode == 69, unreachable.stderr
     assert "could not ask" in unreachable.stderr and "nothing.sock" in unreachable.stderr
     assert unreachable.stderr.count("\n") == 1
+
+
+@pytest.mark.kernel
+def test_podman_without_its_api_service_default_storage(
+    podman_default_rt,
+    daemon,  # noqa: F811
+    tmp_path,
+    spawn,
+    cgroups,
+):
+    """podman as it comes: its default storage, and no API service (no
+    daemon; nothing listens on the socket the config names).  The daemon
+    finds the name from the container's conmon and the labels from
+    podman's database, attaches, and the policy shows in getsockopt inside
+    the container and in ss from its network namespace."""
+    rt = podman_default_rt
+    assert not os.path.exists(rt.socket)
+    t = tag()
+    port = free_port()
+    rules = workload_rule(container=f"bk-web-{t}-*", keepidle=7, keepintvl=3, keepcnt=4)
+    rules += workload_rule(labels={"tier": f"db-{t}"}, keepidle=11, keepintvl=3, keepcnt=4)
+    d = daemon(runtime_config(tmp_path / "c.toml", rt, rules, port))
+    d.start()
+    srv = f"bk-srv-{t}"
+    start_server(rt, srv)
+    plain = start_client(rt, spawn, f"bk-plain-{t}", srv, labels={"tier": "web"})
+    web = start_client(rt, spawn, f"bk-web-{t}-1", srv)
+    db = start_client(rt, spawn, f"bk-db-{t}", srv, labels={"tier": f"db-{t}", "x": "y"})
+
+    v = settle(web, 7)
+    assert (v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"]) == (1, 7, 3, 4)
+    v = settle(db, 11)
+    assert (v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"]) == (1, 11, 3, 4)
+    plain.send_line()
+    v = plain.values("now-client", consume=True)
+    assert v["keepalive"] == 0 and v["keepidle"] == 7200
+    assert (
+        bpftool_prog_ids(os.path.join(cgroups.mount, rt.cgroup(f"bk-plain-{t}")), "sock_ops") == []
+    )
+    out = nsenter_ss(
+        rt.pid(f"bk-web-{t}-1"), "-tinoH", "state", "established", f"( dport = :{PORT} )"
+    )
+    assert "timer:(keepalive" in out, out
+    web_rel, db_rel = rt.cgroup(f"bk-web-{t}-1"), rt.cgroup(f"bk-db-{t}")
+    d.wait_log(f"container bk-web-{t}-1 (podman, /{web_rel}): policy[0]")
+    d.wait_log(f"container bk-db-{t} (podman, /{db_rel}): policy[1]")
+    d.wait_log("podman's API not served")
+    log = d.log.read_text()
+    assert "cannot be asked" not in log and "not found by any runtime" not in log, log
+    # What was read agrees with podman inspect, and the metrics name it.
+    inspect = json.loads(rt("inspect", f"bk-db-{t}").stdout)[0]
+    cid = inspect["Id"]
+    found = podman_files.identify(os.path.join(cgroups.mount, db_rel), cid)
+    assert (found.name, found.labels) == (inspect["Name"], inspect["Config"]["Labels"])
+    assert found.db == "/var/lib/containers/storage/libpod/bolt_state.db"
+    m = scrape(port)
+    key = (("cgroup", "/" + web_rel), ("container", f"bk-web-{t}-1"), ("mode", "set"))
+    assert m.get(("bpfkeep_policy_attached", key)) == 1
+
+
+@pytest.mark.kernel
+def test_a_runtime_that_cannot_be_asked_is_one_warning_and_a_count(
+    podman_default_rt,
+    daemon,  # noqa: F811
+    tmp_path,
+):
+    """No API service, and podman's files out of reach: the daemon in a
+    PID namespace of its own (as a pod without hostPID) sees no conmon.
+    One warning naming the fix, however many containers; the metric
+    counts them."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is missing")
+    rt = podman_default_rt
+    t = tag()
+    port = free_port()
+    rules = workload_rule(container=f"bk-web-{t}-*", keepidle=7)
+    d = daemon(runtime_config(tmp_path / "c.toml", rt, rules, port))
+    d.start(prefix=("unshare", "--pid", "--fork", "--kill-child", "--mount-proc"))
+    srv = f"bk-srv-{t}"
+    start_server(rt, srv)
+    for i in range(2):
+        subprocess.run(
+            rt.run_args(f"bk-web-{t}-{i}", "/bin/sleep", "600"), check=True,
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while scrape(port).get(("bpfkeep_containers_unidentified", ())) != 3:
+        assert time.monotonic() < deadline, scrape(port).get(
+            ("bpfkeep_containers_unidentified", ())
+        )
+        time.sleep(0.2)
+    line = d.wait_log("podman cannot be asked")
+    assert "systemctl enable --now podman.socket" in line and rt.socket in line, line
+    assert "not identified" in line
+    log = d.log.read_text()
+    assert log.count("cannot be asked") == 1, log
+    assert "attached" not in log, log
 
 
 @pytest.fixture()

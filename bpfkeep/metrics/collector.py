@@ -51,6 +51,8 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
+    # Container cgroups seen that no runtime identified (daemon.workloads).
+    containers_unidentified: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +253,12 @@ def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
         "Errors the daemon met while keeping the policies attached: failed attach, "
         "update, detach or walk of the cgroup tree, and pins or links it had to restore",
         value=snap.reconcile_errors,
+    )
+    yield GaugeMetricFamily(
+        "bpfkeep_containers_unidentified",
+        "Container cgroups seen that no runtime identified: none knew the id, or one that "
+        "could be theirs cannot be asked (its API down); workload rules do not apply to them",
+        value=snap.containers_unidentified,
     )
     coverage = sorted((snap.coverage or {}).items())
     yield CgroupFamily(
