@@ -15,8 +15,8 @@ shared, and its load moves by ±30 % within a minute.
 Measured per scrape: the wall time of the HTTP GET (no gzip, as
 bench.daemonbench) and the daemon's CPU time for it (schedstat of every
 thread).  Printed: the medians, and the median of the per-round ratios.
-The bodies of both daemons must be the same size (the same families, the
-same cgroups), or the run fails.
+Both daemons must write as many per-cgroup series (the same families
+for the same cgroups), or the run fails.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def checkout(session: Session, against: str) -> Path:
     return Path(where)
 
 
-def measure(daemon: CheckoutDaemon) -> tuple[float, float, int]:
-    """(wall ms, daemon CPU ms, bytes) of one scrape."""
+def measure(daemon: CheckoutDaemon) -> tuple[float, float, int, int]:
+    """(wall ms, daemon CPU ms, bytes, per-cgroup series) of one scrape."""
     cpu = daemon.cpu_ns()
     ms, body = daemon.scrape()
-    return ms, (daemon.cpu_ns() - cpu) / 1e6, len(body)
+    return ms, (daemon.cpu_ns() - cpu) / 1e6, len(body), body.count(b'cgroup="')
 
 
 def run_size(session: Session, n: int, other: Path, rounds: int, timeout: float) -> dict:
@@ -79,14 +79,14 @@ def run_size(session: Session, n: int, other: Path, rounds: int, timeout: float)
         "this": CheckoutDaemon(session, REPO, pin_dir=pins["this"]),
         "other": CheckoutDaemon(session, other, pin_dir=pins["other"]),
     }
-    out: dict = {"cgroups": n, "wall_ms": {}, "cpu_ms": {}, "bytes": {}, "hwm_mb": {}}
+    out: dict = {"cgroups": n, "wall_ms": {}, "cpu_ms": {}, "bytes": {}, "series": {}, "hwm_mb": {}}
     try:
         for d in daemons.values():
             write_config(d, session, 0, keepidle=60, group=group)
             d.start(timeout=timeout)
         for d in daemons.values():
             wait_idle(d, timeout)
-        samples: dict[str, list[tuple[float, float, int]]] = {k: [] for k in daemons}
+        samples: dict[str, list[tuple[float, float, int, int]]] = {k: [] for k in daemons}
         # A daemon answers a scrape that comes sooner than its last
         # collection's duration after it with the next collection (at most
         # half the time scraping): each is scraped only after that.
@@ -103,6 +103,7 @@ def run_size(session: Session, n: int, other: Path, rounds: int, timeout: float)
             out["wall_ms"][who] = [m[0] for m in ms]
             out["cpu_ms"][who] = [m[1] for m in ms]
             out["bytes"][who] = ms[-1][2]
+            out["series"][who] = ms[-1][3]
             out["hwm_mb"][who] = daemons[who].hwm_mb()
     finally:
         for d in daemons.values():
@@ -110,10 +111,10 @@ def run_size(session: Session, n: int, other: Path, rounds: int, timeout: float)
         from bpfkeep.enforcer import Enforcer
 
         Enforcer(pins["other"]).destroy()
-    if out["bytes"]["this"] != out["bytes"]["other"]:
+    if out["series"]["this"] != out["series"]["other"]:
         raise BenchError(
-            f"{n} cgroups: the bodies differ in size ({out['bytes']['this']} against "
-            f"{out['bytes']['other']} bytes)"
+            f"{n} cgroups: not the same per-cgroup series ({out['series']['this']} against "
+            f"{out['series']['other']})"
         )
     return out
 

@@ -177,15 +177,20 @@ def _conmon(proc: str, pid: int, cid: str) -> Monitor | None:
     return Monitor(pid, cid, opts["name"], opts.get("root") or DEFAULT_ROOT)
 
 
-# conmon's options that take a value (conmon --help), short and long.
+# conmon's options that take a value (conmon --help, 2.1), short and long,
+# and which of them are kept.
 _TAKES_VALUE = {
     "-c": "cid", "--cid": "cid", "-n": "name", "--name": "name",
-    "-b": "bundle", "--bundle": "bundle", "-u": "", "--cuuid": "",
-    "-r": "", "--runtime": "", "-p": "", "--container-pidfile": "",
-    "-l": "", "--log-path": "", "-P": "", "--conmon-pidfile": "",
-    "--exit-dir": "", "--exit-command": "", "--exit-command-arg": "exit_arg",
-    "--log-level": "", "--runtime-arg": "", "--api-version": "",
-    "-s": "", "--socket-dir-path": "", "--log-tag": "", "--log-size-max": "",
+    "-b": "bundle", "--bundle": "bundle", "--exit-command-arg": "exit_arg",
+    **dict.fromkeys((
+        "--api-version", "-P", "--conmon-pidfile", "-p", "--container-pidfile",
+        "-u", "--cuuid", "--exec-process-spec", "--exit-command", "--exit-delay",
+        "--exit-dir", "--log-level", "-l", "--log-path", "--log-size-max",
+        "--log-global-size-max", "--log-tag", "-0", "--persist-dir", "-r",
+        "--runtime", "--runtime-arg", "--runtime-opt", "--sdnotify-socket",
+        "--socket-dir-path", "-T", "--timeout", "--seccomp-notify-socket",
+        "--seccomp-notify-plugins",
+    ), ""),
 }  # fmt: skip
 
 

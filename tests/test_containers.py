@@ -338,6 +338,49 @@ def test_containerd_and_crio_bundles(tmp_path):
     assert res.workload is None and "larger than" in res.problems[0]
 
 
+def test_conmon_command_lines():
+    """The options podman gives conmon (podman 4.3's, as seen on a running
+    container): the id, the name and podman's storage root; the root from
+    the bundle when the exit command does not say it."""
+    root = "/var/lib/containers/storage"
+    bundle = f"{root}/overlay-containers/{ID}/userdata"
+    argv = [
+        "/usr/bin/conmon", "--api-version", "1", "-c", ID, "-u", ID, "-r", "/usr/bin/runc",
+        "-b", bundle, "-p", "/run/containers/storage/pidfile", "-n", "web-1",
+        "--exit-dir", "/run/libpod/exits", "--full-attach", "-s",
+        "-l", f"k8s-file:{bundle}/ctr.log",
+        "--log-level", "warning", "--runtime-arg", "--log-format=json", "--runtime-arg", "--log",
+        "--runtime-arg=/run/oci-log", "--conmon-pidfile", "/run/conmon.pid",
+        "--exit-command", "/usr/bin/podman", "--exit-command-arg", "--root",
+        "--exit-command-arg", "/srv/podman", "--exit-command-arg", "--runroot",
+        "--exit-command-arg", "/run/containers/storage", "--exit-command-arg", "container",
+        "--exit-command-arg", "cleanup", "--exit-command-arg", ID,
+    ]  # fmt: skip
+    opts = podman_files.conmon_options(argv)
+    assert (opts["cid"], opts["name"], opts["root"]) == (ID, "web-1", "/srv/podman")
+    no_exit = [a for a in argv if a not in ("--exit-command-arg", "--root", "/srv/podman")]
+    assert podman_files.conmon_options(no_exit)["root"] == root
+    long = ["conmon", f"--cid={ID}", "--name", "db", "--bundle", bundle]
+    assert podman_files.conmon_options(long) == {
+        "cid": ID,
+        "name": "db",
+        "bundle": bundle,
+        "root": root,
+    }
+
+
+def test_bolt_reader_refuses_what_is_not_a_bbolt_file(tmp_path):
+    from bpfkeep.boltdb import BoltError, BoltFile
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\xed\xda\x0c\xed" * 4096)
+    with pytest.raises(BoltError, match="no valid meta page"):
+        BoltFile(str(junk))
+    (tmp_path / "small.db").write_bytes(b"x")
+    with pytest.raises(BoltError, match="too small"):
+        BoltFile(str(tmp_path / "small.db"))
+
+
 def test_lookups_retry_until_the_runtime_knows_and_forget_cancelled():
     """The worker asks again (backoff) while no runtime knows the id: a
     container's cgroup appears before the runtime marks it running."""
