@@ -5,7 +5,6 @@ Everything here is right after any restart of any bpfkeep process."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import sys
 from collections.abc import Iterable
@@ -40,20 +39,20 @@ class Attachment:
         }
 
 
-def counters(map_fd: int, cgroup_id: int, buf=None) -> maps.Counters | None:
+def counters(map_fd: int, cgroup_id: int) -> maps.Counters | None:
     """One cgroup's per-CPU counters, summed; None if it has none."""
     with contextlib.suppress(OSError):
         raw = bpfsys.map_lookup(
-            map_fd, key_of(cgroup_id), maps.percpu_value_size(maps.COUNTERS_SIZE), buf
+            map_fd, key_of(cgroup_id), maps.percpu_value_size(maps.COUNTERS_SIZE)
         )
         if raw is not None:
             return maps.decode_counters(raw)
     return None
 
 
-def sweepstats(map_fd: int, cgroup_id: int, buf=None) -> maps.SweepStats | None:
+def sweepstats(map_fd: int, cgroup_id: int) -> maps.SweepStats | None:
     with contextlib.suppress(OSError):
-        raw = bpfsys.map_lookup(map_fd, key_of(cgroup_id), maps.SWEEPSTATS_SIZE, buf)
+        raw = bpfsys.map_lookup(map_fd, key_of(cgroup_id), maps.SWEEPSTATS_SIZE)
         if raw is not None:
             return maps.SweepStats.decode(raw)
     return None
@@ -97,20 +96,25 @@ def storage_values(pins: PinDir, ids: Iterable[int]) -> dict[int, bytes]:
 def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
     """Counters of these cgroups (this version's maps).  The kernel frees a
     cgroup's storage with its last bpfkeep link, so a missing entry also
-    means the policy is no longer attached."""
+    means the policy is no longer attached.  Two lookups a cgroup (cgroup
+    storage has no batch operations): a scrape of 10,000 cgroups makes
+    20,000, each into one buffer per map."""
     found = {}
-    # Two lookups a cgroup (cgroup storage has no batch operations), each
-    # into a buffer made once: a scrape of 10,000 cgroups makes 20,000.
-    cbuf = ctypes.create_string_buffer(maps.percpu_value_size(maps.COUNTERS_SIZE))
-    sbuf = ctypes.create_string_buffer(maps.SWEEPSTATS_SIZE)
     with pins.one(loader.MAP_COUNTERS) as fd, pins.one(loader.MAP_SWEEPSTATS) as sfd:
         if fd is None:
             return {}
+        read = bpfsys.map_reader(fd, maps.percpu_value_size(maps.COUNTERS_SIZE))
+        read_sweep = bpfsys.map_reader(sfd, maps.SWEEPSTATS_SIZE) if sfd is not None else None
         for i in ids:
-            c = counters(fd, i, cbuf)
-            if c is not None:
-                c.sweep = sweepstats(sfd, i, sbuf) if sfd is not None else None
-                found[i] = c
+            key = key_of(i)
+            try:
+                raw = read(key)
+                sraw = read_sweep(key) if raw is not None and read_sweep else None
+            except OSError:
+                continue
+            if raw is not None:
+                c = found[i] = maps.decode_counters(raw)
+                c.sweep = maps.SweepStats.decode(sraw) if sraw is not None else None
     return found
 
 
