@@ -11,7 +11,8 @@ Two halves:
   the kubelet puts on every container (``io.kubernetes.pod.namespace``,
   ``io.kubernetes.pod.name``, ``io.kubernetes.container.name``).  docker
   and podman answer over their unix sockets (podman's docker-compatible
-  API, served by ``podman system service``); containerd and CRI-O are read
+  API, served by ``podman system service``; without it, from podman's
+  files: bpfkeep.podman); containerd and CRI-O are read
   without gRPC from the OCI bundle's ``config.json`` the runtime keeps
   for each running container (annotations
   ``io.kubernetes.cri.sandbox-namespace``, ``...sandbox-name``,
@@ -564,8 +565,8 @@ def find(
         if problems:
             raise EnvironmentProblem(
                 f"{want}: not found, and could not ask {'; '.join(problems)}: start the "
-                "runtime's API (podman: podman system service) or say where it is with "
-                "--config FILE ([containers] table)"
+                "runtime's API (podman: systemctl enable --now podman.socket) or say where it "
+                "is with --config FILE ([containers] table)"
             )
         raise UsageError(
             f"{want}: no running container has it ({asked} container cgroup(s) under "

@@ -800,6 +800,11 @@ def test_attach_and_detach_by_container_and_pod_name(runtime, bk, tmp_path, spaw
     down = tmp_path / "down.toml"
     down.write_text(f'[containers]\n{runtime.name}_socket = "{tmp_path}/nothing.sock"\n')
     unreachable = bk("attach", "--container", f"bk-c-{t}", "--config", str(down), check=False)
+    if runtime.name == "podman":
+        # Nothing on podman's socket: its files tell (bpfkeep.podman).
+        assert unreachable.returncode == 0, unreachable.stderr
+        assert f"updated /{rel}:" in unreachable.stdout  # attached above
+        return
     assert unreachable.returncode == 69, unreachable.stderr
     assert "could not ask" in unreachable.stderr and "nothing.sock" in unreachable.stderr
     assert unreachable.stderr.count("\n") == 1
@@ -888,13 +893,13 @@ def test_a_runtime_that_cannot_be_asked_is_one_warning_and_a_count(
             rt.run_args(f"bk-web-{t}-{i}", "/bin/sleep", "600"), check=True,
             capture_output=True, timeout=60,
         )  # fmt: skip
+    # At least these 3 (other podman containers on this host count too).
     deadline = time.monotonic() + 30
-    while scrape(port).get(("bpfkeep_containers_unidentified", ())) != 3:
-        assert time.monotonic() < deadline, scrape(port).get(
-            ("bpfkeep_containers_unidentified", ())
-        )
+    while (unidentified := scrape(port).get(("bpfkeep_containers_unidentified", ()), 0)) < 3:
+        assert time.monotonic() < deadline, unidentified
         time.sleep(0.2)
     line = d.wait_log("podman cannot be asked")
+    print(line)
     assert "systemctl enable --now podman.socket" in line and rt.socket in line, line
     assert "not identified" in line
     log = d.log.read_text()
