@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import gzip
 import os
 import resource
@@ -263,6 +264,13 @@ class MetricsServer:
     def _collect(self) -> None:
         """One collection for every request waiting for it."""
         t0 = time.monotonic()
+        # A collection at 10,000 cgroups allocates ~150,000 objects that
+        # all go when it ends, by reference counting (no cycles among
+        # them).  Meanwhile the cyclic collector ran ~200 times a scrape,
+        # full passes over the daemon's heap among them: 10-20 % of the
+        # scrape.  So it waits until the collection is done.
+        gc_was_on = gc.isenabled()
+        gc.disable()
         try:
             body, error = exposition(self.registry), None
         except Exception as e:  # a failing collector: say so, keep serving
@@ -270,6 +278,9 @@ class MetricsServer:
                 b"",
                 f"collecting metrics failed: {e}\n".encode("utf-8", "backslashreplace"),
             )
+        finally:
+            if gc_was_on:
+                gc.enable()
         self.collections += 1
         self._next_collect = time.monotonic() + (time.monotonic() - t0)
         zipped = None
