@@ -3,6 +3,7 @@ fresh registry; the limits it promises hold against misbehaving clients."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -12,7 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
+from bpfkeep.metrics.collector import Collector, Row, Snapshot
+from bpfkeep.metrics.exposition import exposition, exposition_parts
 from bpfkeep.metrics.http import MetricsServer
+from bpfkeep.options import Policy
 
 
 @pytest.fixture()
@@ -169,3 +173,22 @@ def test_one_collection_in_flight_however_many_scrapers(server):
     # worst, so a round takes at most two collections.
     assert srv.collections <= 2 * rounds, srv.collections
     print(f"{scrapers * rounds} scrapes, {srv.collections} collections, at most 1 at a time")
+
+
+def test_gzip_answers_the_same_text(server):
+    """Prometheus asks with Accept-Encoding: gzip; the body is sent in
+    pieces, and compressed from the pieces."""
+    srv = server()
+    rows = [Row(f"/svc{i}", Policy(keepidle=30), None) for i in range(50)]
+    srv.registry.register(
+        Collector(lambda: Snapshot(rows, [r.cgroup for r in rows]), lambda: (7200, 75, 9))
+    )
+    assert len(exposition_parts(srv.registry)) > 2
+    plain = get(srv)[1]
+    assert plain == exposition(srv.registry)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{srv.address[1]}/metrics", headers={"Accept-Encoding": "gzip"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(r.read()) == plain

@@ -32,14 +32,26 @@ _PLAIN_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 def exposition(registry) -> bytes:
     """The registry's families in the text format (0.0.4), byte for byte as
     prometheus_client's generate_latest writes them (tests compare the
-    two), in about half its time: a scrape of 1,000 cgroups writes ~20,000
-    samples, and generate_latest checks and escapes every label name of
-    every sample again.  Counters, gauges and info families are written
-    here; anything else (or a timestamp, an exemplar) by generate_latest."""
+    two)."""
+    return b"".join(exposition_parts(registry))
+
+
+def exposition_parts(registry) -> list[bytes]:
+    """exposition() in pieces that follow each other (a family or a few):
+    at 10,000 cgroups the text is ~33 MB, and the server sends the pieces
+    as they are rather than copy them into one.  The per-cgroup families
+    write themselves (metrics.family); counters, gauges and info families
+    are written here, in about half generate_latest's time (it checks and
+    escapes every label name of every sample again); anything else (or a
+    timestamp, an exemplar) by generate_latest."""
+    parts: list[bytes] = []
     out: list[str] = []
     for metric in registry.collect():
         if hasattr(metric, "text_format"):  # a CgroupFamily: it writes itself
-            out.append(metric.text_format())
+            if out:
+                parts.append("".join(out).encode("utf-8"))
+                out = []
+            parts.append(metric.text_format().encode("utf-8"))
             continue
         name, kind = metric.name, metric.type
         if kind == "counter":
@@ -77,4 +89,6 @@ def exposition(registry) -> bytes:
         for suffix, lines in sorted(extra.items()):
             out.append(f"# HELP {metric.name}{suffix} {doc}\n# TYPE {metric.name}{suffix} gauge\n")
             out += lines
-    return "".join(out).encode("utf-8")
+    if out:
+        parts.append("".join(out).encode("utf-8"))
+    return parts
