@@ -505,7 +505,10 @@ def _from_podman_files(info: CgroupInfo, api: str) -> Lookup:
         return Lookup(None, [f"podman at {why}"], {"podman": why})
     labels = by_labels(found.labels or {})
     w = Workload(info.id, "podman", found.name, labels)
-    via = f"podman's API not served ({api}): read from conmon and {found.db}"
+    via = (
+        f"podman's API is not served ({api}): containers are identified from podman's "
+        f"files, conmon and the database under their storage root (first: {found.db})"
+    )
     return Lookup(w, [], {}, via=via, missing=found.why_no_labels)
 
 

@@ -854,7 +854,7 @@ def test_podman_without_its_api_service_default_storage(
     web_rel, db_rel = rt.cgroup(f"bk-web-{t}-1"), rt.cgroup(f"bk-db-{t}")
     d.wait_log(f"container bk-web-{t}-1 (podman, /{web_rel}): policy[0]")
     d.wait_log(f"container bk-db-{t} (podman, /{db_rel}): policy[1]")
-    d.wait_log("podman's API not served")
+    d.wait_log("podman's API is not served")
     log = d.log.read_text()
     assert "cannot be asked" not in log and "not found by any runtime" not in log, log
     # What was read agrees with podman inspect, and the metrics name it.
