@@ -50,14 +50,17 @@ TARGETS = {"ready_s": 3.0, "reload_s": 1.0, "rss_mb": 60.0}
 POLICY = 'mode = "enforce"\nkeepintvl = 10\nkeepcnt = 6\n'
 
 
-def write_config(daemon: Daemon, session: Session, n_policies: int, keepidle: int) -> None:
-    """n_policies exact [[policy]] tables; 0: one glob matching them all."""
+def write_config(
+    daemon: Daemon, session: Session, n_policies: int, keepidle: int, group: str = "load"
+) -> None:
+    """n_policies exact [[policy]] tables; 0: one glob matching them all
+    (the cgroups ``<session>/<group>/c00000`` ...)."""
     base = session.rel(session.cg_base)
     parts = [f'[metrics]\nlisten = "127.0.0.1:{daemon.port}"\n\n[daemon]\naudit_interval = 0\n\n']
     if not n_policies:
-        parts.append(f'[[policy]]\ncgroup = "{base}/load/*"\nkeepidle = {keepidle}\n{POLICY}')
+        parts.append(f'[[policy]]\ncgroup = "{base}/{group}/*"\nkeepidle = {keepidle}\n{POLICY}')
     for i in range(n_policies):
-        parts.append(f'[[policy]]\ncgroup = "{base}/load/c{i:05d}"\nkeepidle = {keepidle}\n')
+        parts.append(f'[[policy]]\ncgroup = "{base}/{group}/c{i:05d}"\nkeepidle = {keepidle}\n')
         parts.append(POLICY)
     with open(daemon.config, "w") as f:
         f.write("".join(parts))
@@ -66,8 +69,8 @@ def write_config(daemon: Daemon, session: Session, n_policies: int, keepidle: in
 class CheckoutDaemon(Daemon):
     """bench.daemonbench.Daemon, running the daemon of another checkout."""
 
-    def __init__(self, session: Session, repo: Path):
-        super().__init__(session, "unused")
+    def __init__(self, session: Session, repo: Path, pin_dir: str | None = None):
+        super().__init__(session, "unused", pin_dir=pin_dir)
         self.repo = repo
 
 

@@ -11,7 +11,8 @@ Two halves:
   the kubelet puts on every container (``io.kubernetes.pod.namespace``,
   ``io.kubernetes.pod.name``, ``io.kubernetes.container.name``).  docker
   and podman answer over their unix sockets (podman's docker-compatible
-  API, served by ``podman system service``); containerd and CRI-O are read
+  API, served by ``podman system service``; without it, from podman's
+  files: bpfkeep.podman); containerd and CRI-O are read
   without gRPC from the OCI bundle's ``config.json`` the runtime keeps
   for each running container (annotations
   ``io.kubernetes.cri.sandbox-namespace``, ``...sandbox-name``,
@@ -40,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+from bpfkeep import podman
 from bpfkeep.errors import EnvironmentProblem, UsageError
 
 # The kubelet's labels on every container of a pod (docker, podman, CRI-O
@@ -94,6 +96,9 @@ class CgroupInfo:
     runtime: str | None
     id: str
     pod_uid: str | None = None
+    # The cgroup's directory, where the caller knows it: podman's files
+    # are found from the processes in it (see bpfkeep.podman).
+    path: str = dataclasses.field(default="", compare=False)
 
 
 def parse(rel: str) -> CgroupInfo | None:
@@ -258,10 +263,30 @@ class Lookup:
 
     workload: Workload | None
     problems: list[str]  # runtimes that could not be asked, with why
+    # Runtime -> why it could not be asked (its API down, its files
+    # unreadable), for the runtimes this container could belong to.
+    down: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Found without the runtime's API (podman's files): how, and what is
+    # missing ("" if nothing).
+    via: str = ""
+    missing: str = ""
 
     @property
     def unreachable(self) -> bool:
         return self.workload is None and bool(self.problems)
+
+
+# What to do when a runtime cannot be asked (the daemon's warning).
+FIX = {
+    "podman": "systemctl enable --now podman.socket (podman's API; or podman system service), "
+    "or set [containers] podman_socket to where it listens",
+    "docker": "start docker (systemctl enable --now docker.socket), "
+    "or set [containers] docker_socket to where it listens",
+    "containerd": "set [containers] containerd_root to containerd's state directory",
+    "crio": "set [containers] crio_root to CRI-O's run root",
+}
+# The API is not served there at all (podman's default): its files may tell.
+_NOT_SERVED = (FileNotFoundError, ConnectionRefusedError)
 
 
 class _DeadlineSocket(socket.socket):
@@ -415,8 +440,10 @@ def _from_crio(root: str, cid: str) -> Workload | None:
 def lookup(info: CgroupInfo, sources: Sources) -> Lookup:
     """Ask the runtimes about one container: the one the cgroup names
     first, then the others.  Never raises (an answer we cannot use is a
-    problem of that runtime); at most ~timeout per socket asked."""
+    problem of that runtime); at most ~timeout per socket asked.  podman
+    without its API service: from its files (_from_podman_files)."""
     problems: list[str] = []
+    down: dict[str, str] = {}
     # A bare id (kubelet's cgroupfs layout, a custom parent): the bundles
     # first, a file read each, then the sockets.
     order = ["containerd", "crio", "docker", "podman"]
@@ -424,14 +451,26 @@ def lookup(info: CgroupInfo, sources: Sources) -> Lookup:
         order.remove(info.runtime)
         order.insert(0, info.runtime)
     for runtime in order:
+        sock = {"docker": sources.docker_socket, "podman": sources.podman_socket}.get(runtime)
         try:
-            if runtime in ("docker", "podman"):
-                sock = sources.docker_socket if runtime == "docker" else sources.podman_socket
+            if sock is not None:
                 if not sock:
                     continue
                 if info.runtime not in (None, runtime) and not os.path.exists(sock):
                     continue  # another runtime's container; this one is not here
-                w = _ask_api(runtime, sock, info.id, sources.timeout)
+                try:
+                    w = _ask_api(runtime, sock, info.id, sources.timeout)
+                except _NOT_SERVED as e:
+                    if runtime != "podman" or not info.path:
+                        raise
+                    found = _from_podman_files(info, f"{sock}: {e.strerror}")
+                    if found.workload is not None or found.down:
+                        problems += found.problems
+                        down.update(found.down)
+                        if found.workload is not None:
+                            return dataclasses.replace(found, problems=problems, down=down)
+                        continue
+                    w = None  # conmon is not this container's: not podman's
             elif runtime == "containerd":
                 if not sources.containerd_root:
                     continue
@@ -444,15 +483,33 @@ def lookup(info: CgroupInfo, sources: Sources) -> Lookup:
             why = (
                 e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
             )
-            if runtime in ("docker", "podman"):
-                sock = sources.docker_socket if runtime == "docker" else sources.podman_socket
-                problems.append(f"{runtime} at {sock}: {why}")
-            else:
-                problems.append(f"{runtime}: {why}")
+            problems.append(f"{runtime} at {sock}: {why}" if sock else f"{runtime}: {why}")
+            down[runtime] = f"{sock}: {why}" if sock else why
             continue
         if w is not None:
-            return Lookup(w, problems)
-    return Lookup(None, problems)
+            return Lookup(w, problems, down)
+    return Lookup(None, problems, down)
+
+
+def _from_podman_files(info: CgroupInfo, api: str) -> Lookup:
+    """podman's API is not served (``api`` says why): the container's
+    name from its conmon, its labels from podman's database.  A Lookup
+    with the workload; or with podman down (a container of podman's, by
+    its cgroup, that its files do not tell); or empty (not podman's)."""
+    try:
+        found = podman.identify(info.path, info.id)
+    except podman.NotFound as e:
+        if info.runtime != "podman":
+            return Lookup(None, [])  # a bare id: maybe another runtime's
+        why = f"{api}; podman's files: {e}"
+        return Lookup(None, [f"podman at {why}"], {"podman": why})
+    labels = by_labels(found.labels or {})
+    w = Workload(info.id, "podman", found.name, labels)
+    via = (
+        f"podman's API is not served ({api}): containers are identified from podman's "
+        f"files, conmon and the database under their storage root (first: {found.db})"
+    )
+    return Lookup(w, [], {}, via=via, missing=found.why_no_labels)
 
 
 # -- finding containers by name (the CLI) -----------------------------------------
@@ -469,7 +526,7 @@ def container_cgroups(mount: str) -> Iterator[tuple[str, CgroupInfo]]:
         if rel:
             info = parse(rel)
             if info is not None:
-                yield rel, info
+                yield rel, dataclasses.replace(info, path=path)
         if not may_hold_containers(rel):
             continue
         with contextlib.suppress(OSError), os.scandir(path) as it:
@@ -511,8 +568,8 @@ def find(
         if problems:
             raise EnvironmentProblem(
                 f"{want}: not found, and could not ask {'; '.join(problems)}: start the "
-                "runtime's API (podman: podman system service) or say where it is with "
-                "--config FILE ([containers] table)"
+                "runtime's API (podman: systemctl enable --now podman.socket) or say where it "
+                "is with --config FILE ([containers] table)"
             )
         raise UsageError(
             f"{want}: no running container has it ({asked} container cgroup(s) under "
@@ -543,6 +600,7 @@ def find(
 RETRY_FIRST = 0.05  # seconds before asking again about an id no runtime knew
 RETRY_MAX = 2.0
 GIVE_UP_AFTER = 60.0  # then log once; a reload or restart asks again
+DOWN_AFTER = 1.0  # seconds a container waits before its runtime counts as down
 
 
 class Lookups:
@@ -564,6 +622,8 @@ class Lookups:
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}  # key -> rel, asked or to be asked
         self._cancelled: set[int] = set()
+        # Pending keys whose last try found a runtime they need down.
+        self._down: dict[int, Lookup] = {}
         self.rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
 
@@ -571,10 +631,12 @@ class Lookups:
     def fd(self) -> int:
         return self.rfd
 
-    def submit(self, key: int, rel: str) -> bool:
+    def submit(self, key: int, rel: str, path: str = "") -> bool:
+        """Ask about the container cgroup ``rel`` (``path``: its directory)."""
         info = parse(rel)
         if info is None:
             return False
+        info = dataclasses.replace(info, path=path)
         with self._lock:
             if key in self._pending:
                 self._cancelled.discard(key)  # wanted again before the worker dropped it
@@ -601,6 +663,12 @@ class Lookups:
         with self._lock:
             return len(self._pending)
 
+    def down(self) -> dict[int, Lookup]:
+        """The pending containers whose last try found a runtime they need
+        down (not identified until it comes back), with that try."""
+        with self._lock:
+            return dict(self._down)
+
     def results(self) -> list[tuple[int, str, Lookup]]:
         with contextlib.suppress(BlockingIOError):
             os.read(self.rfd, 4096)
@@ -611,12 +679,30 @@ class Lookups:
     def _finish(self, key: int, rel: str, result: Lookup) -> None:
         with self._lock:
             self._pending.pop(key, None)
+            self._down.pop(key, None)
             if key in self._cancelled:
                 self._cancelled.discard(key)
                 return
             self._done.append((key, rel, result))
         with contextlib.suppress(BlockingIOError):
             os.write(self._wfd, b"x")
+
+    def _note_down(self, key: int, res: Lookup, asked_for: float) -> None:
+        """Keep the try of a container a runtime it needs is down for, and
+        wake the loop at the first such try (the daemon warns then, not
+        after GIVE_UP_AFTER).  Not in the first DOWN_AFTER seconds: a new
+        container's cgroup is empty and its monitor still starting then,
+        which podman's files cannot tell from a runtime out of reach."""
+        down = bool(res.down) and asked_for >= DOWN_AFTER
+        with self._lock:
+            first = key not in self._down
+            if down:
+                self._down[key] = res
+            else:
+                self._down.pop(key, None)
+        if first and down:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wfd, b"x")
 
     def _work(self) -> None:
         waiting: list[tuple[float, float, int, str, CgroupInfo, float]] = []  # due, delay, ...
@@ -641,6 +727,7 @@ class Lookups:
                 with self._lock:
                     if key in self._cancelled:
                         self._pending.pop(key, None)
+                        self._down.pop(key, None)
                         self._cancelled.discard(key)
                         continue
                 try:
@@ -652,6 +739,7 @@ class Lookups:
                 elif time.monotonic() - since >= GIVE_UP_AFTER:
                     self._finish(key, rel, res)  # no workload: given up
                 else:
+                    self._note_down(key, res, time.monotonic() - since)
                     delay = min(delay * 2, RETRY_MAX)
                     waiting.append((time.monotonic() + delay, delay, key, rel, info, since))
                 now = time.monotonic()

@@ -602,8 +602,9 @@ class Runtime:
     """One container runtime with private storage: its CLI, its API socket
     (what bpfkeep asks), and the containers a test made."""
 
-    def __init__(self, name: str, cli: list[str], socket_path: str, base: str):
+    def __init__(self, name: str, cli: list[str], socket_path: str, base: str, image: str = IMAGE):
         self.name, self.cli, self.socket, self.base = name, cli, socket_path, base
+        self.image = image
         self.made: list[str] = []
         self.pod_parents: list[str] = []  # --cgroup-parent given, with ancestors made for it
         self.leftover: list[str] = []  # still busy after a test: tried again at the end
@@ -636,7 +637,7 @@ class Runtime:
                 p for p in cgroup_dirs_to_make(cgroup_parent) if p not in self.pod_parents
             ]
             args += ["--cgroup-parent", cgroup_parent]
-        return [*args, IMAGE, *cmd]
+        return [*args, self.image, *cmd]
 
     def pid(self, name: str) -> int:
         return int(self("inspect", "-f", "{{.State.Pid}}", name).stdout.strip())
@@ -730,6 +731,27 @@ def podman_rt(tmp_path_factory, probes) -> Iterator[Runtime]:
         subprocess.run([*cli, "system", "reset", "-f"], capture_output=True, check=False)
         _unmount_below(base)
         shutil.rmtree(base, ignore_errors=True)
+        rt.cleanup_session()
+        parent_cleanup()
+
+
+@pytest.fixture()
+def podman_default_rt(podman, tmp_path, probes) -> Iterator[Runtime]:
+    """podman as a host has it by default: its default storage and run
+    root (/var/lib/containers/storage, /run/containers/storage), and no API
+    service -- ``socket`` is a path where nothing listens.  The test image
+    is imported under a name of its own; it and the containers made are
+    removed after the test (the podman fixture and cleanup_test)."""
+    _skip_unless_runtimes_can_run("podman")
+    image = f"localhost/bpfkeep-test-{uuid.uuid4().hex[:8]}:1"
+    podman.import_tar(str(_image_tar(tmp_path / "image", probes)), image)
+    cli = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+    rt = Runtime("podman", cli, str(tmp_path / "no-podman-api.sock"), str(tmp_path), image)
+    parent_cleanup = _default_parent_made("libpod_parent")
+    try:
+        yield rt
+    finally:
+        rt.cleanup_test()
         rt.cleanup_session()
         parent_cleanup()
 

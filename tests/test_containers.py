@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from test_daemon import daemon, free_port, scrape  # noqa: F401 - the fixture
 
 from bpfkeep import containers
+from bpfkeep import podman as podman_files
 from bpfkeep.containers import CgroupInfo, Selector, Workload, parse
 from bpfkeep.metrics.collector import Collector, Row, Snapshot
 from bpfkeep.options import Policy
@@ -334,6 +336,49 @@ def test_containerd_and_crio_bundles(tmp_path):
     (p / "config.json").write_bytes(b"{" + b" " * (containers.MAX_BODY + 1))
     res = containers.lookup(CgroupInfo("containerd", big), src)
     assert res.workload is None and "larger than" in res.problems[0]
+
+
+def test_conmon_command_lines():
+    """The options podman gives conmon (podman 4.3's, as seen on a running
+    container): the id, the name and podman's storage root; the root from
+    the bundle when the exit command does not say it."""
+    root = "/var/lib/containers/storage"
+    bundle = f"{root}/overlay-containers/{ID}/userdata"
+    argv = [
+        "/usr/bin/conmon", "--api-version", "1", "-c", ID, "-u", ID, "-r", "/usr/bin/runc",
+        "-b", bundle, "-p", "/run/containers/storage/pidfile", "-n", "web-1",
+        "--exit-dir", "/run/libpod/exits", "--full-attach", "-s",
+        "-l", f"k8s-file:{bundle}/ctr.log",
+        "--log-level", "warning", "--runtime-arg", "--log-format=json", "--runtime-arg", "--log",
+        "--runtime-arg=/run/oci-log", "--conmon-pidfile", "/run/conmon.pid",
+        "--exit-command", "/usr/bin/podman", "--exit-command-arg", "--root",
+        "--exit-command-arg", "/srv/podman", "--exit-command-arg", "--runroot",
+        "--exit-command-arg", "/run/containers/storage", "--exit-command-arg", "container",
+        "--exit-command-arg", "cleanup", "--exit-command-arg", ID,
+    ]  # fmt: skip
+    opts = podman_files.conmon_options(argv)
+    assert (opts["cid"], opts["name"], opts["root"]) == (ID, "web-1", "/srv/podman")
+    no_exit = [a for a in argv if a not in ("--exit-command-arg", "--root", "/srv/podman")]
+    assert podman_files.conmon_options(no_exit)["root"] == root
+    long = ["conmon", f"--cid={ID}", "--name", "db", "--bundle", bundle]
+    assert podman_files.conmon_options(long) == {
+        "cid": ID,
+        "name": "db",
+        "bundle": bundle,
+        "root": root,
+    }
+
+
+def test_bolt_reader_refuses_what_is_not_a_bbolt_file(tmp_path):
+    from bpfkeep.boltdb import BoltError, BoltFile
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\xed\xda\x0c\xed" * 4096)
+    with pytest.raises(BoltError, match="no valid meta page"):
+        BoltFile(str(junk))
+    (tmp_path / "small.db").write_bytes(b"x")
+    with pytest.raises(BoltError, match="too small"):
+        BoltFile(str(tmp_path / "small.db"))
 
 
 def test_lookups_retry_until_the_runtime_knows_and_forget_cancelled():
@@ -755,9 +800,111 @@ def test_attach_and_detach_by_container_and_pod_name(runtime, bk, tmp_path, spaw
     down = tmp_path / "down.toml"
     down.write_text(f'[containers]\n{runtime.name}_socket = "{tmp_path}/nothing.sock"\n')
     unreachable = bk("attach", "--container", f"bk-c-{t}", "--config", str(down), check=False)
+    if runtime.name == "podman":
+        # Nothing on podman's socket: its files tell (bpfkeep.podman).
+        assert unreachable.returncode == 0, unreachable.stderr
+        assert f"updated /{rel}:" in unreachable.stdout  # attached above
+        return
     assert unreachable.returncode == 69, unreachable.stderr
     assert "could not ask" in unreachable.stderr and "nothing.sock" in unreachable.stderr
     assert unreachable.stderr.count("\n") == 1
+
+
+@pytest.mark.kernel
+def test_podman_without_its_api_service_default_storage(
+    podman_default_rt,
+    daemon,  # noqa: F811
+    tmp_path,
+    spawn,
+    cgroups,
+):
+    """podman as it comes: its default storage, and no API service (no
+    daemon; nothing listens on the socket the config names).  The daemon
+    finds the name from the container's conmon and the labels from
+    podman's database, attaches, and the policy shows in getsockopt inside
+    the container and in ss from its network namespace."""
+    rt = podman_default_rt
+    assert not os.path.exists(rt.socket)
+    t = tag()
+    port = free_port()
+    rules = workload_rule(container=f"bk-web-{t}-*", keepidle=7, keepintvl=3, keepcnt=4)
+    rules += workload_rule(labels={"tier": f"db-{t}"}, keepidle=11, keepintvl=3, keepcnt=4)
+    d = daemon(runtime_config(tmp_path / "c.toml", rt, rules, port))
+    d.start()
+    srv = f"bk-srv-{t}"
+    start_server(rt, srv)
+    plain = start_client(rt, spawn, f"bk-plain-{t}", srv, labels={"tier": "web"})
+    web = start_client(rt, spawn, f"bk-web-{t}-1", srv)
+    db = start_client(rt, spawn, f"bk-db-{t}", srv, labels={"tier": f"db-{t}", "x": "y"})
+
+    v = settle(web, 7)
+    assert (v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"]) == (1, 7, 3, 4)
+    v = settle(db, 11)
+    assert (v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"]) == (1, 11, 3, 4)
+    plain.send_line()
+    v = plain.values("now-client", consume=True)
+    assert v["keepalive"] == 0 and v["keepidle"] == 7200
+    assert (
+        bpftool_prog_ids(os.path.join(cgroups.mount, rt.cgroup(f"bk-plain-{t}")), "sock_ops") == []
+    )
+    out = nsenter_ss(
+        rt.pid(f"bk-web-{t}-1"), "-tinoH", "state", "established", f"( dport = :{PORT} )"
+    )
+    assert "timer:(keepalive" in out, out
+    web_rel, db_rel = rt.cgroup(f"bk-web-{t}-1"), rt.cgroup(f"bk-db-{t}")
+    d.wait_log(f"container bk-web-{t}-1 (podman, /{web_rel}): policy[0]")
+    d.wait_log(f"container bk-db-{t} (podman, /{db_rel}): policy[1]")
+    d.wait_log("podman's API is not served")
+    log = d.log.read_text()
+    assert "cannot be asked" not in log and "not found by any runtime" not in log, log
+    # What was read agrees with podman inspect, and the metrics name it.
+    inspect = json.loads(rt("inspect", f"bk-db-{t}").stdout)[0]
+    cid = inspect["Id"]
+    found = podman_files.identify(os.path.join(cgroups.mount, db_rel), cid)
+    assert (found.name, found.labels) == (inspect["Name"], inspect["Config"]["Labels"])
+    assert found.db == "/var/lib/containers/storage/libpod/bolt_state.db"
+    m = scrape(port)
+    key = (("cgroup", "/" + web_rel), ("container", f"bk-web-{t}-1"), ("mode", "set"))
+    assert m.get(("bpfkeep_policy_attached", key)) == 1
+
+
+@pytest.mark.kernel
+def test_a_runtime_that_cannot_be_asked_is_one_warning_and_a_count(
+    podman_default_rt,
+    daemon,  # noqa: F811
+    tmp_path,
+):
+    """No API service, and podman's files out of reach: the daemon in a
+    PID namespace of its own (as a pod without hostPID) sees no conmon.
+    One warning naming the fix, however many containers; the metric
+    counts them."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is missing")
+    rt = podman_default_rt
+    t = tag()
+    port = free_port()
+    rules = workload_rule(container=f"bk-web-{t}-*", keepidle=7)
+    d = daemon(runtime_config(tmp_path / "c.toml", rt, rules, port))
+    d.start(prefix=("unshare", "--pid", "--fork", "--kill-child", "--mount-proc"))
+    srv = f"bk-srv-{t}"
+    start_server(rt, srv)
+    for i in range(2):
+        subprocess.run(
+            rt.run_args(f"bk-web-{t}-{i}", "/bin/sleep", "600"), check=True,
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    # At least these 3 (other podman containers on this host count too).
+    deadline = time.monotonic() + 30
+    while (unidentified := scrape(port).get(("bpfkeep_containers_unidentified", ()), 0)) < 3:
+        assert time.monotonic() < deadline, unidentified
+        time.sleep(0.2)
+    line = d.wait_log("podman cannot be asked")
+    print(line)
+    assert "systemctl enable --now podman.socket" in line and rt.socket in line, line
+    assert "not identified" in line
+    log = d.log.read_text()
+    assert log.count("cannot be asked") == 1, log
+    assert "attached" not in log, log
 
 
 @pytest.fixture()

@@ -39,12 +39,16 @@ class DaemonProc:
         self.messages: list[str] = []  # received, not yet matched
         self.consumed: list[str] = []  # matched by wait_message, in order
 
-    def start(self, **extra_env: str) -> float:
-        """Start; return seconds until systemd's READY=1 arrived."""
+    def start(self, *, prefix: tuple[str, ...] = (), **extra_env: str) -> float:
+        """Start (under ``prefix``, e.g. unshare); return seconds until
+        systemd's READY=1 arrived."""
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **extra_env}
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            bpfkeep_cmd(self.pin_dir, "daemon", "--config", str(self.config), *self.extra),
+            [
+                *prefix,
+                *bpfkeep_cmd(self.pin_dir, "daemon", "--config", str(self.config), *self.extra),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "a"),  # noqa: SIM115 - the child owns it
             env=env,

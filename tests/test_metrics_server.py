@@ -3,13 +3,20 @@ fresh registry; the limits it promises hold against misbehaving clients."""
 
 from __future__ import annotations
 
+import gzip
 import socket
+import threading
+import time
 import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
 
+from bpfkeep.metrics.collector import Collector, Row, Snapshot
+from bpfkeep.metrics.exposition import exposition, exposition_parts
 from bpfkeep.metrics.http import MetricsServer
+from bpfkeep.options import Policy
 
 
 @pytest.fixture()
@@ -101,10 +108,6 @@ def test_connections_are_capped_and_the_idle_ones_go_first(server):
 def test_concurrent_scrapes_share_a_collection(server):
     """Scrapes take at most half the time: requests that arrive while a
     collection runs (or right after) are answered by one collection."""
-    import threading
-    import time
-
-    from prometheus_client.core import GaugeMetricFamily
 
     class Slow:
         def collect(self):
@@ -122,3 +125,70 @@ def test_concurrent_scrapes_share_a_collection(server):
     assert results == [200] * 6
     assert srv.collections < 6
     print(f"6 concurrent scrapes, {srv.collections} collections")
+
+
+def test_one_collection_in_flight_however_many_scrapers(server):
+    """24 scrapers, 3 scrapes each, all at once: never two collections at
+    the same time (the collector counts how many run at once), and each
+    collection answers every request waiting for it (far fewer
+    collections than requests)."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.running = self.most = self.calls = 0
+
+        def collect(self):
+            with self.lock:
+                self.running += 1
+                self.calls += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.2)  # a large host: collecting takes a while
+            with self.lock:
+                self.running -= 1
+            yield GaugeMetricFamily("probe_slow", "slow", value=1)
+
+    srv = server(max_connections=64)
+    counting = Counting()
+    srv.registry.register(counting)
+    scrapers, rounds = 24, 3
+    start = threading.Barrier(scrapers)
+    statuses: list[int] = []
+
+    def scraper() -> None:
+        start.wait()
+        for _ in range(rounds):
+            statuses.append(get(srv)[0])
+
+    threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * (scrapers * rounds)
+    assert counting.most == 1
+    assert counting.calls == srv.collections
+    # Each scraper's next request waits for its last answer: a request
+    # is answered by the collection after the one it arrived during, at
+    # worst, so a round takes at most two collections.
+    assert srv.collections <= 2 * rounds, srv.collections
+    print(f"{scrapers * rounds} scrapes, {srv.collections} collections, at most 1 at a time")
+
+
+def test_gzip_answers_the_same_text(server):
+    """Prometheus asks with Accept-Encoding: gzip; the body is sent in
+    pieces, and compressed from the pieces."""
+    srv = server()
+    rows = [Row(f"/svc{i}", Policy(keepidle=30), None) for i in range(50)]
+    srv.registry.register(
+        Collector(lambda: Snapshot(rows, [r.cgroup for r in rows]), lambda: (7200, 75, 9))
+    )
+    assert len(exposition_parts(srv.registry)) > 2
+    plain = get(srv)[1]
+    assert plain == exposition(srv.registry)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{srv.address[1]}/metrics", headers={"Accept-Encoding": "gzip"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(r.read()) == plain

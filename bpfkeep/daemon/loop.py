@@ -334,6 +334,7 @@ class Daemon:
             known = {i: e for i, e in table.items() if e.attached}
             rows_of = {i: (e.cgroup.display, e.policy) for i, e in known.items()}
             workloads = self.workloads.labels() if self.workloads else {}
+            unidentified = self.workloads.unidentified() if self.workloads else 0
             unmanaged = sorted(e.cgroup.display for e in known.values() if e.attached == HAND)
             expected = sorted(e.cgroup.display for e in table.expected())
             coverage = dict(self.passes.coverage) if self.passes.coverage is not None else None
@@ -366,6 +367,7 @@ class Daemon:
             ),
             workloads=workloads,
             workload_labels=cfg.workload_labels if cfg else "container",
+            containers_unidentified=unidentified,
             paths=self.learner.rows(),
             at_risk=dict(self.learner.at_risk),
         )

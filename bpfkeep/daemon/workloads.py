@@ -20,6 +20,9 @@ class Workloads:
     def __init__(self, state: State, lookups: containers.Lookups):
         self.state = state
         self.lookups = lookups
+        # What was said once since the start or the last reload: runtimes
+        # down ("down:<runtime>"), containers read from a runtime's files.
+        self._said: set[str] = set()
 
     def watches(self, rel: str) -> bool:
         """Watch ``rel`` for new cgroups: a cgroup rule could match below
@@ -42,7 +45,7 @@ class Workloads:
         e = self.state.table.get(cg.id)
         workload = e.workload if e is not None else None
         if workload is None and not (e is not None and e.unresolved):
-            self.lookups.submit(cg.id, cg.rel)
+            self.lookups.submit(cg.id, cg.rel, cg.path)
         return cfg.workload_rule(cg.rel, workload)
 
     def asking(self, cg_id: int) -> bool:
@@ -54,6 +57,7 @@ class Workloads:
         cfg, table = self.state.cfg, self.state.table
         assert cfg
         out = []
+        self._say_down()
         for cg_id, rel, res in self.lookups.results():
             path = os.path.join(self.state.mount, rel)
             try:
@@ -66,7 +70,10 @@ class Workloads:
                 with table.lock:
                     table.entry(cg).unresolved = True
                 why = "; ".join(res.problems) or "no runtime knows it"
-                log.warning(
+                # A runtime down was warned about once already: its
+                # containers are counted, not each warned about again.
+                said = res.down and all(f"down:{r}" in self._said for r in res.down)
+                (log.info if said else log.warning)(
                     "/%s: container not found by any runtime after %.0f s (%s); its workload "
                     "rules apply after a reload ([containers] in the config says where the "
                     "runtimes are)",
@@ -76,6 +83,18 @@ class Workloads:
                 )
                 continue
             w = res.workload
+            if res.via:
+                self._once(f"via:{w.runtime}", log.info, "%s", res.via)
+            if res.missing:
+                self._once(
+                    f"missing:{w.runtime}",
+                    log.warning,
+                    "%s containers' labels cannot be read (%s): rules with labels or pod do not "
+                    "match them, rules with container names do; fix: %s",
+                    w.runtime,
+                    res.missing,
+                    containers.FIX.get(w.runtime, "see [containers] in the config"),
+                )
             with table.lock:
                 table.entry(cg).workload = w
             rule = cfg.workload_rule(rel, w)
@@ -101,8 +120,42 @@ class Workloads:
                     table.tidy(i)
         self.lookups.cancel(gone)
 
+    def _say_down(self) -> None:
+        """One warning for each runtime found down while a container needs
+        it, at its first try: workload rules cannot apply meanwhile."""
+        whys: dict[str, list[str]] = {}  # runtime -> why, for each container waiting
+        for res in self.lookups.down().values():
+            for runtime, why in res.down.items():
+                whys.setdefault(runtime, []).append(why)
+        for runtime, found in sorted(whys.items()):
+            self._once(
+                f"down:{runtime}",
+                log.warning,
+                "%s cannot be asked about containers (%s): %d container(s) not identified so "
+                "far, and workload rules do not apply to them until it can "
+                "(bpfkeep_containers_unidentified counts them); fix: %s",
+                runtime,
+                found[0],
+                len(found),
+                containers.FIX.get(runtime, "see [containers] in the config"),
+            )
+
+    def _once(self, what: str, say: Callable[..., None], *args: object) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            say(*args)
+
+    def unidentified(self) -> int:
+        """Container cgroups seen that no runtime identified: given up on,
+        or waiting for a runtime that is down (the caller holds the table's
+        lock)."""
+        given_up = sum(1 for _, e in self.state.table.items() if e.unresolved)
+        return given_up + len(self.lookups.down())
+
     def ask_again(self) -> None:
-        """After a reload: the containers no runtime knew are asked again."""
+        """After a reload: the containers no runtime knew are asked again,
+        and a runtime still down is warned about again."""
+        self._said.clear()
         table = self.state.table
         with table.lock:
             for i, e in table.items():

@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import struct
+from collections.abc import Callable
 
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
 BPF_CGROUP_SOCK_OPS = 3
@@ -156,6 +157,24 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
         return None
     _check(ret, "map lookup")
     return buf.raw
+
+
+def map_reader(fd: int, value_size: int) -> Callable[[bytes], bytes | None]:
+    """map_lookup for many keys of one map (maps without batch lookups:
+    cgroup storage): one buffer, and the library function looked up once."""
+    buf = ctypes.create_string_buffer(value_size)
+    lookup = _lib().bpf_map_lookup_elem
+
+    def read(key: bytes) -> bytes | None:
+        ret = lookup(fd, key, buf)
+        if ret == 0:
+            return buf.raw
+        if ret == -errno.ENOENT or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
+            return None
+        _check(ret, "map lookup")
+        return None
+
+    return read
 
 
 def map_delete(fd: int, key: bytes) -> bool:

@@ -147,6 +147,8 @@ def printable(path: str) -> str:
     the byte 0xff and the four characters ``\\xff`` (systemd writes "-" in
     unit names as ``\\x2d``) would otherwise be one label value, and every
     family would carry two identical series."""
+    if path.isascii() and "\\" not in path:  # nearly every path; a scrape asks for 10,000
+        return path
     return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 

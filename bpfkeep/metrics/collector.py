@@ -2,13 +2,16 @@
 read from the BPF maps at scrape time (per-CPU counters summed), in the
 manner of ebpf_exporter.  Each family is one line of a table: its name,
 type, help, labels and how a row (one attached cgroup) gives its samples.
+The families with a series per cgroup are metrics.family.CgroupFamily:
+written in the text format straight from the rows (a scrape of 10,000
+cgroups writes ~330,000 samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,9 +23,10 @@ from prometheus_client.registry import Collector as _CollectorBase
 
 from bpfkeep import __version__
 from bpfkeep.kernel.procfs import keepalive_sysctls
+from bpfkeep.metrics.family import CgroupFamily, CgroupLabels, CgroupTable, Samples
 from bpfkeep.metrics.workloads import with_workload_labels
-from bpfkeep.options import Policy, dead_peer_bound
-from bpfkeep.progs.maps import Counters, Losses
+from bpfkeep.options import BPF_OPTIONS, Policy, dead_peer_bound
+from bpfkeep.progs.maps import CALLBACKS, Counters, Losses
 
 
 @dataclasses.dataclass
@@ -64,13 +68,12 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
+    # Container cgroups seen that no runtime identified (daemon.workloads).
+    containers_unidentified: int = 0
     paths: list[PathRow] = dataclasses.field(default_factory=list)
     # (cgroup, peer) -> established connections whose keepalive cannot beat
     # their path's known idle limit (the periodic pass; outside policies too).
     at_risk: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
-
-
-Samples = Iterable[tuple[tuple[str, ...], float]]  # (label values after cgroup, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,27 +89,34 @@ class PerCgroup:
 
 
 def _by_option(pick: Callable[[Counters], dict[str, int] | None]) -> Callable:
-    return lambda row, _host: (
-        ((opt,), n) for opt, n in ((pick(row.counters) or {}) if row.counters else {}).items()
-    )
+    def samples(row: Row, _host: tuple[int, int, int]) -> Samples:
+        d = (pick(row.counters) or {}) if row.counters else {}
+        # zip and map, not a generator: a scrape of 10,000 cgroups takes
+        # ~240,000 samples from these.
+        return zip(map(_AS_LABEL.__getitem__, d), d.values(), strict=True)
+
+    return samples
+
+
+# (name,) for each option and callback name: one tuple each, not one a sample.
+_AS_LABEL = {k: (k,) for k in (*(o.key for o in BPF_OPTIONS), *CALLBACKS)}
 
 
 def _failures(pick: Callable[[Counters], dict[tuple[str, str], int] | None]) -> Callable:
-    return lambda row, _host: (
-        ((opt, err), n)
-        for (opt, err), n in ((pick(row.counters) or {}) if row.counters else {}).items()
-    )
+    # The keys are (option, errno) already.
+    return lambda row, _host: ((pick(row.counters) or {}) if row.counters else {}).items()
 
 
 def _sockets(row: Row, _host: tuple[int, int, int]) -> Samples:
     c = row.counters
     if c is None:
-        return
-    yield from (((cb,), n) for cb, n in c.seen.items())
+        return ()
+    out = list(zip(map(_AS_LABEL.__getitem__, c.seen), c.seen.values(), strict=True))
     if c.sweep is not None:
         # The sweep counts as one more "callback": sockets that existed
         # before the policy (or its last update).
-        yield ("sweep",), c.sweep.swept
+        out.append((("sweep",), c.sweep.swept))
+    return out
 
 
 def _one(value: Callable[[Row], float | None]) -> Callable:
@@ -206,11 +216,11 @@ PER_CGROUP: tuple[PerCgroup, ...] = (
         "while idle), user_timeout (data unacknowledged past TCP_USER_TIMEOUT), retransmits "
         "(the kernel's retry limit), reset (a RST from the peer or a middlebox)",
         ("peer", "reason"),
-        lambda row, _host: (
+        lambda row, _host: [
             ((peer, reason), n)
             for peer, ls in sorted((row.losses or {}).items())
             for reason, n in ls.lost.items()
-        ),
+        ],
     ),
 )
 # Where the families of cgroup lists (not rows) go among PER_CGROUP's.
@@ -235,40 +245,37 @@ class Collector(_CollectorBase):
         yield from self._families(Snapshot([], []))
 
     def collect(self) -> Iterator:
-        snap = self._source()
-        for family in self._families(snap):
-            yield with_workload_labels(family, snap.workloads, snap.workload_labels)
+        yield from self._families(self._source())
 
     def _families(self, snap: Snapshot) -> Iterator:
         info = InfoMetricFamily("bpfkeep_build", "bpfkeep version and running kernel")
         info.add_metric([], {"version": __version__, "kernel": platform.release()})
         yield info
         host = self._sysctls() if any(r.policy for r in snap.rows) else (0, 0, 0)
-        per_cgroup = [self._per_cgroup(spec, snap.rows, host) for spec in PER_CGROUP]
+        cgroups = CgroupLabels(snap.workloads, snap.workload_labels)
+        table = CgroupTable(snap.rows, lambda row: row.cgroup, cgroups, host)
+        per_cgroup = [
+            table.family(spec.name, spec.kind, spec.help, spec.labels, spec.samples)
+            for spec in PER_CGROUP
+        ]
         yield from per_cgroup[:AFTER_ATTACHED]
         yield _listed(
+            cgroups,
             "bpfkeep_policy_expected",
             "1 for each existing cgroup that the daemon's config gives a policy",
             snap.expected,
         )
         yield _listed(
+            cgroups,
             "bpfkeep_policy_unmanaged",
             "1 for each cgroup the config matches whose policy was attached by hand "
             "(bpfkeep attach): the daemon leaves it alone",
             snap.unmanaged,
         )
         yield from per_cgroup[AFTER_ATTACHED:]
-        yield _idle_before_loss(snap.rows)
-        yield from _paths(snap)
-        yield from _daemon(snap)
-
-    @staticmethod
-    def _per_cgroup(spec: PerCgroup, rows: list[Row], host: tuple[int, int, int]):
-        family = spec.kind(spec.name, spec.help, labels=["cgroup", *spec.labels])
-        for row in rows:
-            for values, n in spec.samples(row, host):
-                family.add_metric([row.cgroup, *values], n)
-        return family
+        for family in (_idle_before_loss(snap.rows), *_paths(snap)):
+            yield with_workload_labels(family, snap.workloads, snap.workload_labels)
+        yield from _daemon(snap, cgroups)
 
 
 def _idle_before_loss(rows: list[Row]) -> HistogramMetricFamily:
@@ -284,7 +291,7 @@ def _idle_before_loss(rows: list[Row]) -> HistogramMetricFamily:
     return family
 
 
-def _paths(snap: Snapshot) -> Iterator:
+def _paths(snap: Snapshot) -> tuple[GaugeMetricFamily, ...]:
     """What was learned of each path, and the connections at risk."""
     limit = GaugeMetricFamily(
         "bpfkeep_peer_idle_limit_seconds",
@@ -301,8 +308,6 @@ def _paths(snap: Snapshot) -> Iterator:
         if p.limit is not None:
             limit.add_metric([p.cgroup, p.peer], p.limit)
         keepidle.add_metric([p.cgroup, p.peer], p.keepidle)
-    yield limit
-    yield keepidle
     risk = GaugeMetricFamily(
         "bpfkeep_connections_at_risk",
         "Established connections whose keepalive cannot beat their path's known idle "
@@ -312,17 +317,16 @@ def _paths(snap: Snapshot) -> Iterator:
     )
     for (cg, peer), n in sorted(snap.at_risk.items()):
         risk.add_metric([cg, peer], n)
-    yield risk
+    return limit, keepidle, risk
 
 
-def _listed(name: str, help_: str, cgroups: list[str]) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_, labels=["cgroup"])
-    for cg in cgroups:
-        family.add_metric([cg], 1)
-    return family
+def _listed(cgroups: CgroupLabels, name: str, help_: str, listed: list[str]) -> CgroupFamily:
+    return CgroupFamily(
+        name, GaugeMetricFamily, help_, (), lambda: ((cg, (((), 1),)) for cg in listed), cgroups
+    )
 
 
-def _daemon(snap: Snapshot) -> Iterator:
+def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
     """The daemon's own health and the periodic audit."""
     yield GaugeMetricFamily(
         "bpfkeep_attached_policies", "Cgroups with a bpfkeep policy", value=len(snap.rows)
@@ -336,16 +340,22 @@ def _daemon(snap: Snapshot) -> Iterator:
         "update, detach or walk of the cgroup tree, and pins or links it had to restore",
         value=snap.reconcile_errors,
     )
-    audit = GaugeMetricFamily(
+    yield GaugeMetricFamily(
+        "bpfkeep_containers_unidentified",
+        "Container cgroups seen that no runtime identified: none knew the id, or one that "
+        "could be theirs cannot be asked (its API down); workload rules do not apply to them",
+        value=snap.containers_unidentified,
+    )
+    coverage = sorted((snap.coverage or {}).items())
+    yield CgroupFamily(
         "bpfkeep_audit_sockets",
+        GaugeMetricFamily,
         "Established TCP sockets per attached cgroup, by keepalive timer state "
         "(inet_diag; sockets the policy has not reached show as off)",
-        labels=["cgroup", "keepalive"],
+        ("keepalive",),
+        lambda: ((cg, ((("armed",), a), (("off",), t - a))) for cg, (a, t) in coverage),
+        cgroups,
     )
-    for cg, (armed, total) in sorted((snap.coverage or {}).items()):
-        audit.add_metric([cg, "armed"], armed)
-        audit.add_metric([cg, "off"], total - armed)
-    yield audit
     yield CounterMetricFamily(
         "bpfkeep_audit_errors", "Failed socket audits", value=snap.audit_errors
     )

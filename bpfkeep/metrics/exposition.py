@@ -1,5 +1,7 @@
 """The Prometheus text format (0.0.4), written byte for byte as
-prometheus_client's generate_latest writes it, in about half its time."""
+prometheus_client's generate_latest writes it: the per-cgroup families
+write themselves (metrics.family), the others are written here in about
+half generate_latest's time."""
 
 from __future__ import annotations
 
@@ -8,11 +10,7 @@ import re
 from prometheus_client import generate_latest
 from prometheus_client.utils import floatToGoString
 
-
-def _escape_value(v: str) -> str:
-    if "\\" in v or "\n" in v or '"' in v:
-        return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return v
+from bpfkeep.metrics.family import escape_value
 
 
 class _One:
@@ -34,12 +32,27 @@ _PLAIN_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 def exposition(registry) -> bytes:
     """The registry's families in the text format (0.0.4), byte for byte as
     prometheus_client's generate_latest writes them (tests compare the
-    two), in about half its time: a scrape of 1,000 cgroups writes ~20,000
-    samples, and generate_latest checks and escapes every label name of
-    every sample again.  Counters, gauges and info families are written
-    here; anything else (or a timestamp, an exemplar) by generate_latest."""
+    two)."""
+    return b"".join(exposition_parts(registry))
+
+
+def exposition_parts(registry) -> list[bytes]:
+    """exposition() in pieces that follow each other (a family or a few):
+    at 10,000 cgroups the text is ~33 MB, and the server sends the pieces
+    as they are rather than copy them into one.  The per-cgroup families
+    write themselves (metrics.family); counters, gauges and info families
+    are written here, in about half generate_latest's time (it checks and
+    escapes every label name of every sample again); anything else (or a
+    timestamp, an exemplar) by generate_latest."""
+    parts: list[bytes] = []
     out: list[str] = []
     for metric in registry.collect():
+        if hasattr(metric, "text_format"):  # a CgroupFamily: it writes itself
+            if out:
+                parts.append("".join(out).encode("utf-8"))
+                out = []
+            parts.append(metric.text_format().encode("utf-8"))
+            continue
         name, kind = metric.name, metric.type
         if kind == "counter":
             name += "_total"
@@ -63,9 +76,7 @@ def exposition(registry) -> bytes:
         extra: dict[str, list[str]] = {}  # OpenMetrics samples: families of their own
         for smp in metric.samples:
             if smp.labels:
-                labels = ",".join(
-                    f'{k}="{_escape_value(v)}"' for k, v in sorted(smp.labels.items())
-                )
+                labels = ",".join(f'{k}="{escape_value(v)}"' for k, v in sorted(smp.labels.items()))
                 line = f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}\n"
             else:
                 line = f"{smp.name} {floatToGoString(smp.value)}\n"
@@ -78,4 +89,6 @@ def exposition(registry) -> bytes:
         for suffix, lines in sorted(extra.items()):
             out.append(f"# HELP {metric.name}{suffix} {doc}\n# TYPE {metric.name}{suffix} gauge\n")
             out += lines
-    return "".join(out).encode("utf-8")
+    if out:
+        parts.append("".join(out).encode("utf-8"))
+    return parts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 WORKLOAD_LABELS = ("namespace", "pod", "container")
 # Gauges whose per-namespace value is the largest of its cgroups', not the sum.
-_MAX_PER_NAMESPACE = {"bpfkeep_policy_dead_peer_bound_seconds"}
+MAX_PER_NAMESPACE = {"bpfkeep_policy_dead_peer_bound_seconds"}
 
 
 def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str):
@@ -53,7 +53,7 @@ def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str
         hit = merged.get(key)
         if hit is None:
             merged[key] = [s, labels, s.value]
-        elif family.name in _MAX_PER_NAMESPACE:
+        elif family.name in MAX_PER_NAMESPACE:
             hit[2] = max(hit[2], s.value)
         else:
             hit[2] += s.value

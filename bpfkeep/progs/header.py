@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import operator
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -175,9 +176,30 @@ class Layout:
 
     def unpack(self, raw: bytes, offset: int = 0) -> dict[str, int | tuple[int, ...]]:
         """Members by name; arrays flat, in C order."""
-        words = self._struct.unpack_from(raw, offset)
+        return self._members(self._struct.unpack_from(raw, offset))
+
+    def unpack_summed(self, raw: bytes) -> dict[str, int | tuple[int, ...]]:
+        """Members by name, each summed over the copies of the struct that
+        ``raw`` holds one after the other (a per-CPU map value: one per
+        possible CPU): each copy unpacked at once, then added word by word."""
+        copies = len(raw) // self.size
+        if copies == 1:
+            return self.unpack(raw)
+        if not copies:
+            return self._members((0,) * self._words)
+        each = self._struct.iter_unpack(memoryview(raw)[: copies * self.size])
+        total = next(each)
+        for words in each:
+            total = tuple(map(operator.add, total, words))
+        return self._members(total)
+
+    @functools.cached_property
+    def _words(self) -> int:
+        return sum(m.count for m in self.members)
+
+    def _members(self, words: Sequence[int]) -> dict[str, int | tuple[int, ...]]:
         return {
-            name: words[i : i + n] if n else words[i]  # type: ignore[misc]
+            name: tuple(words[i : i + n]) if n else words[i]  # type: ignore[misc]
             for name, i, n in self._slots
         }
 

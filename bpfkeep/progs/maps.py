@@ -703,20 +703,21 @@ def percpu_value_size(size: int) -> int:
 
 def decode_counters(raw: bytes) -> Counters:
     """Sum a per-CPU bk_counters value over the CPUs."""
-    total: dict[str, list[int]] = {}
-    for cpu in range(len(raw) // COUNTERS_SIZE):
-        for name, v in COUNTERS.unpack(raw, cpu * COUNTERS_SIZE).items():
-            words = (v,) if isinstance(v, int) else v
-            acc = total.setdefault(name, [0] * len(words))
-            for i, w in enumerate(words):
-                acc[i] += w
-    if not total:
-        total = {m.name: [0] * m.count for m in COUNTERS.members}
-    seen = dict(zip(CALLBACKS, total["seen"], strict=True))
-    applied, failed = _applied_and_failed(total["applied"], total["failed"])
-    rewritten = dict(zip((o.key for o in BPF_OPTIONS), total["rewritten"], strict=True))
-    exempt = total.get("exempt", [0])[0]
-    return Counters(seen, total["inherited"][0], applied, failed, rewritten, exempt=exempt)
+    total = COUNTERS.unpack_summed(raw)
+    applied, failed = _applied_and_failed(total["applied"], total["failed"])  # type: ignore[arg-type]
+    return Counters(
+        dict(zip(CALLBACKS, total["seen"], strict=True)),  # type: ignore[arg-type]
+        total["inherited"],  # type: ignore[arg-type]
+        applied,
+        failed,
+        dict(zip(_OPTION_KEYS, total["rewritten"], strict=True)),  # type: ignore[arg-type]
+        exempt=total.get("exempt", 0),  # type: ignore[arg-type]
+    )
+
+
+_OPTION_KEYS = tuple(o.key for o in BPF_OPTIONS)
+# failed[NOPT][NERR], flat in C order: (option, errno name) of each word
+_FAILED_KEYS = tuple((o, e) for o in _OPTION_KEYS for e in ERRNO_BUCKETS)
 
 
 def _applied_and_failed(
@@ -724,12 +725,5 @@ def _applied_and_failed(
 ) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
     """The ``applied[NOPT]`` and ``failed[NOPT][NERR]`` arrays that both
     counter structs carry; failures that never happened are left out."""
-    names = [o.key for o in BPF_OPTIONS]
-    by_option = dict(zip(names, applied, strict=True))
-    errors = {}
-    for i, n in enumerate(names):
-        for j, e in enumerate(ERRNO_BUCKETS):
-            v = failed[i * len(ERRNO_BUCKETS) + j]
-            if v:
-                errors[(n, e)] = v
-    return by_option, errors
+    errors = {k: v for k, v in zip(_FAILED_KEYS, failed, strict=True) if v} if any(failed) else {}
+    return dict(zip(_OPTION_KEYS, applied, strict=True)), errors
