@@ -28,7 +28,9 @@ Not fooled:
   connection) is no evidence: only one answering our own transmission is;
 - a path that also loses connections that were busy (nothing idle about
   them) within BURST seconds of an idle one is failing, not forgetting:
-  the idle losses of that window are set aside;
+  the idle losses of that window are set aside -- taken back if they
+  counted already (a loss counts at once: the next connection must not
+  wait for it);
 - evidence ages: the upper bound doubles back toward keepidle_max every
   AGE seconds without a new loss, so one stray loss does not hold keepidle
   down for ever.
@@ -36,18 +38,20 @@ Not fooled:
 keepidle, once a loss gave an upper bound U:
 
 - at once keepidle_min -- the safest the policy allows: the connections of
-  the path that exist now are swept to it, and one idle for longer probes
-  at once, so the first loss saves the others;
+  the path that exist now are swept down to it, and one idle for longer
+  probes at once, so the first loss saves the others;
 - then it climbs: each time a connection survives an idle of the keepidle
-  in force (a keepalive probe answered), keepidle doubles (GROWTH),
-- up to half of U: the first probe goes out halfway to the
-  limit, so one lost probe (retried keepintvl later), the kernel's timer
-  slack (up to 1/8 of a long timer) and round trips still fit.
+  it has (a keepalive probe answered), new connections get twice that
+  (GROWTH) -- existing ones keep the value they survived with, so a step
+  that goes too far costs the connections made since, not the path's;
+- up to half of U: the first probe goes out halfway to the limit, so one
+  lost probe (retried keepintvl later), the kernel's timer slack (up to
+  1/8 of a long timer) and round trips still fit.
 
 A loss's idle time may be far above the limit (a connection that sat idle
 an hour and then spoke); halving from there could cost a loss per halving.
-Dropping low and climbing costs at most one more loss, when a step crosses
-the limit -- and that loss is at most twice the last idle survived, so the
+Dropping low and climbing costs at most one more, when a step crosses the
+limit -- and that loss is at most twice the last idle survived, so the
 keepidle it leaves (U/2) has been survived already.  A stated idle_limit is
 taken as known: keepidle is half of it at once (options.learned_keepidle).
 """
@@ -100,7 +104,12 @@ class Path:
     stated: float | None = None  # the operator's idle_limit for the path
     losses: int = 0  # losses taken as evidence
     ignored: int = 0  # losses set aside (busy, unsolicited, a failing peer)
-    pending: list[Loss] = dataclasses.field(default_factory=list)
+    # The losses of the last BURST seconds that counted, each with what was
+    # known before it (upper, upper_at, lower): a busy loss takes them back.
+    recent: list[tuple[float, tuple[float | None, float, float]]] = dataclasses.field(
+        default_factory=list
+    )
+    busy_at: float = -BURST - 1.0  # when a busy connection was last lost
 
     @property
     def limit(self) -> float | None:
@@ -109,36 +118,45 @@ class Path:
         return min(known) if known else None
 
     def keepidle(self) -> int:
-        """The keepidle the path's connections get."""
+        """The keepidle new connections of the path get (existing ones are
+        swept to it when it goes down)."""
         cap = learned_keepidle(self.limit, self.keepidle_min, self.keepidle_max)
         if self.upper is None:
             return cap  # nothing lost: the stated limit, or keepidle_max
         return min(cap, max(self.keepidle_min, int(GROWTH * self.lower)))
 
-    def loss(self, loss: Loss) -> None:
-        """A loss on this path: held BURST seconds (settle) before it counts."""
-        self.pending.append(loss)
-
-    def settle(self, now: float) -> bool:
-        """Take the losses older than BURST as evidence -- unless a busy
-        connection was lost within BURST of them; age the upper bound.
-        True if keepidle changed."""
+    def loss(self, loss: Loss) -> bool:
+        """A loss on this path, taken as evidence at once -- or set aside,
+        and with it the losses of the BURST seconds before, when it was
+        busy.  True if keepidle changed."""
         before = self.keepidle()
-        ready = [loss for loss in self.pending if now - loss.at >= BURST]
-        if ready:
-            self.pending = [loss for loss in self.pending if now - loss.at < BURST]
-            busy = [loss.at for loss in (*ready, *self.pending) if loss.path_idle < BUSY]
-            for loss in ready:
-                x = loss.evidence()
-                if x is None or any(abs(loss.at - b) <= BURST for b in busy):
-                    self.ignored += 1
-                    continue
-                self.losses += 1
-                if self.upper is None or x < self.upper:
-                    self.upper = x
-                if self.lower >= x:
-                    self.lower = 0.0  # the path got stricter: climb again
-                self.upper_at = loss.at
+        self.recent = [r for r in self.recent if loss.at - r[0] <= BURST]
+        if loss.path_idle < BUSY:
+            self.busy_at = loss.at
+            if self.recent:  # the path is failing, not forgetting: take them back
+                self.upper, self.upper_at, self.lower = self.recent[0][1]
+                self.losses -= len(self.recent)
+                self.ignored += len(self.recent)
+                self.recent = []
+            self.ignored += 1
+            return self.keepidle() != before
+        x = loss.evidence()
+        if x is None or loss.at - self.busy_at <= BURST:
+            self.ignored += 1
+            return False
+        self.recent.append((loss.at, (self.upper, self.upper_at, self.lower)))
+        self.losses += 1
+        if self.upper is None or x < self.upper:
+            self.upper = x
+        if self.lower >= x:
+            self.lower = 0.0  # the path got stricter: climb again
+        self.upper_at = loss.at
+        return self.keepidle() != before
+
+    def age(self, now: float) -> bool:
+        """Evidence ages: the upper bound doubles back every AGE seconds
+        without a loss.  True if keepidle changed."""
+        before = self.keepidle()
         if self.upper is not None and now - self.upper_at >= AGE:
             steps = int((now - self.upper_at) // AGE)
             self.upper = min(float(self.keepidle_max) * 2, self.upper * 2**steps)

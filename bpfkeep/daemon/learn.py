@@ -2,10 +2,10 @@
 
 - it reads the kernel's loss events (a ring buffer the loss program
   writes; its descriptor wakes the loop) and gives each to its path;
-- after a loss has settled (learning.BURST), a path whose keepidle changed
-  is written to the kernel's bk_learned map -- new connections get it at
-  connect and accept at once -- and the connections of that policy are
-  swept to it (the first loss saves the others);
+- a path whose keepidle changed is written to the kernel's bk_learned map
+  at once -- new connections get it at connect and accept -- and when it
+  went down, the path's connections that exist now are swept to it (the
+  first loss saves the others);
 - at the periodic pass it looks at every established connection of the
   policies' network namespaces (inet_diag with tcp_info: when each was
   last heard from, when its keepalive timer fires): which sat idle and were
@@ -67,11 +67,11 @@ class Learner:
         self.ring: bpfsys.RingBuffer | None = None
         self._ring_map = -1
         self.events_seen = 0
-        self.settle_at: float | None = None
         # The last look at each connection: (netns, cookie) -> (when, ms
         # since data sent, since data received, since heard from).
         self._seen: dict[tuple[int, int], tuple[float, int, int, int]] = {}
         self.at_risk: dict[tuple[str, str], int] = {}  # (cgroup, peer) -> connections
+        self.cost = 0.0  # CPU seconds of the last look
         # The offset between the kernel map's epoch seconds and monotonic.
         self._epoch = time.time() - time.monotonic()
 
@@ -146,6 +146,7 @@ class Learner:
         if self.ring is None:
             return
         now = time.monotonic()
+        changed: dict[bytes, int] = {}
         for raw in self.ring.consume():
             self.events_seen += 1
             ev = maps.LOSS_EVENT.unpack(raw)
@@ -166,17 +167,17 @@ class Learner:
                 path.stated = values.idle_limit or None
                 tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
             reason = maps.LOSS_REASONS[int(ev["reason"]) % len(maps.LOSS_REASONS)]  # type: ignore[arg-type]
-            tracked.path.loss(
-                learning.Loss(
-                    at=now,
-                    reason=reason,
-                    path_idle=int(ev["path_idle_ms"]) / 1000,  # type: ignore[arg-type]
-                    keepidle=int(ev["keepidle"]),  # type: ignore[arg-type]
-                    solicited=bool(ev["unacked"] or ev["probes"]),
-                )
+            loss = learning.Loss(
+                at=now,
+                reason=reason,
+                path_idle=int(ev["path_idle_ms"]) / 1000,  # type: ignore[arg-type]
+                keepidle=int(ev["keepidle"]),  # type: ignore[arg-type]
+                solicited=bool(ev["unacked"] or ev["probes"]),
             )
-            due = now + learning.BURST
-            self.settle_at = due if self.settle_at is None else min(self.settle_at, due)
+            if tracked.path.loss(loss):
+                changed.setdefault(key, tracked.written)
+        if changed:
+            self._write(changed)
 
     @staticmethod
     def _label(policy: Policy, tag: int, address16: bytes) -> str:
@@ -186,9 +187,8 @@ class Learner:
 
     def survived(self, owner: int, address16: bytes, port: int, idle: float, probed: float) -> None:
         """A connection of ``owner`` to this peer sat idle at least ``idle``
-        seconds and was heard from again -- ``probed``: the time between the
-        two times it was heard, when no data moved (a keepalive probe
-        answered: it survived the keepidle in force)."""
+        seconds and was heard from again -- ``probed``: the idle a keepalive
+        probe answered showed it survived (0: data moved)."""
         policy = self._policy_of(owner)
         if policy is None:
             return
@@ -202,25 +202,35 @@ class Learner:
             path = learning.Path(values.keepidle_min, values.keepidle_max)
             path.stated = values.idle_limit or None
             tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
-        if probed:
-            # Several probes may have been answered between two looks: no
-            # more than the keepidle in force is known to be survived.
-            idle = max(idle, min(probed, tracked.written * 0.95))
+        idle = max(idle, probed)
         if tracked.path.survived(idle):
             self._write({key: tracked.written})
 
     # -- the periodic look ---------------------------------------------------------
 
+    def every(self, interval: float) -> float:
+        """The wait after a look: ``interval`` ([daemon] audit_interval),
+        stretched to 1000 times the look's CPU time (a host with many
+        connections)."""
+        return max(interval, 1000 * self.cost)
+
     def sample(self) -> None:
         """Every established connection of the policies' network namespaces
         (and ours): survivals for the paths that learn, and the connections
         at risk (``at_risk``)."""
+        t0 = time.process_time()
+        try:
+            self._sample()
+        finally:
+            self.cost = time.process_time() - t0
+
+    def _sample(self) -> None:
         table = self.state.table
         with table.lock:
             kept = {i: e for i, e in table.items() if e.attached and e.policy is not None}
         policies = {i: e.policy for i, e in kept.items()}
         self._forget()
-        self.settle()  # bounds changed on reload: keepidle follows
+        self.age()
         limits = self.limits(policies)  # type: ignore[arg-type]
         learns = any(_learns(p) for p in policies.values())  # type: ignore[arg-type]
         if not limits and not learns:
@@ -247,7 +257,8 @@ class Learner:
                 seen[(ns, cookie)] = (now, sent, recv, heard)
                 prev = self._seen.get((ns, cookie))
                 if owner is not None and learns and prev is not None:
-                    self._look(owner, address16, dport, prev, now, sent, recv, heard)
+                    keepidle = (expires + heard) / 1000 if timer == TIMER_KEEPALIVE else 0.0
+                    self._look(owner, address16, dport, prev, now, times, keepidle)
                 known = limits.of(owner, address16, dport)
                 if known is None or timer in (TIMER_RETRANSMIT, TIMER_PROBE0):
                     continue  # no limit known, or its keepalive hidden by a busy timer
@@ -266,19 +277,29 @@ class Learner:
         port: int,
         prev: tuple[float, int, int, int],
         now: float,
-        sent: int,
-        recv: int,
-        heard: int,
+        times: sockdiag.Times,
+        keepidle: float,
     ) -> None:
-        """Compare a connection with the last look at it (times in ms ago)."""
+        """Compare a connection with the last look at it (times in ms ago;
+        ``keepidle``: its own, as its timer shows it, 0 if not armed)."""
         t1, sent1, recv1, heard1 = prev
+        sent, recv, ack, _expires = times
+        heard = min(recv, ack)
         dt = (now - t1) * 1000
-        if heard1 < learning.BUSY * 1000 or heard + SLACK_MS >= heard1 + dt:
-            return  # busy then, or not heard from since
+        if heard + SLACK_MS >= heard1 + dt:
+            return  # not heard from since
         idle = min(sent1, heard1)  # the path's idle time at the last look
         data = sent + SLACK_MS < sent1 + dt or recv + SLACK_MS < recv1 + dt
-        probed = 0.0 if data else (heard1 + dt - heard) / 1000
-        self.survived(owner, address16, port, idle / 1000, probed)
+        if data:
+            if idle >= learning.BUSY * 1000:
+                self.survived(owner, address16, port, idle / 1000, 0.0)
+            return
+        # No data: a keepalive probe was answered, after the socket's own
+        # keepidle of quiet (several between two looks show as more: no
+        # more than one keepidle is known to be survived).
+        gap = (heard1 + dt - heard) / 1000
+        if keepidle:
+            self.survived(owner, address16, port, idle / 1000, min(gap, keepidle))
 
     def _forget(self) -> None:
         """Paths whose policy no longer learns (detached, or changed on
@@ -319,27 +340,24 @@ class Learner:
 
     # -- settling -----------------------------------------------------------------------
 
-    def next_deadline(self) -> float | None:
-        return self.settle_at
-
-    def settle(self, now: float | None = None) -> None:
-        """Take settled losses as evidence, age the bounds; write and sweep
-        what changed."""
+    def age(self, now: float | None = None) -> None:
+        """Age the evidence; write (and sweep) what changed -- a reload that
+        changed a policy's bounds too."""
         now = time.monotonic() if now is None else now
-        self.settle_at = None
-        changed: dict[bytes, int] = {}
-        for key, t in list(self.paths.items()):
-            if t.path.settle(now) or t.path.keepidle() != t.written:
-                changed[key] = t.written
-            if t.path.pending:
-                due = min(loss.at for loss in t.path.pending) + learning.BURST
-                self.settle_at = due if self.settle_at is None else min(self.settle_at, due)
+        changed = {
+            key: t.written
+            for key, t in self.paths.items()
+            if t.path.age(now) or t.path.keepidle() != t.written
+        }
         if changed:
             self._write(changed)
 
     def _write(self, changed: dict[bytes, int]) -> None:
-        """bk_learned for these paths, then a sweep of their policies'
-        connections (``changed``: the keepidle each path had before)."""
+        """bk_learned for these paths (new connections get it at once),
+        then -- for those whose keepidle went down -- a sweep of their
+        connections that exist now (``changed``: the keepidle each path had
+        before).  A climb is for new connections only: existing ones keep
+        the value they survived with."""
         try:
             with self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
                 if fd is None:
@@ -364,7 +382,9 @@ class Learner:
             self.state.errors += 1
             log.error("writing learned idle limits: %s", e)
             return
-        self._sweep(changed)
+        lower = {k: old for k, old in changed.items() if self.paths[k].written < old}
+        if lower:
+            self._sweep(lower)
 
     def _value(self, t: Tracked) -> maps.Learned:
         p = t.path

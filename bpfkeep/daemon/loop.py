@@ -128,6 +128,7 @@ class Daemon:
         if wd_every:
             sched.at("watchdog", now)
         self._plan_audit(now + FIRST_AUDIT)
+        self._plan_learning(now + FIRST_AUDIT - self.state.cfg.audit_interval)
         self._plan_names()
         sched.at("heal", now + self.healer.every())
         while not self._stop:
@@ -138,6 +139,9 @@ class Daemon:
             if sched.due("audit", now):
                 self._audit()
                 self._plan_audit(time.monotonic() + self.passes.every())
+            if sched.due("learn", now):
+                self._guard("looking at idle connections", self.learner.sample)
+                self._plan_learning(time.monotonic())
             if sched.due("names", now):
                 self._guard("resolving peer host names", self.reconciler.refresh_names)
                 self._plan_names()
@@ -145,16 +149,9 @@ class Daemon:
                 sched.at("heal-settle", None)
                 self._guard("check of pins and links", self.healer.check)
                 sched.at("heal", time.monotonic() + self.healer.every())
-            settle = self.learner.next_deadline()
-            if settle is not None and settle <= now:
-                self._guard("learning idle limits", self.learner.settle)
             self._run_retries()
             self.passes.run_queued(now)
-            wake = sched.next(
-                self.retries.next(),
-                self.passes.next_sweep() or float("inf"),
-                self.learner.next_deadline() or float("inf"),
-            )
+            wake = sched.next(self.retries.next(), self.passes.next_sweep() or float("inf"))
             timeout = min(max(0.0, wake - time.monotonic()), 3600.0)
             fds = [self.inotify.fd, rfd, self.lookups.fd]
             if self.learner.fd is not None:
@@ -186,6 +183,14 @@ class Daemon:
         if self.reconciler and self.state.cfg:
             self.reconciler.resolver.ttl = self.state.cfg.resolve_interval
 
+    def _plan_learning(self, after: float) -> None:
+        """The learner's look at idle connections (survivals, connections
+        at risk) runs at audit_interval on a schedule of its own, stretched
+        by its own cost -- not the audit's sweeps'."""
+        assert self.state.cfg
+        every = self.state.cfg.audit_interval
+        self.sched.at("learn", after + self.learner.every(every) if every else None)
+
     def _plan_audit(self, when: float) -> None:
         assert self.state.cfg
         self.sched.at("audit", when if self.state.cfg.audit_interval else None)
@@ -206,7 +211,6 @@ class Daemon:
             return rule is not None and rule.existing
 
         self.passes.audit(sweeps_existing)
-        self._guard("looking at idle connections", self.learner.sample)
 
     def _exit(self) -> None:
         state = self.state
@@ -279,6 +283,7 @@ class Daemon:
         self._plan_audit(
             time.monotonic() + (self.passes.every() if self.passes.audit_cost else FIRST_AUDIT)
         )
+        self._plan_learning(time.monotonic())
 
     def _status(self) -> str:
         table = self.state.table
