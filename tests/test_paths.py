@@ -1,0 +1,325 @@
+"""Peer rules and lost connections on real paths: network namespaces make
+a client, NAT routers that forget idle flows (tests/support/paths.py) and
+servers behind them.  Everything is read back through the kernel --
+getsockopt inside the workload (sockprobe), ``ss`` from outside in the
+workload's namespace, and the daemon's /metrics over real HTTP -- never
+through bpfkeep's own code.
+
+The addresses: the client is 10.8i.0.1 towards router i, which reaches
+its servers 10.9i.0.2, 10.9i.0.3, ... from 10.9i.0.1 (what the servers see
+of the client: the router masquerades).  Each server namespace runs an
+echo server on ECHO_PORT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import bpfkeep_cmd
+from prometheus_client.parser import text_string_to_metric_families
+from support.paths import DROP, Paths
+
+pytestmark = pytest.mark.kernel
+
+ECHO_PORT = 7000
+# An echo server for every connection (a thread each), in a server namespace.
+ECHO = """
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=64)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        try:
+            while d := c.recv(65536):
+                c.sendall(d)
+        except OSError:
+            pass
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+# -- the network ---------------------------------------------------------------------
+
+
+@pytest.fixture()
+def paths() -> Iterator[Callable[..., Paths]]:
+    """Paths with an echo server in each server namespace; namespaces and
+    the processes in them removed at the end, also when the test fails."""
+    made: list[Paths] = []
+    servers: list[subprocess.Popen] = []
+
+    def make(routers: list[tuple[int | None, str]], servers_each: int = 2) -> Paths:
+        p = Paths(routers, servers=servers_each)
+        made.append(p)
+        for r in p.routers:
+            srv = subprocess.Popen(
+                ["ip", "netns", "exec", r.server_ns, sys.executable, "-c", ECHO, str(ECHO_PORT)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            servers.append(srv)
+            assert srv.stdout and srv.stdout.readline().strip() == "listening"
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.cleanup()
+        for srv in servers:
+            srv.kill()
+            srv.wait()
+
+
+def connect(spawn, probes, cgroup: str | None, netns: str, addr: str, *extra: str):
+    """sockprobe connected to ``addr``:ECHO_PORT, holding its socket."""
+    return spawn(
+        [probes["static"], "connect", addr, str(ECHO_PORT), *extra, "hold"],
+        cgroup=cgroup,
+        netns=netns,
+    )
+
+
+def waiter(spawn, probes, cgroup: str, netns: str, addr: str, *extra: str):
+    """sockprobe connected to ``addr``:ECHO_PORT that, on a line, (sends
+    what ``extra`` says and) blocks in recv; returns (probe, when it was
+    connected)."""
+    w = spawn([probes["static"], "wait", addr, str(ECHO_PORT), *extra], cgroup=cgroup, netns=netns)
+    w.expect("ready")
+    return w, time.monotonic()
+
+
+def recv_result(w, timeout: float = 15) -> dict[str, str]:
+    """sockprobe wait's last line: rc, errno, elapsed (s), segs."""
+    ln = w.expect("recv ", timeout)
+    return dict(f.split("=", 1) for f in re.findall(r"\w+=(?:[^=]+(?= \w+=)|\S+)", ln))
+
+
+def times(v: dict[str, int]) -> tuple[int, int, int, int, int]:
+    return v["keepalive"], v["keepidle"], v["keepintvl"], v["keepcnt"], v["user_timeout"]
+
+
+def ss_seconds(text: str) -> float:
+    """ss's timer durations: '3min19sec', '12sec', '992ms', '6.992ms'
+    (6 s 992 ms)."""
+    m = re.fullmatch(r"(?:(\d+)min)?(?:(\d+)(?:sec|\.))?(?:(\d+)ms)?", text)
+    assert m and any(m.groups()), text
+    minutes, secs, ms = (int(g or 0) for g in m.groups())
+    return minutes * 60 + secs + ms / 1000
+
+
+def ss_keepalive(netns: str, local_port: int | None = None, peer: str | None = None):
+    """{(local, peer): seconds left on the keepalive timer, None without
+    one} for the established TCP sockets of ``netns`` (with this local
+    port, to this peer address), as ``ss -tno`` reads them."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", "-tnoH", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found: dict[tuple[str, str], float | None] = {}
+    for ln in out.splitlines():
+        ends = re.findall(r"(\S+):(\d+)\s", ln + " ")
+        if len(ends) < 2:
+            continue
+        (laddr, lport), (paddr, pport) = ends[:2]
+        if local_port is not None and int(lport) != local_port:
+            continue
+        if peer is not None and paddr != peer:
+            continue
+        m = re.search(r"timer:\((\w+),([^,]+),", ln)
+        left = ss_seconds(m.group(2)) if m and m.group(1) == "keepalive" else None
+        found[(f"{laddr}:{lport}", f"{paddr}:{pport}")] = left
+    return found
+
+
+def keepalive_left(netns: str, peer: str, local_port: int | None = None) -> float | None:
+    """The keepalive timer of the one established socket to ``peer``."""
+    found = ss_keepalive(netns, local_port, peer)
+    assert len(found) == 1, found
+    return next(iter(found.values()))
+
+
+def netstat(netns: str, name: str) -> int:
+    """A TcpExt counter of a network namespace (/proc/net/netstat)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", "/proc/net/netstat"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for head, values in zip(out[::2], out[1::2], strict=True):
+        if head.startswith("TcpExt:"):
+            return int(dict(zip(head.split(), values.split(), strict=True))[name])
+    raise AssertionError(f"no TcpExt {name} in /proc/net/netstat")
+
+
+# -- the daemon --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
+def config(port: int, cgroup_rel: str, policy: dict, peers: list[dict], **daemon) -> str:
+    """A daemon config: metrics on ``port``, one policy with peer rules."""
+    lines = [f'[metrics]\nlisten = "127.0.0.1:{port}"', "[daemon]", "audit_interval = 0"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
+    lines += ["[[policy]]", f'cgroup = "{cgroup_rel}"']
+    lines += [f"{k} = {toml_value(v)}" for k, v in policy.items()]
+    for peer in peers:
+        lines += ["[[policy.peer]]", *(f"{k} = {toml_value(v)}" for k, v in peer.items())]
+    return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    """``bpfkeep daemon`` as a real process (optionally under a wrapper,
+    e.g. unshare), its log in a file, READY=1 awaited on a notify socket,
+    /metrics scraped over HTTP."""
+
+    def __init__(self, pin_dir: str, tmp: Path, text: str, wrapper: tuple[str, ...] = ()):
+        self.port = int(re.search(r"127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
+        self.config = tmp / "bpfkeep.toml"
+        self.config.write_text(text)
+        self.log = tmp / "daemon.log"
+        notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [*wrapper, *bpfkeep_cmd(pin_dir, "daemon", "--config", str(self.config))],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "NOTIFY_SOCKET": notify_path},
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            self.notify.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                if b"READY=1" in self.notify.recv(4096):
+                    return
+        raise AssertionError(f"the daemon never got ready; log:\n{self.log.read_text()}")
+
+    def scrape(self) -> dict[tuple[str, frozenset], float]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, frozenset(s.labels.items()))] = s.value
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.notify.close()
+
+
+@pytest.fixture()
+def daemon(pin_dir, tmp_path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def start(text: str, wrapper: tuple[str, ...] = ()) -> Daemon:
+        d = tmp_path / f"daemon{len(made)}"
+        d.mkdir()
+        made.append(Daemon(pin_dir, d, text, wrapper))
+        return made[-1]
+
+    try:
+        yield start
+    finally:
+        for dm in made:
+            dm.close()
+
+
+def metric(m: dict, name: str, **labels: str) -> float | None:
+    return m.get((name, frozenset(labels.items())))
+
+
+def wait_for(pred: Callable[[], object], timeout: float, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(step)
+
+
+# -- 1. per-peer values on both ends ---------------------------------------------------
+
+
+def test_each_peer_gets_its_rules_values_on_both_ends(bk, cgroups, spawn, probes, paths):
+    """A policy with two peer rules for servers behind two routers: each
+    connection gets its rule's values, one to a peer no rule names the
+    policy's own; an accepted socket gets the rule of the client's address
+    as the server sees it (the router's: it masquerades)."""
+    p = paths([(None, DROP), (None, DROP)])
+    r1, r2 = p.routers
+    cli_cg = cgroups.make("client")
+    bk(
+        "attach", "--cgroup", cli_cg, "--keepidle", "100", "--keepintvl", "11", "--keepcnt", "5",
+        "--peer", f"{r1.network},keepidle=200,keepintvl=12,keepcnt=3,user_timeout=7000",
+        "--peer", f"{r2.server(0)},keepidle=300,keepcnt=4",
+    )  # fmt: skip
+    expected = {
+        r1.server(0): (1, 200, 12, 3, 7000),
+        # keys the rule does not give come from the policy; the user
+        # timeout, derived, follows the rule's own times
+        r2.server(0): (1, 300, 11, 4, (300 + 11 * 4) * 1000),
+        r2.server(1): (1, 100, 11, 5, (100 + 11 * 5) * 1000),  # no rule: the policy's own
+    }
+    for addr, want in expected.items():
+        got = connect(spawn, probes, cli_cg, p.client, addr).values("client")
+        assert times(got) == want, addr
+        left = keepalive_left(p.client, addr)
+        assert left is not None and want[1] - 10 < left <= want[1], (addr, left)
+
+    # The server side: a listener under a per-peer policy in a server
+    # namespace.  Router 1's clients arrive from 10.91.0.1; a rule for the
+    # client's own network must not match (the server never sees it).
+    srv_cg = cgroups.make("server")
+    bk(
+        "attach", "--cgroup", srv_cg, "--keepidle", "100",
+        "--peer", f"{r1.server_side},keepidle=222,keepintvl=7,keepcnt=2,user_timeout=9000",
+        "--peer", "10.81.0.0/24,keepidle=333",
+    )  # fmt: skip
+    port = ECHO_PORT + 1
+    cases = [
+        (r1, (1, 222, 7, 2, 9000)),
+        (r2, (1, 100, 15, 9, (100 + 15 * 9) * 1000)),  # 10.92.0.1: no rule
+    ]
+    for r, want in cases:
+        srv = spawn(
+            [probes["static"], "listen", "0.0.0.0", str(port), "hold"],
+            cgroup=srv_cg,
+            netns=r.server_ns,
+        )
+        srv.expect("ready")
+        spawn([probes["static"], "connect", r.server(0), str(port), "hold"], netns=p.client).expect(
+            "ready"
+        )
+        assert times(srv.values("accepted")) == want, r.server_side
+        left = keepalive_left(r.server_ns, r.server_side, local_port=port)
+        assert left is not None and want[1] - 10 < left <= want[1], left
