@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import bpfkeep_cmd
+from conftest import bpfkeep_cmd, host_keepalive
 from prometheus_client.parser import text_string_to_metric_families
 from support.paths import DROP, Paths
 
@@ -144,6 +144,13 @@ def ss_keepalive(netns: str, local_port: int | None = None, peer: str | None = N
         left = ss_seconds(m.group(2)) if m and m.group(1) == "keepalive" else None
         found[(f"{laddr}:{lport}", f"{paddr}:{pport}")] = left
     return found
+
+
+def armed_at(left: float | None, keepidle: int) -> bool:
+    """A keepalive timer armed a moment ago with ``keepidle`` (ss shows
+    whole minutes only from 10 min on)."""
+    slack = 60 if keepidle >= 600 else 10
+    return left is not None and keepidle - slack < left <= keepidle
 
 
 def keepalive_left(netns: str, peer: str, local_port: int | None = None) -> float | None:
@@ -294,7 +301,7 @@ def test_each_peer_gets_its_rules_values_on_both_ends(bk, cgroups, spawn, probes
         got = connect(spawn, probes, cli_cg, p.client, addr).values("client")
         assert times(got) == want, addr
         left = keepalive_left(p.client, addr)
-        assert left is not None and want[1] - 10 < left <= want[1], (addr, left)
+        assert armed_at(left, want[1]), (addr, left)
 
     # The server side: a listener under a per-peer policy in a server
     # namespace.  Router 1's clients arrive from 10.91.0.1; a rule for the
@@ -322,4 +329,51 @@ def test_each_peer_gets_its_rules_values_on_both_ends(bk, cgroups, spawn, probes
         )
         assert times(srv.values("accepted")) == want, r.server_side
         left = keepalive_left(r.server_ns, r.server_side, local_port=port)
-        assert left is not None and want[1] - 10 < left <= want[1], left
+        assert armed_at(left, want[1]), left
+
+
+# -- 2. an exempt peer ------------------------------------------------------------------
+
+
+def test_an_exempt_peer_is_left_as_the_program_made_it(daemon, cgroups, spawn, probes, paths):
+    """In enforce mode, with a peer rule that exempts router 1's servers:
+    their connections keep what the program made (nothing: keepalive off;
+    its own setsockopt: not capped), another peer's get the rule's values
+    and its setsockopt capped; the exempt sockets are counted apart."""
+    p = paths([(None, DROP), (None, DROP)])
+    r1, r2 = p.routers
+    cg = cgroups.make("app")
+    d = daemon(
+        config(
+            free_port(),
+            cgroups.rel(cg),
+            {"mode": "enforce", "keepidle": 100},
+            [{"address": r1.network, "exempt": True}, {"address": r2.network, "keepidle": 300}],
+        )
+    )
+    host = host_keepalive(p.client)
+
+    untouched = connect(spawn, probes, cg, p.client, r1.server(0)).values("client")
+    assert times(untouched) == (0, *host, 0)
+    assert keepalive_left(p.client, r1.server(0)) is None  # no keepalive timer
+    # The program's own values on an exempt connection are not capped.
+    own = connect(
+        spawn, probes, cg, p.client, r1.server(1), "set", "keepalive=1", "set", "keepidle=5000"
+    ).values("client-after")
+    assert times(own)[:2] == (1, 5000)
+    left = keepalive_left(p.client, r1.server(1))
+    assert armed_at(left, 5000), left
+    # Another peer: the rule's values, and the same setsockopt capped.
+    other = connect(
+        spawn, probes, cg, p.client, r2.server(0), "set", "keepalive=0", "set", "keepidle=5000"
+    )
+    assert times(other.values("client"))[:2] == (1, 300)
+    assert times(other.values("client-after"))[:2] == (1, 300)
+    left = keepalive_left(p.client, r2.server(0))
+    assert armed_at(left, 300), left
+
+    m = d.scrape()
+    label = "/" + cgroups.rel(cg)
+    assert metric(m, "bpfkeep_sockets_exempt_total", cgroup=label) == 2
+    assert metric(m, "bpfkeep_sockets_total", cgroup=label, callback="connect") == 1
+    assert metric(m, "bpfkeep_setsockopt_rewritten_total", cgroup=label, option="keepidle") == 1
