@@ -377,3 +377,65 @@ def test_an_exempt_peer_is_left_as_the_program_made_it(daemon, cgroups, spawn, p
     assert metric(m, "bpfkeep_sockets_exempt_total", cgroup=label) == 2
     assert metric(m, "bpfkeep_sockets_total", cgroup=label, callback="connect") == 1
     assert metric(m, "bpfkeep_setsockopt_rewritten_total", cgroup=label, option="keepidle") == 1
+
+
+# -- 3. a host-name rule ----------------------------------------------------------------
+
+NAME = "db.bkpaths.test"
+
+
+def private_hosts(hosts: Path) -> tuple[str, ...]:
+    """A wrapper that runs a command in a mount namespace of its own with
+    ``hosts`` bind-mounted on /etc/hosts (the host's file is never
+    touched; the bind follows the file: rewrite it in place)."""
+    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(hosts))
+
+
+def test_a_host_name_rule_follows_its_address(daemon, cgroups, spawn, probes, paths, tmp_path):
+    """A rule names a host; the daemon resolves it (getaddrinfo: its
+    private /etc/hosts) every resolve_interval.  When the name moves from
+    server A to server B, new connections to B get the rule's values, new
+    ones to A the policy's own, and the open connection to A is brought to
+    the policy's own too."""
+    p = paths([(None, DROP), (None, DROP)], servers_each=1)
+    a, b = p.routers[0].server(0), p.routers[1].server(0)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{a} {NAME}\n")
+    cg = cgroups.make("app")
+    text = config(
+        free_port(),
+        cgroups.rel(cg),
+        {"keepidle": 100},
+        [{"address": NAME, "keepidle": 200}],
+        resolve_interval=1,
+    )
+    d = daemon(text, wrapper=private_hosts(hosts))
+
+    held = connect(spawn, probes, cg, p.client, a)
+    assert times(held.values("client"))[:2] == (1, 200)
+    assert armed_at(keepalive_left(p.client, a), 200)
+    assert times(connect(spawn, probes, cg, p.client, b).values("client"))[:2] == (1, 100)
+
+    with open(hosts, "r+") as f:  # in place: the daemon's bind mount is of this inode
+        f.write(f"127.0.0.1 localhost\n{b} {NAME}\n")
+        f.truncate()
+
+    def b_gets_the_rule() -> bool:
+        cli = connect(spawn, probes, cg, p.client, b)
+        keepidle = cli.values("client")["keepidle"]
+        cli.close()
+        return keepidle == 200
+
+    assert wait_for(b_gets_the_rule, timeout=10, step=0.5), d.log.read_text()
+    new_a = connect(spawn, probes, cg, p.client, a)
+    assert times(new_a.values("client"))[:2] == (1, 100)
+    new_a.close()
+
+    def held_swept() -> bool:
+        held.send_line()
+        return held.values("now-client", consume=True)["keepidle"] == 100
+
+    assert wait_for(held_swept, timeout=5), d.log.read_text()
+    left = keepalive_left(p.client, a)  # re-armed by the new keepidle
+    assert left is not None and left <= 100, left
