@@ -439,3 +439,37 @@ def test_a_host_name_rule_follows_its_address(daemon, cgroups, spawn, probes, pa
     assert wait_for(held_swept, timeout=5), d.log.read_text()
     left = keepalive_left(p.client, a)  # re-armed by the new keepidle
     assert left is not None and left <= 100, left
+
+
+# -- 4. kept alive across a router's idle limit ------------------------------------------
+
+IDLE_LIMIT = 3  # s: how long the routers below remember an idle flow
+
+
+def test_a_peer_rule_keeps_a_connection_alive_across_the_routers_idle_limit(
+    bk, cgroups, spawn, probes, paths
+):
+    """A router forgets flows idle IDLE_LIMIT s and drops what it no longer
+    knows.  Two connections of one client through it sit idle three times
+    that, then send: the one whose peer rule probes every second is
+    answered; the one with the policy's own values (keepidle far above the
+    limit) is not, and fails at its user timeout."""
+    p = paths([(IDLE_LIMIT, DROP)])
+    (r,) = p.routers
+    cg = cgroups.make("app")
+    bk(
+        "attach", "--cgroup", cg, "--keepidle", "100", "--user-timeout", "1500",
+        "--peer", f"{r.server(0)},keepidle=1,keepintvl=1,keepcnt=3",
+    )  # fmt: skip
+    kept, _ = waiter(spawn, probes, cg, p.client, r.server(0), "send", "5")
+    lost, _ = waiter(spawn, probes, cg, p.client, r.server(1), "send", "5")
+    assert times(kept.values("client")) == (1, 1, 1, 3, 1500)
+    assert times(lost.values("client")) == (1, 100, 15, 9, 1500)
+
+    time.sleep(3 * IDLE_LIMIT)
+    kept.send_line()
+    lost.send_line()
+    assert recv_result(kept)["rc"] == "5"  # the echo: the router still knew the flow
+    got = recv_result(lost)
+    assert (got["rc"], got["errno"]) == ("-1", "ETIMEDOUT"), got
+    assert 1.4 < float(got["elapsed"]) < 3, got  # its user timeout, 1.5 s
