@@ -79,6 +79,26 @@ static __always_inline __u32 bk_since(__u32 a, __u32 b)
 	return (__s32)(b - a) > 0 ? b - a : 0;
 }
 
+/* When the data still unacknowledged went out, in jiffies.  Not lsndtime:
+ * every retransmit moves it, so a connection lost at its user timeout or
+ * retry limit would count the retransmitting as idle (minutes, with the
+ * kernel's limit).  first_tx_mstamp is the send time (us, the TCP clock:
+ * CLOCK_MONOTONIC, as bpf_ktime_get_ns) of what left an empty pipe, moved
+ * on by each ACK to the send time of what it acknowledged; retransmits
+ * leave it (tcp_rate_skb_sent, tcp_rate_skb_delivered).  Without HZ or a
+ * stamp: lsndtime. */
+static __always_inline __u32 bk_went_out(__u32 lsnd, __u64 first_tx_us,
+					 __u32 now, __u32 hz)
+{
+	__u64 now_us = bpf_ktime_get_ns() / 1000;
+
+	if (!hz || !first_tx_us)
+		return lsnd;
+	if (first_tx_us >= now_us) /* a paced departure: just now */
+		return now;
+	return now - (__u32)((now_us - first_tx_us) * hz / 1000000);
+}
+
 int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 {
 	void *sk = (void *)ctx->args[0];
@@ -88,7 +108,8 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	struct bk_config *cfg;
 	struct bk_policy *p;
 	__u32 snd_una = 0, write_seq = 0, srtt = 0, lsnd = 0, rcvts = 0;
-	__u32 lrcv = 0, ut = 0, ka = 0, now, data_idle, path_idle, hz = 0;
+	__u32 lrcv = 0, ut = 0, ka = 0, now, data_idle, path_idle, hz = 0, sent;
+	__u64 first_tx = 0;
 	__u16 proto = 0, family = 0, dport = 0;
 	__u8 probes = 0;
 	void *cg = 0;
@@ -122,6 +143,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	BK_READ(snd_una, sk, BK_O_TP_SND_UNA);
 	BK_READ(write_seq, sk, BK_O_TP_WRITE_SEQ);
 	BK_READ(lsnd, sk, BK_O_TP_LSNDTIME);
+	BK_READ(first_tx, sk, BK_O_TP_FIRST_TX_MSTAMP);
 	BK_READ(rcvts, sk, BK_O_TP_RCV_TSTAMP);
 	BK_READ(lrcv, sk, BK_O_TP_LRCVTIME);
 	BK_READ(ut, sk, BK_O_TP_USER_TIMEOUT);
@@ -148,13 +170,14 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		ev.reason = BK_LOSS_RETRANSMITS;
 
 	/* How long idle.  With data outstanding, the idle time is the one
-	 * before that data went out (lsndtime), since the last data received
-	 * (icsk_ack.lrcvtime); else until now.  The path's idle time counts
-	 * from the last ACK heard (rcv_tstamp: keepalive probes answered
-	 * count, as they do for a middlebox). */
+	 * before that data went out (bk_went_out), since the last data
+	 * received (icsk_ack.lrcvtime); else until now.  The path's idle time
+	 * counts from the last ACK heard (rcv_tstamp: keepalive probes
+	 * answered count, as they do for a middlebox). */
 	if (write_seq != snd_una) {
-		data_idle = bk_since(lrcv, lsnd);
-		path_idle = bk_since(rcvts, lsnd);
+		sent = bk_went_out(lsnd, first_tx, now, hz);
+		data_idle = bk_since(lrcv, sent);
+		path_idle = bk_since(rcvts, sent);
 	} else {
 		data_idle =
 			bk_since((__s32)(lsnd - lrcv) > 0 ? lsnd : lrcv, now);
