@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import bpfkeep_cmd, host_keepalive
 from prometheus_client.parser import text_string_to_metric_families
-from support.paths import DROP, Paths
+from support.paths import DROP, RESET, Paths
 
 pytestmark = pytest.mark.kernel
 
@@ -473,3 +473,116 @@ def test_a_peer_rule_keeps_a_connection_alive_across_the_routers_idle_limit(
     got = recv_result(lost)
     assert (got["rc"], got["errno"]) == ("-1", "ETIMEDOUT"), got
     assert 1.4 < float(got["elapsed"]) < 3, got  # its user timeout, 1.5 s
+
+
+# -- 5. lost connections, by reason and idle time ---------------------------------------
+
+
+def idle_histogram(m: dict, cgroup: str, peer: str) -> tuple[dict[float, float], float, float]:
+    """({le: cumulative count}, count, sum) of bpfkeep_idle_before_loss_seconds."""
+    name = "bpfkeep_idle_before_loss_seconds"
+    buckets = {}
+    for (n, labels), v in m.items():
+        lab = dict(labels)
+        if n == name + "_bucket" and lab.get("cgroup") == cgroup and lab.get("peer") == peer:
+            buckets[float(lab["le"])] = v
+    count = metric(m, name + "_count", cgroup=cgroup, peer=peer)
+    total = metric(m, name + "_sum", cgroup=cgroup, peer=peer)
+    return buckets, count or 0, total or 0
+
+
+def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
+    daemon, cgroups, spawn, probes, paths
+):
+    """Each reason of bpfkeep_connections_lost_total, produced on a real
+    path under its own peer rule and read from a real scrape, with the
+    time the connection sat idle in bpfkeep_idle_before_loss_seconds'
+    bucket for it; connections the program closed itself (a FIN, a reset
+    of its own) are not losses.
+
+    Router 1 forgets idle flows after IDLE_LIMIT s and answers what it
+    forgot with a RST; router 2's servers vanish (their link cut) early on.
+    """
+    p = paths([(IDLE_LIMIT, RESET), (None, DROP)], servers_each=3)
+    r1, r2 = p.routers
+    # The kernel's own retry limit, low: ~1.4 s of retransmits (RTO 200 ms).
+    p.exec(p.client, "sysctl", "-qw", "net.ipv4.tcp_retries2=2")
+    cg = cgroups.make("app")
+    rules = {
+        "reset": {"address": r1.server(0)},
+        "keepalive": {"address": r2.server(0), "keepidle": 1, "keepintvl": 1, "keepcnt": 2},
+        "user_timeout": {"address": r2.server(1), "user_timeout": 1500},
+        "retransmits": {"address": r2.server(2), "user_timeout": 0},  # 0: the kernel's
+    }
+    d = daemon(config(free_port(), cgroups.rel(cg), {"keepidle": 100}, list(rules.values())))
+    label = "/" + cgroups.rel(cg)
+    aborts = netstat(p.client, "TCPAbortOnData")
+
+    # Closed by the program: the policy's own values (peer "*").
+    closed = [
+        connect(spawn, probes, cg, p.client, r1.server(1)),
+        connect(spawn, probes, cg, p.client, r1.server(1), "abort"),
+    ]
+    w, since = {}, {}
+    for reason, rule in rules.items():
+        extra = () if reason == "keepalive" else ("send", "5")
+        w[reason], since[reason] = waiter(spawn, probes, cg, p.client, rule["address"], *extra)
+    for c in closed:
+        c.expect("ready")
+    v = {reason: times(w[reason].values("client")) for reason in rules}
+    assert v["keepalive"][1:4] == (1, 1, 2)
+    assert v["user_timeout"][4] == 1500
+    assert v["retransmits"][4] == 0  # the retry limit, not a user timeout, ends it
+
+    t0 = time.monotonic()
+    went: dict[str, float] = {}
+
+    def go(reason: str, at: float) -> None:
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        w[reason].send_line()
+        went[reason] = time.monotonic()
+
+    go("keepalive", 0)  # blocks in recv, idle: its probes go unanswered after the cut
+    time.sleep(0.5)
+    p.cut(r2)
+    for c in closed:
+        c.close()
+    go("user_timeout", 2.5)  # data after the cut
+    go("retransmits", 2.5)
+    go("reset", 2 * IDLE_LIMIT + 0.5)  # router 1 forgot the flow: a RST
+    idle = {}
+    for reason in rules:
+        got = recv_result(w[reason])
+        assert got["rc"] == "-1", (reason, got)
+        lost_at = went[reason] + (float(got["elapsed"]) if reason == "keepalive" else 0)
+        idle[reason] = lost_at - since[reason]
+    assert "reset" in recv_result(w["reset"])["errno"]
+    print("idle before loss:", {k: round(i, 2) for k, i in idle.items()})
+
+    def lost(m: dict, peer: str, reason: str) -> float | None:
+        return metric(m, "bpfkeep_connections_lost_total", cgroup=label, peer=peer, reason=reason)
+
+    def scraped() -> dict | None:
+        m = d.scrape()
+        return m if all(lost(m, r["address"], reason) for reason, r in rules.items()) else None
+
+    m = wait_for(scraped, timeout=5) or d.scrape()
+    for reason, rule in rules.items():
+        peer = rule["address"]
+        counted = {r: lost(m, peer, r) for r in rules}
+        assert counted == {r: (1 if r == reason else 0) for r in rules}, (peer, counted)
+        buckets, count, total = idle_histogram(m, label, peer)
+        bounds = sorted(b for b in buckets if b != float("inf"))
+        assert {60, 240, 350, 600, 1200, 3600, 7200} <= set(bounds)
+        assert all(abs(idle[reason] - b) > 0.5 for b in bounds), "too close to a bound to tell"
+        le = min(b for b in bounds if b >= idle[reason])
+        below = max((b for b in bounds if b < le), default=None)
+        assert buckets[le] == 1 and (below is None or buckets[below] == 0), (reason, buckets)
+        assert count == 1
+        assert abs(total - idle[reason]) < 0.5, (reason, total, idle[reason])
+
+    # The program's own closes: a FIN and an abortive close (a reset sent).
+    assert netstat(p.client, "TCPAbortOnData") == aborts + 1
+    own = {r: lost(m, "*", r) for r in rules}
+    assert set(own.values()) <= {None, 0}, own
+    assert idle_histogram(m, label, "*")[1] == 0
