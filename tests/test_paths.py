@@ -523,40 +523,46 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
         connect(spawn, probes, cg, p.client, r1.server(1)),
         connect(spawn, probes, cg, p.client, r1.server(1), "abort"),
     ]
-    w, since = {}, {}
-    for reason, rule in rules.items():
-        extra = () if reason == "keepalive" else ("send", "5")
-        w[reason], since[reason] = waiter(spawn, probes, cg, p.client, rule["address"], *extra)
     for c in closed:
         c.expect("ready")
+    # Each connection's schedule counts from its own connect(); the
+    # keepalive one is made last, and its peer vanishes before its first
+    # probe.
+    w, since = {}, {}
+    for reason in ("reset", "user_timeout", "retransmits", "keepalive"):
+        extra = () if reason == "keepalive" else ("send", "5")
+        w[reason], since[reason] = waiter(
+            spawn, probes, cg, p.client, rules[reason]["address"], *extra
+        )
     v = {reason: times(w[reason].values("client")) for reason in rules}
     assert v["keepalive"][1:4] == (1, 1, 2)
     assert v["user_timeout"][4] == 1500
     assert v["retransmits"][4] == 0  # the retry limit, not a user timeout, ends it
 
-    t0 = time.monotonic()
     went: dict[str, float] = {}
 
-    def go(reason: str, at: float) -> None:
-        time.sleep(max(0.0, t0 + at - time.monotonic()))
+    def go(reason: str, after_idle: float) -> None:
+        time.sleep(max(0.0, since[reason] + after_idle - time.monotonic()))
         w[reason].send_line()
         went[reason] = time.monotonic()
 
     go("keepalive", 0)  # blocks in recv, idle: its probes go unanswered after the cut
-    time.sleep(0.5)
+    time.sleep(max(0.0, since["keepalive"] + 0.5 - time.monotonic()))
     p.cut(r2)
+    cut_at = time.monotonic()
     for c in closed:
         c.close()
-    go("user_timeout", 2.5)  # data after the cut
+    go("user_timeout", 2.5)  # data into the vanished peer
     go("retransmits", 2.5)
     go("reset", 2 * IDLE_LIMIT + 0.5)  # router 1 forgot the flow: a RST
-    idle = {}
+    assert min(went["user_timeout"], went["retransmits"]) > cut_at, "too slow to tell"
+    idle, errnos = {}, {}
     for reason in rules:
         got = recv_result(w[reason])
         assert got["rc"] == "-1", (reason, got)
         lost_at = went[reason] + (float(got["elapsed"]) if reason == "keepalive" else 0)
-        idle[reason] = lost_at - since[reason]
-    assert "reset" in recv_result(w["reset"])["errno"]
+        idle[reason], errnos[reason] = lost_at - since[reason], got["errno"]
+    assert "reset" in errnos["reset"], errnos
     print("idle before loss:", {k: round(i, 2) for k, i in idle.items()})
 
     def lost(m: dict, peer: str, reason: str) -> float | None:
