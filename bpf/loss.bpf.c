@@ -13,8 +13,12 @@
  * backported to, 6.1 and 5.15 among them).  It runs on errors only, so a
  * healthy connection pays nothing, and no other tool's program can turn it
  * off (a sock_ops state callback depends on callback flags any program may
- * overwrite).  A close the program chose (FIN, or an abortive close) is
- * reported nowhere: it is not a loss.
+ * overwrite).  What is no loss: a close the program chose -- a FIN is
+ * reported nowhere; an abortive close (SO_LINGER 0, tcp_disconnect) is
+ * reported with ECONNRESET, but on a socket already cleared (no round-trip
+ * time, no peer port) -- and a connection aborted on this host (ss -K:
+ * SOCK_DESTROY, bpf_sock_destroy; tcp_abort, ECONNABORTED): nothing on
+ * the path ended it.
  *
  * The socket is read at the running kernel's offsets, given at compile
  * time from its BTF (bpfkeep/progs/loader.py, BK_O_* macros): bcc applies
@@ -24,6 +28,7 @@
 #ifdef BK_BTF
 
 #define BK_AF_INET 2
+#define BK_ECONNABORTED 103
 #define BK_ECONNREFUSED 111
 #define BK_ECONNRESET 104
 #define BK_EPIPE 32
@@ -119,8 +124,11 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (BK_READ(err, sk, BK_O_SK_ERR) || err == BK_ECONNREFUSED)
 		return 0; /* a connect() refused: never established */
+	if (err == BK_ECONNABORTED)
+		return 0; /* aborted on this host, not lost on the path */
 	if (BK_READ(srtt, sk, BK_O_TP_SRTT_US) || !srtt)
-		return 0; /* no round trip ever measured: never established */
+		return 0; /* no round trip measured: never established, or
+			   * cleared by the program's abortive close */
 	if (BK_READ(cg, sk, BK_O_SK_CGROUP))
 		return 0;
 	p = bk_owner_of(cg);
