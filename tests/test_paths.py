@@ -498,7 +498,7 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
     path under its own peer rule and read from a real scrape, with the
     time the connection sat idle in bpfkeep_idle_before_loss_seconds'
     bucket for it; connections the program closed itself (a FIN, a reset
-    of its own) are not losses.
+    of its own) or the administrator killed (ss -K) are not losses.
 
     Router 1 forgets idle flows after IDLE_LIMIT s and answers what it
     forgot with a RST; router 2's servers vanish (their link cut) early on.
@@ -518,13 +518,15 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
     label = "/" + cgroups.rel(cg)
     aborts = netstat(p.client, "TCPAbortOnData")
 
-    # Closed by the program: the policy's own values (peer "*").
+    # Closed by the program, and one killed by the administrator (ss -K):
+    # under the policy's own values (peer "*").
     closed = [
         connect(spawn, probes, cg, p.client, r1.server(1)),
         connect(spawn, probes, cg, p.client, r1.server(1), "abort"),
     ]
     for c in closed:
         c.expect("ready")
+    killed, _ = waiter(spawn, probes, cg, p.client, r1.server(2))
     # Each connection's schedule counts from its own connect(); the
     # keepalive one is made last, and its peer vanishes before its first
     # probe.
@@ -552,6 +554,9 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
     cut_at = time.monotonic()
     for c in closed:
         c.close()
+    killed.send_line()  # blocks in recv
+    p.exec(p.client, "ss", "-K", "dst", r1.server(2))
+    assert recv_result(killed)["errno"] == "Software caused connection abort"
     go("user_timeout", 2.5)  # data into the vanished peer
     go("retransmits", 2.5)
     go("reset", 2 * IDLE_LIMIT + 0.5)  # router 1 forgot the flow: a RST
@@ -587,7 +592,9 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
         assert count == 1
         assert abs(total - idle[reason]) < 0.5, (reason, total, idle[reason])
 
-    # The program's own closes: a FIN and an abortive close (a reset sent).
+    # No loss: the program's own closes, a FIN and an abortive close (a
+    # reset sent), and the connection the administrator killed (nothing
+    # on the path ended it).
     assert netstat(p.client, "TCPAbortOnData") == aborts + 1
     own = {r: lost(m, "*", r) for r in rules}
     assert set(own.values()) <= {None, 0}, own
