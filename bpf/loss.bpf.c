@@ -13,8 +13,12 @@
  * backported to, 6.1 and 5.15 among them).  It runs on errors only, so a
  * healthy connection pays nothing, and no other tool's program can turn it
  * off (a sock_ops state callback depends on callback flags any program may
- * overwrite).  A close the program chose (FIN, or an abortive close) is
- * reported nowhere: it is not a loss.
+ * overwrite).  What is no loss: a close the program chose -- a FIN is
+ * reported nowhere; an abortive close (SO_LINGER 0, tcp_disconnect) is
+ * reported with ECONNRESET, but on a socket already cleared (no round-trip
+ * time, no peer port) -- and a connection aborted on this host (ss -K:
+ * SOCK_DESTROY, bpf_sock_destroy; tcp_abort, ECONNABORTED): nothing on
+ * the path ended it.
  *
  * The socket is read at the running kernel's offsets, given at compile
  * time from its BTF (bpfkeep/progs/loader.py, BK_O_* macros): bcc applies
@@ -24,6 +28,7 @@
 #ifdef BK_BTF
 
 #define BK_AF_INET 2
+#define BK_ECONNABORTED 103
 #define BK_ECONNREFUSED 111
 #define BK_ECONNRESET 104
 #define BK_EPIPE 32
@@ -79,6 +84,26 @@ static __always_inline __u32 bk_since(__u32 a, __u32 b)
 	return (__s32)(b - a) > 0 ? b - a : 0;
 }
 
+/* When the data still unacknowledged went out, in jiffies.  Not lsndtime:
+ * every retransmit moves it, so a connection lost at its user timeout or
+ * retry limit would count the retransmitting as idle (minutes, with the
+ * kernel's limit).  first_tx_mstamp is the send time (us, the TCP clock:
+ * CLOCK_MONOTONIC, as bpf_ktime_get_ns) of what left an empty pipe, moved
+ * on by each ACK to the send time of what it acknowledged; retransmits
+ * leave it (tcp_rate_skb_sent, tcp_rate_skb_delivered).  Without HZ or a
+ * stamp: lsndtime. */
+static __always_inline __u32 bk_went_out(__u32 lsnd, __u64 first_tx_us,
+					 __u32 now, __u32 hz)
+{
+	__u64 now_us = bpf_ktime_get_ns() / 1000;
+
+	if (!hz || !first_tx_us)
+		return lsnd;
+	if (first_tx_us >= now_us) /* a paced departure: just now */
+		return now;
+	return now - (__u32)((now_us - first_tx_us) * hz / 1000000);
+}
+
 int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 {
 	void *sk = (void *)ctx->args[0];
@@ -88,7 +113,8 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	struct bk_config *cfg;
 	struct bk_policy *p;
 	__u32 snd_una = 0, write_seq = 0, srtt = 0, lsnd = 0, rcvts = 0;
-	__u32 lrcv = 0, ut = 0, ka = 0, now, data_idle, path_idle, hz = 0;
+	__u32 lrcv = 0, ut = 0, ka = 0, now, data_idle, path_idle, hz = 0, sent;
+	__u64 first_tx = 0;
 	__u16 proto = 0, family = 0, dport = 0;
 	__u8 probes = 0;
 	void *cg = 0;
@@ -98,8 +124,11 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	if (BK_READ(err, sk, BK_O_SK_ERR) || err == BK_ECONNREFUSED)
 		return 0; /* a connect() refused: never established */
+	if (err == BK_ECONNABORTED)
+		return 0; /* aborted on this host, not lost on the path */
 	if (BK_READ(srtt, sk, BK_O_TP_SRTT_US) || !srtt)
-		return 0; /* no round trip ever measured: never established */
+		return 0; /* no round trip measured: never established, or
+			   * cleared by the program's abortive close */
 	if (BK_READ(cg, sk, BK_O_SK_CGROUP))
 		return 0;
 	p = bk_owner_of(cg);
@@ -122,6 +151,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	BK_READ(snd_una, sk, BK_O_TP_SND_UNA);
 	BK_READ(write_seq, sk, BK_O_TP_WRITE_SEQ);
 	BK_READ(lsnd, sk, BK_O_TP_LSNDTIME);
+	BK_READ(first_tx, sk, BK_O_TP_FIRST_TX_MSTAMP);
 	BK_READ(rcvts, sk, BK_O_TP_RCV_TSTAMP);
 	BK_READ(lrcv, sk, BK_O_TP_LRCVTIME);
 	BK_READ(ut, sk, BK_O_TP_USER_TIMEOUT);
@@ -148,13 +178,14 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		ev.reason = BK_LOSS_RETRANSMITS;
 
 	/* How long idle.  With data outstanding, the idle time is the one
-	 * before that data went out (lsndtime), since the last data received
-	 * (icsk_ack.lrcvtime); else until now.  The path's idle time counts
-	 * from the last ACK heard (rcv_tstamp: keepalive probes answered
-	 * count, as they do for a middlebox). */
+	 * before that data went out (bk_went_out), since the last data
+	 * received (icsk_ack.lrcvtime); else until now.  The path's idle time
+	 * counts from the last ACK heard (rcv_tstamp: keepalive probes
+	 * answered count, as they do for a middlebox). */
 	if (write_seq != snd_una) {
-		data_idle = bk_since(lrcv, lsnd);
-		path_idle = bk_since(rcvts, lsnd);
+		sent = bk_went_out(lsnd, first_tx, now, hz);
+		data_idle = bk_since(lrcv, sent);
+		path_idle = bk_since(rcvts, sent);
 	} else {
 		data_idle =
 			bk_since((__s32)(lsnd - lrcv) > 0 ? lsnd : lrcv, now);

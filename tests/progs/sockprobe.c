@@ -2,7 +2,9 @@
  * sockprobe: a workload for bpfkeep's tests that sets no socket option of
  * its own unless told to.  Build it dynamic and with -static.
  *
- *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold]
+ *   sockprobe connect ADDR PORT [set OPT=VAL]... [hold [abort]]
+ *                                       (abort: close with a reset once
+ *                                        stdin closes, SO_LINGER 0)
  *   sockprobe listen ADDR PORT [set OPT=VAL]... [late] [hold]
  *                                       (late: the sets after listen())
  *   sockprobe accept ADDR PORT [hold]   (listen now, accept after a line on
@@ -320,6 +322,14 @@ int main(int argc, char **argv)
 			report("client-after", fd);
 			if (has(argc, argv, "hold"))
 				hold("client", fd, NULL, -1);
+			if (has(argc, argv, "abort")) {
+				struct linger reset = {.l_onoff = 1,
+						       .l_linger = 0};
+				setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset,
+					   sizeof(reset));
+			}
+			close(fd);
+			printf("closed\n");
 			return 0;
 		}
 		apply_sets(fd, argc - 4, argv + 4, 0);

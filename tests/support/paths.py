@@ -45,6 +45,12 @@ class Router:
         return f"10.8{self.index}.0.2"
 
     @property
+    def server_side(self) -> str:
+        """The router's address on the servers' side: the client as its
+        servers see it (the router masquerades)."""
+        return f"10.9{self.index}.0.1"
+
+    @property
     def network(self) -> str:
         """The servers' network behind this router."""
         return f"10.9{self.index}.0.0/24"
@@ -108,7 +114,7 @@ class Paths:
         # router <-> servers
         self._run(self.ip, "-n", r.ns, "link", "add", "toservers", "type", "veth", "peer",
                   "name", sif, "netns", r.server_ns)  # fmt: skip
-        self._run(self.ip, "-n", r.ns, "addr", "add", f"10.9{i}.0.1/24", "dev", "toservers")
+        self._run(self.ip, "-n", r.ns, "addr", "add", f"{r.server_side}/24", "dev", "toservers")
         self._run(self.ip, "-n", r.ns, "link", "set", "toservers", "up")
         for j in range(servers):
             self._run(self.ip, "-n", r.server_ns, "addr", "add", f"{r.server(j)}/24", "dev", sif)
