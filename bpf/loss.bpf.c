@@ -126,6 +126,11 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 		return 0; /* a connect() refused: never established */
 	if (err == BK_ECONNABORTED)
 		return 0; /* aborted on this host, not lost on the path */
+	/* A RST in CLOSE_WAIT (EPIPE): the peer had closed the connection
+	 * (FIN) and our data after that was refused -- the peer's choice, not
+	 * a loss, and no evidence of the path forgetting anything. */
+	if (err == BK_EPIPE)
+		return 0;
 	if (BK_READ(srtt, sk, BK_O_TP_SRTT_US) || !srtt)
 		return 0; /* no round trip measured: never established, or
 			   * cleared by the program's abortive close */
@@ -168,7 +173,7 @@ int bk_loss(struct bpf_raw_tracepoint_args *ctx)
 	 * probes only then).  Something outstanding: the retransmit (or
 	 * zero-window probe) timer, bounded by the user timeout if one is set,
 	 * else by the kernel's retry limit. */
-	if (err == BK_ECONNRESET || err == BK_EPIPE)
+	if (err == BK_ECONNRESET)
 		ev.reason = BK_LOSS_RESET;
 	else if (write_seq == snd_una)
 		ev.reason = BK_LOSS_KEEPALIVE;

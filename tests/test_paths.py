@@ -599,3 +599,58 @@ def test_each_reason_of_a_lost_connection_is_counted_with_its_idle_time(
     own = {r: lost(m, "*", r) for r in rules}
     assert set(own.values()) <= {None, 0}, own
     assert idle_histogram(m, label, "*")[1] == 0
+
+
+CLOSER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.close()  # a FIN at once: the peer is done with the connection
+"""
+
+
+def tcp_mib(netns: str, name: str) -> int:
+    """A Tcp counter of a network namespace (/proc/net/snmp)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", "/proc/net/snmp"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    head, values = [ln.split() for ln in out if ln.startswith("Tcp:")][:2]
+    return int(dict(zip(head, values, strict=True))[name])
+
+
+def test_data_after_the_peer_closed_is_no_loss(daemon, cgroups, spawn, probes, paths):
+    """The peer closes (FIN) and the program writes anyway: the peer answers
+    with a RST, which the kernel reports as EPIPE -- the peer's choice, not
+    the path's: no loss, and nothing for keepidle = "auto" to learn."""
+    p = paths([(None, DROP)], servers_each=1)
+    (r,) = p.routers
+    closer = spawn(
+        [sys.executable, "-c", CLOSER, r.server(0), str(ECHO_PORT + 2)], netns=r.server_ns
+    )
+    closer.expect("listening")
+    cg = cgroups.make("app")
+    d = daemon(config(free_port(), cgroups.rel(cg), {"keepidle": "auto"}, []))
+    resets = tcp_mib(p.client, "EstabResets")
+    w = spawn(
+        [probes["static"], "wait", r.server(0), str(ECHO_PORT + 2), "send", "5"],
+        cgroup=cg,
+        netns=p.client,
+    )
+    w.expect("ready")
+    time.sleep(0.5)  # the peer's FIN arrives: CLOSE_WAIT
+    w.send_line()
+    recv_result(w)
+    # The RST came (a connection in CLOSE_WAIT reset) ...
+    assert wait_for(lambda: tcp_mib(p.client, "EstabResets") > resets, timeout=5)
+    time.sleep(0.5)
+    # ... and no loss was counted.
+    m = d.scrape()
+    label = "/" + cgroups.rel(cg)
+    lost = [v for (name, labels), v in m.items() if name == "bpfkeep_connections_lost_total"]
+    assert not any(lost), m
+    assert idle_histogram(m, label, "*")[1] == 0
