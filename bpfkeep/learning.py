@@ -33,7 +33,10 @@ Not fooled:
   wait for it);
 - evidence ages: the upper bound doubles back toward keepidle_max every
   AGE seconds without a new loss, so one stray loss does not hold keepidle
-  down for ever.
+  down for ever.  Aging is a bet that the path changed: a loss that comes
+  back at the limit it had before confirms the limit, and the wait before
+  the next bet doubles (up to AGE_MAX) -- a path with a steady limit loses
+  a connection a week to re-checking, not one an hour.
 
 keepidle, once a loss gave an upper bound U:
 
@@ -65,6 +68,7 @@ from bpfkeep import peers
 from bpfkeep.options import Policy, learned_keepidle
 
 AGE = 3600.0  # seconds without a loss after which the upper bound doubles back
+AGE_MAX = 7 * 86400.0  # the longest wait between doublings of a confirmed limit
 GROWTH = 2.0  # keepidle climbs by this factor per idle survived
 BURST = 2.0  # seconds around a busy connection's loss in which idle losses are set aside
 BUSY = 1.0  # a connection heard from within this many seconds was busy, not idle
@@ -110,6 +114,8 @@ class Path:
         default_factory=list
     )
     busy_at: float = -BURST - 1.0  # when a busy connection was last lost
+    age_every: float = AGE  # doubles each time aging proved wrong
+    aged_from: float | None = None  # the upper bound before it last aged
 
     @property
     def limit(self) -> float | None:
@@ -146,6 +152,9 @@ class Path:
             return False
         self.recent.append((loss.at, (self.upper, self.upper_at, self.lower)))
         self.losses += 1
+        if self.aged_from is not None and x <= self.aged_from * GROWTH:
+            self.age_every = min(AGE_MAX, self.age_every * 2)  # the limit held: bet less
+        self.aged_from = None
         if self.upper is None or x < self.upper:
             self.upper = x
         if self.lower >= x:
@@ -157,10 +166,12 @@ class Path:
         """Evidence ages: the upper bound doubles back every AGE seconds
         without a loss.  True if keepidle changed."""
         before = self.keepidle()
-        if self.upper is not None and now - self.upper_at >= AGE:
-            steps = int((now - self.upper_at) // AGE)
+        if self.upper is not None and now - self.upper_at >= self.age_every:
+            steps = int((now - self.upper_at) // self.age_every)
+            if self.aged_from is None:
+                self.aged_from = self.upper
             self.upper = min(float(self.keepidle_max) * 2, self.upper * 2**steps)
-            self.upper_at += steps * AGE
+            self.upper_at += steps * self.age_every
             if self.upper >= self.keepidle_max * 2:
                 self.upper = None  # aged out entirely
         return self.keepidle() != before

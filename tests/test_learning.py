@@ -88,6 +88,22 @@ def test_evidence_ages_back_to_keepidle_max():
     assert p.limit is None and p.keepidle() == 300
 
 
+def test_a_limit_that_holds_is_rechecked_less_and_less_often():
+    """Aging bets the path changed; a loss back at the old limit confirms
+    it, and the next bet waits twice as long."""
+    p, t, lost_at = Path(10, 300), 0.0, []
+    p.loss(lost(t, 240.0, reason="keepalive", keepidle=240))  # Azure: 4 min
+    while t < 30 * 86400:
+        t += 60.0
+        p.age(t)
+        if p.keepidle() >= 240:  # the next idle connection dies at the limit
+            lost_at.append(t)
+            p.loss(lost(t, 240.0, reason="keepalive", keepidle=p.keepidle()))
+    gaps = [b - a for a, b in zip(lost_at, lost_at[1:], strict=False)]
+    assert len(lost_at) <= 12, lost_at  # not one an hour (720 in 30 days)
+    assert gaps == sorted(gaps)
+
+
 def test_a_stricter_path_restarts_the_climb():
     p = settled(Path(10, 300), lost(0.0, 100.0))
     for k in (10, 20, 40):
