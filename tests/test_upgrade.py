@@ -262,3 +262,39 @@ def test_attachments_of_0_2_move_to_the_split_programs_without_a_gap(
     bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "24", "--mode", "enforce")
     held.send_line()
     assert held.values("now-client", consume=True)["keepidle"] == 24
+
+
+def test_what_a_policy_lost_and_learned_moves_with_it(bk, cgroups, pin_dir):
+    """Its lost connections' counters and the idle limits learned for its
+    paths are in maps of the version that made them; an upgrade carries
+    them to the next version's, so counters keep counting and keepidle =
+    "auto" starts from what it knew.  (The version before is this one's
+    object set under another name: same layouts, other programs.)"""
+    cg = cgroups.make("svc")
+    bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "auto")
+    enf = Enforcer(pin_dir)
+    owner = os.stat(cg).st_ino
+    net = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 0])
+    path_key = bpfmaps.path_key(owner, "*", net)
+    learned = bpfmaps.Learned(keepidle=12, limit=25, upper_ms=25_000, lower_ms=6_000,
+                              upper_at=int(time.time()), losses=1, ignored=0)  # fmt: skip
+    loss_key = bpfmaps.LOSS_KEY.pack(owner=owner, tag=0, pad=0)
+    with enf.pins.objects() as objs:
+        bpfsys.map_update(objs[loader.MAP_LEARNED], path_key, learned.encode())
+        size = bpfsys.map_info(objs[loader.MAP_LOSSES])[3]
+        lost = bytearray(size)
+        lost[: bpfmaps.LOSSES.size] = bpfmaps.LOSSES.pack(
+            lost=[2, 0, 0, 1], idle=[0] * bpfmaps.NIDLE, idle_ms=30_000
+        )
+        bpfsys.map_update(objs[loader.MAP_LOSSES], loss_key, bytes(lost))
+    before = Enforcer(pin_dir).program_ids()
+    os.rename(enf.obj_dir, os.path.join(pin_dir, "obj-earlier"))
+
+    bk("attach", "--cgroup", cgroups.rel(cgroups.make("other")), "--keepidle", "31")
+
+    assert Enforcer(pin_dir).program_ids()["sockops"] != before["sockops"]
+    assert not os.path.exists(os.path.join(pin_dir, "obj-earlier"))
+    (mine,) = [a for a in json.loads(bk("status", "--json").stdout) if a["cgroup_id"] == owner]
+    assert mine["learned"]["10.1.2.0/24"]["limit"] == 25
+    assert mine["learned"]["10.1.2.0/24"]["keepidle"] == 12
+    assert sum(mine["lost_connections"]["*"]["lost"].values()) == 3

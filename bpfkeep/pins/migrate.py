@@ -109,6 +109,10 @@ def _move(writer: Writer, cg: Cgroup, old_dir: str) -> None:
             set_id = maps.policy_peers(raw)[0]
             if set_id and _copy_peer_set(old, writer.objs, set_id):
                 value = maps.with_peers(value, set_id)
+        # What the policy lost and learned goes with it: counters keep
+        # counting, and keepidle = "auto" starts from what it knew.
+        for name in (loader.MAP_LOSSES, loader.MAP_LEARNED):
+            _copy_owned(old, writer.objs, name, cg.id)
         new = writer.link(cg, value, suffix=NEXT)
         try:
             # Both versions run now; the old one (attached first) claims
@@ -150,3 +154,22 @@ def _copy_peer_set(old: dict[str, int], cur: dict[str, int], set_id: int) -> boo
                 if v is not None:
                     bpfsys.map_update(cur[name], k, v)
     return True
+
+
+def _copy_owned(old: dict[str, int], cur: dict[str, int], name: str, owner: int) -> None:
+    """Copy one policy's entries of a map keyed by its cgroup id first
+    (bk_loss_key, bk_path_key) from another version's maps, when the
+    layouts are this version's (else they start again)."""
+    if name not in old or name not in cur:
+        return
+    layout = bpfsys.map_info(old[name])[2:4]
+    if layout != bpfsys.map_info(cur[name])[2:4]:
+        return
+    key_size, value_size = layout
+    prefix = key_of(owner)
+    for k in bpfsys.map_keys(old[name], key_size):
+        if k[: len(prefix)] == prefix:
+            v = bpfsys.map_lookup(old[name], k, value_size)
+            if v is not None:
+                with contextlib.suppress(OSError):
+                    bpfsys.map_update(cur[name], k, v)
