@@ -256,11 +256,33 @@ def _fmt_policy(pol: Policy) -> str:
     parts = []
     for opt in TUNABLE:
         v = getattr(pol, opt.key)
-        if v and opt.bpf:
+        if opt.key == "keepidle" and pol.auto:
+            parts.append(f"keepidle=auto({pol.keepidle_min}..{pol.keepidle_max}s)")
+        elif v and opt.bpf:
             parts.append(
                 f"{opt.key}={v}{'' if opt.unit in ('probes', 'retransmits', 'bytes') else opt.unit}"
             )
+    if pol.idle_limit:
+        parts.append(f"idle_limit={pol.idle_limit}s")
     return " ".join(parts)
+
+
+def _resolved(policy: Policy) -> Policy:
+    """The policy with its host-name rules resolved, once (the daemon
+    resolves them again every resolve_interval; attach and run do not)."""
+
+    def failed(name: str, why: str) -> None:
+        print(
+            f"bpfkeep: warning: peer rule {name}: the name does not resolve ({why}); its rule "
+            "applies to no peer (bpfkeep daemon resolves names again; attach and run once)",
+            file=sys.stderr,
+        )
+
+    return peers.resolve_names(policy, peers.Resolver(), failed)
+
+
+def _learns(policy: Policy) -> bool:
+    return policy.auto or any(r.policy is not None and r.policy.auto for r in policy.peers)
 
 
 def _fmt_peer(p: peers.Peer) -> str:
@@ -407,7 +429,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "exec":
         return runner.exec_preload(policy_from_args(args), _command(args), hook=args.hook)
     if args.command == "run":
-        policy = policy_from_args(args)
+        policy = _resolved(policy_from_args(args))
         return runner.run(policy, _command(args), via=args.via, pin_dir=args.pin_dir)
 
     if args.command == "daemon":
@@ -433,10 +455,15 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     cg = cgroups.resolve(_workload_cgroup(args), force_root=args.force)
     if args.command == "attach":
-        policy = policy_from_args(args)
+        policy = _resolved(policy_from_args(args))
         before = _current_policy(enf, cg)
         what = enf.attach(cg, policy)
         print(f"{what} {cg.display}: {_fmt_policy(policy)} mode={policy.mode}")
+        if _learns(policy):
+            print(
+                "  keepidle auto: starts at keepidle_max and is learned while bpfkeep daemon "
+                "runs with a config that gives this cgroup its policy"
+            )
         reset = _reset_by_default(before, policy, args)
         if reset:
             # attach sets the whole policy: say what the update changed

@@ -654,3 +654,18 @@ def test_data_after_the_peer_closed_is_no_loss(daemon, cgroups, spawn, probes, p
     lost = [v for (name, labels), v in m.items() if name == "bpfkeep_connections_lost_total"]
     assert not any(lost), m
     assert idle_histogram(m, label, "*")[1] == 0
+
+
+def test_attach_resolves_a_host_name_rule(bk, cgroups, spawn, probes):
+    """bpfkeep attach resolves a host-name rule's name once (the daemon
+    follows it): a connection to the name's address gets the rule's values."""
+    cg = cgroups.make("app")
+    srv = spawn([probes["static"], "listen", "127.0.0.1", "0", "hold"])
+    port = srv.expect("ready").split()[1]
+    out = bk("attach", "--cgroup", cgroups.rel(cg), "--keepidle", "300", "--peer",
+             "localhost,keepidle=77").stdout  # fmt: skip
+    assert "localhost" in out or "attached" in out
+    cli = spawn([probes["static"], "connect", "127.0.0.1", port, "hold"], cgroup=cg)
+    assert cli.values("client")["keepidle"] == 77
+    status = bk("status").stdout
+    assert "localhost (127.0.0.1" in status, status

@@ -326,7 +326,7 @@ class Reconciler:
                 "until it does (tried again every %.0f s)",
                 name,
                 why,
-                peers.HOST_TTL,
+                self.resolver.ttl,
             )
 
     def refresh_names(self) -> None:
