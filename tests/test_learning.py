@@ -8,6 +8,8 @@ itself is checked on many paths, limits and client habits at once.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,7 +101,7 @@ def test_a_limit_that_holds_is_rechecked_less_and_less_often():
         if p.keepidle() >= 240:  # the next idle connection dies at the limit
             lost_at.append(t)
             p.loss(lost(t, 240.0, reason="keepalive", keepidle=p.keepidle()))
-    gaps = [b - a for a, b in zip(lost_at, lost_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(lost_at)]
     assert len(lost_at) <= 12, lost_at  # not one an hour (720 in 30 days)
     assert gaps == sorted(gaps)
 
