@@ -110,6 +110,20 @@ def _policy(**values):
     return Policy.from_mapping(values)
 
 
+def _peered(n: int, **values):
+    """The default policy with ``n`` peer rules: n - 1 for networks the
+    benchmark never reaches (10.x.y.0/24, and ports), and one for loopback
+    with the policy's own values -- every connection is looked up in the
+    whole table and falls under a rule, as it would on a host whose
+    policy names its peers."""
+    from bpfkeep import peers
+
+    specs = [{"address": f"10.{i // 256}.{i % 256}.0/24"} for i in range(n - 1)]
+    specs.append({"address": "127.0.0.0/8"})
+    given = {k: v for k, v in values.items() if v is not None}
+    return _policy(**values).with_peers(peers.build(given, specs))
+
+
 def _sets(values: dict[str, int]) -> list[str]:
     out = []
     for k, v in values.items():
@@ -151,6 +165,14 @@ def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
             setup=lambda s, cg: s.attach(cg, _policy()),
             expect=keep,
             note="keepidle 15, keepintvl 15, keepcnt 9, user_timeout 150000",
+        ),
+        Variant(
+            "bpf-peers-1000",
+            "bpfkeep BPF, default policy with 1,000 peer rules",
+            setup=lambda s, cg: s.attach(cg, _peered(1000)),
+            expect=keep,
+            note="999 rules for networks never reached, one for 127.0.0.0/8: each "
+            "connection and accepted socket is looked up in the peer table",
         ),
         Variant(
             "bpf-enforce",

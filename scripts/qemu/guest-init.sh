@@ -53,7 +53,10 @@ esac
 busybox depmod
 ln -s /bin/busybox /run/modprobe
 echo /run/modprobe >/proc/sys/kernel/modprobe
-for m in veth bridge; do  # bpfkeep.testing.NetnsPair: ip link add ... type veth|bridge
+# tests/support: NetnsPair (ip link add ... type veth|bridge) and the NAT
+# routers of paths.py (iptables, nft backend: MASQUERADE, conntrack, REJECT).
+for m in veth bridge nf_tables nft_compat nft_chain_nat nf_conntrack nf_nat \
+    xt_conntrack xt_MASQUERADE nf_reject_ipv4 ipt_REJECT; do
     busybox modprobe "$m" || say "kmatrix: modprobe $m failed"
 done
 ip link set lo up
