@@ -31,7 +31,10 @@ pytestmark = pytest.mark.kernel
 SUPPORT = Path(__file__).parent / "support"
 T = 4  # the routers' idle limit, seconds
 IDLE = 10  # each connection sits idle this long before it speaks again
-CONNECTIONS = 5
+# keepidle climbs one step per connection (doubling from keepidle_min 1:
+# 1, 2, 4, then half the first loss's idle time): the step that crosses T
+# is the fourth connection at the latest, and two more follow it.
+CONNECTIONS = 7
 PORT = "7000"
 
 
