@@ -38,6 +38,13 @@
 /* keepidle = "auto" (bk_policy or bk_rule): keepidle is the one learned for
  * the socket's path (bk_learned), val[KEEPIDLE] until one is */
 #define BK_F_AUTO 0x200
+/* Peer rules that a listener's values could not be taken back from (an
+ * exempt peer, or a rule that leaves unset an option the policy sets):
+ * the policy's listeners stay as the program made them and every accepted
+ * socket gets its peer's values at accept.  Without it a per-peer
+ * policy's listeners carry its own values, and an accepted socket needs
+ * only what its peer's values change. */
+#define BK_F_BARE_LISTEN 0x400
 
 /* The keepalive values that tell a socket bpfkeep configured from one whose
  * program chose its own, when the socket carries no record: indexes into

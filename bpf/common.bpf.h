@@ -91,6 +91,7 @@ BPF_RINGBUF_OUTPUT(bk_loss_events, 16); /* pages: 4096 events of 48 bytes */
 /* The options that make up "keepalive": a program that sets its own
  * keepalive keeps all of them in set mode. */
 #define BK_BIT(id) (1u << (id))
+#define BK_ALL_BITS (BK_BIT(BK_NOPT_BPF) - 1)
 #define BK_TIME_BITS                                                           \
 	(BK_BIT(BK_OPT_KEEPIDLE) | BK_BIT(BK_OPT_KEEPINTVL) |                  \
 	 BK_BIT(BK_OPT_KEEPCNT))
@@ -387,6 +388,19 @@ static __always_inline int bk_view_of(struct bk_policy *p, const __u8 *addr,
 	if (v->flags & BK_F_AUTO)
 		bk_learned_keepidle(p, v, addr);
 	return 1;
+}
+
+/* The options whose values differ between a and b (a bit per option). */
+static __always_inline __u16 bk_differs(const __u32 *a, const __u32 *b)
+{
+	__u16 d = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < BK_NOPT_BPF; i++)
+		if (a[i] != b[i])
+			d |= BK_BIT(i);
+	return d;
 }
 
 /* The rule tag a peer of p falls under (0: the policy's own values). */

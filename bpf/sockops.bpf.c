@@ -68,7 +68,7 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	struct bk_sk *s;
 	struct bpf_sock *sk;
 	__u8 addr[16];
-	__u16 mask = 0;
+	__u16 mask = 0, skip = 0;
 	int cb;
 
 	/* Only three callbacks matter.  Options set on a listener are
@@ -122,11 +122,17 @@ int bk_sockops(struct bpf_sock_ops *ops)
 	v.flags = p->flags;
 	if (BK_PER_PEER(p)) {
 		/* Peer rules, or keepidle learned per path: the values depend
-		 * on the peer.  A listener has none: it stays as the program
-		 * made it, and each accepted socket gets its own peer's values
-		 * (an exempt peer's keeps what the listener passed on: the
-		 * program's). */
+		 * on the peer.  A listener has none: it gets the policy's own
+		 * values, and each accepted socket only what its peer's change
+		 * -- or, under BK_F_BARE_LISTEN, the listener stays as the
+		 * program made it and each accepted socket gets all its peer's
+		 * values (an exempt peer's keeps what the listener passed on:
+		 * the program's). */
 		if (cb == BK_CB_LISTEN) {
+			if (!(p->flags & BK_F_BARE_LISTEN)) {
+				c->seen[cb]++;
+				goto apply;
+			}
 			c->seen[cb]++;
 			if (s) {
 				s->owner = p->cgroup_id;
@@ -145,6 +151,19 @@ int bk_sockops(struct bpf_sock_ops *ops)
 		if (cb == BK_CB_PASSIVE_ESTABLISHED && s &&
 		    !(v.flags & BK_F_ENFORCE))
 			mask = s->app;
+		if (cb == BK_CB_PASSIVE_ESTABLISHED &&
+		    !(p->flags & BK_F_BARE_LISTEN) &&
+		    (s ? s->owner == p->cgroup_id && s->gen == p->gen
+		       : BK_GET(ops, KEEPALIVE) > 0 && BK_AT_POLICY(ops, p))) {
+			/* The listener carried this policy's own values: only
+			 * what the peer's change (the common case: nothing). */
+			skip = ~bk_differs(v.val, p->val);
+			if (!(~(skip | mask) & BK_ALL_BITS)) {
+				c->seen[cb]++;
+				c->inherited++;
+				return 1;
+			}
+		}
 		c->seen[cb]++;
 		goto apply;
 	}
@@ -188,7 +207,8 @@ apply:
 #define BK_ROW(id, level, optname, side, enforce)                              \
 	do {                                                                   \
 		if (BK_ON_SIDE(side, cb))                                      \
-			BK_APPLY(ops, v.val, c, mask, id, level, optname);     \
+			BK_APPLY(ops, v.val, c, mask | skip, id, level,         \
+				 optname);                                     \
 	} while (0)
 	BK_EACH_OPTION_IN_SET_ORDER;
 #undef BK_ROW

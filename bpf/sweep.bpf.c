@@ -149,7 +149,8 @@ BPF_ITER(tcp)
 	s = bk_sk.sk_storage_get(tp, 0, 0);
 	st = bk_sweepstats.lookup(&owner);
 	ka = BK_GET(tp, KEEPALIVE);
-	if (BK_PER_PEER(p) && (e->in_flags & BK_SWI_LISTEN)) {
+	if (BK_PER_PEER(p) && (e->in_flags & BK_SWI_LISTEN) &&
+	    (p->flags & BK_F_BARE_LISTEN)) {
 		/* A listener of a policy whose values depend on the peer stays
 		 * as the program made it (each accepted socket gets its peer's
 		 * values): what bpfkeep gave it under earlier values goes back
@@ -181,14 +182,21 @@ BPF_ITER(tcp)
 		}
 		goto read;
 	}
-	if (!bk_view_of(p, e->peer, e->port, &v)) {
+	if (e->in_flags & BK_SWI_LISTEN) {
+		/* A listener of a per-peer policy: its own values (each
+		 * accepted socket gets what its peer's change). */
+		v.val = p->val;
+		v.flags = p->flags;
+		v.tag = 0;
+	} else if (!bk_view_of(p, e->peer, e->port, &v)) {
 		e->result |= BK_SWR_EXEMPT; /* left as the program made it */
 		goto read;
 	}
 	enforce = v.flags & BK_F_ENFORCE;
 	/* The values bpfkeep gave before the policy's last change: the
 	 * previous set's rule for this peer, or the policy's own then. */
-	if ((p->flags & BK_F_PREV) && p->prev_peers)
+	if ((p->flags & BK_F_PREV) && p->prev_peers &&
+	    !(e->in_flags & BK_SWI_LISTEN))
 		prev_rule = bk_peer_rule(p->prev_peers, e->peer, e->port);
 	at_prev = (p->flags & BK_F_PREV) &&
 		  (prev_rule ? !(prev_rule->flags & BK_R_EXEMPT) &&

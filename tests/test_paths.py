@@ -330,6 +330,32 @@ def test_each_peer_gets_its_rules_values_on_both_ends(bk, cgroups, spawn, probes
         assert times(srv.values("accepted")) == want, r.server_side
         left = keepalive_left(r.server_ns, r.server_side, local_port=port)
         assert armed_at(left, want[1]), left
+        # The listener carries the policy's own values: an accepted socket
+        # needs only what its peer's rule changes.
+        assert times(srv.values("listener")) == (1, 100, 15, 9, (100 + 15 * 9) * 1000)
+
+    # With a rule that exempts some peers, the listener stays as the
+    # program made it (an exempt peer's accepted socket could not be taken
+    # back from the policy's values): each accepted socket gets its own.
+    bare_cg = cgroups.make("server-bare")
+    bk(
+        "attach", "--cgroup", bare_cg, "--keepidle", "100",
+        "--peer", f"{r1.server_side},keepidle=222",
+        "--peer", f"{r2.server_side},exempt",
+    )  # fmt: skip
+    host = host_keepalive(r1.server_ns)
+    for r, want in [(r1, (1, 222, 15, 9, (222 + 15 * 9) * 1000)), (r2, (0, *host, 0))]:
+        srv = spawn(
+            [probes["static"], "listen", "0.0.0.0", str(port + 1), "hold"],
+            cgroup=bare_cg,
+            netns=r.server_ns,
+        )
+        srv.expect("ready")
+        assert times(srv.values("listener")) == (0, *host, 0)
+        spawn(
+            [probes["static"], "connect", r.server(0), str(port + 1), "hold"], netns=p.client
+        ).expect("ready")
+        assert times(srv.values("accepted")) == want, r.server_side
 
 
 # -- 2. an exempt peer ------------------------------------------------------------------

@@ -38,6 +38,7 @@ F_HAS_DESCENDANT = _H.define("BK_F_HAS_DESCENDANT")  # a descendant has one: its
 F_PREV = _H.define("BK_F_PREV")  # prev[]: the values sockets carried before the last change
 F_SWEPT = _H.define("BK_F_SWEPT")  # a complete sweep ran since the last change
 F_AUTO = _H.define("BK_F_AUTO")  # keepidle = "auto": the one learned per path
+F_BARE_LISTEN = _H.define("BK_F_BARE_LISTEN")  # listeners stay as the program made them
 F_NESTING = F_HAS_ANCESTOR | F_HAS_DESCENDANT
 # bk_policy.prev[] and bk_sweep.fp[]: the keepalive values that tell
 # bpfkeep's sockets from those whose program chose its own (BK_FP_*)
@@ -123,7 +124,22 @@ def policy_flags(policy: Policy) -> int:
         flags |= F_UT_DERIVED
     if policy.auto:
         flags |= F_AUTO
+    if bare_listeners(policy):
+        flags |= F_BARE_LISTEN
     return flags
+
+
+def bare_listeners(policy: Policy) -> bool:
+    """Whether the policy's listeners stay as the program made them: a
+    peer rule exempts its peers, or leaves unset an option the policy sets
+    -- what such a peer's accepted socket should have cannot be taken back
+    from a listener that carries the policy's values."""
+    for rule in policy.peers:
+        if rule.policy is None:
+            return True
+        if any(policy.value(o.key) and not rule.policy.value(o.key) for o in BPF_OPTIONS):
+            return True
+    return False
 
 
 def policy_gen(policy: Policy) -> int:

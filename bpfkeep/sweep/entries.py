@@ -19,9 +19,11 @@ def apply_entry(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:
     flags = maps.SWI_SYN_SENT if target.state == SYN_SENT else 0
     flags |= maps.SWI_HELD if target.held else 0
     if target.peered and target.state == LISTEN:
-        # The listener of a policy whose values depend on the peer stays as
-        # the program made it: what bpfkeep gave it before goes back to the
-        # namespace's defaults (the kernel decides whether it did).
+        # The listener of a policy whose values depend on the peer gets its
+        # own values -- or, when the policy's listeners stay bare
+        # (maps.bare_listeners), stays as the program made it: what
+        # bpfkeep gave it before goes back to the namespace's defaults
+        # (the kernel decides which).
         vals = _defaults_to_reset(defaults)
         return maps.SweepEntry(
             target.owner,
