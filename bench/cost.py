@@ -167,6 +167,13 @@ def variants(shim: str, names: list[str] | None = None) -> list[Variant]:
             note="keepidle 15, keepintvl 15, keepcnt 9, user_timeout 150000",
         ),
         Variant(
+            "bpf-peers-1",
+            "bpfkeep BPF, default policy with 1 peer rule",
+            setup=lambda s, cg: s.attach(cg, _peered(1)),
+            expect=keep,
+            note="one rule, for 127.0.0.0/8: the peer lookup in a table of one",
+        ),
+        Variant(
             "bpf-peers-1000",
             "bpfkeep BPF, default policy with 1,000 peer rules",
             setup=lambda s, cg: s.attach(cg, _peered(1000)),

@@ -154,7 +154,10 @@ int bk_sockops(struct bpf_sock_ops *ops)
 		if (cb == BK_CB_PASSIVE_ESTABLISHED &&
 		    !(p->flags & BK_F_BARE_LISTEN) &&
 		    (s ? s->owner == p->cgroup_id && s->gen == p->gen
-		       : BK_GET(ops, KEEPALIVE) > 0 && BK_AT_POLICY(ops, p))) {
+		       : (p->flags & (BK_F_SWEPT | BK_F_HAS_ANCESTOR |
+				      BK_F_HAS_DESCENDANT)) == BK_F_SWEPT ||
+				     (BK_GET(ops, KEEPALIVE) > 0 &&
+				      BK_AT_POLICY(ops, p)))) {
 			/* The listener carried this policy's own values: only
 			 * what the peer's change (the common case: nothing). */
 			skip = ~bk_differs(v.val, p->val);
@@ -207,7 +210,7 @@ apply:
 #define BK_ROW(id, level, optname, side, enforce)                              \
 	do {                                                                   \
 		if (BK_ON_SIDE(side, cb))                                      \
-			BK_APPLY(ops, v.val, c, mask | skip, id, level,         \
+			BK_APPLY(ops, v.val, c, mask | skip, id, level,        \
 				 optname);                                     \
 	} while (0)
 	BK_EACH_OPTION_IN_SET_ORDER;
