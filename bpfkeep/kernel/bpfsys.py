@@ -122,10 +122,14 @@ def prog_load(prog_type: int, insns: list[int], name: bytes, license_: bytes = b
     )
 
 
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    """Attach a raw tracepoint program; the returned fd is a bpf_link (pin
-    it to keep the program attached after this process)."""
-    return _check(_lib().bpf_raw_tracepoint_open(name.encode(), prog_fd), f"raw tracepoint {name}")
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach a raw tracepoint program, or (``name`` None) a tracing program
+    (fentry, fexit) to the function it was loaded for; the returned fd is a
+    bpf_link (pin it to keep the program attached after this process)."""
+    what = f"raw tracepoint {name}" if name else "tracing program"
+    return _check(
+        _lib().bpf_raw_tracepoint_open(name.encode() if name else None, prog_fd), f"attach {what}"
+    )
 
 
 def link_detach(link_fd: int) -> None:
@@ -268,6 +272,11 @@ def map_info(fd: int) -> tuple[int, int, int, int]:
     """(type, id, key_size, value_size) of a map."""
     t, i, k, v = struct.unpack_from("=IIII", _info(fd, 128))
     return t, i, k, v
+
+
+def map_max_entries(fd: int) -> int:
+    # struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+    return struct.unpack_from("=IIIII", _info(fd, 128))[4]
 
 
 def link_info(fd: int) -> tuple[int, int, int, int, int]:
