@@ -54,6 +54,18 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
+    enforce: EnforceSnapshot | None = None
+
+
+@dataclasses.dataclass
+class EnforceSnapshot:
+    """Enforce mode past the cgroup hook (daemon.enforce)."""
+
+    every_seconds: float  # between two passes over the enforced cgroups
+    tracing: bool  # setsockopt past the hook caught at once
+    repairs: int  # repair sweeps run on the tracing programs' word
+    repair_cpu_seconds: float
+    pass_cpu_seconds: float | None  # the last pass's (None: none yet)
 
 
 Samples = Iterable[tuple[tuple[str, ...], float]]  # (label values after cgroup, value)
@@ -153,6 +165,23 @@ PER_CGROUP: tuple[PerCgroup, ...] = (
         "Application setsockopt calls rewritten in enforce mode",
         ("option",),
         _by_option(lambda c: c.rewritten),
+    ),
+    PerCgroup(
+        "bpfkeep_enforce_bypassed",
+        CounterMetricFamily,
+        "setsockopt calls past the cgroup hook (a 32-bit call, another tool's program) that "
+        "left an option outside the enforced policy, by option; counted where the kernel runs "
+        "bpfkeep's fexit programs",
+        ("option",),
+        _by_option(lambda c: c.enforce.bypassed if c.enforce else None),
+    ),
+    PerCgroup(
+        "bpfkeep_enforce_repaired",
+        CounterMetricFamily,
+        "Sockets of an enforced policy the daemon brought back within it after a setsockopt "
+        "the cgroup hook did not see, by option set back",
+        ("option",),
+        _by_option(lambda c: c.enforce.repaired if c.enforce else None),
     ),
     PerCgroup(
         "bpfkeep_sweep_kept_program_values",
@@ -302,6 +331,8 @@ def _daemon(snap: Snapshot) -> Iterator:
             "CPU time of the last periodic sweep and audit pass",
             value=snap.audit_cpu_seconds,
         )
+    if snap.enforce is not None:
+        yield from _enforce(snap.enforce)
     if snap.audit_every_seconds is not None:
         yield GaugeMetricFamily(
             "bpfkeep_audit_interval_seconds",
@@ -309,4 +340,33 @@ def _daemon(snap: Snapshot) -> Iterator:
             "or 1000 times the last pass's CPU time when longer (a pass takes at "
             "most ~0.1 % of a CPU however many sockets the host has)",
             value=snap.audit_every_seconds,
+        )
+
+
+def _enforce(e: EnforceSnapshot) -> Iterator:
+    yield GaugeMetricFamily(
+        "bpfkeep_enforce_tracing",
+        "1 when a setsockopt the cgroup hook does not see (a 32-bit call) is caught at once "
+        "(the kernel runs bpfkeep's fexit programs); 0: the enforce pass repairs it",
+        value=1 if e.tracing else 0,
+    )
+    yield GaugeMetricFamily(
+        "bpfkeep_enforce_interval_seconds",
+        "Seconds between passes over the enforced cgroups (enforce_interval, or the audit "
+        "interval when shorter; no backoff): the bound on a repair without tracing",
+        value=e.every_seconds,
+    )
+    yield CounterMetricFamily(
+        "bpfkeep_enforce_repairs", "Repair sweeps on the tracing programs' word", value=e.repairs
+    )
+    yield CounterMetricFamily(
+        "bpfkeep_enforce_repair_cpu_seconds",
+        "CPU time of those repairs (each waits 20 times the last one's)",
+        value=e.repair_cpu_seconds,
+    )
+    if e.pass_cpu_seconds is not None:
+        yield GaugeMetricFamily(
+            "bpfkeep_enforce_pass_cpu_seconds",
+            "CPU time of the last pass over the enforced cgroups",
+            value=e.pass_cpu_seconds,
         )

@@ -22,7 +22,8 @@
  *                      int between A and B; stops once B is in force
  *
  * and prints one line per step ("set OPT=VAL via=KIND rc=0|errno", "race
- * OPT won=0|1 calls=N"), then "ready PORT" and the values in force:
+ * OPT won=0|1 calls=N"), then "ready PORT LOCAL_PORT" and the values in
+ * force:
  *   client keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
  * "hold" keeps the socket until stdin closes; each line read meanwhile
  * prints "now-client ..." again with the values in force at that moment.
@@ -344,7 +345,10 @@ int main(int argc, char **argv)
 		printf("set %s via=%s rc=%d\n", argv[i + 1], argv[i], rc);
 		i++;
 	}
-	printf("ready %d\n", port);
+	salen = sizeof(a6);
+	if (getsockname(fd, (struct sockaddr *)&a6, &salen))
+		die("getsockname");
+	printf("ready %d %d\n", port, ntohs(a6.sin6_port));
 	report("client", fd);
 	while (hold && fgets(line, sizeof(line), stdin))
 		report("now-client", fd);
