@@ -233,6 +233,9 @@ class Enforcer:
     def bypass_bell(self) -> RingBuffer | None:
         return bypass.bell(self.pins)
 
+    def bypass_bell_id(self) -> int | None:
+        return bypass.bell_id(self.pins)
+
     def losses(self, ids: Iterable[int] | None = None) -> dict[int, dict[str, maps.Losses]]:
         """Lost connections per policy and peer rule (pins.read.losses)."""
         return read.losses(self.pins, ids)

@@ -156,6 +156,7 @@ class Enforced:
     def repair(self) -> None:
         """Every socket noted since the last repair, back within its policy."""
         t0 = time.process_time()
+        notes = []
         try:
             notes = self.state.enforcer.bypass_notes()
             ours = self.enforced()
@@ -195,8 +196,9 @@ class Enforced:
                     )
         finally:
             cost = time.process_time() - t0
-            self.repairs += 1
-            self.repair_cpu += cost
+            if notes:
+                self.repairs += 1
+                self.repair_cpu += cost
             self._repair_earliest = time.monotonic() + max(REPAIR_GAP, REPAIR_COST_FACTOR * cost)
 
     def periodic(self) -> None:
@@ -220,14 +222,9 @@ class Enforced:
 
     def _bell_current(self) -> bool:
         """Is the bell we wait on the one pinned now?"""
-        fresh = self.state.enforcer.bypass_bell()
-        if fresh is None or self.bell is None:
-            ok = fresh is None and self.bell is None
-        else:
-            ok = bpfsys.map_info(fresh.fd)[1] == bpfsys.map_info(self.bell.fd)[1]
-        if fresh is not None:
-            fresh.close()
-        return ok
+        if self.bell is None:
+            return not self.tracing
+        return self.state.enforcer.bypass_bell_id() == bpfsys.map_info(self.bell.fd)[1]
 
     def _sweep(self, cgs: list[Cgroup], keep: Callable[[Target], bool]) -> Report | None:
         if self.passes.unavailable:

@@ -71,6 +71,13 @@ def tracing(pins: PinDir) -> list[str]:
     return loader.bypass_links(pins.obj_dir)
 
 
+def bell_id(pins: PinDir) -> int | None:
+    """The id of the bell pinned now (the healer may have loaded the
+    programs again: a new map)."""
+    with pins.one(loader.MAP_BYPASS_BELL) as fd:
+        return None if fd is None else bpfsys.map_info(fd)[1]
+
+
 def bell(pins: PinDir) -> RingBuffer | None:
     """The ring buffer the tracing programs ring at each new note, for the
     daemon's loop to wait on (None: not there)."""

@@ -174,7 +174,7 @@ def _compile_and_pin(obj_dir: str) -> None:
     # bpffs cannot rename, so pin in place; the caller holds the pin
     # directory's lock and load() treats a partial set as absent.
     os.makedirs(obj_dir, exist_ok=True)
-    for name in (*OBJECTS, PROG_SWEEP, PROG_LOSS, LINK_LOSS, *_bypass_pins()):
+    for name in (*OBJECTS, PROG_SWEEP, PROG_LOSS, LINK_LOSS, *bypass_pins()):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(obj_dir, name))
     if PROG_SWEEP in fds:
@@ -213,7 +213,8 @@ def attach_loss(prog_fd: int, obj_dir: str) -> None:
         os.close(lfd)
 
 
-def _bypass_pins() -> list[str]:
+def bypass_pins() -> list[str]:
+    """The pin names of the bypass programs and their links."""
     return [f"{kind}_bypass_{what}" for what in BYPASS_PROGS for kind in ("prog", "link")]
 
 

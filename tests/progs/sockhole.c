@@ -20,10 +20,11 @@
  *   race OPT=A/B N     up to N setsockopt(OPT, A) calls with a buffer
  *                      above a page, while a second thread flips its first
  *                      int between A and B; stops once B is in force
+ *   bench OPT=VAL N    N setsockopt(OPT, VAL) calls, timed
  *
  * and prints one line per step ("set OPT=VAL via=KIND rc=0|errno", "race
- * OPT won=0|1 calls=N"), then "ready PORT LOCAL_PORT" and the values in
- * force:
+ * OPT won=0|1 calls=N", "bench OPT calls=N ns=NS_PER_CALL"), then "ready
+ * PORT LOCAL_PORT" and the values in force:
  *   client keepalive=.. keepidle=.. keepintvl=.. keepcnt=.. user_timeout=..
  * "hold" keeps the socket until stdin closes; each line read meanwhile
  * prints "now-client ..." again with the values in force at that moment.
@@ -41,6 +42,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef IPPROTO_MPTCP
@@ -62,6 +64,7 @@ static const struct opt opts[] = {
 	{"keepintvl", IPPROTO_TCP, TCP_KEEPINTVL},
 	{"keepcnt", IPPROTO_TCP, TCP_KEEPCNT},
 	{"user_timeout", IPPROTO_TCP, TCP_USER_TIMEOUT},
+	{"nodelay", IPPROTO_TCP, TCP_NODELAY}, /* one bpfkeep leaves alone */
 };
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
 
@@ -273,6 +276,21 @@ static void race(int fd, const struct opt *o, int a, int b, long n)
 	fflush(stdout);
 }
 
+static void bench(int fd, const struct opt *o, int v, long n)
+{
+	struct timespec t0, t1;
+	long i;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (i = 0; i < n; i++)
+		setsockopt(fd, o->level, o->optname, &v, sizeof(v));
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	printf("bench %s calls=%ld ns=%.1f\n", o->name, n,
+	       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) /
+		       (double)n);
+	fflush(stdout);
+}
+
 int main(int argc, char **argv)
 {
 	int fd, port, proto = 0, hold = 0, i = 4;
@@ -320,6 +338,13 @@ int main(int argc, char **argv)
 		if (i + 1 >= argc || !(o = find_opt(argv[i + 1], &v))) {
 			fprintf(stderr, "sockhole: bad step %s\n", argv[i]);
 			return 2;
+		}
+		if (!strcmp(argv[i], "bench")) {
+			if (i + 2 >= argc)
+				return 2;
+			bench(fd, o, v, atol(argv[i + 2]));
+			i += 2;
+			continue;
 		}
 		if (!strcmp(argv[i], "race")) {
 			const char *slash = strchr(argv[i + 1], '/');
