@@ -30,3 +30,4 @@
 #include "setsockopt.bpf.c"
 #include "sweep.bpf.c"
 #include "loss.bpf.c"
+#include "bypass.bpf.c"

@@ -321,4 +321,7 @@ struct bk_sweepstats {
 #define BK_MAX_LOSS_KEYS 65536
 #define BK_MAX_SWEEP 65536 /* sockets per sweep batch */
 
+/* Enforce mode past the cgroup hook. */
+#include "bypass.h"
+
 #endif /* BPFKEEP_H */

@@ -47,7 +47,7 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	struct bk_sk *s;
 	struct bpf_sock *sk;
 	__u8 addr[16];
-	int id, *v, rewritten;
+	int id, *v, pin = 0;
 
 	/* The options the hook watches are those the table marks enforce:
 	 * enforce mode caps them, set mode notes that the program chose them
@@ -78,6 +78,13 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 	v = ctx->optval;
 	if (ctx->optlen < (int)sizeof(*v) || (void *)(v + 1) > ctx->optval_end)
 		goto pass;
+	/* From here on the kernel must apply the value this hook looked at.
+	 * Above a page the hook gets a copy of the first one, and optlen 0
+	 * would have the kernel read the application's buffer again: a
+	 * second thread changing it in between would set a value no program
+	 * saw (a race won within a few thousand calls).  An int is all these
+	 * options read (sk_setsockopt, do_tcp_setsockopt). */
+	pin = 1;
 	s = 0;
 	if (sk->state != BK_TCP_CLOSE) {
 		/* This hook runs on the socket's cgroup (not the caller's),
@@ -109,7 +116,6 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 		}
 		s->app |= BK_BIT(id);
 	}
-	rewritten = 0;
 	if (view.flags & BK_F_ENFORCE) {
 		if (id == BK_OPT_KEEPALIVE) {
 			if (*v != 0)
@@ -124,7 +130,6 @@ int bk_setsockopt(struct bpf_sockopt *ctx)
 				goto pass; /* invalid: the kernel refuses it */
 			*v = cap;
 		}
-		rewritten = 1;
 		c = (struct bk_counters *)bk_counters.get_local_storage(0);
 		if (c)
 			c->rewritten[id & 7]++;
@@ -149,17 +154,19 @@ follow:
 		}
 	}
 	/* Above a page the kernel ignores the program's buffer unless optlen
-	 * says how much of it to use: a rewritten value must not be lost. */
+	 * says how much of it to use: the value checked (and maybe rewritten)
+	 * is what it must apply. */
 	if (ctx->optlen > 4096)
-		ctx->optlen = rewritten ? (int)sizeof(*v) : 0;
+		ctx->optlen = (int)sizeof(*v);
 	return 1;
 
 pass:
 	/* Above a page the program sees a truncated copy; optlen 0 tells the
 	 * kernel to use the application's buffer (Documentation/bpf/
-	 * prog_cgroup_sockopt.rst).  Below that optlen is left alone so that
-	 * programs running after ours still see the value. */
+	 * prog_cgroup_sockopt.rst) -- unless the value was looked at (pin).
+	 * Below a page optlen is left alone so that programs running after
+	 * ours still see the value. */
 	if (ctx->optlen > 4096)
-		ctx->optlen = 0;
+		ctx->optlen = pin ? (int)sizeof(int) : 0;
 	return 1;
 }

@@ -355,6 +355,10 @@ def cmd_status(enf, as_json: bool, out=sys.stdout) -> int:
             print(f"  failed:    {failed or '-'}", file=out)
             rewritten = " ".join(f"{k}={v}" for k, v in c.rewritten.items() if v)
             print(f"  rewritten: {rewritten or '-'}", file=out)
+            if c.enforce and (mode == "enforce" or any(c.enforce.repaired.values())):
+                past = " ".join(f"{k}={v}" for k, v in c.enforce.bypassed.items() if v)
+                back = " ".join(f"{k}={v}" for k, v in c.enforce.repaired.items() if v)
+                print(f"  past hook: {past or '-'} repaired: {back or '-'}", file=out)
             if c.sweep:
                 s = c.sweep
                 sw_applied = " ".join(f"{k}={v}" for k, v in s.applied.items() if v)

@@ -39,6 +39,12 @@ WORKLOAD_LABELS = ("container", "namespace", "none")
 # or spin.
 AUDIT_MAX = 86400
 RESOLVE_MAX = 3600  # [daemon] resolve_interval, seconds
+# [daemon] enforce_interval: the periodic pass over enforced cgroups, which
+# brings back what a setsockopt the cgroup hook does not see changed (a
+# 32-bit call), whatever the audit's backoff.  A socket is back within
+# this interval and one pass's time: 1..60 s keeps that under a minute.
+ENFORCE_INTERVAL = 30.0
+ENFORCE_INTERVAL_MAX = 60
 
 
 class ConfigError(UsageError):
@@ -323,6 +329,7 @@ class Config:
     rules: tuple[Rule, ...]
     detach_on_exit: bool = False
     audit_interval: float = 15.0
+    enforce_interval: float = ENFORCE_INTERVAL
     # Rules that name containers or pods (see bpfkeep.containers), in file
     # order; their Rule.index counts among all rules.
     workload_rules: tuple[Rule, ...] = ()
@@ -563,7 +570,8 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError(f"{where('daemon', 'daemon')}: must be a table [daemon]")
-    detach_on_exit, audit_interval, resolve_interval = False, 15.0, peers.HOST_TTL
+    detach_on_exit, audit_interval = False, 15.0
+    resolve_interval, enforce_interval = peers.HOST_TTL, ENFORCE_INTERVAL
     for key, value in daemon.items():
         if key == "detach_on_exit":
             if not isinstance(value, bool):
@@ -594,6 +602,17 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
                     f"1..{RESOLVE_MAX}, got {show_value(value)}"
                 )
             resolve_interval = float(value)
+        elif key == "enforce_interval":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (1 <= value <= ENFORCE_INTERVAL_MAX)
+            ):
+                raise ConfigError(
+                    f"{where(key, 'daemon.' + key, 'daemon')}: expected seconds, "
+                    f"1..{ENFORCE_INTERVAL_MAX}, got {show_value(value)}"
+                )
+            enforce_interval = float(value)
         else:
             raise ConfigError(f"{where(key, 'daemon.' + _name(key), 'daemon')}: unknown key")
 
@@ -611,6 +630,7 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
         tuple(r for r in rules if r.selector is None),
         detach_on_exit,
         audit_interval,
+        enforce_interval,
         workload_rules=tuple(r for r in rules if r.selector is not None),
         runtimes=sources,
         workload_labels=workload_labels,

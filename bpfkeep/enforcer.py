@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from bpfkeep.kernel.cgroups import Cgroup
 from bpfkeep.kernel.privileges import require_privileges
+from bpfkeep.kernel.ringbuf import RingBuffer
 from bpfkeep.options import Policy
-from bpfkeep.pins import migrate, read
+from bpfkeep.pins import bypass, migrate, read
 from bpfkeep.pins.attach import Writer, detach_id
 from bpfkeep.pins.pindir import DaemonLock, PinDir
 from bpfkeep.pins.read import Attachment
 from bpfkeep.progs import loader, maps
 from bpfkeep.sweep import entries, runs
-from bpfkeep.sweep.engine import Report, Sweeper, SweepUnavailable
+from bpfkeep.sweep.engine import Report, Sweeper, SweepUnavailable, Target
 
 __all__ = ["Attachment", "Enforcer"]
 
@@ -153,12 +154,19 @@ class Enforcer:
 
     # -- existing sockets ----------------------------------------------------------
 
-    def sweep(self, cgs: list[Cgroup], make: entries.Make = entries.apply_entry) -> Report:
+    def sweep(
+        self,
+        cgs: list[Cgroup],
+        make: entries.Make = entries.apply_entry,
+        keep: Callable[[Target], bool] | None = None,
+    ) -> Report:
         """Bring every existing TCP socket of these attached cgroups and
-        their descendants to the policy that covers it (bpfkeep.sweep).
-        Raises SweepUnavailable on a kernel that cannot."""
+        their descendants to the policy that covers it (bpfkeep.sweep);
+        ``make``: each socket's work item (entries.relearn_entry after a
+        learned keepidle changed); ``keep``: only the sockets it keeps (a
+        repair).  Raises SweepUnavailable on a kernel that cannot."""
         self.prepare()
-        return runs.apply(self.pins, cgs, make)
+        return runs.apply(self.pins, cgs, make, keep)
 
     def sweeper(self) -> contextlib.AbstractContextManager[Sweeper]:
         return runs.sweeper(self.pins)
@@ -209,6 +217,30 @@ class Enforcer:
 
     def read_counters(self, ids: list[int]) -> dict[int, maps.Counters]:
         return read.read_counters(self.pins, ids)
+
+    # -- enforce mode past the cgroup hook (pins.bypass) ----------------------------
+
+    def bypass_notes(self) -> list[maps.BypassNote]:
+        """Sockets the tracing programs saw left outside an enforced
+        policy, taken (each is noted again if it happens again)."""
+        return bypass.take_notes(self.pins)
+
+    def count_repaired(self, counts: dict[int, dict[str, int]]) -> None:
+        with self.pins.lock():
+            bypass.add_repaired(self.pins, counts)
+
+    def forget_enforce_counts(self, live: Iterable[int]) -> None:
+        with self.pins.lock():
+            bypass.forget(self.pins, live)
+
+    def bypass_tracing(self) -> list[str]:
+        return bypass.tracing(self.pins)
+
+    def bypass_bell(self) -> RingBuffer | None:
+        return bypass.bell(self.pins)
+
+    def bypass_bell_id(self) -> int | None:
+        return bypass.bell_id(self.pins)
 
     def losses(self, ids: Iterable[int] | None = None) -> dict[int, dict[str, maps.Losses]]:
         """Lost connections per policy and peer rule (pins.read.losses)."""

@@ -13,7 +13,7 @@ if [ ! -x "$ruff" ]; then
     echo "lint.sh: $ruff is missing: run scripts/setup.sh (installs the dev extra)" >&2
     exit 1
 fi
-c_files=(bpf/*.c bpf/bpfkeep.h bpf/common.bpf.h preload/*.c preload/*.h tests/progs/*.c tests/preload_helpers/*.c bench/*.c)
+c_files=(bpf/*.c bpf/bpfkeep.h bpf/bypass.h bpf/common.bpf.h preload/*.c preload/*.h tests/progs/*.c tests/preload_helpers/*.c bench/*.c)
 # bpf/bpfkeep_options.h and preload/bpfkeep_options.h are generated.
 if [ "${1:-}" = --fix ]; then
     "$ruff" format bpfkeep tests bench setup.py

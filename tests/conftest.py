@@ -160,9 +160,11 @@ def pin_dir(bpffs, shared_objects) -> Iterator[str]:
     from bpfkeep.kernel import bpfsys
     from bpfkeep.progs import loader
 
-    for name in (*loader.OBJECTS, loader.PROG_SWEEP):
+    # (The bypass programs' links too: the daemon waits on their bell only
+    # where its objects show them attached.)
+    for name in (*loader.OBJECTS, loader.PROG_SWEEP, *loader.bypass_pins()):
         if not os.path.exists(os.path.join(shared_objects, name)):
-            continue  # a kernel without the sweep
+            continue  # a kernel without the sweep, or without fexit
         fd = bpfsys.obj_get(os.path.join(shared_objects, name))
         try:
             bpfsys.obj_pin(fd, os.path.join(obj_dir, name))

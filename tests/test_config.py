@@ -51,6 +51,10 @@ def test_example_keys_and_defaults():
         ("[daemon]\naudit_interval = 0.5\n", "daemon.audit_interval"),
         ("[daemon]\naudit_interval = 86401\n", "daemon.audit_interval"),
         ('[daemon]\naudit_interval = "15"\n', "daemon.audit_interval"),
+        ("[daemon]\nenforce_interval = 61\n", "f.toml:2: daemon.enforce_interval: expected"),
+        ("[daemon]\nenforce_interval = 0\n", "daemon.enforce_interval"),
+        ("[daemon]\nenforce_interval = nan\n", "daemon.enforce_interval"),
+        ("[daemon]\nenforce_interval = true\n", "daemon.enforce_interval"),
         ('[metrics]\nlisten = "127.0.0.1:0"\n', "f.toml:2: metrics.listen: port '0' is"),
         ('[metrics]\nlisten = "127.0.0.1:\u0661\u0665"\n', "is not 1..65535"),
         ('[metrics]\nlisten = "127.0.0.1: 9977"\n', "is not 1..65535"),
@@ -79,6 +83,12 @@ def test_errors_name_file_line_and_key(text, expect):
 def test_audit_interval_range():
     for text, value in (("0", 0.0), ("1", 1.0), ("86400", 86400.0), ("15.5", 15.5)):
         assert loads(f"[daemon]\naudit_interval = {text}\n").audit_interval == value
+
+
+def test_enforce_interval_range_and_default():
+    assert loads("").enforce_interval == 30.0
+    for text, value in (("1", 1.0), ("60", 60.0), ("2.5", 2.5)):
+        assert loads(f"[daemon]\nenforce_interval = {text}\n").enforce_interval == value
 
 
 def test_listen_port_range():

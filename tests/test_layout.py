@@ -39,6 +39,9 @@ MAP_VALUES = {
     loader.MAP_LOSSES: "bk_losses",
     loader.MAP_CONFIG: "bk_config",
     loader.MAP_LEARNED: "bk_learned",
+    loader.MAP_BYPASS: "bk_bypass",
+    loader.MAP_BYPASSED: "bk_bypassed",
+    loader.MAP_REPAIRED: "bk_repaired",
 }
 # Pinned map -> the struct of its keys (where a struct).
 MAP_KEYS = {
@@ -46,6 +49,7 @@ MAP_KEYS = {
     loader.MAP_RULES: "bk_rule_key",
     loader.MAP_LOSSES: "bk_loss_key",
     loader.MAP_LEARNED: "bk_path_key",
+    loader.MAP_BYPASS: "bk_bypass_key",
 }
 # Records of the ring buffer (no BTF of their own: gcc's layout is checked).
 RECORDS = {"bk_loss_event"}

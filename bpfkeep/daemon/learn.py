@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 
 from bpfkeep import learning, peers
@@ -31,6 +30,7 @@ from bpfkeep.daemon.state import OURS, State
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel import bpfsys, procfs, sockdiag
 from bpfkeep.kernel.cgroups import Cgroup, by_ids
+from bpfkeep.kernel.ringbuf import RingBuffer
 from bpfkeep.kernel.sockdiag import TIMER_KEEPALIVE, TIMER_PROBE0, TIMER_RETRANSMIT
 from bpfkeep.metrics.collector import PathRow
 from bpfkeep.options import Policy
@@ -64,8 +64,7 @@ class Learner:
     def __init__(self, state: State):
         self.state = state
         self.paths: dict[bytes, Tracked] = {}  # bk_path_key -> path
-        self.ring: bpfsys.RingBuffer | None = None
-        self._ring_map = -1
+        self.ring: RingBuffer | None = None
         self.events_seen = 0
         # The last look at each connection: (netns, cookie) -> (when, ms
         # since data sent, since data received, since heard from).
@@ -79,13 +78,9 @@ class Learner:
 
     def open(self) -> None:
         """The ring buffer of loss events (its descriptor wakes the loop)."""
-        try:
-            pinned = f"{self.state.enforcer.obj_dir}/{loader.MAP_LOSS_EVENTS}"
-            self._ring_map = bpfsys.obj_get(pinned)
-            self.ring = bpfsys.RingBuffer(self._ring_map)
-        except OSError as e:
-            log.warning("lost connections cannot be learned from: %s", e)
-            self.ring = None
+        self.ring = self.state.enforcer.pins.ring(loader.MAP_LOSS_EVENTS)
+        if self.ring is None:
+            log.warning("lost connections cannot be learned from: no ring buffer of loss events")
 
     def restore(self) -> None:
         """What was learned before a restart or an upgrade (bk_learned),
@@ -111,9 +106,7 @@ class Learner:
     def close(self) -> None:
         if self.ring is not None:
             self.ring.close()
-        if self._ring_map >= 0:
-            os.close(self._ring_map)
-            self._ring_map = -1
+            self.ring = None
 
     # -- the policies that learn --------------------------------------------------
 
@@ -147,7 +140,7 @@ class Learner:
             return
         now = time.monotonic()
         changed: dict[bytes, int] = {}
-        for raw in self.ring.consume():
+        for raw in self.ring.read():
             self.events_seen += 1
             ev = maps.LOSS_EVENT.unpack(raw)
             owner, tag = int(ev["owner"]), int(ev["tag"])  # type: ignore[arg-type]

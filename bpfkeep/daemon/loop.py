@@ -17,6 +17,7 @@ import typing
 from prometheus_client import CollectorRegistry
 
 from bpfkeep import config, containers
+from bpfkeep.daemon.enforce import Enforced, enforces
 from bpfkeep.daemon.heal import Healer
 from bpfkeep.daemon.learn import Learner
 from bpfkeep.daemon.passes import Passes
@@ -30,7 +31,7 @@ from bpfkeep.enforcer import Enforcer
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel.cgroups import cgroup2_mount, printable
 from bpfkeep.kernel.inotify import Inotify
-from bpfkeep.metrics.collector import Collector, Row, Snapshot
+from bpfkeep.metrics.collector import Collector, EnforceSnapshot, Row, Snapshot
 from bpfkeep.metrics.http import MetricsServer
 from bpfkeep.pins.pindir import DaemonLock, fully_attached
 
@@ -58,6 +59,7 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.healer: Healer | None = None
         self.learner = Learner(self.state)
+        self.enforced: Enforced | None = None
         self.lock: DaemonLock | None = None  # held from start() until run() returns
 
     # -- lifecycle ---------------------------------------------------------
@@ -80,9 +82,11 @@ class Daemon:
         self.reconciler = rec = Reconciler(state, tree, self.workloads, self.passes, self.retries)
         self.resolver_ttl()
         self.healer = Healer(state, self.reconciler, self.inotify)
+        self.enforced = Enforced(state, self.passes, self._sweeps_existing)
         self._guard("reconcile", lambda: rec.full(prune=True, sweep_all=True, report=True))
         self._guard("restoring learned idle limits", self.learner.restore)
         self.healer.watch()
+        self.enforced.start(time.monotonic())
         self._ready = True
 
     def _walk_failed(self, path: str, e: OSError) -> None:
@@ -113,6 +117,8 @@ class Daemon:
                 self.learner.close()
                 if self.lookups is not None:
                     self.lookups.close()
+                if self.enforced is not None:
+                    self.enforced.close()
             self._exit()
         finally:
             # Only now: a daemon started meanwhile must not find ours
@@ -123,6 +129,8 @@ class Daemon:
 
     def _loop(self, rfd: int) -> None:
         assert self.state.cfg and self.inotify and self.lookups and self.healer
+        assert self.enforced
+        enforced = self.enforced
         sched, wd_every = self.sched, watchdog_interval()
         now = time.monotonic()
         if wd_every:
@@ -151,12 +159,18 @@ class Daemon:
                 sched.at("heal", time.monotonic() + self.healer.every())
             self._run_retries()
             self.passes.run_queued(now)
-            wake = sched.next(self.retries.next(), self.passes.next_sweep() or float("inf"))
+            self._guard("enforce pass or repair", lambda t=now: enforced.run_due(t))
+            wake = sched.next(
+                self.retries.next(), self.passes.next_sweep() or float("inf"), enforced.next()
+            )
             timeout = min(max(0.0, wake - time.monotonic()), 3600.0)
-            fds = [self.inotify.fd, rfd, self.lookups.fd]
+            bell = enforced.fd()
+            fds = [self.inotify.fd, rfd, self.lookups.fd, *([bell] if bell is not None else [])]
             if self.learner.fd is not None:
                 fds.append(self.learner.fd)
             r, _, _ = select.select(fds, [], [], timeout)
+            if bell is not None and bell in r:
+                self._guard("setsockopt past the cgroup hook", enforced.rang)
             if rfd in r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 4096)
@@ -202,15 +216,20 @@ class Daemon:
             # settles (rm -rf takes a moment; halfway is no state to act on).
             self.sched.after("heal-settle", 0.5)
 
-    def _audit(self) -> None:
+    def _sweeps_existing(self, cg) -> bool:
+        """Does the cgroup's rule sweep the sockets it had before?"""
         assert self.workloads
-        workloads = self.workloads
+        rule = self.workloads.rule_for(cg)
+        return rule is not None and rule.existing
 
-        def sweeps_existing(cg) -> bool:
-            rule = workloads.rule_for(cg)
-            return rule is not None and rule.existing
+    def _audit(self) -> None:
+        # The enforced cgroups are swept by their own pass (daemon.enforce),
+        # which no backoff stretches.
+        self.passes.audit(lambda cg: self._sweeps_existing(cg) and not self._enforces(cg))
 
-        self.passes.audit(sweeps_existing)
+    def _enforces(self, cg) -> bool:
+        e = self.state.table.get(cg.id)
+        return e is not None and enforces(e.policy)
 
     def _exit(self) -> None:
         state = self.state
@@ -278,6 +297,8 @@ class Daemon:
         )
         self.reconciler.full(report=True)
         self._plan_names()
+        if self.enforced is not None:
+            self.enforced.replan()
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.
         self._plan_audit(
@@ -375,6 +396,19 @@ class Daemon:
             containers_unidentified=unidentified,
             paths=self.learner.rows(),
             at_risk=dict(self.learner.at_risk),
+            enforce=self._enforce_snapshot(),
+        )
+
+    def _enforce_snapshot(self) -> EnforceSnapshot | None:
+        e = self.enforced
+        if e is None or self.state.cfg is None:
+            return None
+        return EnforceSnapshot(
+            every_seconds=e.every(),
+            tracing=bool(e.tracing),
+            repairs=e.repairs,
+            repair_cpu_seconds=e.repair_cpu,
+            pass_cpu_seconds=e.pass_cpu,
         )
 
 

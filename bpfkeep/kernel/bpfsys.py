@@ -64,10 +64,6 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_batch": (c_int, [c_int, c_void_p, u32p, c_void_p]),
         "bpf_enable_stats": (c_int, [c_int]),
         "bpf_raw_tracepoint_open": (c_int, [c_char_p, c_int]),
-        "ring_buffer__new": (c_void_p, [c_int, c_void_p, c_void_p, c_void_p]),
-        "ring_buffer__free": (None, [c_void_p]),
-        "ring_buffer__consume": (c_int, [c_void_p]),
-        "ring_buffer__epoll_fd": (c_int, [c_void_p]),
         "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p]),
     }
     for fname, (res, args) in sigs.items():
@@ -127,10 +123,14 @@ def prog_load(prog_type: int, insns: list[int], name: bytes, license_: bytes = b
     )
 
 
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    """Attach a raw tracepoint program; the returned fd is a bpf_link (pin
-    it to keep the program attached after this process)."""
-    return _check(_lib().bpf_raw_tracepoint_open(name.encode(), prog_fd), f"raw tracepoint {name}")
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach a raw tracepoint program, or (``name`` None) a tracing program
+    (fentry, fexit) to the function it was loaded for; the returned fd is a
+    bpf_link (pin it to keep the program attached after this process)."""
+    what = f"raw tracepoint {name}" if name else "tracing program"
+    return _check(
+        _lib().bpf_raw_tracepoint_open(name.encode() if name else None, prog_fd), f"attach {what}"
+    )
 
 
 def link_detach(link_fd: int) -> None:
@@ -293,6 +293,11 @@ def map_info(fd: int) -> tuple[int, int, int, int]:
     return t, i, k, v
 
 
+def map_max_entries(fd: int) -> int:
+    # struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+    return struct.unpack_from("=IIIII", _info(fd, 128))[4]
+
+
 def link_info(fd: int) -> tuple[int, int, int, int, int]:
     """(link type, link id, prog id, cgroup id, attach type) of a link.
 
@@ -304,35 +309,3 @@ def link_info(fd: int) -> tuple[int, int, int, int, int]:
     ltype, lid, pid = struct.unpack_from("=III", raw)
     cg_id, atype = struct.unpack_from("=QI", raw, 16)
     return ltype, lid, pid, cg_id, atype
-
-
-_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-
-
-class RingBuffer:
-    """A BPF ring buffer map read through libbpf: ``fd`` is readable
-    (epoll, select) when records wait; ``consume()`` returns them."""
-
-    def __init__(self, map_fd: int):
-        self._records: list[bytes] = []
-
-        def sample(_ctx: int, data: int, size: int) -> int:
-            self._records.append(ctypes.string_at(data, size))
-            return 0
-
-        self._cb = _SAMPLE_FN(sample)  # kept: libbpf calls it later
-        self._rb = _lib().ring_buffer__new(map_fd, self._cb, None, None)
-        if not self._rb:
-            err = ctypes.get_errno() or errno.EINVAL
-            raise BpfError(err, f"ring buffer: {os.strerror(err)}")
-        self.fd = _lib().ring_buffer__epoll_fd(self._rb)
-
-    def consume(self) -> list[bytes]:
-        _lib().ring_buffer__consume(self._rb)
-        out, self._records = self._records, []
-        return out
-
-    def close(self) -> None:
-        if self._rb:
-            _lib().ring_buffer__free(self._rb)
-            self._rb = None

@@ -69,6 +69,7 @@ class Btf:
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
         self.types: list[Type | None] = [None]  # type id 0 is void
         self._by_name: dict[tuple[int, str], int] = {}
+        self._enumerators: dict[str, int] = {}  # name -> value, every ENUM's
         self._parse(types)
 
     def _str(self, off: int) -> str:
@@ -101,7 +102,10 @@ class Btf:
                     ms.append(Member(self._str(m_name) if m_name else "", m_type, at, bits))
                 members = tuple(ms)
             elif kind == ENUM:
-                off += 8 * vlen
+                for _ in range(vlen):
+                    e_name, e_val = struct.unpack_from("=Ii", buf, off)
+                    off += 8
+                    self._enumerators.setdefault(self._str(e_name), e_val)
             elif kind == ENUM64:
                 off += 12 * vlen
             elif kind == FUNC_PROTO:
@@ -175,6 +179,13 @@ class Btf:
                 raise BtfError(f"BTF: struct {struct_name} has no {path} in this kernel")
             type_id = found[1].type_id
         return self._sizeof(type_id)
+
+    def enumerator(self, name: str) -> int:
+        """The value of an enumerator (``SOCK_KEEPOPEN`` of enum sock_flags)."""
+        try:
+            return self._enumerators[name]
+        except KeyError:
+            raise BtfError(f"BTF: no enumerator {name} in this kernel") from None
 
     def _sizeof(self, type_id: int) -> int:
         _, t = self.resolve(type_id)

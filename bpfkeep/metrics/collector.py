@@ -74,6 +74,18 @@ class Snapshot:
     # (cgroup, peer) -> established connections whose keepalive cannot beat
     # their path's known idle limit (the periodic pass; outside policies too).
     at_risk: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    enforce: EnforceSnapshot | None = None
+
+
+@dataclasses.dataclass
+class EnforceSnapshot:
+    """Enforce mode past the cgroup hook (daemon.enforce)."""
+
+    every_seconds: float  # between two passes over the enforced cgroups
+    tracing: bool  # setsockopt past the hook caught at once
+    repairs: int  # repair sweeps run on the tracing programs' word
+    repair_cpu_seconds: float
+    pass_cpu_seconds: float | None  # the last pass's (None: none yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +196,23 @@ PER_CGROUP: tuple[PerCgroup, ...] = (
         "Application setsockopt calls rewritten in enforce mode",
         ("option",),
         _by_option(lambda c: c.rewritten),
+    ),
+    PerCgroup(
+        "bpfkeep_enforce_bypassed",
+        CounterMetricFamily,
+        "setsockopt calls past the cgroup hook (a 32-bit call, another tool's program) that "
+        "left an option outside the enforced policy, by option; counted where the kernel runs "
+        "bpfkeep's fexit programs",
+        ("option",),
+        _by_option(lambda c: c.enforce.bypassed if c.enforce else None),
+    ),
+    PerCgroup(
+        "bpfkeep_enforce_repaired",
+        CounterMetricFamily,
+        "Sockets of an enforced policy the daemon brought back within it after a setsockopt "
+        "the cgroup hook did not see, by option set back",
+        ("option",),
+        _by_option(lambda c: c.enforce.repaired if c.enforce else None),
     ),
     PerCgroup(
         "bpfkeep_sweep_kept_program_values",
@@ -365,6 +394,8 @@ def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
             "CPU time of the last periodic sweep and audit pass",
             value=snap.audit_cpu_seconds,
         )
+    if snap.enforce is not None:
+        yield from _enforce(snap.enforce)
     if snap.audit_every_seconds is not None:
         yield GaugeMetricFamily(
             "bpfkeep_audit_interval_seconds",
@@ -372,4 +403,33 @@ def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
             "or 1000 times the last pass's CPU time when longer (a pass takes at "
             "most ~0.1 % of a CPU however many sockets the host has)",
             value=snap.audit_every_seconds,
+        )
+
+
+def _enforce(e: EnforceSnapshot) -> Iterator:
+    yield GaugeMetricFamily(
+        "bpfkeep_enforce_tracing",
+        "1 when a setsockopt the cgroup hook does not see (a 32-bit call) is caught at once "
+        "(the kernel runs bpfkeep's fexit programs); 0: the enforce pass repairs it",
+        value=1 if e.tracing else 0,
+    )
+    yield GaugeMetricFamily(
+        "bpfkeep_enforce_interval_seconds",
+        "Seconds between passes over the enforced cgroups (enforce_interval, or the audit "
+        "interval when shorter; no backoff): the bound on a repair without tracing",
+        value=e.every_seconds,
+    )
+    yield CounterMetricFamily(
+        "bpfkeep_enforce_repairs", "Repair sweeps on the tracing programs' word", value=e.repairs
+    )
+    yield CounterMetricFamily(
+        "bpfkeep_enforce_repair_cpu_seconds",
+        "CPU time of those repairs (each waits 20 times the last one's)",
+        value=e.repair_cpu_seconds,
+    )
+    if e.pass_cpu_seconds is not None:
+        yield GaugeMetricFamily(
+            "bpfkeep_enforce_pass_cpu_seconds",
+            "CPU time of the last pass over the enforced cgroups",
+            value=e.pass_cpu_seconds,
         )

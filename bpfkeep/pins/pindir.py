@@ -36,6 +36,7 @@ from bpfkeep.kernel.privileges import (
     is_bpffs,
     mountable_bpffs,
 )
+from bpfkeep.kernel.ringbuf import RingBuffer
 from bpfkeep.progs import loader
 from bpfkeep.progs.header import source_version
 
@@ -220,6 +221,20 @@ class PinDir:
             yield fd
         finally:
             os.close(fd)
+
+    def ring(self, name: str) -> RingBuffer | None:
+        """One of this version's pinned ring buffers, opened to read (its
+        fd wakes a loop when records wait); None if it is not there or
+        cannot be mapped."""
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.obj_dir, name))
+        except OSError:
+            return None
+        try:
+            return RingBuffer(fd, owns_fd=True)
+        except OSError:
+            os.close(fd)
+            return None
 
     def link_path(self, cgroup_id: int, hook: str) -> str:
         return os.path.join(self.link_dir, f"{cgroup_id}_{hook}")

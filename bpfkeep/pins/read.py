@@ -65,6 +65,22 @@ def sweepstats(map_fd: int, cgroup_id: int) -> maps.SweepStats | None:
     return None
 
 
+def enforce_counts(
+    bypassed_fd: int | None, repaired_fd: int | None, cgroup_id: int
+) -> maps.EnforceCounts | None:
+    """What the cgroup hook did not see of one policy, and the repairs
+    (pins of an older program version may have neither map: None)."""
+    if bypassed_fd is None or repaired_fd is None:
+        return None
+    raws = []
+    for fd, layout in ((bypassed_fd, maps.BYPASSED), (repaired_fd, maps.REPAIRED)):
+        raw = None
+        with contextlib.suppress(OSError):
+            raw = bpfsys.map_lookup(fd, key_of(cgroup_id), layout.size)
+        raws.append(raw)
+    return maps.decode_enforce_counts(*raws)
+
+
 def policy_value(pins: PinDir, cgroup_id: int) -> bytes | None:
     """One cgroup's raw entry in this version's policy hash, or None."""
     with pins.one(loader.MAP_POLICIES) as fd:
@@ -107,7 +123,16 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
     storage has no batch operations): a scrape of 10,000 cgroups makes
     20,000, each into one buffer per map."""
     found = {}
-    with pins.one(loader.MAP_COUNTERS) as fd, pins.one(loader.MAP_SWEEPSTATS) as sfd:
+    with contextlib.ExitStack() as stack:
+        fd, sfd, bfd, rfd = (
+            stack.enter_context(pins.one(n))
+            for n in (
+                loader.MAP_COUNTERS,
+                loader.MAP_SWEEPSTATS,
+                loader.MAP_BYPASSED,
+                loader.MAP_REPAIRED,
+            )
+        )
         if fd is None:
             return {}
         read = bpfsys.map_reader(fd, maps.percpu_value_size(maps.COUNTERS_SIZE))
@@ -122,6 +147,8 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
             if raw is not None:
                 c = found[i] = maps.decode_counters(raw)
                 c.sweep = maps.SweepStats.decode(sraw) if sraw is not None else None
+                if bfd is not None or rfd is not None:
+                    c.enforce = enforce_counts(bfd, rfd, i)
     return found
 
 
@@ -207,6 +234,10 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
                 found = counters(objs[loader.MAP_COUNTERS], cg_id)
                 if found is not None and loader.MAP_SWEEPSTATS in objs:
                     found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
+                if found is not None:
+                    found.enforce = enforce_counts(
+                        objs.get(loader.MAP_BYPASSED), objs.get(loader.MAP_REPAIRED), cg_id
+                    )
             out.append(Attachment(cg_id, cgs.get(cg_id), policy, found, links, progs, managed))
     lost = losses(pins, ids)
     paths = learned(pins)

@@ -80,3 +80,39 @@ def loss_cflags(b: btf.Btf | None = None) -> tuple[list[str], str | None]:
     except btf.BtfError as e:
         return [], str(e)
     return flags, None
+
+
+# What the bypass programs (bpf/bypass.bpf.c) read besides the loss
+# program's: macro -> (struct, member path, size in bytes).  They are built
+# only with the loss program's offsets too (they share its owner lookup).
+BYPASS_OFFSETS = {
+    "BK_O_SOCKET_SK": ("socket", "sk", 8),
+    "BK_O_SK_STATE": ("sock", "__sk_common.skc_state", 1),
+    "BK_O_SK_FLAGS": ("sock", "__sk_common.skc_flags", 8),
+    "BK_O_SK_COOKIE": ("sock", "__sk_common.skc_cookie", 8),
+    "BK_O_TP_KEEPALIVE_INTVL": ("tcp_sock", "keepalive_intvl", 4),
+    "BK_O_TP_KEEPALIVE_PROBES": ("tcp_sock", "keepalive_probes", 1),
+}
+# enum sock_flags: the bit of sk_flags that SO_KEEPALIVE sets.
+BYPASS_ENUMERATORS = {"BK_SOCK_KEEPOPEN": "SOCK_KEEPOPEN"}
+
+
+def bypass_cflags(b: btf.Btf | None = None) -> tuple[list[str], str | None]:
+    """(the -D flags, None), or ([], why the bypass programs cannot be
+    built for this kernel).  An MPTCP socket's first subflow is optional:
+    without it (no MPTCP in the kernel) the MPTCP program is left out."""
+    try:
+        b = b or btf.vmlinux()
+        flags = ["-DBK_BYPASS_BTF=1"]
+        for macro, (struct, path, want) in BYPASS_OFFSETS.items():
+            size = b.size(struct, path)
+            if size != want:
+                return [], f"{struct}.{path} is {size} bytes in this kernel, not {want}"
+            flags.append(f"-D{macro}={b.offset(struct, path)}")
+        for macro, name in BYPASS_ENUMERATORS.items():
+            flags.append(f"-D{macro}={b.enumerator(name)}")
+        if b.has("mptcp_sock", "first") and b.size("mptcp_sock", "first") == 8:
+            flags.append(f"-DBK_O_MSK_FIRST={b.offset('mptcp_sock', 'first')}")
+    except btf.BtfError as e:
+        return [], str(e)
+    return flags, None

@@ -605,6 +605,7 @@ class Counters:
     rewritten: dict[str, int]
     sweep: SweepStats | None = None  # existing sockets brought to the policy
     exempt: int = 0  # new sockets of exempt peers, left as they were
+    enforce: EnforceCounts | None = None  # what the cgroup hook did not see, repaired
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -615,6 +616,7 @@ class Counters:
             "failed": {f"{o}/{e}": n for (o, e), n in self.failed.items()},
             "rewritten": self.rewritten,
             "sweep": self.sweep.as_dict() if self.sweep else None,
+            "enforce": self.enforce.as_dict() if self.enforce else None,
         }
 
 
@@ -743,3 +745,64 @@ def _applied_and_failed(
     counter structs carry; failures that never happened are left out."""
     errors = {k: v for k, v in zip(_FAILED_KEYS, failed, strict=True) if v} if any(failed) else {}
     return dict(zip(_OPTION_KEYS, applied, strict=True)), errors
+
+
+# -- enforce mode past the cgroup hook (bpf/bypass.h) ---------------------------
+
+BYPASS_KEY = _H.struct("bk_bypass_key")
+BYPASS = _H.struct("bk_bypass")
+BYPASSED = _H.struct("bk_bypassed")
+REPAIRED = _H.struct("bk_repaired")
+MAX_BYPASS = _H.define("BK_MAX_BYPASS")
+
+
+@dataclasses.dataclass(frozen=True)
+class BypassNote:
+    """A socket of an enforced policy the tracing programs saw a setsockopt
+    leave outside the policy (struct bk_bypass_key -> bk_bypass)."""
+
+    owner: int  # the policy's cgroup id
+    cookie: int  # 0: every socket of the policy
+    options: tuple[str, ...]  # left outside the policy
+    calls: int
+
+
+def decode_bypass_note(key: bytes, value: bytes) -> BypassNote:
+    k, v = BYPASS_KEY.unpack(key), BYPASS.unpack(value)
+    opts = int(v["opts"])  # type: ignore[arg-type]
+    names = tuple(o.key for i, o in enumerate(BPF_OPTIONS) if opts & (1 << i))
+    return BypassNote(int(k["owner"]), int(k["cookie"]), names, int(v["calls"]))  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class EnforceCounts:
+    """One enforced policy: setsockopt calls past the cgroup hook that left
+    an option outside it (struct bk_bypassed, counted by the tracing
+    programs), and the sockets the daemon brought back (struct
+    bk_repaired), by option."""
+
+    bypassed: dict[str, int]
+    unnoted: int  # sockets the tracing programs could not note (map full)
+    repaired: dict[str, int]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"bypassed": self.bypassed, "unnoted": self.unnoted, "repaired": self.repaired}
+
+
+def _by_option(words: Sequence[int]) -> dict[str, int]:
+    return dict(zip((o.key for o in BPF_OPTIONS), words, strict=True))
+
+
+def decode_enforce_counts(bypassed: bytes | None, repaired: bytes | None) -> EnforceCounts:
+    b = BYPASSED.unpack(bypassed) if bypassed is not None else None
+    r = REPAIRED.unpack(repaired) if repaired is not None else None
+    zeros = (0,) * NOPT
+    return EnforceCounts(
+        _by_option(b["calls"] if b else zeros),  # type: ignore[arg-type]
+        int(b["unnoted"]) if b else 0,  # type: ignore[arg-type]
+        _by_option(r["sockets"] if r else zeros),  # type: ignore[arg-type]
+    )
+
+
+def encode_repaired(sockets: dict[str, int]) -> bytes:
+    return REPAIRED.pack(sockets=[sockets.get(o.key, 0) for o in BPF_OPTIONS])

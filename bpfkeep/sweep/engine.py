@@ -330,6 +330,7 @@ def sweep(
     states: tuple[int, ...] = SWEPT_STATES,
     count: bool = True,
     owners_elsewhere: Callable[[set[int]], dict[int, int]] | None = None,
+    keep: Callable[[Target], bool] | None = None,
 ) -> Report:
     """Sweep every socket of the scope, in every namespace it lives in.
 
@@ -337,7 +338,7 @@ def sweep(
     namespace's keepalive sysctls.  ``owners_elsewhere`` maps cgroup ids
     outside the scope to the policy covering each (if any): a socket made
     in such a cgroup and held by the scope's processes stays its own
-    policy's."""
+    policy's.  ``keep``: only the targets it keeps (a repair's sockets)."""
     report = Report()
     if not sc:
         return report
@@ -367,7 +368,7 @@ def sweep(
             targets = [
                 t
                 for t in _targets(sockdiag.dump(_STATE_MASK), pick, sc.peered)
-                if t.state in states and not own_policy_elsewhere(t)
+                if t.state in states and not own_policy_elsewhere(t) and (keep is None or keep(t))
             ]
             if not targets:
                 return []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from bpfkeep.kernel.cgroups import Cgroup, by_ids, cgroup2_mount
 from bpfkeep.kernel.sockdiag import LISTEN
@@ -15,7 +15,7 @@ from bpfkeep.pins.attach import Writer
 from bpfkeep.pins.pindir import PinDir
 from bpfkeep.progs import loader, maps
 from bpfkeep.sweep import entries
-from bpfkeep.sweep.engine import SWEPT_STATES, Report, Scope, Sweeper, scope, sweep
+from bpfkeep.sweep.engine import SWEPT_STATES, Report, Scope, Sweeper, Target, scope, sweep
 
 
 @contextlib.contextmanager
@@ -53,10 +53,16 @@ def owners(ids: set[int], live: set[int]) -> dict[int, int]:
     return out
 
 
-def apply(pins: PinDir, cgs: list[Cgroup], make: entries.Make = entries.apply_entry) -> Report:
+def apply(
+    pins: PinDir,
+    cgs: list[Cgroup],
+    make: entries.Make = entries.apply_entry,
+    keep: Callable[[Target], bool] | None = None,
+) -> Report:
     """Bring every existing TCP socket of these attached cgroups and their
     descendants to the policy that covers it (``make``: each socket's work
-    item; entries.relearn_entry after a learned keepidle changed).  Raises
+    item; entries.relearn_entry after a learned keepidle changed);
+    ``keep``: only the sockets it keeps (a repair).  Raises
     SweepUnavailable on a kernel that cannot."""
     with sweeper(pins) as sw:
         live = pins.live_ids()
@@ -64,8 +70,14 @@ def apply(pins: PinDir, cgs: list[Cgroup], make: entries.Make = entries.apply_en
         writer = Writer(pins, sw.objs)
         gens = {o: writer.raw_policy(o) for o in set(sc.owner_of_cgroup.values())}
         sc.peered = frozenset(o for o, raw in gens.items() if raw and maps.per_peer(raw))
-        report = sweep(sw, sc, make, owners_elsewhere=lambda ids: owners(ids, live))
-        if not report.unreachable:
+        report = sweep(
+            sw,
+            sc,
+            make,
+            owners_elsewhere=lambda ids: owners(ids, live),
+            keep=keep,
+        )
+        if not report.unreachable and keep is None:
             for owner, raw in gens.items():
                 if raw is not None:
                     _swept(writer, owner, maps.policy_gen_of(raw))
