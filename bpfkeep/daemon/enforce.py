@@ -230,7 +230,7 @@ class Enforced:
         if self.passes.unavailable:
             return None
         try:
-            report = self.state.enforcer.sweep(cgs, keep)
+            report = self.state.enforcer.sweep(cgs, keep=keep)
         except SweepUnavailable as e:
             self.passes.unavailable = True
             log.warning("%s", e)
