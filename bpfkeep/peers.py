@@ -103,9 +103,11 @@ def show_network(net: Network) -> str:
 # -- parsing ---------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_network(text: str) -> Network | None:
     """A CIDR or an address as the IPv6 network it is looked up as (IPv4
-    mapped into ::ffff:0:0/96); None if ``text`` is neither."""
+    mapped into ::ffff:0:0/96); None if ``text`` is neither.  (Kept: the
+    daemon asks for each rule of each cgroup's policy, ~30 us a parse.)"""
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -366,6 +368,9 @@ class Resolver:
         self.ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[float, tuple[Network, ...], str | None]] = {}
+        # resolve_names: (policy, its names' addresses) -> the policy with
+        # them, one object for every cgroup that has it.
+        self.resolved: dict[tuple[Policy, tuple], Policy] = {}
 
     def networks(self, name: str) -> tuple[tuple[Network, ...], str | None]:
         """(the name's addresses as /32 or /128 networks, the error if it
@@ -397,18 +402,36 @@ def resolve_names(
 ) -> Policy:
     """``policy`` with its host-name rules' addresses filled in (the same
     object when it has none); ``failed(name, why)`` for each that did not
-    resolve (its rule then applies to nobody until it does)."""
-    if not any(p.is_name for p in policy.peers):
+    resolve (its rule then applies to nobody until it does).  The same
+    policy and addresses give the same object back: the daemon asks once
+    per cgroup, and compares what it gets with what it wrote."""
+    named = _named(policy)
+    if not named:
         return policy
-    peers = []
-    for p in policy.peers:
-        if p.is_name:
-            nets, err = resolver.networks(p.address)
-            if err and failed is not None:
-                failed(p.address, err)
-            p = dataclasses.replace(p, networks=nets)
-        peers.append(p)
-    return policy.with_peers(tuple(peers))
+    answers = []
+    for i in named:
+        name = policy.peers[i].address
+        nets, err = resolver.networks(name)
+        if err and failed is not None:
+            failed(name, err)
+        answers.append(nets)
+    key = (policy, tuple(answers))
+    hit = resolver.resolved.get(key)
+    if hit is not None:
+        return hit
+    peers = list(policy.peers)
+    for i, nets in zip(named, answers, strict=True):
+        peers[i] = dataclasses.replace(peers[i], networks=nets)
+    if len(resolver.resolved) >= 1024:
+        resolver.resolved.clear()  # old addresses, policies no longer in the config
+    resolver.resolved[key] = out = policy.with_peers(tuple(peers))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _named(policy: Policy) -> tuple[int, ...]:
+    """Indexes of the peer rules that name a host."""
+    return tuple(i for i, p in enumerate(policy.peers) if p.is_name)
 
 
 def policy_keys() -> set[str]:
