@@ -121,11 +121,12 @@ def parse_network(text: str) -> Network | None:
     return net
 
 
-def check_address(raw: object, where: str) -> str:
-    """A rule's ``address``: a CIDR, an address or a host name."""
+def check_address(raw: object) -> str:
+    """A rule's ``address``: a CIDR, an address or a host name.  (Errors
+    say what is wrong; the caller says where.)"""
     if not isinstance(raw, str) or not raw.strip():
         raise UsageError(
-            f'{where}: expected a CIDR, an address or a host name, e.g. "10.20.0.0/16", '
+            'expected a CIDR, an address or a host name, e.g. "10.20.0.0/16", '
             f"got {show_value(raw)}"
         )
     text = raw.strip()
@@ -133,14 +134,15 @@ def check_address(raw: object, where: str) -> str:
         return text
     if "/" in text or ":" in text or not _HOST.fullmatch(text) or text.replace(".", "").isdigit():
         raise UsageError(
-            f"{where}: {show_value(raw)} is not a CIDR, an address or a host name "
+            f"{show_value(raw)} is not a CIDR, an address or a host name "
             '(e.g. "10.20.0.0/16", "::1", "db.internal")'
         )
     return text
 
 
-def parse_ports(raw: object, where: str) -> tuple[int, int]:
-    """``port``: one port (5432) or a range ("5432-5439")."""
+def parse_ports(raw: object) -> tuple[int, int]:
+    """``port``: one port (5432) or a range ("5432-5439").  (Errors say
+    what is wrong; the caller says where.)"""
     lo = hi = None
     if isinstance(raw, int) and not isinstance(raw, bool):
         lo = hi = raw
@@ -150,9 +152,7 @@ def parse_ports(raw: object, where: str) -> tuple[int, int]:
             lo = int(m.group(1))
             hi = int(m.group(2) or m.group(1))
     if lo is None or hi is None or not (1 <= lo <= hi <= 65535):
-        raise UsageError(
-            f'{where}: expected a port 1..65535 or a range "LO-HI", got {show_value(raw)}'
-        )
+        raise UsageError(f'expected a port 1..65535 or a range "LO-HI", got {show_value(raw)}')
     return lo, hi
 
 
@@ -187,8 +187,16 @@ def build(
                 )
             elif key not in ("address", "port"):
                 values[key] = value
-        address = check_address(table["address"], where(i, "address"))
-        ports = parse_ports(table["port"], where(i, "port")) if "port" in table else None
+        # where() only for a message: in a config it finds the line, a
+        # pass over the whole file (0.4 s at 10,000 policies).
+        try:
+            address = check_address(table["address"])
+        except UsageError as e:
+            raise UsageError(f"{where(i, 'address')}: {e}") from None
+        try:
+            ports = parse_ports(table["port"]) if "port" in table else None
+        except UsageError as e:
+            raise UsageError(f"{where(i, 'port')}: {e}") from None
         if exempt and values:
             raise UsageError(
                 f"{where(i, sorted(values)[0])}: an exempt peer takes no values "
