@@ -21,7 +21,7 @@ import stat
 import tomllib
 from collections.abc import Callable, Iterable
 
-from bpfkeep import containers, peers
+from bpfkeep import containers, peers, tomltables
 from bpfkeep.errors import UsageError
 from bpfkeep.kernel.cgroups import Mounts, mount_relative, read_mounts
 from bpfkeep.options import BY_KEY, TUNABLE, Policy, parse_value, show_value
@@ -517,7 +517,7 @@ def loads(text: str, path: str = "<config>", mounts: Mounts | None = None) -> Co
     them such a path is taken as relative to the cgroup2 mount."""
     where = _Where(path, text)
     try:
-        data = tomllib.loads(text)
+        data = tomltables.loads(text)  # tomllib's result, table by table
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(_toml_error(path, e)) from None
     except ValueError:
