@@ -376,9 +376,11 @@ class Resolver:
         self.ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[float, tuple[Network, ...], str | None]] = {}
-        # resolve_names: (policy, its names' addresses) -> the policy with
-        # them, one object for every cgroup that has it.
-        self.resolved: dict[tuple[Policy, tuple], Policy] = {}
+        # resolve_names: id of a policy -> (the policy, its names'
+        # addresses, the policy with them): one object for every cgroup
+        # that has it.  (By identity: comparing policies with their rules
+        # costs more than resolving.)
+        self.resolved: dict[int, tuple[Policy, tuple, Policy]] = {}
 
     def networks(self, name: str) -> tuple[tuple[Network, ...], str | None]:
         """(the name's addresses as /32 or /128 networks, the error if it
@@ -423,16 +425,16 @@ def resolve_names(
         if err and failed is not None:
             failed(name, err)
         answers.append(nets)
-    key = (policy, tuple(answers))
-    hit = resolver.resolved.get(key)
-    if hit is not None:
-        return hit
+    hit = resolver.resolved.get(id(policy))
+    if hit is not None and hit[0] is policy and hit[1] == tuple(answers):
+        return hit[2]
     peers = list(policy.peers)
     for i, nets in zip(named, answers, strict=True):
         peers[i] = dataclasses.replace(peers[i], networks=nets)
     if len(resolver.resolved) >= 1024:
-        resolver.resolved.clear()  # old addresses, policies no longer in the config
-    resolver.resolved[key] = out = policy.with_peers(tuple(peers))
+        resolver.resolved.clear()  # policies no longer in the config
+    out = policy.with_peers(tuple(peers))
+    resolver.resolved[id(policy)] = (policy, tuple(answers), out)
     return out
 
 
