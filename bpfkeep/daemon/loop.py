@@ -50,6 +50,9 @@ class Daemon:
         self.passes = Passes(self.state)
         self._stop = False
         self._reload = False
+        # The config as load() returned it last (state.cfg keeps the listen
+        # address in use): the same file again is this object again.
+        self._loaded: config.Config | None = None
         self._ready = False  # the first reconcile is done (READY=1)
         # Made at run() (they need the config, the mount, a descriptor).
         self.inotify: Inotify | None = None
@@ -65,7 +68,7 @@ class Daemon:
     def start(self) -> None:
         """Everything up to READY=1."""
         state = self.state
-        state.cfg = config.load(state.config_path)  # a bad config at start: exit 2
+        state.cfg = self._loaded = config.load(state.config_path)  # a bad config: exit 2
         state.mount = cgroup2_mount()
         # Before anything is loaded, attached or listened on: another
         # daemon keeping this pin directory is one line and exit 69.
@@ -257,14 +260,18 @@ class Daemon:
         state = self.state
         assert self.reconciler and self.workloads and self.lookups
         try:
-            new = config.load(state.config_path)
+            new = config.load(state.config_path, previous=self._loaded)
         except config.ConfigError as e:
             log.error("reload rejected, old policies stay in force: %s", e)
             self.notifier.send(f"STATUS=reload rejected: {e}")
             return
         if new.listen != (state.cfg.listen if state.cfg else None):
             log.warning("metrics.listen changed: takes effect at the next restart")
-        state.cfg = dataclasses.replace(new, listen=state.cfg.listen if state.cfg else new.listen)
+        if new is not self._loaded or state.cfg is None:  # (the same: its rules stay indexed)
+            state.cfg = dataclasses.replace(
+                new, listen=state.cfg.listen if state.cfg else new.listen
+            )
+        self._loaded = new
         self.lookups.sources = new.runtimes
         self.workloads.ask_again()
         log.info(
