@@ -53,15 +53,21 @@ def _tables(text: str) -> dict[str, Any] | None:
         return None
     pieces = _SPLIT.split(text)  # body, header, body, header, body ...
     bodies: dict[str, dict[str, Any] | None] = {}  # body text -> its scalars
+    headers: dict[str, tuple[str | None, ...] | None] = {}  # a few distinct lines
     root: dict[str, Any] = {}
     if not _fill(root, pieces[0], bodies):
         return None
     arrays: set[int] = set()  # the arrays of tables made by [[...]] headers
     for i in range(1, len(pieces), 2):
-        m = _HEADER.fullmatch(pieces[i])
-        if m is None:
+        line = pieces[i]
+        if line in headers:
+            names = headers[line]
+        else:
+            m = _HEADER.fullmatch(line)
+            names = headers[line] = m.groups() if m is not None else None
+        if names is None:
             return None
-        name, sub, plain = m.groups()
+        name, sub, plain = names
         if plain is not None:
             if plain in root:
                 return None  # defined twice (or a key): tomllib's error
