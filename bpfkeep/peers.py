@@ -376,11 +376,11 @@ class Resolver:
         self.ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[float, tuple[Network, ...], str | None]] = {}
-        # resolve_names: id of a policy -> (the policy, its names'
-        # addresses, the policy with them): one object for every cgroup
-        # that has it.  (By identity: comparing policies with their rules
-        # costs more than resolving.)
-        self.resolved: dict[int, tuple[Policy, tuple, Policy]] = {}
+        # resolve_names: id of a policy with host names -> (the policy,
+        # which rules name hosts, their addresses, the policy with them):
+        # one object for every cgroup that has it.  (By identity: comparing
+        # policies with their rules costs more than resolving.)
+        self.resolved: dict[int, tuple[Policy, tuple[int, ...], tuple, Policy]] = {}
 
     def networks(self, name: str) -> tuple[tuple[Network, ...], str | None]:
         """(the name's addresses as /32 or /128 networks, the error if it
@@ -413,9 +413,15 @@ def resolve_names(
     """``policy`` with its host-name rules' addresses filled in (the same
     object when it has none); ``failed(name, why)`` for each that did not
     resolve (its rule then applies to nobody until it does).  The same
-    policy and addresses give the same object back: the daemon asks once
-    per cgroup, and compares what it gets with what it wrote."""
-    named = _named(policy)
+    policy object and addresses give the same object back: the daemon asks
+    once per cgroup, and compares what it gets with what it wrote."""
+    hit = resolver.resolved.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        named = hit[1]
+    else:
+        named, hit = tuple(i for i, p in enumerate(policy.peers) if p.is_name), None
+        if not named:
+            _keep(resolver, policy, (), (), policy)
     if not named:
         return policy
     answers = []
@@ -425,23 +431,20 @@ def resolve_names(
         if err and failed is not None:
             failed(name, err)
         answers.append(nets)
-    hit = resolver.resolved.get(id(policy))
-    if hit is not None and hit[0] is policy and hit[1] == tuple(answers):
-        return hit[2]
+    if hit is not None and hit[2] == tuple(answers):
+        return hit[3]
     peers = list(policy.peers)
     for i, nets in zip(named, answers, strict=True):
         peers[i] = dataclasses.replace(peers[i], networks=nets)
-    if len(resolver.resolved) >= 1024:
-        resolver.resolved.clear()  # policies no longer in the config
     out = policy.with_peers(tuple(peers))
-    resolver.resolved[id(policy)] = (policy, tuple(answers), out)
+    _keep(resolver, policy, named, tuple(answers), out)
     return out
 
 
-@functools.lru_cache(maxsize=1024)
-def _named(policy: Policy) -> tuple[int, ...]:
-    """Indexes of the peer rules that name a host."""
-    return tuple(i for i, p in enumerate(policy.peers) if p.is_name)
+def _keep(resolver: Resolver, policy: Policy, named: tuple, answers: tuple, out: Policy) -> None:
+    if len(resolver.resolved) >= 1024:
+        resolver.resolved.clear()  # policies no longer in the config
+    resolver.resolved[id(policy)] = (policy, named, answers, out)
 
 
 def policy_keys() -> set[str]:
