@@ -24,8 +24,10 @@ bench.loadtest waits) for each case:
 - ``bad``: a file with an error in its last table (rejected; the file is
   put back afterwards).
 
-Each is timed from the signal to the daemon's STATUS= (``reload``) and
-to idle again (``idle``: what the reload queued, the sweep, has run);
+Each is timed from the signal to the daemon's STATUS= (``reload``; also
+the daemon's CPU time meanwhile, every thread's schedstat: steadier on a
+shared machine) and to idle again (``idle``: what the reload queued, the
+sweep, has run);
 after each the policy hash is read back from the kernel and every
 cgroup's keepidle and peer-rule set checked against the config (a reload
 that did nothing fails the run instead of looking free).  Printed: the
@@ -98,7 +100,7 @@ class Side:
     group: str  # the cgroups' parent, relative to the session's
     ids: list[int] = field(default_factory=list)  # cgroup ids, in config order
     expected: list[int] = field(default_factory=list)  # keepidle per cgroup, as in force
-    runs: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    runs: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     ready_attach_s: float = 0.0
     ready_adopt_s: list[float] = field(default_factory=list)
     rss_mb: float = 0.0
@@ -177,8 +179,9 @@ class Run:
     def start(self, timeout: float) -> float:
         return self.d.start(timeout=timeout)
 
-    def case(self, case: str, timeout: float) -> tuple[float, float]:
-        """Send one case; (seconds to STATUS=, seconds to idle again)."""
+    def case(self, case: str, timeout: float) -> tuple[float, float, float]:
+        """Send one case; (seconds to STATUS=, seconds to idle again, the
+        daemon's CPU seconds until STATUS=)."""
         side, cfg = self.side, self.cfg
         old = list(side.expected)
         if case == "every":
@@ -197,15 +200,15 @@ class Run:
         check(side, cfg, timeout)
         return got
 
-    def hup(self, needle: str, timeout: float) -> tuple[float, float]:
+    def hup(self, needle: str, timeout: float) -> tuple[float, float, float]:
         d = self.d
         assert d.proc is not None
         wait_idle(d, timeout)
-        t0 = time.monotonic()
+        cpu0, t0 = d.cpu_ns(), time.monotonic()
         d.proc.send_signal(signal.SIGHUP)
         d.wait_message(needle, timeout)
-        status = time.monotonic() - t0
-        return status, status + wait_idle(d, timeout)
+        status, cpu = time.monotonic() - t0, (d.cpu_ns() - cpu0) / 1e9
+        return status, status + wait_idle(d, timeout), cpu
 
 
 def check(side: Side, cfg: Config, timeout: float) -> None:
@@ -329,7 +332,7 @@ def report(r: dict) -> str:
         return f"{median(xs):.3f} s ({min(xs):.3f}-{max(xs):.3f})"
 
     for case in CASES:
-        for what, k in (("reload", 0), ("until idle", 1)):
+        for what, k in (("reload", 0), ("its CPU time", 2), ("until idle", 1)):
             mine = [x[k] for x in this["runs"][case]]
             row = [f"{case}: {what}", cell(mine)]
             if other:
