@@ -79,12 +79,15 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.repo = REPO  # whose bpfkeep runs (bench.loadtest: another checkout's)
+        # What runs it: python -m bpfkeep, or a wrapper taking bpfkeep's
+        # arguments after it (bench.reload --profile: bench/profiled.py).
+        self.launcher = ["-m", "bpfkeep"]
 
     def start(self, *extra: str, timeout: float = 120) -> float:
         """Start; returns seconds from process start to READY=1."""
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, "PYTHONPATH": str(self.repo)}
         env.pop("LD_PRELOAD", None)
-        argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", self.pin_dir, "daemon"]
+        argv = [sys.executable, *self.launcher, "--pin-dir", self.pin_dir, "daemon"]
         argv += ["--config", self.config, *extra]
         self.started = time.monotonic()
         self.proc = self.session.track(

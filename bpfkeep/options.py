@@ -384,15 +384,25 @@ class Policy:
     def _key(self) -> tuple:
         # Shallow: the peers compare as Peers (whose policies compare with
         # their own ut_derived), not flattened to tuples.
-        return (*(getattr(self, f.name) for f in dataclasses.fields(self)), self.ut_derived)
+        return (*(getattr(self, name) for name in _POLICY_FIELDS), self.ut_derived)
 
     def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._key() == other._key()  # type: ignore[attr-defined]
+        return hash(self) == hash(other) and self._key() == other._key()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        # Kept once computed (the values never change): a policy with peer
+        # rules hashes every rule's policy, and the daemon looks policies
+        # up per cgroup (maps._template, peer_set) -- 10,000 times a reload.
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash(self._key())
+            object.__setattr__(self, "_hash", h)
+            return h
 
     def with_peers(self, peers: tuple) -> Policy:
         """The same values and mode with these peer rules."""
@@ -460,6 +470,9 @@ class Policy:
         if self.peers:
             d["peers"] = [p.as_dict() for p in self.peers]
         return d
+
+
+_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
 
 # --- generated C headers ------------------------------------------------

@@ -159,6 +159,28 @@ def test_root_refuses_a_config_others_can_write(tmp_path, capsys, mode, uid, exp
     check_line(["daemon", "--config", str(f), "--check"], capsys)
 
 
+def test_the_same_file_again_is_the_same_config(tmp_path):
+    """load(previous=): the same bytes and mounts give the Config back
+    unparsed; changed bytes, or other mounts, are parsed; the file is read
+    and checked each time (a file others can now write is refused even
+    with the same bytes)."""
+    f = tmp_path / "c.toml"
+    f.write_text('[[policy]]\ncgroup = "a"\nkeepidle = 30\n')
+    mounts = Mounts("/sys/fs/cgroup", ())
+    first = config.load(str(f), mounts)
+    assert config.load(str(f), mounts, previous=first) is first
+    other = config.load(str(f), Mounts("/other/cgroup2", ()), previous=first)
+    assert other is not first and other.rules == first.rules
+    f.write_text('[[policy]]\ncgroup = "a"\nkeepidle = 31\n')
+    changed = config.load(str(f), mounts, previous=first)
+    assert changed is not first and changed.rules[0].policy.keepidle == 31
+    if os.geteuid() == 0:
+        f.write_text('[[policy]]\ncgroup = "a"\nkeepidle = 30\n')
+        os.chmod(f, 0o666)
+        with pytest.raises(ConfigError, match="writable by others"):
+            config.load(str(f), mounts, previous=first)
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match=r"/no/such\.toml: cannot read"):
         config.load("/no/such.toml")

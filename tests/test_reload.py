@@ -159,6 +159,111 @@ def test_reload_changing_every_policy_is_one_write_per_cgroup_and_one_batch(
     assert d.stop() == 0
 
 
+PEER_RULES = (
+    '[[policy.peer]]\naddress = "10.20.0.0/16"\n'  # takes keepidle from its policy
+    '[[policy.peer]]\naddress = "10.30.0.0/16"\nport = "5432-5439"\nkeepidle = 300\n'
+    '[[policy.peer]]\naddress = "192.168.0.0/16"\nexempt = true\n'
+)
+
+
+def _policies_with_peers(base: str, n: int, changed: int | None = None) -> str:
+    """One [[policy]] per cgroup s<i>.service, each with PEER_RULES; the
+    one numbered ``changed`` with keepidle 34 instead of 33."""
+    return "".join(
+        rule(f"{base}/s{i}.service", keepidle=34 if i == changed else 33) + PEER_RULES
+        for i in range(n)
+    )
+
+
+def _in_kernel(pin_dir: str, ids: list[int]) -> dict[int, tuple[int, int, int, int]]:
+    """cgroup id -> (keepidle, generation, peer-rule set) as the policy hash
+    holds it, and its own storage's generation: read from the pinned maps."""
+    obj = Enforcer(pin_dir).obj_dir
+    out = {}
+    h = bpfsys.obj_get(os.path.join(obj, loader.MAP_POLICIES))
+    own = bpfsys.obj_get(os.path.join(obj, loader.MAP_POLICY))
+    try:
+        for i in ids:
+            key = struct.pack("=Q", i)
+            raw = bpfsys.map_lookup(h, key, bpfmaps.POLICY_SIZE)
+            stored = bpfsys.map_lookup(own, key, bpfmaps.POLICY_SIZE)
+            assert raw is not None and stored is not None, i
+            keepidle = bpfmaps.decode_policy(raw)[2].keepidle
+            gen, peers = bpfmaps.policy_gen_of(raw), bpfmaps.policy_peers(raw)[0]
+            out[i] = (keepidle, gen, peers, bpfmaps.policy_gen_of(stored))
+    finally:
+        os.close(h)
+        os.close(own)
+    return out
+
+
+def _peer_sets(pin_dir: str) -> dict[int, dict[int, int]]:
+    """Peer-rule set -> rule number -> its keepidle (0: exempt), from the
+    pinned rules map."""
+    fd = bpfsys.obj_get(os.path.join(Enforcer(pin_dir).obj_dir, loader.MAP_RULES))
+    try:
+        items = bpfsys.map_items(fd, bpfmaps.RULE_KEY.size, bpfmaps.RULE.size)
+    finally:
+        os.close(fd)
+    out: dict[int, dict[int, int]] = {}
+    for k, v in items:
+        values = bpfmaps.decode_rule(v)[4]
+        num = int(bpfmaps.RULE_KEY.unpack(k)["rule"])  # type: ignore[arg-type]
+        out.setdefault(bpfmaps.rule_key_set(k), {})[num] = values.keepidle if values else 0
+    return out
+
+
+def test_reload_changing_one_policy_of_many_rewrites_only_it(
+    daemon, cgroups, spawn, probes, listener, tmp_path, strace, pin_dir
+):
+    """Twelve cgroups, each with a policy of its own carrying peer rules;
+    a reload that changes one of them writes that one's storage, its hash
+    entry and its new peer-rule set, and nothing of the other eleven: read
+    back from the pinned maps, they keep their generation and their set.
+    The same file again then writes nothing."""
+    n, changed = 12, 5
+    base = cgroups.rel(cgroups.base)
+    cgs = [cgroups.make(f"s{i}.service") for i in range(n)]
+    ids = [os.stat(cg).st_ino for cg in cgs]
+    cfg = write_config(tmp_path / "c.toml", free_port(), _policies_with_peers(base, n))
+    d = daemon(cfg)
+    d.start()
+    settle(d)
+    before = _in_kernel(pin_dir, ids)
+    assert {v[0] for v in before.values()} == {33}
+    # Identical policies share one peer-rule set, written once.
+    assert len({v[2] for v in before.values()}) == 1
+    (shared,) = {v[2] for v in before.values()}
+    assert _peer_sets(pin_dir)[shared] == {1: 33, 2: 300, 3: 0}
+
+    cfg.write_text(
+        cfg.read_text().replace(
+            _policies_with_peers(base, n), _policies_with_peers(base, n, changed)
+        )
+    )
+    w = writes(reload_traced(d, strace))
+    storage = [c for c in w if "BPF_MAP_UPDATE_ELEM" in c and "BPF_EXIST" in c]
+    batches = [c for c in w if "BPF_MAP_UPDATE_BATCH" in c]
+    assert len(storage) == 1, w
+    # The policy hash (one entry), and the new set: its rules, its prefixes.
+    assert len(batches) == 3 and re.search(r"count=1\b", batches[-1]), w
+    assert not [c for c in w if "BPF_LINK_CREATE" in c], w
+    after = _in_kernel(pin_dir, ids)
+    for i, cg_id in enumerate(ids):
+        if i == changed:
+            keepidle, gen, peers, own_gen = after[cg_id]
+            assert keepidle == 34 and gen != before[cg_id][1] and own_gen == gen
+            assert peers != shared and _peer_sets(pin_dir)[peers] == {1: 34, 2: 300, 3: 0}
+        else:
+            assert after[cg_id] == before[cg_id], i
+    assert keepidle_of_new_connection(spawn, probes, cgs[changed], listener) == 34
+    assert keepidle_of_new_connection(spawn, probes, cgs[0], listener) == 33
+
+    assert writes(reload_traced(d, strace)) == []
+    assert _in_kernel(pin_dir, ids) == after
+    assert d.stop() == 0
+
+
 def _edit(fd: int, cg_id: int, keepidle: int, flags: int) -> None:
     """Change one policy map entry the way bpftool map update would."""
     key = struct.pack("=Q", cg_id)

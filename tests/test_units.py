@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bpfkeep import options
+from bpfkeep import peers as bpfkeep_peers
 from bpfkeep.cli import build_parser, policy_from_args
 from bpfkeep.errors import EnvironmentProblem, UsageError
 from bpfkeep.kernel.cgroups import Mounts, read_mounts, resolve
@@ -191,6 +192,41 @@ def test_policy_round_trips_through_map_encoding():
     # The derived value written out is the operator's: fixed, another policy.
     fixed = Policy.from_mapping(p.as_dict())
     assert fixed != p and not bpfmaps.policy_flags(fixed) & bpfmaps.F_UT_DERIVED
+
+
+def test_an_update_is_encoded_as_encode_policy_would():
+    """maps.updated_policy (a template per policy and old value, given each
+    cgroup's id and generation) against encode_policy for the same update:
+    active or not, nesting flags, old values that differ or not, peer rules."""
+    a = Policy.from_mapping({"keepidle": 60, "mode": "enforce"})
+    b = Policy.from_mapping({"keepidle": 61, "mode": "enforce"})
+    c = b.with_peers(
+        bpfkeep_peers.build({"keepidle": 61}, [{"address": "10.0.0.0/8", "keepidle": 300}])
+    )
+    nest = bpfmaps.F_HAS_ANCESTOR
+    olds = [
+        bpfmaps.encode_policy(7, a, level=2, managed=True, gen=5, nesting=nest),
+        bpfmaps.encode_policy(7, a, level=2, managed=True, gen=5, active=False),
+        bpfmaps.encode_policy(7, b, level=2, managed=True, gen=5),
+        bpfmaps.encode_policy(7, c, level=2, managed=True, gen=5, prev=a),
+    ]
+    for old in olds:
+        for new in (a, b, c):
+            for cg_id, gen in ((7, 99), (1 << 40, 1)):
+                flags = bpfmaps.policy_raw_flags(old)
+                active = bool(flags & bpfmaps.F_ACTIVE)
+                want = bpfmaps.encode_policy(
+                    cg_id,
+                    new,
+                    level=2,
+                    managed=True,
+                    gen=gen,
+                    nesting=flags & bpfmaps.F_NESTING,
+                    prev=bpfmaps.decode_policy(old)[2] if active else None,
+                    prev_peers=bpfmaps.policy_peers(old)[0] if active else 0,
+                )
+                got = bpfmaps.updated_policy(cg_id, new, old, level=2, managed=True, gen=gen)
+                assert got == want
 
 
 def test_legacy_policy_layout_still_decodes():

@@ -125,17 +125,8 @@ class Writer:
         # Where the other policies are has not changed (attach and detach
         # keep the flags); the old values are what the sockets carry until
         # the sweep: recognised as bpfkeep's on sockets without a record.
-        flags = maps.policy_raw_flags(old)
-        active = bool(flags & maps.F_ACTIVE)
-        value = maps.encode_policy(
-            cg.id,
-            policy,
-            level=cg.level,
-            managed=managed,
-            gen=maps.fresh_gen(),
-            nesting=flags & maps.F_NESTING,
-            prev=maps.decode_policy(old)[2] if active else None,
-            prev_peers=maps.policy_peers(old)[0] if active else 0,
+        value = maps.updated_policy(
+            cg.id, policy, old, level=cg.level, managed=managed, gen=maps.fresh_gen()
         )
         self.put_peers(policy)
         try:

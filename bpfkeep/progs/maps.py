@@ -418,6 +418,42 @@ _PREV = POLICY.span("prev", "pad")
 _PREV_PEERS = POLICY.span("prev_peers")
 
 
+_GEN = POLICY.span("gen")
+
+
+def updated_policy(
+    cgroup_id: int, policy: Policy, old: bytes, *, level: int, managed: bool, gen: int
+) -> bytes:
+    """The bk_policy value that puts ``policy`` in place of ``old`` (the
+    cgroup's value as its storage holds it): the nesting flags kept (where
+    the other policies are has not changed), the old values as prev[] if
+    it was active (what the sockets carry until the sweep), generation
+    ``gen``.  The bytes encode_policy gives for that, encoded once per
+    distinct (policy, old values) and given each cgroup's id and generation:
+    a reload changing 10,000 policies to the same one encodes one."""
+    neutral = old[: _CGROUP.start] + bytes(8) + old[_CGROUP.stop :]
+    neutral = neutral[: _GEN.start] + bytes(4) + neutral[_GEN.stop :]
+    t = _update_template(policy, level, managed, neutral)
+    t = t[: _CGROUP.start] + struct.pack("=Q", cgroup_id) + t[_CGROUP.stop :]
+    return t[: _GEN.start] + struct.pack("=I", gen) + t[_GEN.stop :]
+
+
+@functools.lru_cache(maxsize=1024)
+def _update_template(policy: Policy, level: int, managed: bool, old: bytes) -> bytes:
+    flags = policy_raw_flags(old)
+    active = bool(flags & F_ACTIVE)
+    return encode_policy(
+        0,
+        policy,
+        level=level,
+        managed=managed,
+        gen=0,
+        nesting=flags & F_NESTING,
+        prev=decode_policy(old)[2] if active else None,
+        prev_peers=policy_peers(old)[0] if active else 0,
+    )
+
+
 def keep_prev(value: bytes, old: bytes) -> bytes:
     """``value`` with ``old``'s prev[] and its F_PREV and F_SWEPT flags:
     the same values again leave the sockets as they were (what they
