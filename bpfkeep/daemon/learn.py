@@ -67,8 +67,9 @@ class Learner:
         self.ring: RingBuffer | None = None
         self.events_seen = 0
         # The last look at each connection: (netns, cookie) -> (when, ms
-        # since data sent, since data received, since heard from).
-        self._seen: dict[tuple[int, int], tuple[float, int, int, int]] = {}
+        # since data sent, since data received, since heard from; its
+        # keepidle, the longest its timer has shown).
+        self._seen: dict[tuple[int, int], tuple[float, int, int, int, float]] = {}
         self.at_risk: dict[tuple[str, str], int] = {}  # (cgroup, peer) -> connections
         self.cost = 0.0  # CPU seconds of the last look
         # The offset between the kernel map's epoch seconds and monotonic.
@@ -247,17 +248,20 @@ class Learner:
                 heard = min(recv, ack)
                 owner = sc.owner_of_cgroup.get(cg)
                 address16 = sockdiag.mapped(fam, dst)
-                seen[(ns, cookie)] = (now, sent, recv, heard)
                 prev = self._seen.get((ns, cookie))
+                # The keepalive timer shows keepidle (time since heard +
+                # time to the next probe) between probes, and keepintvl
+                # just after one: the longest it showed is the keepidle.
+                keepidle = (expires + heard) / 1000 if timer == TIMER_KEEPALIVE else 0.0
+                keepidle = max(keepidle, prev[4] if prev else 0.0)
+                seen[(ns, cookie)] = (now, sent, recv, heard, keepidle)
                 if owner is not None and learns and prev is not None:
-                    keepidle = (expires + heard) / 1000 if timer == TIMER_KEEPALIVE else 0.0
                     self._look(owner, address16, dport, prev, now, times, keepidle)
                 known = limits.of(owner, address16, dport)
                 if known is None or timer in (TIMER_RETRANSMIT, TIMER_PROBE0):
                     continue  # no limit known, or its keepalive hidden by a busy timer
                 keepalive = timer == TIMER_KEEPALIVE
-                keepidle = (expires + heard) / 1000 if keepalive else None
-                if learning.at_risk(known, keepalive, keepidle):
+                if learning.at_risk(known, keepalive, keepidle if keepalive else None):
                     where = (owner if owner is not None else -cg, known.label)
                     risk[where] = risk.get(where, 0) + 1
         self._seen = seen
@@ -268,14 +272,14 @@ class Learner:
         owner: int,
         address16: bytes,
         port: int,
-        prev: tuple[float, int, int, int],
+        prev: tuple[float, int, int, int, float],
         now: float,
         times: sockdiag.Times,
         keepidle: float,
     ) -> None:
         """Compare a connection with the last look at it (times in ms ago;
         ``keepidle``: its own, as its timer shows it, 0 if not armed)."""
-        t1, sent1, recv1, heard1 = prev
+        t1, sent1, recv1, heard1, _ = prev
         sent, recv, ack, _expires = times
         heard = min(recv, ack)
         dt = (now - t1) * 1000
@@ -378,14 +382,15 @@ class Learner:
         lower = {k: old for k, old in changed.items() if self.paths[k].written < old}
         if lower:
             self._sweep(lower)
+            self._seen = {}  # the keepidle each timer showed is no more
 
     def _value(self, t: Tracked) -> maps.Learned:
         p = t.path
         return maps.Learned(
             keepidle=p.keepidle(),
             limit=int(p.limit or 0),
-            upper_ms=int((p.upper or 0) * 1000),
-            lower_ms=int(p.lower * 1000),
+            upper_ms=round((p.upper or 0) * 1000),
+            lower_ms=round(p.lower * 1000),
             upper_at=int(p.upper_at + self._epoch) if p.upper is not None else 0,
             losses=p.losses,
             ignored=p.ignored,
