@@ -246,6 +246,40 @@ def map_items(
         first = False
 
 
+def map_items_raw(
+    fd: int, key_size: int, value_size: int, chunk: int = 4096
+) -> tuple[bytes, bytes]:
+    """Every key and value of a hash map as two byte strings (keys, values:
+    fixed-size records back to back), BPF_MAP_LOOKUP_BATCH: for callers
+    that decode tens of thousands of entries with struct.iter_unpack
+    rather than a pair of bytes objects each."""
+    keys_out, values_out = [], []
+    token = ctypes.create_string_buffer(8)
+    first = True
+    chunk = max(1, chunk)
+    while True:
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        count = ctypes.c_uint32(chunk)
+        ret = _lib().bpf_map_lookup_batch(
+            fd, None if first else token, token, keys, values, count, None
+        )
+        err = 0 if ret >= 0 else (-ret if ret != -1 else ctypes.get_errno())
+        if err == errno.ENOSPC and chunk < 1 << 20:
+            chunk *= 4  # one bucket holds more than a chunk: retry bigger
+            continue
+        if err and err != errno.ENOENT:
+            if first and err in _NO_BATCH:
+                pairs = map_items(fd, key_size, value_size)
+                return b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs)
+            _check(ret, "map lookup batch")
+        keys_out.append(ctypes.string_at(keys, key_size * count.value))
+        values_out.append(ctypes.string_at(values, value_size * count.value))
+        if err == errno.ENOENT:  # the end of the map
+            return b"".join(keys_out), b"".join(values_out)
+        first = False
+
+
 def enable_stats() -> int:
     """BPF_ENABLE_STATS (run time): every program counts its runs and the
     time spent in them while the returned fd stays open (Linux 5.8+)."""
