@@ -129,3 +129,10 @@ def keep_entry(policy: Policy) -> Make:
 
 def read_entry(target: Target, _defaults: dict[str, int]) -> maps.SweepEntry:
     return maps.SweepEntry(0, maps.SWEEP_READ)
+
+
+# Their items depend only on the owner, the socket's state and whether it
+# is held, for owners whose values do not depend on the peer: the sweep
+# makes and encodes one per kind, not one per socket (engine.Sweep).
+apply_entry.by_kind = True  # type: ignore[attr-defined]
+read_entry.by_kind = True  # type: ignore[attr-defined]
