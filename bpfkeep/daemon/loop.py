@@ -96,6 +96,7 @@ class Daemon:
                 self.start()
                 assert self.state.cfg and self.inotify and self.lookups
                 self.notifier.send(f"READY=1\nSTATUS={self._status()}")
+                self.passes.start()  # sweeps run from now on, on a thread of their own
                 log.info(
                     "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
                     self.state.table.count(OURS),
@@ -105,6 +106,7 @@ class Daemon:
                 self._loop(rfd)
             finally:
                 signal.set_wakeup_fd(-1)
+                self.passes.stop()
                 if self.lookups is not None:
                     self.lookups.close()
             self._exit()
@@ -131,7 +133,7 @@ class Daemon:
                 sched.at("watchdog", now + wd_every)  # type: ignore[operator]
             if sched.due("audit", now):
                 self._audit()
-                self._plan_audit(time.monotonic() + self.passes.every())
+                self._plan_audit(time.monotonic() + self.passes.cadence())
             if sched.due("names", now):
                 self._guard("resolving peer host names", self.reconciler.refresh_names)
                 self._plan_names()
@@ -253,7 +255,7 @@ class Daemon:
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.
         self._plan_audit(
-            time.monotonic() + (self.passes.every() if self.passes.audit_cost else FIRST_AUDIT)
+            time.monotonic() + (self.passes.cadence() if self.passes.audit_cost else FIRST_AUDIT)
         )
 
     def _status(self) -> str:
@@ -342,6 +344,7 @@ class Daemon:
             ),
             workloads=workloads,
             workload_labels=cfg.workload_labels if cfg else "container",
+            sweep_backlog=self.passes.backlog(),
         )
 
 

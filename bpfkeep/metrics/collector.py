@@ -54,6 +54,9 @@ class Snapshot:
     # wait before the next pass it leads to (None: no pass yet, audits off).
     audit_cpu_seconds: float | None = None
     audit_every_seconds: float | None = None
+    # Sweeps asked for (new cgroups, reloads, changed policies) and not done
+    # yet (None: the daemon does not say).
+    sweep_backlog: int | None = None
 
 
 Samples = Iterable[tuple[tuple[str, ...], float]]  # (label values after cgroup, value)
@@ -305,8 +308,16 @@ def _daemon(snap: Snapshot) -> Iterator:
     if snap.audit_every_seconds is not None:
         yield GaugeMetricFamily(
             "bpfkeep_audit_interval_seconds",
-            "Seconds between periodic sweep and audit passes now: audit_interval, "
-            "or 1000 times the last pass's CPU time when longer (a pass takes at "
-            "most ~0.1 % of a CPU however many sockets the host has)",
+            "Seconds a whole periodic sweep and audit pass takes now: audit_interval, "
+            "or 1000 times the CPU time a whole pass needs when longer (the passes "
+            "take ~0.1 % of a CPU however many sockets the host has; namespaces of "
+            "owners that cost little are swept every audit_interval regardless)",
             value=snap.audit_every_seconds,
+        )
+    if snap.sweep_backlog is not None:
+        yield GaugeMetricFamily(
+            "bpfkeep_sweep_backlog",
+            "Sweeps of existing sockets asked for and not done yet (new cgroups, "
+            "reloads, changed policies): network namespaces and requests waiting",
+            value=snap.sweep_backlog,
         )
