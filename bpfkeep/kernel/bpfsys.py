@@ -162,6 +162,12 @@ def map_delete(fd: int, key: bytes) -> bool:
     return True
 
 
+def map_empty(fd: int, key_size: int) -> bool:
+    """Whether a hash map holds nothing (one bpf() call, a key's buffer)."""
+    nxt = ctypes.create_string_buffer(key_size)
+    return _lib().bpf_map_get_next_key(fd, None, nxt) != 0
+
+
 def map_keys(fd: int, key_size: int) -> list[bytes]:
     keys: list[bytes] = []
     prev = None

@@ -52,7 +52,10 @@ def of_processes(
         own = None
     for pid in pids:
         try:
-            tids = [int(t) for t in os.listdir(f"{proc}/{pid}/task")]
+            # /proc/PID/task has a link per thread, besides . and ..: one
+            # thread (most processes) needs no listing.
+            st = os.stat(f"{proc}/{pid}/task")
+            tids = [pid] if st.st_nlink == 3 else [int(t) for t in os.listdir(f"{proc}/{pid}/task")]
         except (OSError, ValueError):
             tids = [pid]  # gone, or a /proc without task/: the process's own
         for tid in tids:

@@ -553,6 +553,18 @@ class SweepEntry:
 SWEEP_RESULT = struct.Struct(SWEEP.view("result", "applied", "failed"))
 
 
+_FAILED = SWEEPSTATS.span("failed")
+_TALLY = struct.Struct(SWEEPSTATS.view("swept", "app_own"))
+
+
+def sweepstats_tally(raw: bytes) -> tuple[int, int, int]:
+    """(swept, kept the program's own, refusals of any option) of one
+    policy's sweep counters, without building SweepStats."""
+    swept, app_own = _TALLY.unpack_from(raw)
+    refused = sum(memoryview(raw[_FAILED]).cast("Q"))
+    return swept, app_own, refused
+
+
 def undo_flags(option_keys: list[str]) -> int:
     """bk_sweep.in_flags bits asking the UNDO action to reset these options."""
     index = {o.key: i for i, o in enumerate(BPF_OPTIONS)}

@@ -139,23 +139,27 @@ def scope(roots: Iterable[Cgroup], attached: set[int], *, owner: int | None = No
     owners: dict[int, int] = {}
     pids: dict[int, int] = {}
     for root in roots:
-        owner_at: dict[str, int] = {}
-        for dirpath, _dirs, _files in os.walk(root.path):
+        top = root.id if owner is None else owner
+        # (path, cgroup id, its owner): on cgroup2 a directory entry's
+        # inode number is the cgroup id, so the listing gives the ids of
+        # the children (no stat a cgroup: 600 of them every pass).
+        stack = [(root.path, root.id, root.id if root.id in attached else top)]
+        while stack:
+            path, cg_id, own = stack.pop()
+            owners[cg_id] = own
             try:
-                ino = os.stat(dirpath).st_ino
-            except OSError:
-                continue
-            parent = os.path.dirname(dirpath)
-            top = root.id if owner is None else owner
-            own = ino if ino in attached else owner_at.get(parent, top)
-            owner_at[dirpath] = own
-            owners[ino] = own
-            try:
-                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                with open(os.path.join(path, "cgroup.procs")) as f:
                     for pid in f.read().split():
                         pids[int(pid)] = own
+                if os.stat(path).st_nlink <= 2:
+                    continue  # no child cgroup: no listing of its 20 files
+                with os.scandir(path) as it:
+                    for d in it:
+                        if d.is_dir(follow_symlinks=False):
+                            child = d.inode()
+                            stack.append((d.path, child, child if child in attached else own))
             except OSError:
-                continue
+                continue  # removed meanwhile
     return Scope(owners, pids)
 
 
@@ -469,6 +473,8 @@ def sweep(
     one go (the commands; the daemon runs a Sweep a namespace at a time)."""
     if count:
         sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
+    with lock():
+        sweeper.clear()  # what a sweep that died midway left
     entered = netns.Entered("bpfkeep-sweep")
     try:
         s = Sweep(

@@ -97,6 +97,8 @@ class Apply:
             if self.gens:
                 with pins.lock():  # a detach deletes the counters: not made again after it
                     sw.prepare_stats(o for o in self.gens if self.writer.raw_policy(o))
+                with pins.worklist_lock():
+                    sw.clear()  # what a sweep that died midway left
             self.sweep = Sweep(
                 sw,
                 sc,
