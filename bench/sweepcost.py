@@ -26,10 +26,11 @@ them all under it, as the periodic backstop does: those are the figure
 - ours: the rest (decoding, work items, the work list).
 
 Each namespace's walk is a walk of the host's whole TCP table unless the
-namespace has one of its own (``net.ipv4.tcp_child_ehash_entries``, set
-before it is made): its cost is printed per namespace too.  The workloads
-are made with the host's setting (``--child-ehash N`` sets it for the 200
-namespaces only, and puts it back).
+namespace has one of its own (``net.ipv4.tcp_child_ehash_entries`` of the
+namespace it was made from): its cost is printed per namespace too.  The
+200 namespaces are made from the host's (shared table), or with
+``--child-ehash N`` from a namespace of the bench's own with that setting
+(tables of N buckets; the host's setting is not touched).
 
 Everything made is removed at the end, also after a failure.
 """
@@ -170,6 +171,16 @@ class Workload:
         )
         return name
 
+    def hold_apart(self, cgroup: str, connections: int, parent: str | None) -> None:
+        """connloop hold in ``cgroup`` and a network namespace of its own
+        (unshare), made from ``parent``'s (a named one) or the host's."""
+        script = f"ip link set lo up && exec {self.connloop} hold -n {connections}"
+        argv = ["unshare", "-n", "sh", "-c", script]
+        if parent is not None:
+            argv = ["ip", "netns", "exec", parent, *argv]
+        p = self.session.track(spawn(argv, cgroup=cgroup))
+        Lines(p).expect("held ", timeout=120)
+
     def hold(self, cgroup: str, ns: str, connections: int) -> None:
         """connloop hold in ``cgroup`` and ``ns``: 2 sockets a connection,
         at most 10,000 connections a process (its file limit)."""
@@ -189,24 +200,6 @@ class Workload:
     def _remove_netns(self) -> None:
         for name in list(self.netns):
             self.remove(name)
-
-
-@contextlib.contextmanager
-def child_ehash(entries: int | None):
-    """net.ipv4.tcp_child_ehash_entries while namespaces are made, put back."""
-    if entries is None:
-        yield
-        return
-    path = "/proc/sys/net/ipv4/tcp_child_ehash_entries"
-    with open(path) as f:
-        before = f.read().strip()
-    with open(path, "w") as f:
-        f.write(str(entries))
-    try:
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(before)
 
 
 def measure(session: Session, paths: list[str], sockets: int, versions, rounds: int) -> dict:
@@ -318,10 +311,16 @@ def run(args: argparse.Namespace) -> dict:
             parent = session.cgroup("many")
             log(f"sweepcost: {args.spread} sockets over {args.netns} namespaces ...")
             per_ns = args.spread // args.netns
-            with child_ehash(args.child_ehash):
-                names = [w.namespace(1 + i) for i in range(args.netns)]
-            for i, ns in enumerate(names):
-                w.hold(session.cgroup(f"many/c{i:03d}"), ns, per_ns // 2)
+            parent = None
+            if args.child_ehash:
+                parent = w.namespace(1)
+                subprocess.run(
+                    ["ip", "netns", "exec", parent, "sysctl", "-qw",
+                     f"net.ipv4.tcp_child_ehash_entries={args.child_ehash}"],
+                    check=True,
+                )  # fmt: skip
+            for i in range(args.netns):
+                w.hold_apart(session.cgroup(f"many/c{i:03d}"), per_ns // 2, parent)
             results["many"] = measure(session, [parent], args.spread, versions, args.rounds)
             results["many"]["sockets"], results["many"]["namespaces"] = args.spread, args.netns
     return results
@@ -392,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--child-ehash",
         type=int,
         metavar="N",
-        help="make the 200 namespaces with tables of their own (tcp_child_ehash_entries)",
+        help="make the 200 namespaces with TCP tables of N buckets of their own "
+        "(from a namespace whose tcp_child_ehash_entries is N)",
     )
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every sample")
     args = p.parse_args(argv)
