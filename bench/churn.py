@@ -47,6 +47,7 @@ from bench.common import (
     stop,
 )
 from bench.daemonbench import Daemon, free_port
+from bench.nsload import _threads, thread_cpu
 
 POLICY = 'mode = "enforce"\nkeepidle = 60\nkeepintvl = 10\nkeepcnt = 6\n'
 TARGET_S = 0.5
@@ -101,6 +102,7 @@ def run_once(session: Session, connloop: str, repo: Path, args, tag: str) -> dic
     out: dict = {"daemon_from": str(repo), "cgroups": n, "wall_s": wall}
     out["backlog_after"] = backlog(d)
     out["cpu_s"] = (d.cpu_ns() - cpu0) / 1e9
+    out["threads_cpu_s"] = thread_cpu(d.proc.pid)  # type: ignore[union-attr]
     done.set()
     sampler.join()
     rss.append((time.monotonic() - t0, d.rss_mb()))
@@ -149,6 +151,8 @@ def report(results: dict[str, dict], args) -> str:
 
     row("daemon RSS MB: before / max / after", rss)
     row("daemon CPU s (over the churn + 10 s)", lambda r: f"{r['cpu_s']:.1f} ({r['wall_s']:.0f} s)")
+    row("daemon CPU by thread, s", lambda r: _threads(r["threads_cpu_s"]))
+    row("daemon RSS MB every 5 s", lambda r: " ".join(f"{m:.1f}" for _, m in r["rss_mb"]))
     row("sweeps left 10 s after (bpfkeep_sweep_backlog)", lambda r: (
         "-" if r["backlog_after"] is None else f"{r['backlog_after']:.0f}"))  # fmt: skip
     return "\n".join(lines)

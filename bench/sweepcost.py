@@ -311,16 +311,16 @@ def run(args: argparse.Namespace) -> dict:
             parent = session.cgroup("many")
             log(f"sweepcost: {args.spread} sockets over {args.netns} namespaces ...")
             per_ns = args.spread // args.netns
-            parent = None
+            made_from = None  # the namespace the 200 are made from (None: the host's)
             if args.child_ehash:
-                parent = w.namespace(1)
+                made_from = w.namespace(1)
                 subprocess.run(
-                    ["ip", "netns", "exec", parent, "sysctl", "-qw",
+                    ["ip", "netns", "exec", made_from, "sysctl", "-qw",
                      f"net.ipv4.tcp_child_ehash_entries={args.child_ehash}"],
                     check=True,
                 )  # fmt: skip
             for i in range(args.netns):
-                w.hold_apart(session.cgroup(f"many/c{i:03d}"), per_ns // 2, parent)
+                w.hold_apart(session.cgroup(f"many/c{i:03d}"), per_ns // 2, made_from)
             results["many"] = measure(session, [parent], args.spread, versions, args.rounds)
             results["many"]["sockets"], results["many"]["namespaces"] = args.spread, args.netns
     return results
