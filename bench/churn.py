@@ -4,7 +4,8 @@
 
 A rule ``cgroup = "<base>/churn/*"`` (enforce, 60/10/6, audit every 15 s).
 RATE new cgroups a second for SECONDS (``connloop cgchurn``): the moment
-each is made a process joins it and connects to a listener elsewhere (so,
+each is made a process joins it and connects to a listener elsewhere
+(which closes what it accepts: the host's sockets do not pile up) (so,
 mostly, before the daemon has attached the cgroup: only a sweep covers
 that connection), then reads its own socket every millisecond until it
 has keepalive on with keepidle 60; it holds the connection a second and
@@ -25,7 +26,9 @@ Everything made is removed at the end, also after a failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -37,16 +40,13 @@ from bench.common import (
     BUILD,
     REPO,
     BenchError,
-    Lines,
     Session,
     build_connloop,
     checkout,
     log,
     quantile,
-    spawn,
-    stop,
 )
-from bench.daemonbench import Daemon, free_port
+from bench.daemonbench import Daemon
 from bench.nsload import _threads, thread_cpu
 
 POLICY = 'mode = "enforce"\nkeepidle = 60\nkeepintvl = 10\nkeepcnt = 6\n'
@@ -62,12 +62,34 @@ def backlog(d: Daemon) -> float | None:
     return None
 
 
+class Server:
+    """A listener (in the bench's own cgroup) that closes what it accepts:
+    the host's sockets do not pile up over the run (each would be in every
+    dump of the host's namespace, and in the daemon's RSS through them)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                conn.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
 def run_once(session: Session, connloop: str, repo: Path, args, tag: str) -> dict:
     base = session.cgroup(f"churn-{tag}")
-    server_cg = session.cgroup(f"server-{tag}")
-    port = free_port()
-    server = session.track(spawn([connloop, "serve", "127.0.0.1", str(port)], cgroup=server_cg))
-    Lines(server).expect("ready")
+    server = Server()
+    session.defer(server.close)
+    port = server.port
     d = Daemon(session, f"{session.rel(base)}/*", pin_dir=f"{session.pin_dir}-{tag}")
     d.repo = repo
     from bpfkeep.enforcer import Enforcer
@@ -115,7 +137,6 @@ def run_once(session: Session, connloop: str, repo: Path, args, tag: str) -> dic
             uncovered += 1
     out["covered_s"], out["uncovered"] = covered, uncovered
     d.stop()
-    stop(server)
     log(f"churn: {len(covered)} covered, {uncovered} not, daemon CPU {out['cpu_s']:.1f} s")
     return out
 

@@ -127,6 +127,9 @@ class Passes:
         try:
             cov = established_coverage()
             missing = [i for i in cov if i not in self._paths]
+            # Only the cgroups with sockets now: under churn the ids of
+            # cgroups long removed piled up (ids are not reused).
+            self._paths = {i: rel for i, rel in self._paths.items() if i in cov}
             if missing:
                 for cg_id, cg in by_ids(missing, self.state.mount).items():
                     self._paths[cg_id] = cg.rel
