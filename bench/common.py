@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
+BUILD = BENCH / "out" / "build"  # connloop for the benches run on their own
 LIBKEEPALIVE_CANDIDATES = ("/usr/lib/libkeepalive.so.0", "/usr/lib/libkeepalive.so")
 CLONE_NEWNET = 0x40000000
 
@@ -375,6 +376,35 @@ class Session:
 
         bpfsys.prog_attach(prog, cgfd, bpfsys.BPF_CGROUP_SOCK_OPS, bpfsys.BPF_F_ALLOW_MULTI)
         self.defer(undo)
+
+
+def checkout(session: Session, ref: str) -> Path:
+    """Another commit of this repository, checked out in a temporary
+    ``git worktree`` (removed with the session): to run its daemon or its
+    sweep beside this one's."""
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="bpfkeep-bench-against-"))
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(dest), ref],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise BenchError(f"cannot check out {ref}: {proc.stderr.strip()}")
+
+    def remove() -> None:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(dest)],
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(dest, ignore_errors=True)
+
+    session.defer(remove)
+    return dest
 
 
 @contextlib.contextmanager

@@ -24,6 +24,16 @@
  *   connloop serve ADDR PORT
  *       Listen, print "ready", accept connections and keep them until
  *       stdin closes.
+ *   connloop cgchurn DIR PORT -n N (-r PER_SECOND | -e MS) [--want OPT=VAL]...
+ *                    [--hold MS]
+ *       N times, PER_SECOND a second (or every MS): make the cgroup
+ *       DIR/cNNNNNN (printing "made i=I t=MONOTONIC"), and a child process
+ *       joins it and connects at once to 127.0.0.1:PORT, then reads its
+ *       socket's options every millisecond until each --want holds
+ *       (keepalive=1 if none given): "covered i=I us=MICROSECONDS" from
+ *       the connect's return, or "uncovered i=I" after 5 s; it holds the
+ *       connection --hold MS (1000) and exits, and the cgroup is removed.
+ *       Ends with "done n=N covered=C".
  *
  * --set applies OPT=VAL with setsockopt to the client socket before
  * connect() and to the listener before listen() (accepted sockets inherit
@@ -50,9 +60,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <fcntl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -99,7 +111,9 @@ static void usage(void)
 		"       connloop hold -n N [--set ...]\n"
 		"       connloop deadpeer ADDR PORT [--send BYTES] [--set "
 		"...]\n"
-		"       connloop serve ADDR PORT\n");
+		"       connloop serve ADDR PORT\n"
+		"       connloop cgchurn DIR PORT -n N (-r PER_SECOND | -e MS) "
+		"[--want OPT=VAL]... [--hold MS]\n");
 	exit(2);
 }
 
@@ -445,9 +459,114 @@ static int cmd_serve(const char *host, long port)
 	}
 }
 
+/* cgchurn: one child, in a new cgroup, connecting at once; 0 if its
+ * socket came to carry every wanted value within 5 s. */
+static int churn_child(const char *cg, long i, long port, long hold_ms)
+{
+	char path[4096], pid[32];
+	struct sockaddr_in a;
+	double t0, t;
+	int fd, pfd, n;
+
+	snprintf(path, sizeof(path), "%s/cgroup.procs", cg);
+	pfd = open(path, O_WRONLY);
+	n = snprintf(pid, sizeof(pid), "%d", (int)getpid());
+	if (pfd < 0 || write(pfd, pid, (size_t)n) != n)
+		die("joining the cgroup");
+	close(pfd);
+	fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		die("socket");
+	make_addr("127.0.0.1", port, &a);
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)))
+		die("connect");
+	t0 = now();
+	for (t = t0; t - t0 < 5.0; t = now()) {
+		int ok = 1;
+
+		for (int i = 0; i < nsets && ok; i++) {
+			int v = -1;
+			socklen_t len = sizeof(v);
+
+			if (getsockopt(fd, sets[i].opt->level,
+				       sets[i].opt->optname, &v, &len) ||
+			    v != sets[i].val)
+				ok = 0;
+		}
+		if (ok) {
+			printf("covered i=%ld us=%.0f\n", i, (t - t0) * 1e6);
+			fflush(stdout);
+			usleep((useconds_t)(hold_ms * 1000));
+			return 0;
+		}
+		usleep(1000);
+	}
+	return 1;
+}
+
+static int cmd_cgchurn(const char *dir, long port, long n, long rate,
+		       long every_ms, long hold_ms)
+{
+	double start = now(),
+	       interval = every_ms > 0 ? every_ms / 1000.0 : 1.0 / (double)rate;
+	char(*cgs)[4096] = calloc((size_t)n, sizeof(*cgs));
+	pid_t *kids = calloc((size_t)n, sizeof(*kids));
+	long made = 0, left = 0, covered = 0;
+
+	if (!cgs || !kids)
+		die("calloc");
+	if (!nsets)
+		add_set("keepalive=1");
+	while (made < n || left) {
+		int status;
+		pid_t got;
+
+		while ((got = waitpid(-1, &status, WNOHANG)) > 0) {
+			for (long i = 0; i < made; i++) {
+				if (kids[i] != got)
+					continue;
+				kids[i] = 0;
+				if (WIFEXITED(status) && !WEXITSTATUS(status)) {
+					covered++;
+				} else {
+					printf("uncovered i=%ld\n", i);
+				}
+				while (rmdir(cgs[i]) && errno == EBUSY)
+					usleep(1000); /* the child's exit
+							 settles */
+				left--;
+			}
+		}
+		if (made < n && now() >= start + (double)made * interval) {
+			pid_t kid;
+
+			snprintf(cgs[made], sizeof(cgs[made]), "%s/c%06ld", dir,
+				 made);
+			if (mkdir(cgs[made], 0755))
+				die("mkdir");
+			printf("made i=%ld t=%.6f\n", made, now());
+			kid = fork();
+			if (kid < 0)
+				die("fork");
+			if (kid == 0)
+				_exit(churn_child(cgs[made], made, port,
+						  hold_ms));
+			kids[made++] = kid;
+			left++;
+			continue;
+		}
+		usleep(500);
+	}
+	printf("done n=%ld covered=%ld\n", n, covered);
+	free(cgs);
+	free(kids);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	long n = 20000, warmup = 500, rate = 0, seconds = 0, send_bytes = 0;
+	long every_ms = 0, hold_ms = 1000;
 	const char *pos[2] = {NULL, NULL};
 	int npos = 0;
 
@@ -457,8 +576,13 @@ int main(int argc, char **argv)
 	for (int i = 2; i < argc; i++) {
 		const char *a = argv[i];
 
-		if (i + 1 < argc && !strcmp(a, "--set"))
+		if (i + 1 < argc &&
+		    (!strcmp(a, "--set") || !strcmp(a, "--want")))
 			add_set(argv[++i]);
+		else if (i + 1 < argc && !strcmp(a, "-e"))
+			every_ms = number(argv[++i]);
+		else if (i + 1 < argc && !strcmp(a, "--hold"))
+			hold_ms = number(argv[++i]);
 		else if (i + 1 < argc && !strcmp(a, "-n"))
 			n = number(argv[++i]);
 		else if (i + 1 < argc && !strcmp(a, "-w"))
@@ -490,6 +614,10 @@ int main(int argc, char **argv)
 		return cmd_deadpeer(pos[0], number(pos[1]), send_bytes);
 	if (!strcmp(argv[1], "serve") && npos == 2)
 		return cmd_serve(pos[0], number(pos[1]));
+	if (!strcmp(argv[1], "cgchurn") && npos == 2 && n > 0 &&
+	    (rate > 0 || every_ms > 0))
+		return cmd_cgchurn(pos[0], number(pos[1]), n, rate, every_ms,
+				   hold_ms);
 	usage();
 	return 2;
 }

@@ -270,6 +270,9 @@ struct bk_counters {
 /* APPLY on a listener (of a policy whose values depend on the peer: its
  * own values off it, to val[] as UNDO does) */
 #define BK_SWI_LISTEN 0x20
+/* The caller only counts: the values in force afterwards and the record
+ * are not read back (val[], rec_*: left as they were) */
+#define BK_SWI_QUIET 0x40
 /* UNDO: bit (BK_SWI_RESET_SHIFT + option index) asks to reset that option
  * to val[option index] */
 #define BK_SWI_RESET_SHIFT 16
@@ -319,7 +322,7 @@ struct bk_sweepstats {
 
 #define BK_MAX_POLICIES 16384
 #define BK_MAX_LOSS_KEYS 65536
-#define BK_MAX_SWEEP 65536 /* sockets per sweep batch */
+#define BK_MAX_SWEEP 131072 /* sockets per sweep batch */
 
 /* Enforce mode past the cgroup hook. */
 #include "bypass.h"

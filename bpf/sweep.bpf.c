@@ -306,6 +306,8 @@ BPF_ITER(tcp)
 	e->rule = v.tag ? 1 : 0;
 
 read:
+	if (e->in_flags & BK_SWI_QUIET)
+		return 0;
 	s = bk_sk.sk_storage_get(tp, 0, 0);
 	if (s) {
 		e->rec_owner = s->owner;

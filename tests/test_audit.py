@@ -396,7 +396,27 @@ def test_request_carries_the_cgroup_bytecode():
     filtered = sockdiag.request(socket.AF_INET, 1234, 1)
     assert len(filtered) == len(plain) + 16
     nla_len, nla_type, code, yes, no, cg = struct.unpack_from("=HHBBHQ", filtered, len(plain))
-    assert (nla_len, nla_type, code, yes, no, cg) == (16, 1, 17, 12, 16, 1234)
+    # INET_DIAG_BC_CGROUP_COND is 13 (include/uapi/linux/inet_diag.h); 17
+    # was sent before, and the kernel refused every filtered dump.
+    assert (nla_len, nla_type, code, yes, no, cg) == (16, 1, 13, 12, 16, 1234)
+
+
+def test_a_filter_by_several_cgroups_is_a_chain_ss_would_send():
+    """cgroup A or B or C: each condition goes on to a jump to the end when
+    true, to the next condition when false (past the end from the last)."""
+    ops = sockdiag.cgroup_bytecode([7, 8, 9])
+    assert len(ops) == 3 * 12 + 2 * 4
+    c1, j1, c2, j2, c3 = (
+        struct.unpack_from("=BBHQ", ops, 0),
+        struct.unpack_from("=BBH", ops, 12),
+        struct.unpack_from("=BBHQ", ops, 16),
+        struct.unpack_from("=BBH", ops, 28),
+        struct.unpack_from("=BBHQ", ops, 32),
+    )
+    assert c1 == (13, 12, 16, 7) and c2 == (13, 12, 16, 8) and c3 == (13, 12, 16, 9)
+    assert j1 == (1, 4, 44 - 12) and j2 == (1, 4, 44 - 28)  # to the end
+    with pytest.raises(ValueError):
+        sockdiag.cgroup_bytecode([])
 
 
 def rec(cg, state="ESTABLISHED", timer=2, keepalive=True) -> SocketRecord:

@@ -617,7 +617,13 @@ def _room(notes, existing=True, audit=15.0, audit_every=15.0):
     }
     table = SimpleNamespace(lock=contextlib.nullcontext(), ours=lambda: entries)
     state = SimpleNamespace(cfg=cfg, table=table, enforcer=_FakeEnforcer(notes), errors=0)
-    passes = SimpleNamespace(unavailable=False, every=lambda: audit_every)
+
+    def request(cgs, req, periodic=False):
+        # The sweeping thread, answering at once: the sweep, then the answer.
+        req.done(state.enforcer.sweep(cgs, keep=req.keep), 0.0)
+        return True
+
+    passes = SimpleNamespace(unavailable=False, every=lambda: audit_every, request=request)
     return Enforced(state, passes, lambda cg: existing), state.enforcer
 
 

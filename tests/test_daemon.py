@@ -994,33 +994,45 @@ def test_hand_attach_over_a_daemon_cgroup_is_then_left_alone(
     assert d.stop() == 0
 
 
-def test_audit_backoff_counts_the_cpu_of_the_sweeps_threads(pin_dir, tmp_path, monkeypatch):
-    """The next periodic sweep and audit waits 1000 times the CPU the last
-    took; the sweep runs the kernel's iterator and its namespace visits in
-    threads of its own, whose CPU the calling thread's clock never saw
-    (with 10,000 held connections a pass every audit_interval took 1.8 % of
-    a CPU instead of backing off).  A sweep that burns CPU in a thread must
-    count."""
-    import threading
-
+def test_audit_backoff_counts_the_cpu_of_the_sweeps_threads(
+    pin_dir, cgroups, tmp_path, monkeypatch
+):
+    """The periodic pass's CPU decides how long a whole pass takes at 0.1 %
+    of a CPU; the sweep does a namespace's work in a thread that enters it
+    (kernel.netns.Entered), whose CPU the sweeping thread's own clock never
+    sees (with 10,000 held connections a pass every audit_interval took
+    1.8 % of a CPU instead of backing off).  Work done there must count."""
     from bpfkeep import config as bk_config
     from bpfkeep.daemon.passes import Passes
     from bpfkeep.daemon.state import State
     from bpfkeep.enforcer import Enforcer
+    from bpfkeep.kernel.cgroups import Cgroup, cgroup2_mount
+    from bpfkeep.options import Policy
+    from bpfkeep.sweep import runs
 
-    cfg = write_config(tmp_path / "bpfkeep.toml", free_port(), "")
-    passes = Passes(State(str(cfg), Enforcer(pin_dir), cfg=bk_config.load(str(cfg))))
+    cfg = write_config(tmp_path / "bpfkeep.toml", free_port(), "", audit=1)
+    state = State(str(cfg), Enforcer(pin_dir), cfg=bk_config.load(str(cfg)), mount=cgroup2_mount())
+    app = Cgroup.at(cgroups.make("app"), state.mount)
+    state.enforcer.attach(app, Policy.from_mapping({"keepidle": 30}), managed=True)
+    with state.table.lock:
+        entry = state.table.entry(app)
+        entry.attached, entry.policy = "ours", Policy.from_mapping({"keepidle": 30})
+    passes = Passes(state)
 
-    def busy_sweep(_cgs) -> None:
+    def busy(self, ns) -> None:  # a namespace's work, in the thread entering it
         def burn() -> None:
             t0 = time.thread_time()
             while time.thread_time() - t0 < 0.3:
                 pass
 
-        t = threading.Thread(target=burn)
-        t.start()
-        t.join()
+        self.sweep.entered.call(burn, ns.tid)
 
-    monkeypatch.setattr(passes, "sweep", busy_sweep)
-    passes.audit(lambda _cg: True)
+    monkeypatch.setattr(runs.Apply, "run", busy)
+    passes.start()
+    try:
+        passes.audit(lambda _cg: True)
+        assert wait_until(lambda: passes.audit_cost is not None, timeout=30), passes.backlog()
+    finally:
+        passes.stop()
     assert passes.audit_cost >= 0.3
+    assert passes.every() >= 300

@@ -20,7 +20,14 @@ cgroup program that runs after ours may write a weaker value than ours
   programs this is the bound: a socket is back within the interval and
   one pass's time.
 
-Both count what they set back (``bpfkeep_enforce_repaired_total``).
+Both count what they set back (``bpfkeep_enforce_repaired_total``).  Both
+run on the daemon's sweeping thread (daemon.sweeps), never on the loop:
+the room takes the notes and plans here, and the thread answers when the
+sweep is done.  A repair is an event (ahead of the periodic sweeps); the
+pass is periodic work, out of the periodic budget (~0.1 % of a CPU),
+enforced namespaces before the audit's, the owners that cost little on
+credit -- so one user's many namespaces do not stretch the others'
+bound.  An owner whose last pass has not ended is left to it.
 """
 
 from __future__ import annotations
@@ -31,14 +38,14 @@ import math
 import time
 from collections.abc import Callable
 
-from bpfkeep.daemon.passes import Passes
+from bpfkeep.daemon.passes import Passes, Request
 from bpfkeep.daemon.state import State
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel import bpfsys
 from bpfkeep.kernel.cgroups import Cgroup
 from bpfkeep.kernel.ringbuf import RingBuffer
 from bpfkeep.options import BPF_OPTIONS, Policy
-from bpfkeep.sweep.engine import Report, SweepUnavailable, Target
+from bpfkeep.sweep.engine import Report, Target
 
 log = logging.getLogger("bpfkeep")
 
@@ -72,6 +79,10 @@ class Enforced:
         self.repairs = 0  # repair sweeps run
         self.repair_cpu = 0.0  # their CPU seconds, all together
         self.pass_cpu: float | None = None  # the last periodic pass's
+        # A repair queued on the sweeping thread and not answered yet; a
+        # note rang meanwhile (the next repair once it is answered).
+        self._repairing = False
+        self._repair_again = False
         self._said: set[str] = set()
 
     # -- the loop's side ---------------------------------------------------------
@@ -132,7 +143,11 @@ class Enforced:
         self._pass_due = due if self._pass_due is None else min(self._pass_due, due)
 
     def next(self) -> float:
-        return min(self._repair_due or math.inf, self._pass_due or math.inf)
+        # While a repair is on the sweeping thread and notes wait for the
+        # next one, the loop looks again every REPAIR_GAP: the answer sets
+        # when (from another thread).
+        again = time.monotonic() + REPAIR_GAP if self._repair_again else math.inf
+        return min(self._repair_due or math.inf, self._pass_due or math.inf, again)
 
     def run_due(self, now: float) -> None:
         if self._repair_due is not None and self._repair_due <= now:
@@ -154,13 +169,18 @@ class Enforced:
             return {i: e.cgroup for i, e in table.ours().items() if enforces(e.policy)}
 
     def repair(self) -> None:
-        """Every socket noted since the last repair, back within its policy."""
+        """Every socket noted since the last repair, back within its policy
+        (queued on the sweeping thread; counted when it answers)."""
+        if self._repairing:
+            self._repair_again = True  # its notes are taken once it is answered
+            return
         t0 = time.process_time()
         notes = []
+        wanted: dict[int, set[int] | None] = {}  # owner -> cookies (None: all)
+        queued = False
         try:
             notes = self.state.enforcer.bypass_notes()
             ours = self.enforced()
-            wanted: dict[int, set[int] | None] = {}  # owner -> cookies (None: all)
             for n in notes:
                 cg = ours.get(n.owner)
                 if cg is None:
@@ -185,40 +205,66 @@ class Enforced:
                     cookies = wanted.get(t.owner, set())
                     return cookies is None or t.cookie in cookies
 
-                report = self._sweep([ours[o] for o in wanted], keep)
-                if report is not None:
-                    n = self._count(report, set(wanted))
-                    log.info(
-                        "repaired %d socket(s) a setsockopt past the cgroup hook had taken "
-                        "outside the policy (%d call(s) noted)",
-                        n,
-                        sum(x.calls for x in notes),
-                    )
+                owners, calls = set(wanted), sum(x.calls for x in notes)
+                loop = time.process_time() - t0  # (what the loop spent: taking the notes)
+
+                def done(report: Report, cpu: float) -> None:
+                    try:
+                        n = self._count(report, owners)
+                        log.info(
+                            "repaired %d socket(s) a setsockopt past the cgroup hook had taken "
+                            "outside the policy (%d call(s) noted)",
+                            n,
+                            calls,
+                        )
+                    finally:
+                        self._repaired(True, loop + cpu)
+
+                self._repairing = queued = self._sweep([ours[o] for o in wanted], keep, done)
         finally:
-            cost = time.process_time() - t0
-            if notes:
-                self.repairs += 1
-                self.repair_cpu += cost
-            self._repair_earliest = time.monotonic() + max(REPAIR_GAP, REPAIR_COST_FACTOR * cost)
+            if not queued:
+                self._repaired(bool(notes), time.process_time() - t0)
+
+    def _repaired(self, counted: bool, cost: float) -> None:
+        """A repair ended (on the loop, or answered on the sweeping
+        thread): the next waits for its gap."""
+        if counted:
+            self.repairs += 1
+            self.repair_cpu += cost
+        self._repair_earliest = time.monotonic() + max(REPAIR_GAP, REPAIR_COST_FACTOR * cost)
+        self._repairing = False
+        if self._repair_again:
+            self._repair_again = False
+            self._repair_due = self._repair_earliest
 
     def periodic(self) -> None:
         """Every enforced cgroup's sockets (those whose rule sweeps existing
-        sockets) brought back within the policy."""
+        sockets) brought back within the policy (queued on the sweeping
+        thread, as periodic work)."""
         t0 = time.process_time()
         ours = {i: cg for i, cg in self.enforced().items() if self.existing(cg)}
+        queued = False
         if ours:
-            report = self._sweep(list(ours.values()), lambda t: t.owner in ours)
-            if report is not None:
-                n = self._count(report, set(ours))
+            owners = set(ours)
+            loop = time.process_time() - t0
+
+            def done(report: Report, cpu: float) -> None:
+                self.pass_cpu = loop + cpu
+                n = self._count(report, owners)
                 if n:
                     log.info("enforce pass: %d socket(s) brought back within their policy", n)
+
+            queued = self._sweep(
+                list(ours.values()), lambda t: t.owner in owners, done, periodic=True
+            )
         self._passes += 1
         if self.state.enforcer.bypass_tracing() != self.tracing or not self._bell_current():
             self._open()
         if self._passes % FORGET_EVERY == 0:
             with contextlib.suppress(BpfkeepError, OSError):
                 self.state.enforcer.forget_enforce_counts(self.state.enforcer.live_ids())
-        self.pass_cpu = time.process_time() - t0
+        if not queued:
+            self.pass_cpu = time.process_time() - t0
 
     def _bell_current(self) -> bool:
         """Is the bell we wait on the one pinned now?"""
@@ -226,22 +272,27 @@ class Enforced:
             return not self.tracing
         return self.state.enforcer.bypass_bell_id() == bpfsys.map_info(self.bell.fd)[1]
 
-    def _sweep(self, cgs: list[Cgroup], keep: Callable[[Target], bool]) -> Report | None:
+    def _sweep(
+        self,
+        cgs: list[Cgroup],
+        keep: Callable[[Target], bool],
+        done: Callable[[Report, float], None],
+        *,
+        periodic: bool = False,
+    ) -> bool:
+        """Queue the sweep on the sweeping thread (with each socket's
+        outcome: the counts per option); ``done`` once it ended.  False if
+        nothing was queued (this kernel cannot sweep)."""
         if self.passes.unavailable:
-            return None
-        try:
-            report = self.state.enforcer.sweep(cgs, keep=keep)
-        except SweepUnavailable as e:
-            self.passes.unavailable = True
-            log.warning("%s", e)
-            return None
-        except (BpfkeepError, OSError) as e:
-            self.state.errors += 1
-            log.error("enforce: sweeping %s: %s", ", ".join(cg.display for cg in cgs[:3]), e)
-            return None
-        for what, why in sorted(report.unreachable.items()):
-            self._say_once(what, "enforce: %s unreachable: %s", what, why)
-        return report
+            return False
+
+        def answered(report: Report, cpu: float) -> None:
+            for what, why in sorted(report.unreachable.items()):
+                self._say_once(what, "enforce: %s unreachable: %s", what, why)
+            done(report, cpu)
+
+        req = Request(keep=keep, detail=True, done=answered)
+        return self.passes.request(cgs, req, periodic=periodic)
 
     def _count(self, report: Report, owners: set[int]) -> int:
         """Sockets the sweep changed, counted per policy and option; how many."""

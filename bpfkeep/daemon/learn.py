@@ -5,7 +5,8 @@
 - a path whose keepidle changed is written to the kernel's bk_learned map
   at once -- new connections get it at connect and accept -- and when it
   went down, the path's connections that exist now are swept to it (the
-  first loss saves the others);
+  first loss saves the others): a request to the daemon's sweeping thread
+  (daemon.sweeps), an event, never a sweep on the loop;
 - at the periodic pass it looks at every established connection of the
   policies' network namespaces (inet_diag with tcp_info: when each was
   last heard from, when its keepalive timer fires): which sat idle and were
@@ -26,6 +27,7 @@ import logging
 import time
 
 from bpfkeep import learning, peers
+from bpfkeep.daemon.passes import Passes, Request
 from bpfkeep.daemon.state import OURS, State
 from bpfkeep.errors import BpfkeepError
 from bpfkeep.kernel import bpfsys, procfs, sockdiag
@@ -61,8 +63,11 @@ def _network_label(address16: bytes) -> str:
 
 
 class Learner:
-    def __init__(self, state: State):
+    def __init__(self, state: State, passes: Passes | None = None):
+        """``passes``: the daemon's, whose sweeping thread runs the sweeps
+        to a keepidle learned lower; without, they run here and now."""
         self.state = state
+        self.passes = passes
         self.paths: dict[bytes, Tracked] = {}  # bk_path_key -> path
         self.ring: RingBuffer | None = None
         self.events_seen = 0
@@ -412,8 +417,17 @@ class Learner:
 
         if not cgs:
             return
+        make = entries.relearn_entry(policies, before)
+        if self.passes is not None:
+
+            def done(report, _cpu: float) -> None:
+                if report.swept:
+                    log.info("%s (learned keepidle)", report.summary())
+
+            self.passes.request(cgs, Request(make=make, done=done))
+            return
         try:
-            report = self.state.enforcer.sweep(cgs, entries.relearn_entry(policies, before))
+            report = self.state.enforcer.sweep(cgs, make)
         except SweepUnavailable:
             return
         except (BpfkeepError, OSError) as e:

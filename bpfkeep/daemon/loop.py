@@ -75,7 +75,7 @@ class Daemon:
         self.workloads: Workloads | None = None
         self.reconciler: Reconciler | None = None
         self.healer: Healer | None = None
-        self.learner = Learner(self.state)
+        self.learner = Learner(self.state, self.passes)
         self.enforced: Enforced | None = None
         self.lock: DaemonLock | None = None  # held from start() until run() returns
 
@@ -122,6 +122,7 @@ class Daemon:
                 self.start()
                 assert self.state.cfg and self.inotify and self.lookups
                 self.notifier.send(f"READY=1\nSTATUS={self._status()}")
+                self.passes.start()  # sweeps run from now on, on a thread of their own
                 log.info(
                     "enforcing %d cgroup(s) after %.2f s; metrics on http://%s:%d/metrics",
                     self.state.table.count(OURS),
@@ -131,6 +132,7 @@ class Daemon:
                 self._loop(rfd)
             finally:
                 signal.set_wakeup_fd(-1)
+                self.passes.stop()  # (the sweeping thread: before what its jobs report to)
                 self.learner.close()
                 if self.lookups is not None:
                     self.lookups.close()
@@ -163,7 +165,7 @@ class Daemon:
                 sched.at("watchdog", now + wd_every)  # type: ignore[operator]
             if sched.due("audit", now):
                 self._audit()
-                self._plan_audit(time.monotonic() + self.passes.every())
+                self._plan_audit(time.monotonic() + self.passes.cadence())
             if sched.due("learn", now):
                 self._guard("looking at idle connections", self.learner.sample)
                 self._plan_learning(time.monotonic())
@@ -332,7 +334,7 @@ class Daemon:
         self.notifier.send(f"STATUS={self._status()}")
         # Audits turned on or off, or their interval changed.
         self._plan_audit(
-            time.monotonic() + (self.passes.every() if self.passes.audit_cost else FIRST_AUDIT)
+            time.monotonic() + (self.passes.cadence() if self.passes.audit_cost else FIRST_AUDIT)
         )
         self._plan_learning(time.monotonic())
 
@@ -427,6 +429,7 @@ class Daemon:
             paths=self.learner.rows(),
             at_risk=dict(self.learner.at_risk),
             enforce=self._enforce_snapshot(),
+            sweep_backlog=self.passes.backlog(),
         )
 
     def _enforce_snapshot(self) -> EnforceSnapshot | None:

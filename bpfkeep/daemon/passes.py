@@ -1,110 +1,141 @@
-"""The daemon's sweeps of existing sockets and its periodic pass.
+"""The daemon's sweeps of existing sockets and its periodic pass, as the
+rest of the daemon asks for them.  They run on a thread of their own
+(daemon.sweeps), never on the loop: these only queue.
 
 - Right after a cgroup is attached its sockets are swept (a process may
   connect in a new cgroup's first microseconds, before the attach), and
   once more RESWEEP_AFTER later: a service systemd starts joins its
   cgroup just after it is made, with the listeners it was handed.
-- After a full reconcile the cgroups it attached or changed are swept,
-  after READY=1: new sockets are covered already, and a large sweep must
-  not hold up the start or a reload.
-- Periodically: a sweep of every attached cgroup (sockets no callback and
-  no earlier sweep saw: listeners handed over later on), then coverage
-  per cgroup from inet_diag.  The next pass waits at least 1,000 times
-  this one's CPU time, so the pass stays below ~0.1 % of a CPU however
-  many sockets the host has.
+- After a full reconcile the cgroups it attached or changed are swept
+  (queued: new sockets are covered already, and a large sweep must not
+  hold up the start or a reload).
+- Periodically, every audit_interval: a sweep of every attached cgroup
+  the enforce room leaves to it (sockets no callback and no earlier sweep
+  saw: listeners handed over later on), then coverage per cgroup from
+  inet_diag.  The enforce room (daemon.enforce) sweeps the enforced
+  cgroups on its own schedule, through ``request`` like its repairs and
+  the learner's sweeps (daemon.learn).  The periodic sweeps get
+  1/AUDIT_COST_FACTOR of a CPU in the long run, shared fairly between the
+  namespaces' owners (daemon.sweeps); bpfkeep_audit_interval_seconds says
+  how long a whole audit pass takes at that rate.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from bpfkeep.audit.sockets import established_coverage
 from bpfkeep.daemon.state import State
-from bpfkeep.errors import BpfkeepError
+from bpfkeep.daemon.sweeps import AUDIT_COST_FACTOR, RESWEEP_AFTER, Pass, Request, Sweeps
 from bpfkeep.kernel.cgroups import Cgroup, by_ids
-from bpfkeep.sweep.engine import SweepUnavailable
 
 log = logging.getLogger("bpfkeep")
 
-RESWEEP_AFTER = 1.0  # seconds
-AUDIT_COST_FACTOR = 1000  # the next pass waits this many times the last one's CPU time
+__all__ = ["AUDIT_COST_FACTOR", "RESWEEP_AFTER", "Passes", "Request"]
 
 
 class Passes:
     def __init__(self, state: State):
         self.state = state
-        self.unavailable = False  # this kernel cannot sweep: said once
-        self._queue: list[tuple[float, list[Cgroup]]] = []  # (due, cgroups)
+        self.sweeps = Sweeps(state, self._pass_done)
         self.audit_errors = 0
         self.audit_cost: float | None = None  # CPU seconds of the last pass (None: none yet)
+        self._full_cost: float | None = None  # ... and of all it would have done
         self.coverage: dict[str, tuple[int, int]] | None = None  # cgroup -> (armed, total)
         self._paths: dict[int, str] = {}  # socket cgroup id -> rel (ids are not reused)
+
+    def start(self) -> None:
+        """Sweeps begin (after READY=1: they never hold up the start)."""
+        self.sweeps.start()
+
+    def stop(self) -> None:
+        self.sweeps.stop()
+
+    @property
+    def unavailable(self) -> bool:
+        """This kernel cannot sweep (said once in the log)."""
+        return self.sweeps.unavailable
 
     # -- sweeps ------------------------------------------------------------------
 
     def sweep(self, cgs: list[Cgroup]) -> None:
         """Bring the existing sockets of these attached cgroups to their
-        policies; never takes enforcement down."""
-        if not cgs or self.unavailable:
-            return
-        try:
-            report = self.state.enforcer.sweep(cgs)
-        except SweepUnavailable as e:
-            self.unavailable = True
-            log.warning("%s", e)
-            return
-        except (BpfkeepError, OSError) as e:
-            self.state.errors += 1
-            names = ", ".join(cg.display for cg in cgs[:3]) + (" ..." if len(cgs) > 3 else "")
-            log.error("sweeping the existing sockets of %s: %s", names, e)
-            return
-        if report.swept or report.unreachable:
-            log.info("%s (%d cgroup(s))", report.summary(), len(cgs))
+        policies, as soon as the sweeping thread gets to them."""
+        self.sweeps.ask(cgs)
 
     def sweep_new(self, fresh: list[Cgroup]) -> None:
-        """New cgroups: swept now and once more RESWEEP_AFTER later."""
-        if fresh:
-            self.sweep(fresh)
-            self._queue.append((time.monotonic() + RESWEEP_AFTER, fresh))
+        """New cgroups: swept now and once more RESWEEP_AFTER later (if
+        processes joined them meanwhile)."""
+        self.sweeps.ask_new(fresh)
 
     def sweep_soon(self, cgs: list[Cgroup]) -> None:
-        """Swept at the loop's next turn, before anything queued."""
-        if cgs:
-            self._queue.insert(0, (0.0, cgs))
+        """Swept as soon as the sweeping thread gets to them."""
+        self.sweeps.ask(cgs)
+
+    def request(self, cgs: list[Cgroup], req: Request, *, periodic: bool = False) -> bool:
+        """A sweep with work items, a filter or an answer of its own
+        (daemon.sweeps.Request): an event, or with ``periodic`` the enforce
+        room's pass.  False if nothing was queued (``req`` is not answered)."""
+        return self.sweeps.request(cgs, req, periodic=periodic)
 
     def next_sweep(self) -> float | None:
-        return self._queue[0][0] if self._queue else None
+        """Nothing for the loop to wake up for: the sweeping thread keeps
+        its own time."""
+        return None
 
     def run_queued(self, now: float) -> None:
-        if self._queue and self._queue[0][0] <= now:
-            # (Not kept in a local: 10,000 cgroups held until the next sweep.)
-            self.sweep([cg for cg in self._queue.pop(0)[1] if self.state.table.is_ours(cg.id)])
+        """(The sweeping thread runs what is queued.)"""
+
+    def backlog(self) -> int:
+        return self.sweeps.backlog()
 
     # -- the periodic pass ---------------------------------------------------------
 
-    def every(self) -> float:
-        """The wait after a pass: the configured interval, stretched to 1000
-        times the pass's CPU time (a host with many sockets)."""
+    def cadence(self) -> float:
+        """How often a pass is asked for: the configured interval.  What a
+        pass does within its CPU budget is the sweeping thread's choice."""
         assert self.state.cfg
-        return max(self.state.cfg.audit_interval, AUDIT_COST_FACTOR * (self.audit_cost or 0.0))
+        return self.state.cfg.audit_interval
 
-    def audit(self, sweeps_existing: Callable[[Cgroup], bool]) -> None:
-        """Sweep, then coverage per attached cgroup, counting the sockets of
-        descendant cgroups that its policy covers (no more specific one of
-        ours)."""
+    def every(self) -> float:
+        """How long a pass walking every namespace takes now: the configured
+        interval, or AUDIT_COST_FACTOR times the CPU time such a pass needs
+        (each namespace's last walk, each owner's last planning).  The
+        owners that cost little get theirs every audit_interval all the
+        same (daemon.sweeps)."""
+        assert self.state.cfg
+        cost = self._full_cost or 0.0
+        return max(self.state.cfg.audit_interval, AUDIT_COST_FACTOR * cost)
+
+    def audit(self, sweeps: Callable[[Cgroup], bool]) -> None:
+        """Ask for a pass: a sweep of every attached cgroup that ``sweeps``
+        keeps (its rule sweeps existing sockets; the enforced ones are the
+        enforce room's), then coverage per attached cgroup, counting the
+        sockets of descendant cgroups that its policy covers (no more
+        specific one of ours)."""
         table = self.state.table
-        # CPU time of the whole process: the sweep runs its iterator and
-        # its namespace visits in threads of their own, which the calling
-        # thread's clock would not count.
-        t0 = time.process_time()
         with table.lock:
             known = [e.cgroup for e in table.ours().values()]
-        self.sweep([cg for cg in known if sweeps_existing(cg)])
+        self.sweeps.periodic([cg for cg in known if sweeps(cg)], self._coverage, self.cadence())
+
+    def _pass_done(self, p: Pass) -> None:
+        """(On the sweeping thread.)"""
+        self.audit_cost = p.cpu
+        self._full_cost = max(p.cpu, p.full_cost)
+        if p.deferred:
+            log.debug(
+                "periodic pass: %d namespace(s) left to the next one (CPU budget)", p.deferred
+            )
+
+    def _coverage(self) -> None:
+        """(On the sweeping thread, at the end of a pass.)"""
         try:
             cov = established_coverage()
             missing = [i for i in cov if i not in self._paths]
+            # Only the cgroups with sockets now: under churn the ids of
+            # cgroups long removed piled up (ids are not reused).
+            self._paths = {i: rel for i, rel in self._paths.items() if i in cov}
             if missing:
                 for cg_id, cg in by_ids(missing, self.state.mount).items():
                     self._paths[cg_id] = cg.rel
@@ -112,7 +143,7 @@ class Passes:
             self.audit_errors += 1
             log.warning("socket audit failed: %s", e)
             return
-        self.audit_cost = time.process_time() - t0
+        table = self.state.table
         with table.lock:
             ours = {i: e.cgroup for i, e in table.ours().items()}
         by_rel = {cg.rel: cg_id for cg_id, cg in ours.items()}

@@ -185,6 +185,12 @@ def map_delete(fd: int, key: bytes) -> bool:
     return True
 
 
+def map_empty(fd: int, key_size: int) -> bool:
+    """Whether a hash map holds nothing (one bpf() call, a key's buffer)."""
+    nxt = ctypes.create_string_buffer(key_size)
+    return _lib().bpf_map_get_next_key(fd, None, nxt) != 0
+
+
 def map_keys(fd: int, key_size: int) -> list[bytes]:
     keys: list[bytes] = []
     prev = None
@@ -266,6 +272,40 @@ def map_items(
             )
         if err == errno.ENOENT:  # the end of the map
             return out
+        first = False
+
+
+def map_items_raw(
+    fd: int, key_size: int, value_size: int, chunk: int = 4096
+) -> tuple[bytes, bytes]:
+    """Every key and value of a hash map as two byte strings (keys, values:
+    fixed-size records back to back), BPF_MAP_LOOKUP_BATCH: for callers
+    that decode tens of thousands of entries with struct.iter_unpack
+    rather than a pair of bytes objects each."""
+    keys_out, values_out = [], []
+    token = ctypes.create_string_buffer(8)
+    first = True
+    chunk = max(1, chunk)
+    while True:
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        count = ctypes.c_uint32(chunk)
+        ret = _lib().bpf_map_lookup_batch(
+            fd, None if first else token, token, keys, values, count, None
+        )
+        err = 0 if ret >= 0 else (-ret if ret != -1 else ctypes.get_errno())
+        if err == errno.ENOSPC and chunk < 1 << 20:
+            chunk *= 4  # one bucket holds more than a chunk: retry bigger
+            continue
+        if err and err != errno.ENOENT:
+            if first and err in _NO_BATCH:
+                pairs = map_items(fd, key_size, value_size)
+                return b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs)
+            _check(ret, "map lookup batch")
+        keys_out.append(ctypes.string_at(keys, key_size * count.value))
+        values_out.append(ctypes.string_at(values, value_size * count.value))
+        if err == errno.ENOENT:  # the end of the map
+            return b"".join(keys_out), b"".join(values_out)
         first = False
 
 

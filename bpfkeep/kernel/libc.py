@@ -1,5 +1,5 @@
 """libc through ctypes, loaded once: the calls Python 3.11's os module
-lacks (setns, statfs, inotify)."""
+lacks (setns, statfs, inotify, open_by_handle_at, prctl)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import struct
 
 CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
 
@@ -36,3 +37,26 @@ def statfs_type(path: str) -> int | None:
     if libc().statfs(os.fsencode(path), buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value
+
+
+PR_SET_NAME = 15  # include/uapi/linux/prctl.h
+
+
+def name_thread(name: str) -> None:
+    """Name the calling thread as ``top -H`` and /proc/PID/task/TID/comm
+    show it (at most 15 bytes); failures ignored."""
+    libc().prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+# struct file_handle {u32 handle_bytes; int handle_type; u8 f_handle[]} as
+# kernfs (cgroup2) makes it: FILEID_KERNFS and the node's 64-bit id.
+FILEID_KERNFS = 0xFE
+_KERNFS_HANDLE = struct.Struct("=IiQ")
+
+
+def open_kernfs_id(mount_fd: int, node_id: int, flags: int) -> int:
+    """open_by_handle_at(2) of the kernfs node ``node_id`` (a cgroup's id)
+    on the file system of ``mount_fd``: an fd, or OSError (ESTALE: no such
+    node now; EPERM: needs CAP_DAC_READ_SEARCH)."""
+    handle = ctypes.create_string_buffer(_KERNFS_HANDLE.pack(8, FILEID_KERNFS, node_id))
+    return check(libc().open_by_handle_at(mount_fd, handle, flags), "open_by_handle_at")

@@ -75,6 +75,9 @@ class Snapshot:
     # their path's known idle limit (the periodic pass; outside policies too).
     at_risk: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     enforce: EnforceSnapshot | None = None
+    # Sweeps asked for (new cgroups, reloads, changed policies) and not done
+    # yet (None: the daemon does not say).
+    sweep_backlog: int | None = None
 
 
 @dataclasses.dataclass
@@ -399,10 +402,19 @@ def _daemon(snap: Snapshot, cgroups: CgroupLabels) -> Iterator:
     if snap.audit_every_seconds is not None:
         yield GaugeMetricFamily(
             "bpfkeep_audit_interval_seconds",
-            "Seconds between periodic sweep and audit passes now: audit_interval, "
-            "or 1000 times the last pass's CPU time when longer (a pass takes at "
-            "most ~0.1 % of a CPU however many sockets the host has)",
+            "Seconds a whole periodic sweep and audit pass takes now: audit_interval, "
+            "or 1000 times the CPU time a whole pass needs when longer (the passes "
+            "take ~0.1 % of a CPU however many sockets the host has; namespaces of "
+            "owners that cost little are swept every audit_interval regardless)",
             value=snap.audit_every_seconds,
+        )
+    if snap.sweep_backlog is not None:
+        yield GaugeMetricFamily(
+            "bpfkeep_sweep_backlog",
+            "Sweeps of existing sockets asked for and not done yet (new cgroups, "
+            "reloads, changed policies, repairs, relearned keepidle): network "
+            "namespaces and requests waiting",
+            value=snap.sweep_backlog,
         )
 
 
@@ -416,7 +428,8 @@ def _enforce(e: EnforceSnapshot) -> Iterator:
     yield GaugeMetricFamily(
         "bpfkeep_enforce_interval_seconds",
         "Seconds between passes over the enforced cgroups (enforce_interval, or the audit "
-        "interval when shorter; no backoff): the bound on a repair without tracing",
+        "interval when shorter; no backoff, but out of the periodic sweeps' CPU budget): the "
+        "bound on a repair without tracing",
         value=e.every_seconds,
     )
     yield CounterMetricFamily(

@@ -12,7 +12,8 @@ Layout (default /sys/fs/bpf/bpfkeep; bpffs refuses "." in names):
 V is a hash of the BPF sources (progs.header.source_version): a bpfkeep
 whose programs differ loads its own set and migrates (pins.migrate).
 Every bpfkeep process that writes takes the directory's lock (flock) for
-the time it writes; the one daemon that keeps a pin directory holds a lock
+the time it writes (the sweep's work list has a lock of its own:
+worklist_lock); the one daemon that keeps a pin directory holds a lock
 of its own for its life, outside bpffs (DaemonLock).
 """
 
@@ -176,6 +177,20 @@ class PinDir:
     def lock(self) -> Iterator[None]:
         """The directory's lock: every bpfkeep process that writes holds it."""
         fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def worklist_lock(self) -> Iterator[None]:
+        """The lock of the sweep's work list (a flock on this version's
+        object directory, whose map holds the list): the sweeps of every
+        bpfkeep process take turns with it.  Not the directory's lock: an
+        attach never waits for a sweep's kernel walk, nor a sweep for an
+        attach."""
+        fd = os.open(self.obj_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

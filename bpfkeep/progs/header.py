@@ -132,6 +132,26 @@ class Layout:
             parts.append(f"{self.size - at}x")
         return "".join(parts)
 
+    def view(self, *names: str) -> str:
+        """struct module format that reads only these scalar members (in
+        the struct's order) and skips the rest: for decoding many values
+        of which a few members matter."""
+        parts, at = ["="], 0
+        for m in self.members:
+            if m.name not in names:
+                continue
+            if m.dims:
+                raise HeaderError(f"struct {self.name}.{m.name}: an array, not a scalar")
+            if m.offset > at:
+                parts.append(f"{m.offset - at}x")
+            parts.append(_CTYPES[m.ctype])
+            at = m.offset + m.size
+        if len(parts) - 1 - sum(p.endswith("x") for p in parts) != len(names):
+            raise HeaderError(f"struct {self.name} has not all of {', '.join(names)}")
+        if self.size > at:
+            parts.append(f"{self.size - at}x")
+        return "".join(parts)
+
     def pack(self, **values: int | Sequence[int]) -> bytes:
         """Members by name; absent ones are 0; arrays flat, in C order."""
         unknown = set(values) - {m.name for m in self.members}

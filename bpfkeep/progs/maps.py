@@ -72,6 +72,7 @@ SWI_FP = _H.define("BK_SWI_FP")  # fp[] holds values bpfkeep gave the socket
 SWI_KEEP = _H.define("BK_SWI_KEEP")  # UNDO that keeps the values and records them as ours
 SWI_RECHECK = _H.define("BK_SWI_RECHECK")  # APPLY: check even a current socket's values
 SWI_LISTEN = _H.define("BK_SWI_LISTEN")  # APPLY on a listener of a per-peer policy
+SWI_QUIET = _H.define("BK_SWI_QUIET")  # only counted: the values in force are not read back
 SWI_RESET_SHIFT = _H.define("BK_SWI_RESET_SHIFT")  # UNDO: which options to reset
 SWR_SEEN = _H.define("BK_SWR_SEEN")
 SWR_APP_OWN = _H.define("BK_SWR_APP_OWN")
@@ -600,6 +601,23 @@ class SweepEntry:
     @staticmethod
     def names(bits: int) -> list[str]:
         return [o.key for i, o in enumerate(BPF_OPTIONS) if bits >> i & 1]
+
+
+# A work item read back by a sweep that only counts: (result, applied,
+# failed), for struct.iter_unpack over a batch of values.
+SWEEP_RESULT = struct.Struct(SWEEP.view("result", "applied", "failed"))
+
+
+_FAILED = SWEEPSTATS.span("failed")
+_TALLY = struct.Struct(SWEEPSTATS.view("swept", "app_own"))
+
+
+def sweepstats_tally(raw: bytes) -> tuple[int, int, int]:
+    """(swept, kept the program's own, refusals of any option) of one
+    policy's sweep counters, without building SweepStats."""
+    swept, app_own = _TALLY.unpack_from(raw)
+    refused = sum(memoryview(raw[_FAILED]).cast("Q"))
+    return swept, app_own, refused
 
 
 def undo_flags(option_keys: list[str]) -> int:

@@ -38,28 +38,25 @@ import dataclasses
 import errno
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 
-from bpfkeep.errors import EnvironmentProblem
-from bpfkeep.kernel import bpfsys, procfs, sockdiag
+from bpfkeep.kernel import bpfsys, netns, procfs, sockdiag
 from bpfkeep.kernel.cgroups import Cgroup
 from bpfkeep.kernel.sockdiag import CLOSE_WAIT, ESTABLISHED, LISTEN, SYN_SENT
-from bpfkeep.progs import loader, maps
+from bpfkeep.progs import maps
+from bpfkeep.sweep.worklist import (  # (re-exported: the sweep's errors and work list)
+    MAX_BATCH,
+    UNAVAILABLE,
+    Sweeper,
+    SweepUnavailable,
+    Tally,
+)
+
+__all__ = ["MAX_BATCH", "UNAVAILABLE", "SweepUnavailable", "Sweeper", "Tally"]
 
 # The states in which keepalive matters.
 SWEPT_STATES = (ESTABLISHED, SYN_SENT, CLOSE_WAIT, LISTEN)
-_STATE_MASK = sockdiag.states_mask(SWEPT_STATES)
-
-
-class SweepUnavailable(EnvironmentProblem):
-    """This kernel cannot change sockets that already exist."""
-
-
-UNAVAILABLE = (
-    "existing sockets keep their values: this kernel could not load the "
-    "sweep (an iter/tcp program calling bpf_setsockopt needs Linux 5.15+); new "
-    "sockets get the policy, and bpfkeep audit lists the others"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,26 +91,12 @@ class Outcome:
 class Report:
     """What a sweep did, for a notice line, ``status`` and tests."""
 
-    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)  # with detail only
     namespaces: int = 0
     unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # netns -> why
-
-    @property
-    def swept(self) -> int:
-        """Sockets brought to their policy (not those already under it)."""
-        return sum(
-            1
-            for o in self.outcomes
-            if o.entry.result & maps.SWR_SEEN and not o.entry.result & maps.SWR_CURRENT
-        )
-
-    @property
-    def app_own(self) -> int:
-        return sum(1 for o in self.outcomes if o.entry.result & maps.SWR_APP_OWN)
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for o in self.outcomes if o.entry.failed)
+    swept: int = 0  # sockets brought to their policy (not those already under it)
+    app_own: int = 0  # set mode: kept their program's own keepalive
+    failed: int = 0  # refused an option
 
     def summary(self) -> str:
         parts = [f"{self.swept} existing socket(s) swept"]
@@ -124,6 +107,14 @@ class Report:
         for what, why in sorted(self.unreachable.items()):
             parts.append(f"{what} unreachable: {why}")
         return "; ".join(parts)
+
+    def add(self, other: Report) -> None:
+        self.outcomes += other.outcomes
+        self.namespaces += other.namespaces
+        self.unreachable.update(other.unreachable)
+        self.swept += other.swept
+        self.app_own += other.app_own
+        self.failed += other.failed
 
 
 # -- scope ---------------------------------------------------------------------
@@ -148,146 +139,78 @@ def scope(roots: Iterable[Cgroup], attached: set[int], *, owner: int | None = No
     owners: dict[int, int] = {}
     pids: dict[int, int] = {}
     for root in roots:
-        owner_at: dict[str, int] = {}
-        for dirpath, _dirs, _files in os.walk(root.path):
+        top = root.id if owner is None else owner
+        # (path, cgroup id, its owner): on cgroup2 a directory entry's
+        # inode number is the cgroup id, so the listing gives the ids of
+        # the children (no stat a cgroup: 600 of them every pass).
+        stack = [(root.path, root.id, root.id if root.id in attached else top)]
+        while stack:
+            path, cg_id, own = stack.pop()
+            owners[cg_id] = own
             try:
-                ino = os.stat(dirpath).st_ino
-            except OSError:
-                continue
-            parent = os.path.dirname(dirpath)
-            top = root.id if owner is None else owner
-            own = ino if ino in attached else owner_at.get(parent, top)
-            owner_at[dirpath] = own
-            owners[ino] = own
-            try:
-                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                with open(os.path.join(path, "cgroup.procs")) as f:
                     for pid in f.read().split():
                         pids[int(pid)] = own
+                if os.stat(path).st_nlink <= 2:
+                    continue  # no child cgroup: no listing of its 20 files
+                with os.scandir(path) as it:
+                    for d in it:
+                        if d.is_dir(follow_symlinks=False):
+                            child = d.inode()
+                            stack.append((d.path, child, child if child in attached else own))
             except OSError:
-                continue
+                continue  # removed meanwhile
     return Scope(owners, pids)
 
 
-# -- the kernel side ---------------------------------------------------------------
-
-
-class Sweeper:
-    """Runs sweeps on one pin directory's objects (the caller holds the pin
-    directory's lock: the work list is shared)."""
-
-    def __init__(self, objs: dict[str, int], sweep_prog: int | None):
-        self.objs = objs
-        self.prog = sweep_prog
-
-    def _run(self, entries: dict[int, maps.SweepEntry]) -> dict[int, maps.SweepEntry]:
-        """One batch: write the work list, run the iterator, read back.
-        A handful of bpf() calls per batch, not four per socket (a
-        periodic sweep of a busy host walks every socket it has)."""
-        if self.prog is None:
-            raise SweepUnavailable(UNAVAILABLE)
-        fd = self.objs[loader.MAP_SWEEP]
-        keys = {c: _U64.pack(c) for c in entries}
-        # Most entries are alike (same owner and action): encode each kind once.
-        encoded: dict[tuple, bytes] = {}
-        values = []
-        for e in entries.values():
-            kind = e.inputs()
-            raw = encoded.get(kind)
-            if raw is None:
-                raw = encoded[kind] = e.encode()
-            values.append(raw)
-        out: dict[int, maps.SweepEntry] = {}
-        todo = set(entries)
-        try:
-            bpfsys.map_update_batch(fd, list(keys.values()), values)
-            for _pass in range(2):  # a socket can be skipped before 6.17
-                _iter_with_deadline(self.prog)
-                seen = []
-                for kraw, vraw in bpfsys.map_items(fd, 8, maps.SWEEP_SIZE):
-                    cookie = _U64.unpack(kraw)[0]
-                    if cookie not in todo:
-                        continue
-                    got = maps.SweepEntry.decode(vraw)
-                    out[cookie] = got
-                    if got.result & maps.SWR_SEEN:
-                        seen.append(cookie)  # done: a second pass must not act again
-                self._delete(fd, [keys[c] for c in seen])
-                todo.difference_update(seen)
-                if not todo:
-                    break
-        finally:
-            self._clear(fd)
-        return out
-
-    @staticmethod
-    def _delete(fd: int, keys: list[bytes]) -> None:
-        """Take these entries out of the work list.  What was done stands
-        whatever fails here: one at a time if the batch is refused."""
-        try:
-            bpfsys.map_delete_batch(fd, keys)
-        except OSError:
-            for k in keys:
-                with contextlib.suppress(OSError):
-                    bpfsys.map_delete(fd, k)
-
-    @classmethod
-    def _clear(cls, fd: int) -> None:
-        with contextlib.suppress(OSError):
-            cls._delete(fd, [k for k, _ in bpfsys.map_items(fd, 8, maps.SWEEP_SIZE)])
-
-    def run(
-        self, targets: list[Target], make: Callable[[Target], maps.SweepEntry]
-    ) -> list[Outcome]:
-        """Sweep these targets (all in the calling thread's namespace), in
-        batches that fit the work list."""
-        outcomes = []
-        # The caller holds the pin directory's lock: anything already in the
-        # work list was left by a sweep that died midway, and the iterator
-        # would act on it again.  (Each batch clears its own at the end.)
-        self._clear(self.objs[loader.MAP_SWEEP])
-        for start in range(0, len(targets), MAX_BATCH):
-            batch = {t.cookie: t for t in targets[start : start + MAX_BATCH]}
-            done = self._run({c: make(t) for c, t in batch.items()})
-            outcomes += [Outcome(batch[c], e) for c, e in done.items()]
-        return outcomes
-
-    def prepare_stats(self, owners: Iterable[int]) -> None:
-        zero = bytes(maps.SWEEPSTATS_SIZE)
-        for owner in owners:
-            with contextlib.suppress(OSError):
-                bpfsys.map_update(
-                    self.objs[loader.MAP_SWEEPSTATS],
-                    _U64.pack(owner),
-                    zero,
-                    BPF_NOEXIST,
-                )
-
-
-BPF_NOEXIST = 1
-_U64 = struct.Struct("=Q")  # map keys: socket cookies, cgroup ids
-MAX_BATCH = maps.MAX_SWEEP  # the work list holds this many (BK_MAX_SWEEP)
+_U64 = struct.Struct("=Q")  # the work list's keys: socket cookies
 # The kernel's TCP iterator takes each socket's lock in turn, every socket
 # of the namespace, not only ours: a process stuck holding one (a send()
 # from a page whose fault never completes: userfaultfd, a hung FUSE file)
-# would hold the sweep -- and the pin directory's lock -- forever, in an
-# uninterruptible wait.  The pass runs in a thread of its own and is given
-# up after this long; the stuck thread is left behind.
-ITER_DEADLINE = 10.0
+# would hold the sweep forever, in an uninterruptible wait.  The walk runs
+# in a thread of its own (netns.Entered) and is given up after this long
+# -- plus a little per socket the namespace shows -- and the stuck thread
+# is left behind.  Short: a sweep waits for it before the next namespace.
+ITER_PATIENCE = 2.0
+ITER_PER_SOCKET = 5e-6  # the walk takes ~1 µs a socket of the namespace
+ITER_DEADLINE = 10.0  # the longest it is ever waited for
+# In-kernel filtering of the dump (inet_diag bytecode, a condition per
+# cgroup run on every socket of the namespace) for scopes of up to this
+# many cgroups: a new cgroup's sweep then costs the kernel's walk of the
+# host's sockets, not a decoding of each in Python.
+FILTER_MAX = 32
 
 
 class SweepStuck(OSError):
     """The kernel's iterator did not finish: a socket's lock is held."""
 
 
-def _iter_with_deadline(prog_fd: int, deadline: float = ITER_DEADLINE) -> None:
-    try:
-        procfs.in_thread(lambda: bpfsys.iter_run(prog_fd), "bpfkeep-iter", deadline)
-    except procfs.Stuck:
-        raise SweepStuck(
-            errno.ETIMEDOUT,
-            f"a socket's lock was held for over {deadline:.0f} s (a process stuck in a "
-            "page fault inside send()?); the rest of this namespace was not swept",
-        ) from None
+def patience(sockets: int) -> float:
+    """How long a walk of a namespace showing ``sockets`` TCP sockets is
+    waited for."""
+    return min(ITER_DEADLINE, ITER_PATIENCE + ITER_PER_SOCKET * sockets)
+
+
+def _target(
+    raw: sockdiag.Raw, owner: int, held: bool, peered: frozenset[int] = frozenset()
+) -> Target:
+    fam, st, _timer, sport, dport, src, dst, ino, cg, cookie = raw
+    by_peer = owner in peered
+    peer, port = (sockdiag.mapped(fam, dst), dport) if by_peer else (bytes(16), 0)
+    return Target(
+        cookie,
+        owner,
+        held,
+        st,
+        cg,
+        ino,
+        fam,
+        sockdiag.address(fam, src, sport),
+        sockdiag.address(fam, dst, dport),
+        peer,
+        port,
+        by_peer,
+    )
 
 
 def _targets(
@@ -296,98 +219,287 @@ def _targets(
     peered: frozenset[int] = frozenset(),
 ) -> list[Target]:
     out = []
-    for fam, st, _timer, sport, dport, src, dst, ino, cg, cookie in raws:
-        picked = pick(cg, ino)
-        if picked is None:
-            continue
-        owner, held = picked
-        by_peer = owner in peered
-        peer, port = (sockdiag.mapped(fam, dst), dport) if by_peer else (bytes(16), 0)
-        out.append(
-            Target(
-                cookie,
-                owner,
-                held,
-                st,
-                cg,
-                ino,
-                fam,
-                sockdiag.address(fam, src, sport),
-                sockdiag.address(fam, dst, dport),
-                peer,
-                port,
-                by_peer,
-            )
-        )
+    for raw in raws:
+        picked = pick(raw[8], raw[7])
+        if picked is not None:
+            out.append(_target(raw, picked[0], picked[1], peered))
     return out
+
+
+# -- a namespace at a time ------------------------------------------------------------
+
+Make = Callable[[Target, dict[str, int]], maps.SweepEntry]
+
+
+class Sweep:
+    """One sweep of a scope, a network namespace at a time (``run``), so
+    that its caller decides what runs between two namespaces: the daemon
+    interleaves other sweeps, fairly between the namespaces' owners.
+
+    ``make`` builds each socket's work item from its target and the
+    namespace's keepalive sysctls; a ``make`` with a true ``by_kind``
+    attribute promises that the item depends only on the owner, the state
+    and ``held`` for owners not in ``scope.peered``: one item is made and
+    encoded per kind, not per socket.  ``owners_elsewhere`` maps cgroup ids
+    outside the scope to the policy covering each (if any): a socket made
+    in such a cgroup and held by the scope's processes stays its own
+    policy's.  ``keep``: only the targets it keeps (a repair's sockets).
+    ``detail``: keep an Outcome per socket (audit, tests, the enforce
+    room's counts); else only counts.  ``lock``: the work list's lock,
+    taken per batch."""
+
+    def __init__(
+        self,
+        sweeper: Sweeper,
+        sc: Scope,
+        make: Make,
+        *,
+        lock: Callable[[], contextlib.AbstractContextManager[object]],
+        entered: netns.Entered,
+        held: procfs.HeldSockets,
+        states: tuple[int, ...] = SWEPT_STATES,
+        owners_elsewhere: Callable[[set[int]], dict[int, int]] | None = None,
+        keep: Callable[[Target], bool] | None = None,
+        detail: bool = False,
+    ):
+        self.sweeper, self.sc, self.make, self.keep = sweeper, sc, make, keep
+        self.lock, self.entered, self.held_cache = lock, entered, held
+        self.states = frozenset(states)
+        self.mask = sockdiag.states_mask(tuple(states))
+        self.owners_elsewhere = owners_elsewhere
+        self.detail = detail
+        self.by_kind = bool(getattr(make, "by_kind", False))
+        self.report = Report()
+        self._held: dict[int, int] | None = None  # socket inode -> owner, read when needed
+        self._elsewhere: dict[int, int | None] = {}
+        self.filter = (
+            frozenset(sc.owner_of_cgroup) if 0 < len(sc.owner_of_cgroup) <= FILTER_MAX else None
+        )
+
+    def units(self, own_namespace: bool = True) -> list[netns.Namespace]:
+        """The namespaces to visit: every one a process of the scope lives
+        in, and our own -- with ``own_namespace`` false, ours only if one
+        of them lives there.  (A socket lives in the namespace of the
+        thread that made it: the scope's sockets in ours without a process
+        of the scope there were made before it moved away, or handed to a
+        process outside the scope.  The periodic pass finds those; a new
+        cgroup's sweep need not walk every socket of the host for them.)"""
+        if not self.sc:
+            return []
+        found = netns.of_processes(self.sc.owner_of_pid, hidden=self.report.unreachable)
+        return [ns for ns in found.values() if own_namespace or ns.pids or ns.tid is not None]
+
+    def run(self, ns: netns.Namespace) -> None:
+        """Sweep the scope's sockets in one namespace; the outcome goes to
+        ``report``.  Raises SweepUnavailable (this kernel cannot) and
+        SweepStuck (a socket's lock held: the namespace is reported
+        unreachable, and the caller learns not to come back soon)."""
+        where = f"network namespace net:[{ns.inode}]"
+        try:
+            done = self._run(ns)
+        except SweepUnavailable:
+            raise
+        except (netns.Stuck, SweepStuck) as e:
+            self.report.unreachable[where] = (
+                "a socket's lock was held too long (a process stuck in a page fault inside "
+                "send()?); its sockets were not swept"
+            )
+            raise SweepStuck(errno.ETIMEDOUT, f"{where}: {e.strerror or e}") from None
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.ENOENT):
+                return  # the process left meanwhile
+            hint = " (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
+            self.report.unreachable[where] = f"{e.strerror or e}{hint}"
+            return
+        if done:
+            self.report.namespaces += 1
+
+    # -- inside ------------------------------------------------------------
+
+    def _dump(self, ns: netns.Namespace, cgroups: frozenset[int] | None):
+        """The namespace's sockets (and, when items need them, its
+        keepalive sysctls), read from inside it."""
+
+        def inside() -> tuple[list[sockdiag.Raw], dict[str, int]]:
+            raws = sockdiag.dump(self.mask, cgroups)
+            defaults: dict[str, int] = {}
+            if raws and not (self.by_kind and not self.sc.peered):
+                idle, intvl, cnt = procfs.keepalive_sysctls(fallback=True)
+                defaults = {"keepidle": idle, "keepintvl": intvl, "keepcnt": cnt}
+            return raws, defaults
+
+        return self.entered.call(inside, ns.tid, ITER_DEADLINE)
+
+    def _run(self, ns: netns.Namespace) -> bool:
+        raws, defaults = self._dump(ns, self.filter)
+        if self.filter is not None and self._missing_held(ns, raws):
+            # A process of the scope holds a TCP socket made elsewhere: the
+            # whole namespace, then, to find it.
+            raws, defaults = self._dump(ns, None)
+        keys, values, picked, owners = self._work(raws, defaults)
+        if not keys:
+            return True
+        wait = patience(len(raws))
+        for start in range(0, len(keys), MAX_BATCH):
+            end = start + MAX_BATCH
+            with self.lock():
+                tally, got = self.sweeper.batch(
+                    keys[start:end],
+                    values[start:end],
+                    lambda: self._iterate(ns, wait),
+                    detail=self.detail,
+                    owners=owners if len(keys) <= MAX_BATCH else {p[1] for p in picked[start:end]},
+                )
+            self._count(tally, got, picked, ns)
+        return True
+
+    def _iterate(self, ns: netns.Namespace, wait: float) -> None:
+        try:
+            self.entered.call(lambda: bpfsys.iter_run(self.sweeper.prog), ns.tid, wait)
+        except netns.Stuck:
+            raise SweepStuck(
+                errno.ETIMEDOUT,
+                f"a socket's lock was held for over {wait:.0f} s (a process stuck in a page "
+                "fault inside send()?); the rest of this namespace was not swept",
+            ) from None
+
+    def _missing_held(self, ns: netns.Namespace, raws: list[sockdiag.Raw]) -> bool:
+        """Whether the namespace's processes of the scope hold a TCP socket
+        that a dump filtered by the scope's cgroups did not show."""
+        shown = {r[7] for r in raws}
+        now = time.monotonic()
+        for pid in ns.pids:
+            for ino in self.held_cache.of(pid, now).keys() - shown:
+                if self.held_cache.is_tcp(pid, ino):
+                    return True
+        return False
+
+    def _held_map(self) -> dict[int, int]:
+        if self._held is None:
+            self._held = self.held_cache.held(self.sc.owner_of_pid)
+        return self._held
+
+    def _own_policy_elsewhere(self, cgroup_id: int, owner: int) -> bool:
+        if self.owners_elsewhere is None:
+            return False
+        if cgroup_id not in self._elsewhere:
+            self._elsewhere[cgroup_id] = self.owners_elsewhere({cgroup_id}).get(cgroup_id)
+        return self._elsewhere[cgroup_id] not in (None, owner)
+
+    def _work(
+        self, raws: list[sockdiag.Raw], defaults: dict[str, int]
+    ) -> tuple[list[bytes], list[bytes], list[tuple[sockdiag.Raw, int, bool]], set[int]]:
+        """The work items: keys (cookies) and values, what was picked (for
+        the outcomes, with ``detail``, or a batch of several owners) and
+        the owners."""
+        owner_of = self.sc.owner_of_cgroup
+        states, peered, make, keep = self.states, self.sc.peered, self.make, self.keep
+        held: dict[int, int] | None = None
+        if any(r[8] not in owner_of for r in raws):
+            held = self._held_map()  # sockets of other cgroups: are any held by the scope?
+        kinds: dict[tuple[int, int, bool], bytes] = {}
+        quiet = 0 if self.detail else maps.SWI_QUIET
+        pack = _U64.pack
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        picked: list[tuple[sockdiag.Raw, int, bool]] = []
+        owners: set[int] = set()
+        for raw in raws:
+            st = raw[1]
+            if st not in states:
+                continue
+            owner = owner_of.get(raw[8])
+            is_held = False
+            if owner is None:
+                owner = held.get(raw[7]) if held else None
+                if owner is None or self._own_policy_elsewhere(raw[8], owner):
+                    continue
+                is_held = True
+            if keep is not None and not keep(_target(raw, owner, is_held, peered)):
+                continue
+            if self.by_kind and owner not in peered:
+                kind = (owner, st, is_held)
+                value = kinds.get(kind)
+                if value is None:
+                    value = kinds[kind] = _encode(
+                        make(_target(raw, owner, is_held), defaults), quiet
+                    )
+            else:
+                value = _encode(make(_target(raw, owner, is_held, peered), defaults), quiet)
+            keys.append(pack(raw[9]))
+            values.append(value)
+            owners.add(owner)
+            picked.append((raw, owner, is_held))
+        return keys, values, picked, owners
+
+    def _count(
+        self,
+        tally: Tally,
+        got: list[tuple[int, int, bytes]],
+        picked: list[tuple[sockdiag.Raw, int, bool]],
+        ns: netns.Namespace,
+    ) -> None:
+        rep = self.report
+        rep.swept += tally.swept
+        rep.app_own += tally.app_own
+        rep.failed += tally.failed
+        if not got:
+            return
+        by_cookie = {p[0][9]: p for p in picked}
+        for cookie, _result, raw in got:
+            p = by_cookie.get(cookie)
+            if p is not None:
+                rep.outcomes.append(
+                    Outcome(
+                        _target(p[0], p[1], p[2], self.sc.peered),
+                        maps.SweepEntry.decode(raw),
+                        f"net:[{ns.inode}]",
+                    )
+                )
+
+
+def _encode(entry: maps.SweepEntry, flags: int) -> bytes:
+    entry.in_flags |= flags
+    return entry.encode()
 
 
 def sweep(
     sweeper: Sweeper,
     sc: Scope,
-    make: Callable[[Target, dict[str, int]], maps.SweepEntry],
+    make: Make,
     *,
+    lock: Callable[[], contextlib.AbstractContextManager[object]],
     states: tuple[int, ...] = SWEPT_STATES,
     count: bool = True,
     owners_elsewhere: Callable[[set[int]], dict[int, int]] | None = None,
     keep: Callable[[Target], bool] | None = None,
+    detail: bool = True,
 ) -> Report:
-    """Sweep every socket of the scope, in every namespace it lives in.
-
-    ``make`` builds each socket's work item from its target and the
-    namespace's keepalive sysctls.  ``owners_elsewhere`` maps cgroup ids
-    outside the scope to the policy covering each (if any): a socket made
-    in such a cgroup and held by the scope's processes stays its own
-    policy's.  ``keep``: only the targets it keeps (a repair's sockets)."""
-    report = Report()
-    if not sc:
-        return report
-    held = procfs.held_sockets(sc.owner_of_pid)
-    elsewhere: dict[int, int | None] = {}
-
-    def own_policy_elsewhere(t: Target) -> bool:
-        if not t.held or owners_elsewhere is None:
-            return False
-        if t.cgroup_id not in elsewhere:
-            found = owners_elsewhere({t.cgroup_id})
-            elsewhere[t.cgroup_id] = found.get(t.cgroup_id)
-        return elsewhere[t.cgroup_id] not in (None, t.owner)
-
-    def pick(cg: int, ino: int) -> tuple[int, bool] | None:
-        owner = sc.owner_of_cgroup.get(cg)
-        if owner is not None:
-            return owner, False
-        owner = held.get(ino)
-        return None if owner is None else (owner, True)
-
+    """Sweep every socket of the scope, in every namespace it lives in, in
+    one go (the commands; the daemon runs a Sweep a namespace at a time)."""
     if count:
         sweeper.prepare_stats(set(sc.owner_of_cgroup.values()))
-    for ns, tid in procfs.namespaces(sc.owner_of_pid, hidden=report.unreachable).items():
-
-        def work() -> list[Outcome]:
-            targets = [
-                t
-                for t in _targets(sockdiag.dump(_STATE_MASK), pick, sc.peered)
-                if t.state in states and not own_policy_elsewhere(t) and (keep is None or keep(t))
-            ]
-            if not targets:
-                return []
-            idle, intvl, cnt = procfs.keepalive_sysctls(fallback=True)
-            defaults = {"keepidle": idle, "keepintvl": intvl, "keepcnt": cnt}
-            return sweeper.run(targets, lambda t: make(t, defaults))
-
-        try:
-            outcomes = procfs.in_netns(tid, work)
-        except SweepUnavailable:
-            raise
-        except OSError as e:
-            if e.errno in (errno.ESRCH, errno.ENOENT):
-                continue  # the process left meanwhile
-            hint = " (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
-            report.unreachable[f"network namespace net:[{ns}]"] = f"{e.strerror or e}{hint}"
-            continue
-        report.namespaces += 1
-        for o in outcomes:  # type: ignore[union-attr]
-            o.netns = f"net:[{ns}]"
-        report.outcomes += outcomes  # type: ignore[arg-type]
-    return report
+    with lock():
+        sweeper.clear()  # what a sweep that died midway left
+    entered = netns.Entered("bpfkeep-sweep")
+    try:
+        s = Sweep(
+            sweeper,
+            sc,
+            make,
+            lock=lock,
+            entered=entered,
+            held=procfs.HeldSockets(),
+            states=states,
+            owners_elsewhere=owners_elsewhere,
+            keep=keep,
+            detail=detail,
+        )
+        for ns in s.units():
+            try:
+                s.run(ns)
+            except SweepStuck:
+                continue  # noted in the report; the other namespaces still
+        return s.report
+    finally:
+        entered.close()

@@ -161,3 +161,10 @@ def relearn_entry(
         return e
 
     return make
+
+
+# Their items depend only on the owner, the socket's state and whether it
+# is held, for owners whose values do not depend on the peer: the sweep
+# makes and encodes one per kind, not one per socket (engine.Sweep).
+apply_entry.by_kind = True  # type: ignore[attr-defined]
+read_entry.by_kind = True  # type: ignore[attr-defined]
