@@ -150,6 +150,10 @@ class Enforced:
         return min(self._repair_due or math.inf, self._pass_due or math.inf, again)
 
     def run_due(self, now: float) -> None:
+        if self._repair_again and not self._repairing:
+            # (Rang just as the last repair was answered: its turn now.)
+            self._repair_again = False
+            self._repair_due = max(now, self._repair_earliest)
         if self._repair_due is not None and self._repair_due <= now:
             self._repair_due = None
             self.repair()
@@ -220,7 +224,10 @@ class Enforced:
                     finally:
                         self._repaired(True, loop + cpu)
 
-                self._repairing = queued = self._sweep([ours[o] for o in wanted], keep, done)
+                # (Before it is queued: the thread may answer before _sweep returns.)
+                self._repairing = True
+                queued = self._sweep([ours[o] for o in wanted], keep, done)
+                self._repairing = queued and self._repairing
         finally:
             if not queued:
                 self._repaired(bool(notes), time.process_time() - t0)
