@@ -9,6 +9,9 @@ itself is checked on many paths, limits and client habits at once.
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -197,3 +200,41 @@ def test_limits_of_a_policy_and_of_connections_outside_every_policy():
 )
 def test_at_risk(keepalive, keepidle, risky):
     assert learning.at_risk(Known(350, "stated", "*"), keepalive, keepidle) is risky
+
+
+def test_a_look_costs_its_own_cpu_not_the_other_threads(monkeypatch):
+    """The look at idle connections is spaced by 1000 times its CPU; the
+    daemon's sweeping thread and scrapes run meanwhile, and counting the
+    process's CPU (theirs too) pushed the look -- and the at-risk counts --
+    out by tens of seconds.  Its own thread's and its namespace threads'."""
+    from types import SimpleNamespace
+
+    from bpfkeep.daemon.learn import Learner
+
+    def burn(seconds: float) -> None:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < seconds:
+            pass
+
+    learner = Learner(SimpleNamespace())  # type: ignore[arg-type]
+
+    def look() -> None:
+        burn(0.1)  # the look's own thread
+        learner._in_netns(os.getpid(), lambda: burn(0.1))  # a namespace's thread
+        time.sleep(0.4)  # meanwhile another thread works
+
+    stop = threading.Event()
+
+    def other() -> None:
+        while not stop.is_set():
+            burn(0.01)
+
+    monkeypatch.setattr(learner, "_sample", look)
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        learner.sample()
+    finally:
+        stop.set()
+        t.join()
+    assert 0.2 <= learner.cost < 0.35, learner.cost
