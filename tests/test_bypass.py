@@ -272,6 +272,9 @@ def test_a_32bit_setsockopt_is_brought_back_within_the_bound(
     m = scrape(metrics_port)
     if tracing(m):
         assert sample(m, "bpfkeep_enforce_bypassed_total", cgroup=label, option="keepalive") == 1
+    else:  # the enforce pass repaired it: its CPU is on /metrics
+        cpu = sample(m, "bpfkeep_enforce_pass_cpu_seconds")
+        assert cpu is not None and 0 <= cpu < 5, cpu
     status = {a["cgroup"]: a for a in json.loads(bk("status", "--json").stdout)}
     assert status[label]["counters"]["enforce"]["repaired"]["keepalive"] == 1
     assert "Traceback" not in d.log.read_text()

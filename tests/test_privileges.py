@@ -117,6 +117,9 @@ def test_first_attach_under_the_units_capabilities(
 
     argv = [sys.executable, "-m", "bpfkeep", "--pin-dir", fresh_pin_dir, "attach"]
     policy = ["--keepidle", "31", "--keepintvl", "7", "--keepcnt", "4", "--user-timeout", "12345"]
+    # A peer rule no connection here matches: its maps written under the
+    # unit's capabilities, every connection looked up in them.
+    policy += ["--peer", "10.99.0.0/16,keepidle=5"]
     proc = subprocess.run(
         as_unit([*argv, "--cgroup", cgroups.rel(app), *policy]),
         capture_output=True,
