@@ -26,7 +26,7 @@ from test_daemon import daemon, free_port, scrape  # noqa: F401 - the fixture
 from bpfkeep import containers
 from bpfkeep import podman as podman_files
 from bpfkeep.containers import CgroupInfo, Selector, Workload, parse
-from bpfkeep.metrics.collector import Collector, Row, Snapshot
+from bpfkeep.metrics.collector import Collector, PathRow, Row, Snapshot
 from bpfkeep.options import Policy
 
 ID = "0123456789abcdef" * 4
@@ -445,6 +445,33 @@ def test_namespace_aggregation_of_series():
     assert v("bpfkeep_policy_attached", {"cgroup": a, "mode": "set"}) is None
     reg = get("none")
     assert reg.get_sample_value("bpfkeep_policy_attached", {"cgroup": a, "mode": "set"}) == 1
+
+
+def test_a_paths_gauges_are_not_summed_per_namespace():
+    """Two pods of a namespace learning the same path: its idle limit and
+    keepidle per namespace are the largest of theirs, not their sum (a
+    keepidle of 25 on a path that forgets after 40 s is not 50 on 80);
+    the connections at risk add up."""
+    a, b = "/kubepods/besteffort/poda/x", "/kubepods/besteffort/podb/y"
+    wl = {
+        a: {"namespace": "shop", "pod": "a", "container": "app"},
+        b: {"namespace": "shop", "pod": "b", "container": "app"},
+    }
+    net = "10.1.2.0/24"
+    snap = Snapshot(
+        [Row(a, Policy(), None), Row(b, Policy(), None)],
+        [],
+        workloads=wl,
+        workload_labels="namespace",
+        paths=[PathRow(a, net, 40.0, 20), PathRow(b, net, 30.0, 15)],
+        at_risk={(a, net): 2, (b, net): 3},
+    )
+    reg = CollectorRegistry()
+    reg.register(Collector(lambda: snap))
+    labels = {"cgroup": "", "peer": net, "namespace": "shop"}
+    assert reg.get_sample_value("bpfkeep_peer_idle_limit_seconds", labels) == 40
+    assert reg.get_sample_value("bpfkeep_peer_keepidle_seconds", labels) == 20
+    assert reg.get_sample_value("bpfkeep_connections_at_risk", labels) == 5
 
 
 @pytest.mark.kernel

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 WORKLOAD_LABELS = ("namespace", "pod", "container")
 # Gauges whose per-namespace value is the largest of its cgroups', not the sum.
-MAX_PER_NAMESPACE = {"bpfkeep_policy_dead_peer_bound_seconds"}
+MAX_PER_NAMESPACE = {
+    "bpfkeep_policy_dead_peer_bound_seconds",
+    "bpfkeep_peer_idle_limit_seconds",
+    "bpfkeep_peer_keepidle_seconds",
+}
 
 
 def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str):
@@ -17,9 +21,10 @@ def with_workload_labels(family, workloads: dict[str, dict[str, str]], mode: str
       containers, those the runtime told (a plain cgroup's series keep
       their labels; a container outside Kubernetes gets only container);
     - "namespace": the series of Kubernetes containers are summed into one
-      per namespace (cgroup, pod and container ""; the dead-peer bound is
-      the namespace's largest).  A counter summed over containers falls
-      when one goes away: Prometheus's rate() reads that as a reset;
+      per namespace (cgroup, pod and container ""; the dead-peer bound and
+      a path's idle limit and keepidle are the namespace's largest).  A
+      counter summed over containers falls when one goes away:
+      Prometheus's rate() reads that as a reset;
     - "none": the family as it is.
     """
     if (
