@@ -3,9 +3,8 @@
     python bench/profiled.py OUT.prof ARGS...
 
 runs ``bpfkeep ARGS...`` (the bpfkeep on PYTHONPATH: the checkout under
-test) with cProfile on while the daemon reloads (``Daemon.reload``) and,
-from the first reload on, while it runs the sweeps queued
-(``Passes.run_queued``: those the reload queued, not the start's), and
+test) with cProfile on while the daemon reloads (``Daemon.reload``; the
+sweeps it asks for run on the daemon's sweeping thread, not profiled), and
 writes the statistics to OUT.prof when it exits.  Run as a script, not as
 ``-m bench.profiled``: another checkout's ``bench`` package must not
 shadow this one.
@@ -27,7 +26,7 @@ def main(argv: list[str]) -> int:
     if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
     from bpfkeep import cli
-    from bpfkeep.daemon import loop, passes
+    from bpfkeep.daemon import loop
 
     prof = cProfile.Profile()
     depth = [0]
@@ -52,7 +51,6 @@ def main(argv: list[str]) -> int:
         return wrapper
 
     loop.Daemon.reload = profiled(loop.Daemon.reload, arms=True)
-    passes.Passes.run_queued = profiled(passes.Passes.run_queued)
     atexit.register(prof.dump_stats, out)
     return cli.main(args)
 

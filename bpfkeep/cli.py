@@ -281,10 +281,6 @@ def _resolved(policy: Policy) -> Policy:
     return peers.resolve_names(policy, peers.Resolver(), failed)
 
 
-def _learns(policy: Policy) -> bool:
-    return policy.auto or any(r.policy is not None and r.policy.auto for r in policy.peers)
-
-
 def _fmt_peer(p: peers.Peer) -> str:
     what = "exempt" if p.policy is None else _fmt_policy(p.policy)
     if p.policy is not None and p.policy.mode == "enforce":
@@ -463,7 +459,7 @@ def dispatch(args: argparse.Namespace) -> int:
         before = _current_policy(enf, cg)
         what = enf.attach(cg, policy)
         print(f"{what} {cg.display}: {_fmt_policy(policy)} mode={policy.mode}")
-        if _learns(policy):
+        if policy.learns:
             print(
                 "  keepidle auto: starts at keepidle_max and is learned while bpfkeep daemon "
                 "runs with a config that gives this cgroup its policy"

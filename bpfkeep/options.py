@@ -446,6 +446,11 @@ class Policy:
         kw["mode"] = mode
         return cls(**kw)  # type: ignore[arg-type]
 
+    @property
+    def learns(self) -> bool:
+        """keepidle = "auto" in the policy or one of its peer rules."""
+        return self.auto or any(r.policy is not None and r.policy.auto for r in self.peers)
+
     def with_keepidle(self, keepidle: int) -> Policy:
         """The same policy with another keepidle (a learned one): a derived
         user timeout follows it."""

@@ -250,7 +250,7 @@ class Learner:
         self._forget()
         self.age()
         limits = self.limits(policies)  # type: ignore[arg-type]
-        learns = any(_learns(p) for p in policies.values())  # type: ignore[arg-type]
+        learns = any(p.learns for p in policies.values())  # type: ignore[union-attr]
         if not limits and not learns:
             self._seen, self.at_risk = {}, {}
             return
@@ -477,7 +477,3 @@ class Learner:
             if t.path.upper is not None
         ]
         return learning.Limits(policies, learned)  # type: ignore[arg-type]
-
-
-def _learns(policy: Policy) -> bool:
-    return policy.auto or any(r.policy is not None and r.policy.auto for r in policy.peers)

@@ -177,11 +177,8 @@ class Daemon:
                 self._guard("check of pins and links", self.healer.check)
                 sched.at("heal", time.monotonic() + self.healer.every())
             self._run_retries()
-            self.passes.run_queued(now)
             self._guard("enforce pass or repair", lambda t=now: enforced.run_due(t))
-            wake = sched.next(
-                self.retries.next(), self.passes.next_sweep() or float("inf"), enforced.next()
-            )
+            wake = sched.next(self.retries.next(), enforced.next())
             timeout = min(max(0.0, wake - time.monotonic()), 3600.0)
             bell = enforced.fd()
             fds = [self.inotify.fd, rfd, self.lookups.fd, *([bell] if bell is not None else [])]

@@ -79,14 +79,6 @@ class Passes:
         room's pass.  False if nothing was queued (``req`` is not answered)."""
         return self.sweeps.request(cgs, req, periodic=periodic)
 
-    def next_sweep(self) -> float | None:
-        """Nothing for the loop to wake up for: the sweeping thread keeps
-        its own time."""
-        return None
-
-    def run_queued(self, now: float) -> None:
-        """(The sweeping thread runs what is queued.)"""
-
     def backlog(self) -> int:
         return self.sweeps.backlog()
 

@@ -101,9 +101,6 @@ _NLATTR = struct.Struct("=HH")  # len, type
 _REQ = struct.Struct("=BBBBI48x")
 # inet_diag_req: family (none), src_len, dst_len, ext, sockid, states, dbs
 _REQ_COMPAT = struct.Struct("=BBBB48xII")
-# inet_diag_msg: family, state, timer, retrans, sport, dport (big endian),
-# src, dst, if, cookie, expires, rqueue, wqueue, uid, inode
-_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")
 _PORTS = struct.Struct(">HH")
 _U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")

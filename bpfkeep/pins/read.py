@@ -121,7 +121,9 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
     cgroup's storage with its last bpfkeep link, so a missing entry also
     means the policy is no longer attached.  Two lookups a cgroup (cgroup
     storage has no batch operations): a scrape of 10,000 cgroups makes
-    20,000, each into one buffer per map."""
+    20,000, each into one buffer per map.  The enforce counts are hash maps
+    holding only the policies that saw something: each read whole, in
+    batches."""
     found = {}
     with contextlib.ExitStack() as stack:
         fd, sfd, bfd, rfd = (
@@ -137,6 +139,13 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
             return {}
         read = bpfsys.map_reader(fd, maps.percpu_value_size(maps.COUNTERS_SIZE))
         read_sweep = bpfsys.map_reader(sfd, maps.SWEEPSTATS_SIZE) if sfd is not None else None
+        # (Pins of an older program version may have neither map: no counts.)
+        enforce = None
+        if bfd is not None and rfd is not None:
+            enforce = [
+                dict(_items(map_fd, layout.size))
+                for map_fd, layout in ((bfd, maps.BYPASSED), (rfd, maps.REPAIRED))
+            ]
         for i in ids:
             key = key_of(i)
             try:
@@ -147,9 +156,19 @@ def read_counters(pins: PinDir, ids: Iterable[int]) -> dict[int, maps.Counters]:
             if raw is not None:
                 c = found[i] = maps.decode_counters(raw)
                 c.sweep = maps.SweepStats.decode(sraw) if sraw is not None else None
-                if bfd is not None or rfd is not None:
-                    c.enforce = enforce_counts(bfd, rfd, i)
+                if enforce is not None:
+                    bypassed, repaired = enforce
+                    c.enforce = maps.decode_enforce_counts(bypassed.get(key), repaired.get(key))
     return found
+
+
+def _items(map_fd: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """A hash map keyed by cgroup id, whole (nothing if it cannot be read,
+    as a failed lookup reads nothing)."""
+    try:
+        return bpfsys.map_items(map_fd, 8, value_size)
+    except OSError:
+        return []
 
 
 def peer_rules(objs: dict[str, int], set_id: int) -> tuple[Peer, ...]:

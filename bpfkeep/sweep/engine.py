@@ -213,19 +213,6 @@ def _target(
     )
 
 
-def _targets(
-    raws: list[sockdiag.Raw],
-    pick: Callable[[int, int], tuple[int, bool] | None],
-    peered: frozenset[int] = frozenset(),
-) -> list[Target]:
-    out = []
-    for raw in raws:
-        picked = pick(raw[8], raw[7])
-        if picked is not None:
-            out.append(_target(raw, picked[0], picked[1], peered))
-    return out
-
-
 # -- a namespace at a time ------------------------------------------------------------
 
 Make = Callable[[Target, dict[str, int]], maps.SweepEntry]

@@ -10,9 +10,7 @@ from bpfkeep import peers
 from bpfkeep.kernel.sockdiag import LISTEN, SYN_SENT
 from bpfkeep.options import Policy
 from bpfkeep.progs import maps
-from bpfkeep.sweep.engine import Target
-
-Make = Callable[[Target, dict[str, int]], maps.SweepEntry]
+from bpfkeep.sweep.engine import Make, Target
 
 
 def apply_entry(target: Target, defaults: dict[str, int]) -> maps.SweepEntry:

@@ -116,11 +116,6 @@ class Apply:
                 keep=keep,
                 detail=detail,
             )
-            # (The daemon sweeps enforced policies' sockets first.)
-            self.enforced = any(
-                raw is not None and maps.policy_raw_flags(raw) & maps.F_ENFORCE
-                for raw in self.gens.values()
-            )
         except BaseException:
             self._objects.close()
             raise
