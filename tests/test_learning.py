@@ -238,3 +238,110 @@ def test_a_look_costs_its_own_cpu_not_the_other_threads(monkeypatch):
         stop.set()
         t.join()
     assert 0.2 <= learner.cost < 0.35, learner.cost
+
+
+# -- how much the daemon keeps ----------------------------------------------------------
+
+
+def _learned_map(max_entries: int) -> int:
+    """A kernel hash map shaped as bk_learned, of this size."""
+    import ctypes
+    import ctypes.util
+
+    from bpfkeep.progs import maps
+
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    lib.bpf_map_create.restype = ctypes.c_int
+    lib.bpf_map_create.argtypes = (
+        [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_uint32] * 3 + [ctypes.c_void_p]
+    )
+    key_size = len(maps.path_key(1, peers.ANY, bytes(16)))
+    fd = lib.bpf_map_create(1, b"bk_test_learned", key_size, maps.LEARNED.size, max_entries, None)
+    if fd < 0:
+        pytest.fail(f"bpf_map_create: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _learner_on(fd: int, policy: Policy):
+    """A Learner whose daemon state holds one attached policy (cgroup id 7)
+    and whose pin directory holds ``fd`` as bk_learned."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from bpfkeep.daemon.learn import Learner
+
+    class Pins:
+        @contextlib.contextmanager
+        def one(self, _name):
+            yield fd
+
+        def ring(self, _name):
+            return None  # loss events are given to take() below
+
+    cgroup = SimpleNamespace(display="/app.service")
+    entry = SimpleNamespace(attached="ours", policy=policy, existing=False, cgroup=cgroup)
+    state = SimpleNamespace(table={7: entry}, enforcer=SimpleNamespace(pins=Pins()), errors=0)
+    learner = Learner(state)  # type: ignore[arg-type]
+    learner.open()
+    return learner
+
+
+def _peer(i: int) -> bytes:
+    """The i-th /24 of 10.0.0.0/8, IPv4 mapped."""
+    return bytes(10) + b"\xff\xff" + bytes([10, (i >> 8) & 0xFF, i & 0xFF, 9])
+
+
+def _loss_event(owner: int, address16: bytes, idle_s: float) -> bytes:
+    from bpfkeep.progs import maps
+
+    return maps.LOSS_EVENT.pack(
+        owner=owner,
+        tag=0,
+        reason=maps.LOSS_REASONS.index("reset"),
+        idle_ms=int(idle_s * 1000),
+        path_idle_ms=int(idle_s * 1000),
+        unacked=1,
+        addr=list(address16),
+    )
+
+
+def test_what_is_learned_of_networks_stays_within_the_kernels_map():
+    """A server under keepidle = "auto" for its own values learns per
+    client network: every /24 that lost a connection or survived an idle
+    one.  Internet clients come from without end: the daemon keeps at most
+    what the kernel's map holds -- networks nothing was learned of go
+    first, then the limits learned longest ago, from the map too -- and
+    puts on /metrics only the networks a limit was learned for."""
+    from bpfkeep.kernel import bpfsys
+
+    room = 256
+    fd = _learned_map(room)
+    try:
+        learner = _learner_on(fd, Policy.from_mapping({"keepidle": "auto"}))
+        # Clients that were idle and came back: nothing learned of a limit.
+        for i in range(3 * room):
+            learner.survived(7, _peer(i), 443, 30.0, 0.0)
+        assert len(learner.paths) <= room
+        assert learner.rows() == []  # no limit known of any: no series
+        # Losses on ever more networks: each lowers its network's keepidle.
+        lost = [_peer(10_000 + i) for i in range(2 * room)]
+        learner.take(_loss_event(7, a, 400.0) for a in lost)
+        assert learner.state.errors == 0  # no write refused by a full map
+        assert len(learner.paths) <= room
+        in_map = bpfsys.map_keys(fd, len(maps_key()))
+        assert len(in_map) <= room
+        # The latest are known, in the daemon and in the kernel.
+        newest = {maps_key(a) for a in lost[-room // 2 :]}
+        assert newest <= set(learner.paths)
+        assert newest <= set(in_map)
+        rows = learner.rows()
+        assert rows and all(r.limit == 400.0 for r in rows), rows[:3]
+        assert len(rows) <= room
+    finally:
+        os.close(fd)
+
+
+def maps_key(address16: bytes = bytes(16)) -> bytes:
+    from bpfkeep.progs import maps
+
+    return maps.path_key(7, peers.ANY, address16)

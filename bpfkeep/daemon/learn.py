@@ -16,7 +16,11 @@
   starts from it.
 
 A path is a peer rule of a policy (by its label), or for the policy's own
-values the peer's /24 (IPv4) or /64 (IPv6) network.
+values the peer's /24 (IPv4) or /64 (IPv6) network.  Clients come from
+networks without end (a server facing the internet), so the daemon keeps
+at most as many paths as the kernel's map holds: the networks nothing was
+learned of go first, the longest untouched; then, if it must, the limits
+learned longest ago -- from the map too (``_make_room``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bpfkeep import learning, peers
 from bpfkeep.daemon.passes import Passes, Request
@@ -57,6 +61,8 @@ class Tracked:
     label: str  # the peer rule's label, or the network ("10.1.2.0/24")
     path: learning.Path
     written: int = 0  # the keepidle last written to the kernel
+    network: bool = False  # for the policy's own values (not a peer rule)
+    touched: float = 0.0  # when evidence last came (monotonic)
 
 
 def _network_label(address16: bytes) -> str:
@@ -71,6 +77,7 @@ class Learner:
         self.state = state
         self.passes = passes
         self.paths: dict[bytes, Tracked] = {}  # bk_path_key -> path
+        self.room = maps.MAX_PATHS  # paths kept at most: bk_learned's size
         self.ring: RingBuffer | None = None
         self.events_seen = 0
         # The last look at each connection: (netns, cookie) -> (when, ms
@@ -90,6 +97,9 @@ class Learner:
         self.ring = self.state.enforcer.pins.ring(loader.MAP_LOSS_EVENTS)
         if self.ring is None:
             log.warning("lost connections cannot be learned from: no ring buffer of loss events")
+        with contextlib.suppress(OSError), self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
+            if fd is not None:
+                self.room = bpfsys.map_max_entries(fd)
 
     def restore(self) -> None:
         """What was learned before a restart or an upgrade (bk_learned),
@@ -106,7 +116,8 @@ class Learner:
             p.lower = got.lower_ms / 1000
             p.stated = policy.idle_limit or None
             p.losses, p.ignored = got.losses, got.ignored
-            self.paths[key] = Tracked(owner, label, p, got.keepidle or p.keepidle())
+            written = got.keepidle or p.keepidle()
+            self.paths[key] = Tracked(owner, label, p, written, tag == 0, time.monotonic())
 
     @property
     def fd(self) -> int | None:
@@ -145,11 +156,14 @@ class Learner:
 
     def events(self) -> None:
         """Loss events from the kernel, each to its path."""
-        if self.ring is None:
-            return
+        if self.ring is not None:
+            self.take(self.ring.read())
+
+    def take(self, events: Iterable[bytes]) -> None:
+        """Loss events as the kernel writes them (struct bk_loss_event)."""
         now = time.monotonic()
         changed: dict[bytes, int] = {}
-        for raw in self.ring.read():
+        for raw in events:
             self.events_seen += 1
             ev = maps.LOSS_EVENT.unpack(raw)
             owner, tag = int(ev["owner"]), int(ev["tag"])  # type: ignore[arg-type]
@@ -164,10 +178,8 @@ class Learner:
                 bounds = self._bounds(owner, tag, key)
                 if bounds is None:
                     continue  # this path's keepidle is not learned
-                values, shown = bounds
-                path = learning.Path(values.keepidle_min, values.keepidle_max)
-                path.stated = values.idle_limit or None
-                tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
+                tracked = self._track(key, owner, bounds[1], bounds[0], tag == 0, now)
+            tracked.touched = now
             reason = maps.LOSS_REASONS[int(ev["reason"]) % len(maps.LOSS_REASONS)]  # type: ignore[arg-type]
             loss = learning.Loss(
                 at=now,
@@ -198,15 +210,65 @@ class Learner:
         if values is None or not values.auto:
             return
         key = maps.path_key(owner, label, address16)
+        now = time.monotonic()
         tracked = self.paths.get(key)
         if tracked is None:
-            shown = label if label != peers.ANY else _network_label(address16)
-            path = learning.Path(values.keepidle_min, values.keepidle_max)
-            path.stated = values.idle_limit or None
-            tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle())
+            network = label == peers.ANY
+            shown = _network_label(address16) if network else label
+            tracked = self._track(key, owner, shown, values, network, now)
+        tracked.touched = now
         idle = max(idle, probed)
         if tracked.path.survived(idle):
             self._write({key: tracked.written})
+
+    def _track(
+        self, key: bytes, owner: int, shown: str, values: Policy, network: bool, now: float
+    ) -> Tracked:
+        """A path new to the daemon, within ``room``."""
+        if len(self.paths) >= self.room:
+            self._make_room()
+        path = learning.Path(values.keepidle_min, values.keepidle_max)
+        path.stated = values.idle_limit or None
+        tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle(), network, now)
+        return tracked
+
+    def _make_room(self) -> None:
+        """Down to 7/8 of ``room`` (so that this runs once per room/8 new
+        paths, not on each): first the paths nothing was learned of -- only
+        how long their connections survived idle, which speeds a climb
+        that may never come -- the longest untouched first; then, only if
+        more than that many limits were learned, the oldest of those,
+        from the kernel's map too (its new connections start over from
+        the policy's keepidle)."""
+        keep = self.room - self.room // 8 - 1  # and the one coming
+        order = sorted(
+            self.paths.items(),
+            key=lambda kv: (
+                kv[1].path.upper is not None,
+                kv[1].touched if kv[1].path.upper is None else kv[1].path.upper_at,
+            ),
+        )
+        gone = [key for key, _t in order[: len(self.paths) - keep]]
+        limits = sum(1 for key in gone if self.paths[key].path.upper is not None)
+        for key in gone:
+            del self.paths[key]
+        self._unwrite(gone)
+        if limits:
+            log.warning(
+                "%d learned idle limit(s) forgotten, the oldest: more paths learned than "
+                "the kernel's map holds (%d)",
+                limits,
+                self.room,
+            )
+        else:
+            log.debug("%d path(s) nothing was learned of forgotten", len(gone))
+
+    def _unwrite(self, keys: list[bytes]) -> None:
+        """Take these paths out of the kernel's map (where they are)."""
+        with contextlib.suppress(OSError), self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
+            for key in keys if fd is not None else ():
+                with contextlib.suppress(OSError):
+                    bpfsys.map_delete(fd, key)
 
     # -- the periodic look ---------------------------------------------------------
 
@@ -340,10 +402,7 @@ class Learner:
             return
         for key in gone:
             del self.paths[key]
-        with contextlib.suppress(OSError), self.state.enforcer.pins.one(loader.MAP_LEARNED) as fd:
-            for key in gone if fd is not None else ():
-                with contextlib.suppress(OSError):
-                    bpfsys.map_delete(fd, key)
+        self._unwrite(gone)
 
     def _named(self, risk: dict[tuple[int, str], int]) -> dict[tuple[str, str], int]:
         """At-risk counts by (cgroup, peer): a policy's cgroup (its id), or
@@ -384,7 +443,9 @@ class Learner:
                 if fd is None:
                     return
                 for key in changed:
-                    t = self.paths[key]
+                    t = self.paths.get(key)
+                    if t is None:
+                        continue  # forgotten meanwhile, to make room
                     bpfsys.map_update(fd, key, self._value(t).encode())
                     old, t.written = t.written, t.path.keepidle()
                     if old != t.written:
@@ -403,7 +464,9 @@ class Learner:
             self.state.errors += 1
             log.error("writing learned idle limits: %s", e)
             return
-        lower = {k: old for k, old in changed.items() if self.paths[k].written < old}
+        lower = {
+            k: old for k, old in changed.items() if k in self.paths and self.paths[k].written < old
+        }
         if lower:
             self._sweep(lower)
             self._seen = {}  # the keepidle each timer showed is no more
@@ -463,10 +526,13 @@ class Learner:
     # -- what the metrics show ---------------------------------------------------------
 
     def rows(self) -> list[PathRow]:
-        """Every path learned for, for the metrics (the scrape thread)."""
+        """The paths learned for, for the metrics (the scrape thread): every
+        peer rule's, and the networks a limit was learned of -- not every
+        network a client came from."""
         return [
             PathRow(self._cgroup_name(t.owner), t.label, t.path.limit, t.path.keepidle())
             for t in list(self.paths.values())
+            if not t.network or t.path.upper is not None
         ]
 
     def limits(self, policies: dict[int, Policy]) -> learning.Limits:

@@ -333,7 +333,8 @@ def _paths(snap: Snapshot) -> tuple[GaugeMetricFamily, ...]:
     )
     keepidle = GaugeMetricFamily(
         "bpfkeep_peer_keepidle_seconds",
-        "The keepidle in force for a path's connections (keepidle = auto)",
+        "The keepidle in force for a path's connections (keepidle = auto): a peer rule's, "
+        "or a network's once a limit was learned of it",
         labels=["cgroup", "peer"],
     )
     for p in sorted(snap.paths, key=lambda p: (p.cgroup, p.peer)):

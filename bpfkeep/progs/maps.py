@@ -109,6 +109,7 @@ NIDLE = _H.define("BK_NIDLE")
 # Learned idle limits (bk_path_key -> bk_learned)
 PATH_KEY = _H.struct("bk_path_key")
 LEARNED = _H.struct("bk_learned")
+MAX_PATHS = _H.define("BK_MAX_PATHS")  # paths learned for (bk_learned's size)
 # The idle-time histogram's buckets (seconds): the timeouts that matter --
 # ALB 60 s, Azure LB and NAT 240 s, AWS NAT gateway and NLB 350 s, GCP
 # internal LB 600 s, Cloud NAT 1200 s, firewalls 3600 s, the kernel's
