@@ -129,15 +129,25 @@ def prog_stats():  # struct bpf_prog_info: run_time_ns, run_cnt at 192
     finally:
         os.close(fd)
 
+profile, first = os.environ.get("BENCH_PROFILE"), True
+if profile:
+    import cProfile
+    profiler = cProfile.Profile()
 print("ready", flush=True)
 for _line in sys.stdin:
     acc.clear()
     s0, c0, w0 = prog_stats(), time.process_time(), time.monotonic()
-    report = sweep()
+    if profile and not first:  # the steady sweeps, this thread's calls
+        report = profiler.runcall(sweep)
+    else:
+        report = sweep()
+    first = False
     c1, w1, s1 = time.process_time(), time.monotonic(), prog_stats()
     print(json.dumps({**acc, "total": c1 - c0, "wall": w1 - w0,
                       "prog": (s1[0] - s0[0]) / 1e9, "prog_runs": s1[1] - s0[1],
                       "swept": report.swept, "namespaces": report.namespaces}), flush=True)
+if profile:
+    profiler.dump_stats(profile)
 """
 
 
@@ -202,8 +212,11 @@ class Workload:
             self.remove(name)
 
 
-def measure(session: Session, paths: list[str], sockets: int, versions, rounds: int) -> dict:
-    """Sweep ``paths`` with every version, rounds interleaved."""
+def measure(
+    session: Session, paths: list[str], sockets: int, versions, rounds: int, profile: str = ""
+) -> dict:
+    """Sweep ``paths`` with every version, rounds interleaved (``profile``:
+    write each version's cProfile of its steady sweeps to PROFILE.NAME)."""
     from bpfkeep.progs.kheaders import bcc_environment
 
     procs = {}
@@ -215,6 +228,8 @@ def measure(session: Session, paths: list[str], sockets: int, versions, rounds: 
             "PYTHONPATH": str(repo),
             "BENCH_POLICY": json.dumps(POLICY),
         }
+        if profile:
+            env["BENCH_PROFILE"] = f"{profile}.{name.replace('/', '_')}"
         p = session.track(
             subprocess.Popen(
                 [sys.executable, "-c", CHILD, pin, *paths],
@@ -303,7 +318,9 @@ def run(args: argparse.Namespace) -> dict:
             ns = w.namespace(0)
             log(f"sweepcost: {args.sockets} sockets in one namespace ...")
             w.hold(path, ns, args.sockets // 2)
-            results["one"] = measure(session, [path], args.sockets, versions, args.rounds)
+            results["one"] = measure(
+                session, [path], args.sockets, versions, args.rounds, args.profile or ""
+            )
             results["one"]["sockets"], results["one"]["namespaces"] = args.sockets, 1
             _kill_holders(session, path)
             w.remove(ns)  # its TIME-WAIT sockets too: they sit in the host's table
@@ -321,7 +338,9 @@ def run(args: argparse.Namespace) -> dict:
                 )  # fmt: skip
             for i in range(args.netns):
                 w.hold_apart(session.cgroup(f"many/c{i:03d}"), per_ns // 2, made_from)
-            results["many"] = measure(session, [parent], args.spread, versions, args.rounds)
+            results["many"] = measure(
+                session, [parent], args.spread, versions, args.rounds, args.profile or ""
+            )
             results["many"]["sockets"], results["many"]["namespaces"] = args.spread, args.netns
     return results
 
@@ -395,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(from a namespace whose tcp_child_ehash_entries is N)",
     )
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every sample")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="write each version's cProfile of its steady sweeps (the sweeping "
+        "thread's calls) to FILE.VERSION (the profiler slows them: figures apart)",
+    )
     args = p.parse_args(argv)
     args.cases = args.cases or ["one", "many"]
     if os.geteuid() != 0:
