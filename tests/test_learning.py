@@ -220,7 +220,7 @@ def test_a_look_costs_its_own_cpu_not_the_other_threads(monkeypatch):
 
     def look() -> None:
         burn(0.1)  # the look's own thread
-        learner._in_netns(os.getpid(), lambda: burn(0.1))  # a namespace's thread
+        learner._entered.call(lambda: burn(0.1), None)  # the namespace thread
         time.sleep(0.4)  # meanwhile another thread works
 
     stop = threading.Event()

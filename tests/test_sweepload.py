@@ -463,6 +463,76 @@ def test_a_new_cgroup_is_attached_and_swept_while_a_users_namespace_holds_the_sw
         holder.wait()
 
 
+def _threads_on_a_socket_lock(pid: int) -> int:
+    """How many threads of ``pid`` sleep waiting for a socket's lock."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                n += "lock_sock" in f.read()
+        except OSError:
+            continue
+    return n
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="userfaultfd's number is x86_64's")
+def test_the_look_at_idle_connections_never_holds_the_loop_on_a_socket_lock(
+    daemon,  # noqa: F811 - the fixture imported above
+    cgroups,
+    users,
+    spawn,
+    probes,
+    tmp_path,
+):
+    """keepidle = "auto" has the daemon look at every connection of the
+    policy's namespaces (inet_diag with tcp_info), and the kernel takes each
+    socket's lock to report tcp_info: a socket whose lock a process holds
+    for ever held that look -- on the daemon's loop -- for ever, and no
+    cgroup was attached after it.  The look gives that namespace up after
+    a deadline and leaves it alone while the lock stays held."""
+    u = users.start("u1")
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/proc/{u.pid}/ns/net", sys.executable, "-c", HOLD_A_SOCKET_LOCK],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        lst = socket.create_server(("127.0.0.1", 0), backlog=64)
+        port = free_port()
+        cfg = write_config(
+            tmp_path / "c.toml",
+            port,
+            rule(f"{cgroups.rel(users.deleg)}/*", keepidle="auto", keepidle_max=600),
+            audit=1,
+        )
+        d = daemon(cfg)
+        d.start()
+        # The sweep's walk and the look (1 s after READY) both wait on it.
+        assert wait_until(lambda: _threads_on_a_socket_lock(d.proc.pid) >= 2, timeout=30)
+        fresh = cgroups.make("deleg/root-new")  # root's, beside nobody's
+        probe = spawn(
+            [probes["static"], "connect", "127.0.0.1", str(lst.getsockname()[1]), "hold"],
+            cgroup=fresh,
+        )
+        probe.values("client")
+        d.wait_log(f"attached /{cgroups.rel(fresh)}", timeout=30)
+        d.wait_log("its connections are not looked at", timeout=5)
+        # Later looks leave that namespace alone: the loop stays free.
+        time.sleep(3)
+        again = cgroups.make("deleg/root-again")
+        d.wait_log(f"attached /{cgroups.rel(again)}", timeout=5)
+        assert holder.poll() is None  # its send() still blocked all along
+        holder.kill()  # (a thread blocked on the lock holds up the daemon's exit)
+        holder.wait()
+        assert d.stop() == 0
+        lst.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.kernel
 def test_many_new_cgroups_each_connecting_at_once_all_covered_and_nothing_left_behind(
     daemon,  # noqa: F811 - the fixture imported above

@@ -30,13 +30,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from bpfkeep import learning, peers
 from bpfkeep.daemon.passes import Passes, Request
 from bpfkeep.daemon.state import OURS, State
 from bpfkeep.errors import BpfkeepError
-from bpfkeep.kernel import bpfsys, procfs, sockdiag
+from bpfkeep.kernel import bpfsys, netns, sockdiag
 from bpfkeep.kernel.cgroups import Cgroup, by_ids
 from bpfkeep.kernel.ringbuf import RingBuffer
 from bpfkeep.kernel.sockdiag import TIMER_KEEPALIVE, TIMER_PROBE0, TIMER_RETRANSMIT
@@ -48,6 +48,12 @@ from bpfkeep.sweep import entries
 from bpfkeep.sweep.engine import SweepUnavailable, scope
 
 ESTABLISHED_ONLY = sockdiag.states_mask([sockdiag.ESTABLISHED])
+# The kernel takes each socket's lock to report its tcp_info: a process
+# stuck holding one (a send() from a page whose fault never completes)
+# would hold the look -- and the daemon's loop it runs on -- for ever.  A
+# namespace's dump is given up after this long, and that namespace left
+# alone while the dump stays stuck.
+LOOK_DEADLINE = 5.0
 SLACK_MS = 500  # jiffies and the time a dump takes: differences below are noise
 
 log = logging.getLogger("bpfkeep")
@@ -63,11 +69,6 @@ class Tracked:
     written: int = 0  # the keepidle last written to the kernel
     network: bool = False  # for the policy's own values (not a peer rule)
     touched: float = 0.0  # when evidence last came (monotonic)
-
-
-def _network_label(address16: bytes) -> str:
-    plen, net = peers.path_network(address16)
-    return peers.show_network(peers.Network((net, plen)))
 
 
 class Learner:
@@ -86,7 +87,8 @@ class Learner:
         self._seen: dict[tuple[int, int], tuple[float, int, int, int, float]] = {}
         self.at_risk: dict[tuple[str, str], int] = {}  # (cgroup, peer) -> connections
         self.cost = 0.0  # CPU seconds of the last look
-        self._ns_cpu = 0.0  # of the look now, in the threads entering namespaces
+        self._entered = netns.Entered("bpfkeep-look")  # the thread that enters namespaces
+        self._stuck: dict[int, threading.Thread] = {}  # netns inode -> its dump, left behind
         # The offset between the kernel map's epoch seconds and monotonic.
         self._epoch = time.time() - time.monotonic()
 
@@ -127,6 +129,7 @@ class Learner:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        self._entered.close()
 
     # -- the policies that learn --------------------------------------------------
 
@@ -196,7 +199,7 @@ class Learner:
     @staticmethod
     def _label(policy: Policy, tag: int, address16: bytes) -> str:
         if tag == 0:
-            return _network_label(address16)
+            return peers.show_network(peers.path_of(address16))
         return next((r.label for r in policy.peers if maps.rule_tag(r.label) == tag), str(tag))
 
     def survived(self, owner: int, address16: bytes, port: int, idle: float, probed: float) -> None:
@@ -214,7 +217,7 @@ class Learner:
         tracked = self.paths.get(key)
         if tracked is None:
             network = label == peers.ANY
-            shown = _network_label(address16) if network else label
+            shown = peers.show_network(peers.path_of(address16)) if network else label
             tracked = self._track(key, owner, shown, values, network, now)
         tracked.touched = now
         idle = max(idle, probed)
@@ -282,27 +285,39 @@ class Learner:
         """Every established connection of the policies' network namespaces
         (and ours): survivals for the paths that learn, and the connections
         at risk (``at_risk``)."""
-        # Its own CPU: this thread's and the namespace threads' -- not the
+        # Its own CPU: this thread's and the namespace thread's -- not the
         # process's, which the sweeping thread and the scrapes share.
-        t0, self._ns_cpu = time.thread_time(), 0.0
+        t0, n0 = time.thread_time(), self._entered.cpu_seconds()
         try:
             self._sample()
         finally:
-            self.cost = time.thread_time() - t0 + self._ns_cpu
+            n1 = self._entered.cpu_seconds()
+            self.cost = time.thread_time() - t0 + (n1 - n0 if n1 >= n0 else n1)
 
-    def _in_netns(self, tid: int | None, fn: Callable[[], object]) -> object:
-        """``fn`` in thread ``tid``'s network namespace, its CPU counted."""
-        caller = threading.get_ident()
-
-        def counted() -> object:
-            t0 = time.thread_time()
-            try:
-                return fn()
-            finally:
-                if threading.get_ident() != caller:
-                    self._ns_cpu += time.thread_time() - t0
-
-        return procfs.in_netns(tid, counted)
+    def _dump(self, ns: netns.Namespace) -> list | None:
+        """The namespace's established connections with their times, from
+        inside it; None if it cannot be read (now)."""
+        stuck = self._stuck.get(ns.inode)
+        if stuck is not None:
+            if stuck.is_alive():
+                return None  # its last dump still waits for a socket's lock
+            del self._stuck[ns.inode]
+        try:
+            return self._entered.call(
+                lambda: sockdiag.dump_times(ESTABLISHED_ONLY), ns.tid, LOOK_DEADLINE
+            )  # type: ignore[return-value]
+        except netns.Stuck:
+            self._stuck[ns.inode] = self._entered.behind[-1]
+            log.warning(
+                "network namespace net:[%d]: a socket's lock was held for over %.0f s (a "
+                "process stuck in a page fault inside send()?); its connections are not "
+                "looked at while it stays so",
+                ns.inode,
+                LOOK_DEADLINE,
+            )
+        except (OSError, BpfkeepError) as e:
+            log.debug("network namespace net:[%d] not read: %s", ns.inode, e)
+        return None
 
     def _sample(self) -> None:
         table = self.state.table
@@ -319,13 +334,11 @@ class Learner:
         sc = scope([e.cgroup for e in kept.values()], set(kept))
         seen: dict[tuple[int, int], tuple[float, int, int, int]] = {}
         risk: dict[tuple[int, str], int] = {}
-        for ns, tid in procfs.namespaces(sc.owner_of_pid).items():
-            try:
-                got = self._in_netns(tid, lambda: sockdiag.dump_times(ESTABLISHED_ONLY))
-            except (OSError, BpfkeepError) as e:
-                log.debug("network namespace %d not read: %s", ns, e)
+        for space in netns.of_processes(sc.owner_of_pid).values():
+            got = self._dump(space)
+            if got is None:
                 continue
-            now = time.monotonic()
+            ns, now = space.inode, time.monotonic()
             for raw, times in got:  # type: ignore[union-attr]
                 if times is None:
                     continue

@@ -4,15 +4,11 @@ threads live in, entering one, and the keepalive sysctls."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TypeVar
-
-from bpfkeep.kernel.libc import CLONE_NEWNET, setns
 
 # The sysctls that fill in what a socket's own keepalive times leave at 0
 # (per network namespace), and the kernel's compiled-in values of them.
@@ -102,15 +98,6 @@ def socket_inodes(pid: int, proc: str = "/proc") -> list[int]:
     finally:
         os.close(dfd)
     return out
-
-
-def held_sockets(pids: dict[int, int], proc: str = "/proc") -> dict[int, int]:
-    """socket inode -> the value of the first of ``pids`` holding it."""
-    held: dict[int, int] = {}
-    for pid, value in pids.items():
-        for ino in socket_inodes(pid, proc):
-            held.setdefault(ino, value)
-    return held
 
 
 # A process's sockets are read again at least this often even when its
@@ -252,79 +239,3 @@ def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, tuple
         except OSError:
             comms[pid] = "?"
     return {ino: (pid, comms[pid]) for ino, pid in found.items()}
-
-
-def namespaces(
-    pids: Iterable[int], proc: str = "/proc", hidden: dict[str, str] | None = None
-) -> dict[int, int | None]:
-    """netns inode -> a thread id living in it (None: our own namespace).
-
-    A network namespace is a thread's, not a process's: a thread that
-    entered another one (setns) makes its sockets there, so every thread
-    of every process counts (``/proc/TID/ns/net`` of a thread id is its
-    own, although /proc lists only processes).  Processes whose namespace
-    we may not see are noted in ``hidden``."""
-    out: dict[int, int | None] = {}
-    with contextlib.suppress(OSError):
-        out[os.stat(f"{proc}/self/ns/net").st_ino] = None
-    for pid in pids:
-        try:
-            tids = [int(t) for t in os.listdir(f"{proc}/{pid}/task")]
-        except (OSError, ValueError):
-            tids = [pid]  # gone, or a /proc without task/: the process's own
-        for tid in tids:
-            try:
-                out.setdefault(os.stat(f"{proc}/{pid}/task/{tid}/ns/net").st_ino, tid)
-            except OSError as e:
-                if hidden is not None and e.errno in (errno.EACCES, errno.EPERM):
-                    hidden[f"process {pid}"] = (
-                        "its network namespace is hidden from us (needs CAP_SYS_PTRACE)"
-                    )
-                    break
-    return out
-
-
-class Stuck(OSError):
-    """A thread given a deadline did not finish (it is left behind)."""
-
-
-def in_thread(fn: Callable[[], object], name: str, deadline: float | None = None) -> object:
-    """``fn()`` in a thread of its own (which starts in the caller's network
-    namespace); its result or exception is the caller's.  After
-    ``deadline`` seconds the thread is left behind: Stuck."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=body, name=name, daemon=True)
-    t.start()
-    t.join(deadline)
-    if t.is_alive():
-        raise Stuck(errno.ETIMEDOUT, f"{name} did not finish within {deadline:.0f} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("value")
-
-
-def in_netns(tid: int | None, fn: Callable[[], object]) -> object:
-    """Run ``fn`` in the network namespace of thread ``tid`` (None: ours).
-
-    A network namespace is entered per thread (setns), so a short-lived
-    thread enters it and the caller's own namespace never changes.  Python
-    3.11 has no os.setns: libc's, through ctypes."""
-    if tid is None:
-        return fn()
-
-    def entered() -> object:
-        fd = os.open(f"/proc/{tid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(fd, CLONE_NEWNET)
-        finally:
-            os.close(fd)
-        return fn()
-
-    return in_thread(entered, f"bpfkeep-netns-{tid}")
