@@ -83,11 +83,19 @@ class Stuck(OSError):
     """A call given a deadline did not return (its thread is left behind)."""
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclasses.dataclass
 class _Job:
     fn: Callable[[], object]
     tid: int | None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Held until the call is done (a bare lock: one wake-up, where an
+    # Event's condition takes several).
+    done: threading.Lock = dataclasses.field(default_factory=_held_lock)
     value: object = None
     error: BaseException | None = None
 
@@ -115,7 +123,7 @@ class Entered:
             self._start()
         job = _Job(fn, tid)
         self._jobs.put(job)
-        if not job.done.wait(deadline):
+        if not job.done.acquire(timeout=-1 if deadline is None else deadline):
             # Left behind: it ends by itself whenever the kernel returns.
             assert self._thread is not None
             self.behind.append(self._thread)
@@ -173,7 +181,7 @@ def _serve(jobs: queue.SimpleQueue, name: str) -> None:
             except BaseException as e:  # handed to the caller
                 job.error = e
                 here = -1  # unknown after a failed setns: enter again next time
-            job.done.set()
+            job.done.release()
     finally:
         os.close(home)
 

@@ -258,6 +258,9 @@ class Sweep:
         self.by_kind = bool(getattr(make, "by_kind", False))
         self.report = Report()
         self._held: dict[int, int] | None = None  # socket inode -> owner, read when needed
+        # Encoded items by (owner, state, held), with ``by_kind``: the same
+        # in every namespace of the sweep.
+        self._kinds: dict[tuple[int, int, bool], bytes] = {}
         self._elsewhere: dict[int, int | None] = {}
         self.filter = (
             frozenset(sc.owner_of_cgroup) if 0 < len(sc.owner_of_cgroup) <= FILTER_MAX else None
@@ -377,14 +380,13 @@ class Sweep:
         self, raws: list[sockdiag.Raw], defaults: dict[str, int]
     ) -> tuple[list[bytes], list[bytes], list[tuple[sockdiag.Raw, int, bool]], set[int]]:
         """The work items: keys (cookies) and values, what was picked (for
-        the outcomes, with ``detail``, or a batch of several owners) and
-        the owners."""
+        the outcomes, with ``detail``, or batches of several owners; else
+        nothing) and the owners."""
         owner_of = self.sc.owner_of_cgroup
         states, peered, make, keep = self.states, self.sc.peered, self.make, self.keep
-        held: dict[int, int] | None = None
-        if any(r[8] not in owner_of for r in raws):
-            held = self._held_map()  # sockets of other cgroups: are any held by the scope?
-        kinds: dict[tuple[int, int, bool], bytes] = {}
+        held: dict[int, int] | None = None  # read at the first socket of another cgroup
+        pick = self.detail or len(raws) > MAX_BATCH
+        kinds = self._kinds
         quiet = 0 if self.detail else maps.SWI_QUIET
         pack = _U64.pack
         keys: list[bytes] = []
@@ -398,7 +400,9 @@ class Sweep:
             owner = owner_of.get(raw[8])
             is_held = False
             if owner is None:
-                owner = held.get(raw[7]) if held else None
+                if held is None:
+                    held = self._held_map()  # is it held by a process of the scope?
+                owner = held.get(raw[7])
                 if owner is None or self._own_policy_elsewhere(raw[8], owner):
                     continue
                 is_held = True
@@ -416,7 +420,8 @@ class Sweep:
             keys.append(pack(raw[9]))
             values.append(value)
             owners.add(owner)
-            picked.append((raw, owner, is_held))
+            if pick:
+                picked.append((raw, owner, is_held))
         return keys, values, picked, owners
 
     def _count(
