@@ -260,8 +260,7 @@ class Limits:
         if label != peers.ANY:
             got = self._rule.get((owner, label))  # type: ignore[arg-type]
             return _better(stated, Known(got, "learned", label) if got else None)
-        plen, raw = peers.path_network(address16)
-        net = peers.Network((raw, plen))
+        net = peers.path_of(address16)
         got = self._net.get((owner, net))  # type: ignore[arg-type]
         return _better(stated, Known(got, "learned", peers.show_network(net)) if got else None)
 

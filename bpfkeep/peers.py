@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from bpfkeep.errors import UsageError
-from bpfkeep.options import BY_KEY, LEARNING_KEYS, TUNABLE, Policy, show_value
+from bpfkeep.options import BY_KEY, LEARNING_KEYS, Policy, show_value
 
 # Port-specific rules that may apply at one address, nested prefixes
 # included: the kernel scans this many entries (BK_PEER_PORTS in bpfkeep.h).
@@ -405,9 +405,6 @@ class Resolver:
         self._cache[name] = (now + self.ttl, nets, err)
         return nets, err
 
-    def next_expiry(self) -> float | None:
-        return min((when for when, _, _ in self._cache.values()), default=None)
-
 
 def _getaddrinfo(name: str) -> list[str]:
     infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
@@ -454,11 +451,6 @@ def _keep(resolver: Resolver, policy: Policy, named: tuple, answers: tuple, out:
     resolver.resolved[id(policy)] = (policy, named, answers, out)
 
 
-def policy_keys() -> set[str]:
-    """Keys a peer rule accepts."""
-    return set(RULE_KEYS) | {o.key for o in TUNABLE if o.bpf}
-
-
 # -- what a socket gets ----------------------------------------------------------
 
 ANY = "*"  # the label of the policy's own values (no peer rule)
@@ -477,6 +469,12 @@ def path_network(address16: bytes) -> tuple[int, bytes]:
     if address16[:12] == V4_MAPPED.network_address.packed[:12]:
         return 120, address16[:15] + bytes(1)
     return 64, address16[:8] + bytes(8)
+
+
+def path_of(address16: bytes) -> Network:
+    """The network ``path_network`` gives (``show_network`` shows it)."""
+    plen, net = path_network(address16)
+    return Network((net, plen))
 
 
 def effective(

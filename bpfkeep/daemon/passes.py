@@ -69,10 +69,6 @@ class Passes:
         processes joined them meanwhile)."""
         self.sweeps.ask_new(fresh)
 
-    def sweep_soon(self, cgs: list[Cgroup]) -> None:
-        """Swept as soon as the sweeping thread gets to them."""
-        self.sweeps.ask(cgs)
-
     def request(self, cgs: list[Cgroup], req: Request, *, periodic: bool = False) -> bool:
         """A sweep with work items, a filter or an answer of its own
         (daemon.sweeps.Request): an event, or with ``periodic`` the enforce

@@ -149,7 +149,7 @@ class Reconciler:
         # At start, after adoption and after a reload: the sockets that
         # exist carry the policies too (idempotent: sockets already under
         # their policy are left alone).
-        self.passes.sweep_soon(sweep)
+        self.passes.sweep(sweep)
         state.reconciles += 1
         if report:
             self.unmatched(rels, {rule.index for _, rule in desired.values()})

@@ -160,10 +160,8 @@ class Pass:
     namespaces are all swept or when the next pass begins (which takes
     over what was left, least recently swept first), with the audit."""
 
-    started: float
     cpu: float = 0.0
     plans: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (kind, owner)
-    skipped: int = 0  # namespaces unchanged since their last full sweep
     deferred: int = 0  # namespaces (and plannings) its CPU budget left to the next pass
     # CPU a pass walking every namespace would take, from each one's last
     # walk and each owner's last planning.
@@ -485,7 +483,7 @@ class Sweeps:
                     self._answer(req)
             elif kind == SETMODE:
                 self._end_pass(force=True)
-                self._pass = Pass(time.monotonic())
+                self._pass = Pass()
                 for uid, group in _by_owner(cgs).items():
                     self.queue.push(kind, uid, _Plan(kind, uid, group))
                     self._pass.plans.add((kind, uid))
@@ -652,8 +650,6 @@ class Sweeps:
         # Walked again in the pass before its time is up, not the one after.
         recheck = SET_RECHECK - self._cadence
         if now - swept < recheck and signature == self._signature(ns):
-            if self._pass is not None:
-                self._pass.skipped += 1
             log.debug("left net:[%d] of %s alone: unchanged", ns.inode, _owner(ns.uid))
             return True
         return False
