@@ -30,7 +30,11 @@ namespace has one of its own (``net.ipv4.tcp_child_ehash_entries`` of the
 namespace it was made from): its cost is printed per namespace too.  The
 200 namespaces are made from the host's (shared table), or with
 ``--child-ehash N`` from a namespace of the bench's own with that setting
-(tables of N buckets; the host's setting is not touched).
+(tables of N buckets; the host's setting is not touched).  The floor is
+printed beside them: the kernel's walks (an iterator run, an inet_diag
+dump) of one more namespace, made the same way, that holds no socket --
+what each namespace costs however few its sockets, and so the least a
+socket can cost at that many sockets a namespace.
 
 Everything made is removed at the end, also after a failure.
 """
@@ -133,8 +137,31 @@ profile, first = os.environ.get("BENCH_PROFILE"), True
 if profile:
     import cProfile
     profiler = cProfile.Profile()
+def floor(pid):  # the kernel's walks of a namespace holding no socket
+    from bpfkeep.kernel import netns as ns_
+    entered = ns_.Entered("bpfkeep-floor")
+    fd = bpfsys.obj_get(os.path.join(enf.obj_dir, "prog_sweep"))
+    mask = sockdiag.states_mask(engine.SWEPT_STATES)
+    def walks():
+        t0 = time.thread_time()
+        for _ in range(10):
+            bpfsys.iter_run(fd)
+        t1 = time.thread_time()
+        for _ in range(10):
+            sockdiag.dump(mask, None)
+        return (t1 - t0) / 10, (time.thread_time() - t1) / 10
+    try:
+        it, dump = entered.call(walks, pid, 120)
+    finally:
+        os.close(fd)
+        entered.close()
+    print(json.dumps({"floor_iter": it, "floor_dump": dump}), flush=True)
+
 print("ready", flush=True)
 for _line in sys.stdin:
+    if _line.startswith("floor "):
+        floor(int(_line.split()[1]))
+        continue
     acc.clear()
     s0, c0, w0 = prog_stats(), time.process_time(), time.monotonic()
     if profile and not first:  # the steady sweeps, this thread's calls
@@ -191,6 +218,16 @@ class Workload:
         p = self.session.track(spawn(argv, cgroup=cgroup))
         Lines(p).expect("held ", timeout=120)
 
+    def empty(self, cgroup: str, parent: str | None) -> int:
+        """A process in ``cgroup`` and a network namespace of its own that
+        holds no socket, made as hold_apart makes them; its pid."""
+        argv = ["unshare", "-n", "sh", "-c", "echo held; exec sleep 3600"]
+        if parent is not None:
+            argv = ["ip", "netns", "exec", parent, *argv]
+        p = self.session.track(spawn(argv, cgroup=cgroup))
+        Lines(p).expect("held", timeout=60)
+        return p.pid
+
     def hold(self, cgroup: str, ns: str, connections: int) -> None:
         """connloop hold in ``cgroup`` and ``ns``: 2 sockets a connection,
         at most 10,000 connections a process (its file limit)."""
@@ -213,7 +250,13 @@ class Workload:
 
 
 def measure(
-    session: Session, paths: list[str], sockets: int, versions, rounds: int, profile: str = ""
+    session: Session,
+    paths: list[str],
+    sockets: int,
+    versions,
+    rounds: int,
+    profile: str = "",
+    empty: int | None = None,
 ) -> dict:
     """Sweep ``paths`` with every version, rounds interleaved (``profile``:
     write each version's cProfile of its steady sweeps to PROFILE.NAME)."""
@@ -255,7 +298,12 @@ def measure(
             if not line:
                 raise BenchError(f"the sweep of {name} ended")
             samples[name].append(json.loads(line))
-    for p in procs.values():
+    floors = {}
+    for name, p in procs.items():
+        if empty is not None:  # the floor: a namespace holding no socket
+            p.stdin.write(f"floor {empty}\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+            floors[name] = json.loads(p.stdout.readline())  # type: ignore[union-attr]
         p.stdin.close()  # type: ignore[union-attr]
         p.wait(timeout=60)
     out = {}
@@ -284,6 +332,12 @@ def measure(
         o["ours_us"] = o["total_us"] - o["iter_us"] - o["diag_us"] - o["proc_us"]
         per_ns = sockets / 1000 / max(1, o["namespaces"])  # µs a socket -> ms a namespace
         o["iter_ns_ms"], o["diag_ns_ms"] = o["iter_us"] * per_ns, o["diag_us"] * per_ns
+        if name in floors:
+            o["floor_iter_ms"] = floors[name]["floor_iter"] * 1000
+            o["floor_dump_ms"] = floors[name]["floor_dump"] * 1000
+            # The least a socket can cost, were all else free: each
+            # namespace's walks of a table, however few its sockets.
+            o["floor_us"] = (o["floor_iter_ms"] + o["floor_dump_ms"]) / per_ns
     return out
 
 
@@ -338,8 +392,9 @@ def run(args: argparse.Namespace) -> dict:
                 )  # fmt: skip
             for i in range(args.netns):
                 w.hold_apart(session.cgroup(f"many/c{i:03d}"), per_ns // 2, made_from)
+            empty = w.empty(session.cgroup("floor"), made_from)
             results["many"] = measure(
-                session, [parent], args.spread, versions, args.rounds, args.profile or ""
+                session, [parent], args.spread, versions, args.rounds, args.profile or "", empty
             )
             results["many"]["sockets"], results["many"]["namespaces"] = args.spread, args.netns
     return results
@@ -379,6 +434,10 @@ def report(results: dict) -> str:
         row("... of which inside the BPF program", "prog_us")
         row("the kernel: inet_diag dumps", "diag_us")
         row("... a namespace, ms", "diag_ns_ms")
+        if all("floor_us" in r[n] for n in names):
+            row("the floor: walks of an empty namespace, ms (iterator)", "floor_iter_ms")
+            row("... (inet_diag)", "floor_dump_ms")
+            row("... both a namespace, as µs a socket", "floor_us")
         row("/proc and the cgroup tree", "proc_us")
         row("ours: decoding, work items, the work list", "ours_us")
         row("... of which decoding the dumps", "parse_us")
