@@ -240,39 +240,11 @@ def map_items(
 ) -> list[tuple[bytes, bytes]]:
     """Every (key, value) of a hash map, BPF_MAP_LOOKUP_BATCH: one bpf() call
     per ``chunk`` entries instead of two per entry."""
-    out: list[tuple[bytes, bytes]] = []
-    token = ctypes.create_string_buffer(8)  # hash maps: a bucket index (u32)
-    first = True
-    while True:
-        keys = ctypes.create_string_buffer(key_size * chunk)
-        values = ctypes.create_string_buffer(value_size * chunk)
-        count = ctypes.c_uint32(chunk)
-        ret = _lib().bpf_map_lookup_batch(
-            fd, None if first else token, token, keys, values, count, None
-        )
-        err = 0 if ret >= 0 else (-ret if ret != -1 else ctypes.get_errno())
-        if err == errno.ENOSPC and chunk < 1 << 20:
-            chunk *= 4  # one bucket holds more than a chunk: retry bigger
-            continue
-        if err and err != errno.ENOENT:
-            if first and err in _NO_BATCH:
-                return [
-                    (k, v)
-                    for k in map_keys(fd, key_size)
-                    if (v := map_lookup(fd, k, value_size)) is not None
-                ]
-            _check(ret, "map lookup batch")
-        kraw, vraw = keys.raw, values.raw
-        for i in range(count.value):
-            out.append(
-                (
-                    kraw[i * key_size : (i + 1) * key_size],
-                    vraw[i * value_size : (i + 1) * value_size],
-                )
-            )
-        if err == errno.ENOENT:  # the end of the map
-            return out
-        first = False
+    kraw, vraw = map_items_raw(fd, key_size, value_size, chunk)
+    return [
+        (kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size])
+        for i in range(len(kraw) // key_size)
+    ]
 
 
 def map_items_raw(
@@ -283,7 +255,9 @@ def map_items_raw(
     that decode tens of thousands of entries with struct.iter_unpack
     rather than a pair of bytes objects each."""
     keys_out, values_out = [], []
-    token = ctypes.create_string_buffer(8)
+    # Where the kernel says how far it got: a bucket index (u32) for hash
+    # maps, a key for the generic batch of other types (an LPM trie's).
+    token = ctypes.create_string_buffer(max(8, key_size))
     first = True
     chunk = max(1, chunk)
     while True:
@@ -298,8 +272,12 @@ def map_items_raw(
             chunk *= 4  # one bucket holds more than a chunk: retry bigger
             continue
         if err and err != errno.ENOENT:
-            if first and err in _NO_BATCH:
-                pairs = map_items(fd, key_size, value_size)
+            if first and err in _NO_BATCH:  # a kernel without batches: two calls an entry
+                pairs = [
+                    (k, v)
+                    for k in map_keys(fd, key_size)
+                    if (v := map_lookup(fd, k, value_size)) is not None
+                ]
                 return b"".join(k for k, _ in pairs), b"".join(v for _, v in pairs)
             _check(ret, "map lookup batch")
         keys_out.append(ctypes.string_at(keys, key_size * count.value))
