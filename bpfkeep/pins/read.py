@@ -171,38 +171,32 @@ def _items(map_fd: int, value_size: int) -> list[tuple[bytes, bytes]]:
         return []
 
 
-def peer_rules(objs: dict[str, int], set_id: int) -> tuple[Peer, ...]:
-    """A peer-rule set read back from the kernel: each rule's address and
-    ports, values, and the addresses it applies to
-    (a host name's as resolved when it was written)."""
+def peer_rule_sets(objs: dict[str, int]) -> dict[int, tuple[Peer, ...]]:
+    """Every peer-rule set read back from the kernel, by set id: each
+    rule's address and ports, values, and the addresses it applies to (a
+    host name's as resolved when it was written).  Both maps read whole,
+    once, however many policies share them."""
     if loader.MAP_RULES not in objs or loader.MAP_PEERS not in objs:
-        return ()
-    rules: dict[int, Peer] = {}
-    for k in bpfsys.map_keys(objs[loader.MAP_RULES], maps.RULE_KEY.size):
-        if maps.rule_key_set(k) != set_id:
-            continue
-        raw = bpfsys.map_lookup(objs[loader.MAP_RULES], k, maps.RULE.size)
-        if raw is None:
-            continue
+        return {}
+    rules: dict[tuple[int, int], Peer] = {}  # (set, rule number) -> rule
+    for k, raw in bpfsys.map_items(objs[loader.MAP_RULES], maps.RULE_KEY.size, maps.RULE.size):
         _flags, _tag, ports, address, values = maps.decode_rule(raw)
         num = int(maps.RULE_KEY.unpack(k)["rule"])  # type: ignore[arg-type]
-        rules[num] = Peer(address, ports, values)
-    nets: dict[int, list] = {n: [] for n in rules}
-    for k in bpfsys.map_keys(objs[loader.MAP_PEERS], maps.PEER_KEY.size):
-        if maps.peer_key_set(k) != set_id:
-            continue
-        v = bpfsys.map_lookup(objs[loader.MAP_PEERS], k, maps.PEER.size)
-        if v is None:
-            continue
-        net = maps.peer_key_network(k)
+        rules[(maps.rule_key_set(k), num)] = Peer(address, ports, values)
+    nets: dict[tuple[int, int], list] = {r: [] for r in rules}
+    for k, v in bpfsys.map_items(objs[loader.MAP_PEERS], maps.PEER_KEY.size, maps.PEER.size):
+        set_id, net = maps.peer_key_set(k), maps.peer_key_network(k)
         for num in maps.decode_peer(v):
-            p = rules.get(num)
+            p = rules.get((set_id, num))
             own = parse_network(p.address) if p else None
             if p is not None and (own == net or (own is None and net.prefixlen == 128)):
-                nets[num].append(net)
-    return tuple(
-        dataclasses.replace(rules[n], networks=tuple(sorted(nets[n]))) for n in sorted(rules)
-    )
+                nets[(set_id, num)].append(net)
+    out: dict[int, list[Peer]] = {}
+    for r in sorted(rules):
+        out.setdefault(r[0], []).append(
+            dataclasses.replace(rules[r], networks=tuple(sorted(nets[r])))
+        )
+    return {set_id: tuple(ps) for set_id, ps in out.items()}
 
 
 def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[Attachment]:
@@ -221,6 +215,7 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
     owners = pins.prog_owners()
     with contextlib.ExitStack() as stack:
         opened: dict[str, dict[str, int] | None] = {}
+        rule_sets: dict[int, dict[int, tuple[Peer, ...]]] = {}  # id(objs) -> sets
 
         def objects_of(obj_dir: str | None) -> dict[str, int] | None:
             if obj_dir is None:
@@ -247,9 +242,11 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
                 if decoded is not None:
                     _, flags, policy = decoded
                     managed = bool(flags & maps.F_MANAGED)
-                    if len(raw) == maps.POLICY_SIZE and maps.policy_peers(raw)[0]:  # type: ignore[arg-type]
-                        rules = peer_rules(objs, maps.policy_peers(raw)[0])  # type: ignore[arg-type]
-                        policy = policy.with_peers(rules)
+                    set_id = maps.policy_peers(raw)[0] if len(raw) == maps.POLICY_SIZE else 0  # type: ignore[arg-type]
+                    if set_id:
+                        if id(objs) not in rule_sets:
+                            rule_sets[id(objs)] = peer_rule_sets(objs)
+                        policy = policy.with_peers(rule_sets[id(objs)].get(set_id, ()))
                 found = counters(objs[loader.MAP_COUNTERS], cg_id)
                 if found is not None and loader.MAP_SWEEPSTATS in objs:
                     found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
@@ -260,11 +257,12 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
             out.append(Attachment(cg_id, cgs.get(cg_id), policy, found, links, progs, managed))
     lost = losses(pins, ids)
     paths = learned(pins)
+    by_id = {a.cgroup_id: a for a in out}
     for a in out:
         a.losses = lost.get(a.cgroup_id, {})
     for key, got in paths.items():
         owner, tag, plen, net = maps.decode_path_key(key)
-        a = next((a for a in out if a.cgroup_id == owner), None)
+        a = by_id.get(owner)
         if a is None or a.policy is None:
             continue
         if tag == 0:
