@@ -273,11 +273,19 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
         return
     if not checks:
         print("  no TCP socket under a bpfkeep policy", file=out)
+    # Each policy's sockets by peer rule and at risk, in one pass.
+    peers_of: dict[str, dict[str, int]] = {}
+    risky_in: dict[str, int] = {}
+    for c in checks:
+        by = peers_of.setdefault(c.policy_cgroup, {})
+        by[c.peer] = by.get(c.peer, 0) + 1
+        if c.at_risk:
+            risky_in[c.policy_cgroup] = risky_in.get(c.policy_cgroup, 0) + 1
     for cg, counts in sorted(check_summary(checks).items()):
         total = sum(counts.values()) - counts[EXEMPT]
         line = f"  {cg}: {counts[OK]}/{total} sockets at the policy"
         extra = []
-        risky = sum(1 for c in checks if c.policy_cgroup == cg and c.at_risk)
+        risky = risky_in.get(cg, 0)
         if risky:
             extra.append(f"{risky} at risk")
         if counts[OWN]:
@@ -286,10 +294,7 @@ def print_policy_check(checks, unreachable, why_not, out) -> None:
             extra.append(f"{counts[OFF]} off-policy")
         if counts[EXEMPT]:
             extra.append(f"{counts[EXEMPT]} of exempt peers, left alone")
-        by_peer: dict[str, int] = {}
-        for c in checks:
-            if c.policy_cgroup == cg:
-                by_peer[c.peer] = by_peer.get(c.peer, 0) + 1
+        by_peer = peers_of.get(cg, {})
         if set(by_peer) != {peers.ANY}:
             extra.append(
                 "by peer rule: " + ", ".join(f"{p} {n}" for p, n in sorted(by_peer.items()))
