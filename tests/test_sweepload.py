@@ -10,6 +10,7 @@ bench/sweepcost.py) print the figures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -392,16 +394,33 @@ print("sent", flush=True)
 """
 
 
-def _blocked_on_a_socket_lock(pid: int) -> bool:
-    """Whether a thread of ``pid`` sleeps waiting for a socket's lock."""
+def _threads_on_a_socket_lock(pid: int) -> int:
+    """How many threads of ``pid`` sleep waiting for a socket's lock."""
+    n = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/wchan") as f:
-                if "lock_sock" in f.read():
-                    return True
+                n += "lock_sock" in f.read()
         except OSError:
             continue
-    return False
+    return n
+
+
+@contextlib.contextmanager
+def _a_socket_lock_held(pid: int) -> Iterator[subprocess.Popen]:
+    """A process in the network namespace of ``pid`` whose socket's lock
+    stays held (HOLD_A_SOCKET_LOCK), killed at the end."""
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", HOLD_A_SOCKET_LOCK],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.kernel
@@ -420,13 +439,7 @@ def test_a_new_cgroup_is_attached_and_swept_while_a_users_namespace_holds_the_sw
     sockets are swept once that namespace is given up.  (Before, the loop
     ran the sweep itself: the new cgroup waited the walk's 10 s deadline.)"""
     u = users.start("u1")
-    holder = subprocess.Popen(
-        ["nsenter", f"--net=/proc/{u.pid}/ns/net", sys.executable, "-c", HOLD_A_SOCKET_LOCK],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with _a_socket_lock_held(u.pid) as holder:
         lst = socket.create_server(("127.0.0.1", 0), backlog=64)
         port = free_port()
         cfg = write_config(
@@ -436,7 +449,7 @@ def test_a_new_cgroup_is_attached_and_swept_while_a_users_namespace_holds_the_sw
         )
         d = daemon(cfg)
         d.start()
-        assert wait_until(lambda: _blocked_on_a_socket_lock(d.proc.pid), timeout=20)
+        assert wait_until(lambda: _threads_on_a_socket_lock(d.proc.pid) >= 1, timeout=20)
         fresh = cgroups.make("deleg/root-new")  # root's, beside nobody's
         probe = spawn(
             [probes["static"], "connect", "127.0.0.1", str(lst.getsockname()[1]), "hold"],
@@ -458,21 +471,6 @@ def test_a_new_cgroup_is_attached_and_swept_while_a_users_namespace_holds_the_sw
         holder.wait()
         assert d.stop() == 0
         lst.close()
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def _threads_on_a_socket_lock(pid: int) -> int:
-    """How many threads of ``pid`` sleep waiting for a socket's lock."""
-    n = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
-                n += "lock_sock" in f.read()
-        except OSError:
-            continue
-    return n
 
 
 @pytest.mark.kernel
@@ -492,13 +490,7 @@ def test_the_look_at_idle_connections_never_holds_the_loop_on_a_socket_lock(
     cgroup was attached after it.  The look gives that namespace up after
     a deadline and leaves it alone while the lock stays held."""
     u = users.start("u1")
-    holder = subprocess.Popen(
-        ["nsenter", f"--net=/proc/{u.pid}/ns/net", sys.executable, "-c", HOLD_A_SOCKET_LOCK],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with _a_socket_lock_held(u.pid) as holder:
         lst = socket.create_server(("127.0.0.1", 0), backlog=64)
         port = free_port()
         cfg = write_config(
@@ -528,9 +520,6 @@ def test_the_look_at_idle_connections_never_holds_the_loop_on_a_socket_lock(
         holder.wait()
         assert d.stop() == 0
         lst.close()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.kernel
