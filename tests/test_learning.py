@@ -245,21 +245,14 @@ def test_a_look_costs_its_own_cpu_not_the_other_threads(monkeypatch):
 
 def _learned_map(max_entries: int) -> int:
     """A kernel hash map shaped as bk_learned, of this size."""
-    import ctypes
-    import ctypes.util
+    from support import BPF_MAP_TYPE_HASH, map_create
 
     from bpfkeep.progs import maps
 
-    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    lib.bpf_map_create.restype = ctypes.c_int
-    lib.bpf_map_create.argtypes = (
-        [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_uint32] * 3 + [ctypes.c_void_p]
-    )
     key_size = len(maps.path_key(1, peers.ANY, bytes(16)))
-    fd = lib.bpf_map_create(1, b"bk_test_learned", key_size, maps.LEARNED.size, max_entries, None)
-    if fd < 0:
-        pytest.fail(f"bpf_map_create: {os.strerror(ctypes.get_errno())}")
-    return fd
+    return map_create(
+        BPF_MAP_TYPE_HASH, b"bk_test_learned", key_size, maps.LEARNED.size, max_entries
+    )
 
 
 def _learner_on(fd: int, policy: Policy):

@@ -231,23 +231,14 @@ def test_a_trie_of_peers_reads_back_whole_in_batches() -> None:
     reads it, with a batch smaller than the trie, under Python's debug
     allocator, which catches the overrun."""
     code = r"""
-import ctypes, ctypes.util, sys
+import sys
 from bpfkeep.kernel import bpfsys
 from bpfkeep.progs import maps
-lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-lib.bpf_map_create.restype = ctypes.c_int
-u32 = ctypes.c_uint32
-lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, u32, u32, u32, ctypes.c_void_p]
-class Opts(ctypes.Structure):  # struct bpf_map_create_opts, up to map_flags
-    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32),
-                ("btf_key_type_id", ctypes.c_uint32), ("btf_value_type_id", ctypes.c_uint32),
-                ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32)]
-opts = Opts(sz=ctypes.sizeof(Opts), map_flags=1)  # BPF_F_NO_PREALLOC: a trie needs it
-fd = lib.bpf_map_create(
-    11, b"bk_test_peers", maps.PEER_KEY.size, maps.PEER.size, 64, ctypes.byref(opts)
+from support import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE, map_create
+fd = map_create(
+    BPF_MAP_TYPE_LPM_TRIE, b"bk_test_peers", maps.PEER_KEY.size, maps.PEER.size, 64,
+    BPF_F_NO_PREALLOC,
 )
-assert fd >= 0, ctypes.get_errno()
 keys = {maps.PEER_KEY.pack(prefixlen=64 + 128, set=list((7).to_bytes(8, sys.byteorder)),
                            addr=[10, i, 0, 1] + [0] * 12) for i in range(40)}
 for k in keys:
@@ -257,7 +248,7 @@ assert {k for k, _ in got} == keys, (len(got), len(keys))
 print("read", len(got))
 """
     # (Python's debug allocator guards each object: an overrun is caught.)
-    env = {**os.environ, "PYTHONMALLOC": "debug"}
+    env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONPATH": os.path.dirname(__file__)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip() == "read 40"

@@ -8,6 +8,8 @@ for child processes.  Everything made here is removed by its own cleanup.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import select
 import shutil
@@ -93,6 +95,40 @@ def load_sockops(insns: list[int], name: bytes) -> int:
     """Load raw BPF instructions as a sock_ops program, as a foreign tool's
     object would be loaded (no bcc); returns its fd."""
     return bpfsys.prog_load(BPF_PROG_TYPE_SOCK_OPS, insns, name)
+
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1  # (an LPM trie needs it)
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """struct bpf_map_create_opts, up to map_flags (libbpf reads ``sz``)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    ]
+
+
+def map_create(
+    map_type: int, name: bytes, key_size: int, value_size: int, entries: int, flags: int = 0
+) -> int:
+    """A BPF map of the test's own (libbpf's bpf_map_create); its fd."""
+    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    u32 = ctypes.c_uint32
+    lib.bpf_map_create.restype = ctypes.c_int
+    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, u32, u32, u32, ctypes.c_void_p]
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    fd = lib.bpf_map_create(map_type, name, key_size, value_size, entries, ctypes.byref(opts))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"bpf_map_create: {os.strerror(ctypes.get_errno())}")
+    return fd
 
 
 def load_empty_sockops(name: bytes = b"empty_sockops") -> int:
