@@ -238,3 +238,56 @@ try:
 except OSError as e:
     print("lost", e, flush=True)
 """
+
+
+# Two connections, one to each of two peers, speaking every 3 s and held.
+SPEAKING = """
+import socket, time
+conns = [socket.create_connection((a, 7000)) for a in ("127.0.0.1", "127.0.0.2")]
+print("connected", flush=True)
+while True:
+    for c in conns:
+        c.sendall(b"x\\n")
+        c.recv(64)
+    time.sleep(3)
+"""
+
+
+def test_a_network_is_on_metrics_only_once_a_limit_is_learned_of_it(
+    daemon,  # noqa: F811 - the fixture
+    cgroups,
+    spawn,
+    netns,
+    tmp_path,
+):
+    """A connection that sat idle and was heard from again is evidence for
+    its path.  A peer rule's path is on /metrics from its first evidence
+    on; for the policy's own values every client's network would be a
+    series of its own -- a server facing the internet grows them without
+    end -- so a network shows only once a limit was learned of it.  Both
+    connections speak at the same moments: the look that finds one
+    survived finds the other did too."""
+    for address in ("127.0.0.1", "127.0.0.2"):
+        spawn(["python3", str(SUPPORT / "echo_server.py"), address, PORT], netns=netns).expect(
+            "ready"
+        )
+    app = cgroups.make("app")
+    app_name = "/" + cgroups.rel(app)
+    port = free_port()
+    policy = rule(cgroups.rel(app), keepidle="auto", keepidle_min=1, keepidle_max=60)
+    policy += '[[policy.peer]]\naddress = "127.0.0.2"\nkeepidle = "auto"\n'
+    d = daemon(write_config(tmp_path / "bpfkeep.toml", port, policy, audit=1))
+    d.start()
+    spawn(["python3", "-c", SPEAKING], cgroup=app, netns=netns).expect("connected")
+
+    def peers_shown() -> set[str]:
+        return {
+            dict(labels)["peer"]
+            for (name, labels), _v in scrape(port).items()
+            if name == "bpfkeep_peer_keepidle_seconds" and dict(labels).get("cgroup") == app_name
+        }
+
+    # (Looks are spaced by 1000 times their CPU: longer on an emulated kernel.)
+    assert wait_until(lambda: peers_shown() != set(), timeout=90), d.log.read_text()
+    assert peers_shown() == {"127.0.0.2"}
+    assert d.stop() == 0
