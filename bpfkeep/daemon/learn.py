@@ -181,7 +181,7 @@ class Learner:
                 bounds = self._bounds(owner, tag, key)
                 if bounds is None:
                     continue  # this path's keepidle is not learned
-                tracked = self._track(key, owner, bounds[1], bounds[0], tag == 0, now)
+                tracked = self._track(key, owner, bounds[1], bounds[0], tag == 0)
             tracked.touched = now
             reason = maps.LOSS_REASONS[int(ev["reason"]) % len(maps.LOSS_REASONS)]  # type: ignore[arg-type]
             loss = learning.Loss(
@@ -218,21 +218,20 @@ class Learner:
         if tracked is None:
             network = label == peers.ANY
             shown = peers.show_network(peers.path_of(address16)) if network else label
-            tracked = self._track(key, owner, shown, values, network, now)
+            tracked = self._track(key, owner, shown, values, network)
         tracked.touched = now
         idle = max(idle, probed)
         if tracked.path.survived(idle):
             self._write({key: tracked.written})
 
-    def _track(
-        self, key: bytes, owner: int, shown: str, values: Policy, network: bool, now: float
-    ) -> Tracked:
-        """A path new to the daemon, within ``room``."""
+    def _track(self, key: bytes, owner: int, shown: str, values: Policy, network: bool) -> Tracked:
+        """A path new to the daemon, within ``room`` (the caller says when
+        it was touched)."""
         if len(self.paths) >= self.room:
             self._make_room()
         path = learning.Path(values.keepidle_min, values.keepidle_max)
         path.stated = values.idle_limit or None
-        tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle(), network, now)
+        tracked = self.paths[key] = Tracked(owner, shown, path, path.keepidle(), network)
         return tracked
 
     def _make_room(self) -> None:

@@ -215,7 +215,7 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
     owners = pins.prog_owners()
     with contextlib.ExitStack() as stack:
         opened: dict[str, dict[str, int] | None] = {}
-        rule_sets: dict[int, dict[int, tuple[Peer, ...]]] = {}  # id(objs) -> sets
+        rule_sets: dict[str, dict[int, tuple[Peer, ...]]] = {}  # by obj_dir, read when needed
 
         def objects_of(obj_dir: str | None) -> dict[str, int] | None:
             if obj_dir is None:
@@ -232,7 +232,8 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
             links = {h: lid for h, (lid, _) in lp.items()}
             progs = {h: pid for h, (_, pid) in lp.items()}
             owner = next((owners.get(p) for p in progs.values() if p in owners), None)
-            objs = objects_of(owner or (pins.obj_dir if not lp else None))
+            obj_dir = owner or (pins.obj_dir if not lp else None)
+            objs = objects_of(obj_dir)
             policy = found = None
             managed = False
             if objs is not None:
@@ -244,9 +245,10 @@ def attachments(pins: PinDir, paths: dict[int, Cgroup] | None = None) -> list[At
                     managed = bool(flags & maps.F_MANAGED)
                     set_id = maps.policy_peers(raw)[0] if len(raw) == maps.POLICY_SIZE else 0  # type: ignore[arg-type]
                     if set_id:
-                        if id(objs) not in rule_sets:
-                            rule_sets[id(objs)] = peer_rule_sets(objs)
-                        policy = policy.with_peers(rule_sets[id(objs)].get(set_id, ()))
+                        assert obj_dir is not None  # (objs came from it)
+                        if obj_dir not in rule_sets:
+                            rule_sets[obj_dir] = peer_rule_sets(objs)
+                        policy = policy.with_peers(rule_sets[obj_dir].get(set_id, ()))
                 found = counters(objs[loader.MAP_COUNTERS], cg_id)
                 if found is not None and loader.MAP_SWEEPSTATS in objs:
                     found.sweep = sweepstats(objs[loader.MAP_SWEEPSTATS], cg_id)
