@@ -1,5 +1,6 @@
-"""/proc: which sockets processes hold, which network namespaces their
-threads live in, entering one, and the keepalive sysctls."""
+"""/proc: which sockets processes hold, the keepalive sysctls and the
+kernel's HZ.  (Which network namespaces processes live in, and entering
+one: kernel.netns.)"""
 
 from __future__ import annotations
 
@@ -82,22 +83,7 @@ def _measured_hz(proc: str = "/proc/timer_list") -> int | None:
 def socket_inodes(pid: int, proc: str = "/proc") -> list[int]:
     """Inodes of the sockets process ``pid`` holds (``socket:[N]`` fds);
     [] if it is gone or not ours to look into."""
-    try:
-        dfd = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return []
-    out = []
-    try:
-        for fd in os.listdir(dfd):
-            with contextlib.suppress(OSError):
-                link = os.readlink(fd, dir_fd=dfd)
-                if link.startswith("socket:["):
-                    out.append(int(link[8:-1]))
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return out
+    return list(_socket_fds(f"{proc}/{pid}/fd"))
 
 
 # A process's sockets are read again at least this often even when its
