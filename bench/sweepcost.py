@@ -212,21 +212,24 @@ class Workload:
         """connloop hold in ``cgroup`` and a network namespace of its own
         (unshare), made from ``parent``'s (a named one) or the host's."""
         script = f"ip link set lo up && exec {self.connloop} hold -n {connections}"
-        argv = ["unshare", "-n", "sh", "-c", script]
-        if parent is not None:
-            argv = ["ip", "netns", "exec", parent, *argv]
-        p = self.session.track(spawn(argv, cgroup=cgroup))
-        Lines(p).expect("held ", timeout=120)
+        self._apart(cgroup, script, parent, timeout=120)
 
     def empty(self, cgroup: str, parent: str | None) -> int:
         """A process in ``cgroup`` and a network namespace of its own that
         holds no socket, made as hold_apart makes them; its pid."""
-        argv = ["unshare", "-n", "sh", "-c", "echo held; exec sleep 3600"]
+        return self._apart(cgroup, "echo held; exec sleep 3600", parent, timeout=60).pid
+
+    def _apart(
+        self, cgroup: str, script: str, parent: str | None, timeout: float
+    ) -> subprocess.Popen:
+        """``sh -c script`` in ``cgroup`` and a network namespace of its own
+        made from ``parent``'s or the host's, once it printed "held"."""
+        argv = ["unshare", "-n", "sh", "-c", script]
         if parent is not None:
             argv = ["ip", "netns", "exec", parent, *argv]
         p = self.session.track(spawn(argv, cgroup=cgroup))
-        Lines(p).expect("held", timeout=60)
-        return p.pid
+        Lines(p).expect("held", timeout=timeout)
+        return p
 
     def hold(self, cgroup: str, ns: str, connections: int) -> None:
         """connloop hold in ``cgroup`` and ``ns``: 2 sockets a connection,
